@@ -1,0 +1,1 @@
+"""slr: sparse + low-rank LLM compression."""

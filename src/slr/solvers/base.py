@@ -1,0 +1,149 @@
+"""Solver interface shared by every layer solver.
+
+A solver is a pure tensor function ``solve(W, H, spec, **opts) -> SolveResult``.
+W is [d_out, d_in], H = X^T X is [d_in, d_in] (or None for data-free solvers).
+It never sees a model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import LayerSpec
+from ..errors import SLRError
+
+
+@dataclass
+class SolveResult:
+    """Output of a layer solver: W ~= S + U @ V.
+
+    S:    [d_out, d_in] float32, zero outside ``mask`` (None when there is no sparse part).
+    mask: [d_out, d_in] bool support of S (exact; kept values may themselves be 0.0).
+    U:    [d_out, r] float32 or None.   V: [r, d_in] float32 or None.
+    info: objective trace, iterations, seconds, ...
+    """
+
+    S: torch.Tensor | None
+    mask: torch.Tensor | None
+    U: torch.Tensor | None = None
+    V: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.U is None else int(self.U.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        """The reconstructed weight S + U V (float32)."""
+        out = None
+        if self.S is not None:
+            out = self.S.float().clone()
+        if self.U is not None:
+            lr = self.U.float() @ self.V.float()
+            out = lr if out is None else out + lr
+        if out is None:
+            raise ValueError("empty SolveResult")
+        return out
+
+
+Solver = Callable[..., SolveResult]
+SOLVERS: dict[str, Solver] = {}
+DATA_FREE: set[str] = set()
+
+
+def register(name: str, data_free: bool = False):
+    """Decorator: register a layer solver under its CLI name."""
+
+    def deco(fn: Solver) -> Solver:
+        SOLVERS[name] = fn
+        if data_free:
+            DATA_FREE.add(name)
+        return fn
+
+    return deco
+
+
+def get_solver(name: str) -> Solver:
+    if name not in SOLVERS:
+        names = sorted(set(SOLVERS) | set(GROUP_SOLVERS))
+        raise SLRError(f"unknown method {name!r}", f"choose one of: {', '.join(names)}")
+    return SOLVERS[name]
+
+
+def check_finite(name: str, t: torch.Tensor | None) -> None:
+    if t is not None and not torch.isfinite(t).all():
+        raise SLRError(f"{name} contains NaN or Inf values", "check the model weights / calibration data")
+
+
+def layer_objective(W: torch.Tensor, H: torch.Tensor | None, What: torch.Tensor) -> float:
+    """tr((W - What) H (W - What)^T) = ||X (W - What)^T||_F^2 (Frobenius when H is None)."""
+    E = (W.double() - What.double())
+    if H is None:
+        return float((E * E).sum())
+    return float(((E @ H.double()) * E).sum())
+
+
+def relative_error(W: torch.Tensor, H: torch.Tensor | None, What: torch.Tensor) -> float:
+    """||X (W - What)^T||^2 / ||X W^T||^2."""
+    den = layer_objective(W, H, torch.zeros_like(W))
+    return layer_objective(W, H, What) / max(den, 1e-30)
+
+
+def damp_hessian(H: torch.Tensor, percdamp: float = 0.01, diag_frac: float = 0.0) -> torch.Tensor:
+    """H + (percdamp * mean diag + diag_frac * diag) I, dead inputs get H_jj = 1. float64."""
+    H = H.double().clone()
+    d = torch.diagonal(H)
+    dead = d == 0
+    d[dead] = 1.0
+    mean = d.mean()
+    H.diagonal().add_(percdamp * mean + diag_frac * d)
+    return H
+
+
+class Timer:
+    """Accumulates seconds per named step into a dict (for 'where the time goes')."""
+
+    def __init__(self):
+        self.s: dict[str, float] = {}
+
+    def __call__(self, key: str):
+        timer = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *a):
+                timer.s[key] = timer.s.get(key, 0.0) + time.perf_counter() - self.t
+
+        return _T()
+
+
+def validate_inputs(W: torch.Tensor, H: torch.Tensor | None, spec: LayerSpec) -> None:
+    check_finite("weight", W)
+    check_finite("Hessian (X^T X)", H)
+    spec.validate(*W.shape)
+
+
+GroupSolver = Callable[..., list[SolveResult]]
+GROUP_SOLVERS: dict[str, GroupSolver] = {}
+
+
+def register_group(name: str, data_free: bool = False):
+    """Decorator: register a solver that sees all matrices sharing one input at once.
+
+    Signature: ``fn(Ws: list[Tensor], H: Tensor | None, specs: list[LayerSpec], **opts)
+    -> list[SolveResult]``. Results may share one V tensor object (shared right factor).
+    """
+
+    def deco(fn: GroupSolver) -> GroupSolver:
+        GROUP_SOLVERS[name] = fn
+        if data_free:
+            DATA_FREE.add(name)
+        return fn
+
+    return deco
