@@ -1,0 +1,288 @@
+"""Layer-sequential calibration pipeline.
+
+For each decoder block in order: collect H = X^T X for every compressed linear (one H per group of
+linears that share an input), solve each matrix, optionally refine the block (transformer matching),
+replace its linears, and propagate the calibration inputs through the *compressed* block so that the
+next block sees compressed-path inputs (as in SparseGPT). Peak memory is one block's activations
+plus its H's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import CompressConfig
+from .errors import SLRError
+from .models.adapters import ArchAdapter, get_adapter
+from .plan import Plan, key
+from .solvers import DATA_FREE, SolveResult, get_solver, relative_error
+from .solvers.base import GROUP_SOLVERS, check_finite
+
+
+class _Stop(Exception):
+    pass
+
+
+def _strip_cache(kw: dict) -> dict:
+    out = {}
+    for k, v in kw.items():
+        if k in ("past_key_value", "past_key_values"):
+            out[k] = None
+        elif k == "use_cache":
+            out[k] = False
+        else:
+            out[k] = v
+    return out
+
+
+@dataclass
+class BlockInputs:
+    """Calibration activations entering a block, in batches, plus per-block, per-batch-size kwargs."""
+
+    hidden: list[torch.Tensor]  # batches of [b, L, d]
+    kwargs: dict[tuple[int, int], dict]  # (block index, batch size) -> kwargs (position embeddings, mask, ...)
+
+    def kw(self, block: int, batch: torch.Tensor) -> dict:
+        return self.kwargs[(block, batch.shape[0])]
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, adapter: ArchAdapter, calib: torch.Tensor, batch_size: int, device) -> BlockInputs:
+    """Run the embeddings on ``calib`` [n, L] and capture block 0's inputs and every block's kwargs."""
+    blocks = adapter.blocks(model)
+    hidden: list[torch.Tensor] = []
+    kwargs: dict[tuple[int, int], dict] = {}
+
+    def stop_hook(_mod, args, kw):
+        h = args[0] if args else kw["hidden_states"]
+        hidden.append(h.detach())
+        raise _Stop
+
+    def kw_hook(i):
+        def hook(_mod, args, kw):
+            kw = {k: v for k, v in kw.items() if k != "hidden_states"}
+            kwargs[(i, args[0].shape[0] if args else 0)] = _strip_cache(kw)
+        return hook
+
+    sizes_done: set[int] = set()
+    for s in range(0, len(calib), batch_size):
+        ids = calib[s : s + batch_size].to(device)
+        if ids.shape[0] not in sizes_done:  # one full forward per batch size records every block's kwargs
+            sizes_done.add(ids.shape[0])
+            hooks = [b.register_forward_pre_hook(kw_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+            try:
+                model(input_ids=ids, use_cache=False)
+            finally:
+                for h in hooks:
+                    h.remove()
+            # some models pass hidden_states by keyword: re-key the kwargs with this batch size
+            for k in [k for k in kwargs if k[1] == 0]:
+                kwargs[(k[0], ids.shape[0])] = kwargs.pop(k)
+        h = blocks[0].register_forward_pre_hook(stop_hook, with_kwargs=True)
+        try:
+            model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+    return BlockInputs(hidden, kwargs)
+
+
+def block_forward(block: nn.Module, inputs: BlockInputs, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    out = block(hidden, **inputs.kw(index, hidden))
+    return out[0] if isinstance(out, tuple) else out
+
+
+class HessianCollector:
+    """Forward hooks that accumulate H = X^T X / n_tokens per input group (fp32 batch products, fp64 sum)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], groups: list[tuple[str, ...]]):
+        self.H: dict[tuple[str, ...], torch.Tensor] = {}
+        self.n: dict[tuple[str, ...], int] = {}
+        self.hooks = []
+        for g in groups:
+            self.hooks.append(linears[g[0]].register_forward_hook(self._hook(g)))
+
+    def _hook(self, g):
+        def hook(_mod, args, _out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, d_in]
+            xtx = (x.T @ x).double()
+            if g in self.H:
+                self.H[g] += xtx
+                self.n[g] += x.shape[0]
+            else:
+                self.H[g] = xtx
+                self.n[g] = x.shape[0]
+        return hook
+
+    def finish(self) -> dict[tuple[str, ...], torch.Tensor]:
+        for h in self.hooks:
+            h.remove()
+        return {g: H / self.n[g] for g, H in self.H.items()}
+
+
+@dataclass
+class MatrixRecord:
+    block: int
+    name: str
+    shape: tuple[int, int]
+    spec: str
+    kept: int
+    rank: int
+    params: int
+    rel_error: float
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class CompressReport:
+    records: list[MatrixRecord] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    results: dict[str, SolveResult] = field(default_factory=dict)  # kept only if keep_results
+
+    def add_time(self, stage: str, s: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + s
+
+    @property
+    def retained_params(self) -> int:
+        return sum(r.params for r in self.records)
+
+    @property
+    def dense_params(self) -> int:
+        return sum(r.shape[0] * r.shape[1] for r in self.records)
+
+    @property
+    def retained_fraction(self) -> float:
+        return self.retained_params / max(self.dense_params, 1)
+
+    @property
+    def mean_rel_error(self) -> float:
+        errs = [r.rel_error for r in self.records if r.rel_error == r.rel_error]
+        return sum(errs) / max(len(errs), 1)
+
+
+def solve_group(
+    method: str, Ws: dict[str, torch.Tensor], H: torch.Tensor | None, specs: dict[str, object], opts: dict
+) -> dict[str, SolveResult]:
+    """Solve every matrix of one input group; group solvers (joint) see them together."""
+    if method in GROUP_SOLVERS:
+        names = list(Ws)
+        res = GROUP_SOLVERS[method]([Ws[n] for n in names], H, [specs[n] for n in names], **opts)
+        return dict(zip(names, res))
+    solver = get_solver(method)
+    return {n: solver(W, H, specs[n], **opts) for n, W in Ws.items()}
+
+
+def _apply_results(block, adapter, results: dict[str, SolveResult], materialize: str) -> None:
+    if materialize == "slr":
+        from .nn import compress_block_
+
+        compress_block_(block, adapter, results)
+    else:  # write S + UV back into the dense nn.Linear (for quick experiments)
+        lin = adapter.linears(block)
+        for n, r in results.items():
+            lin[n].weight.data.copy_(r.dense().to(lin[n].weight.dtype))
+
+
+def compress_(
+    model: nn.Module,
+    config: CompressConfig,
+    calib: torch.Tensor | None,
+    *,
+    plan: Plan | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    materialize: str = "slr",
+    refine: Callable | None = None,
+    progress: bool = True,
+    keep_results: bool = False,
+) -> CompressReport:
+    """Compress ``model`` in place, block by block. Returns a per-matrix report.
+
+    calib: LongTensor [n, seqlen] calibration windows (may be None or empty for data-free methods).
+    plan: per-matrix specs; default is ``config.layer_spec()`` everywhere.
+    materialize: "slr" replaces linears by SLRLinear, "dense" writes S + UV into the nn.Linear.
+    refine: optional callable(block, index, inputs, hidden_batches, targets) for transformer matching.
+    """
+    adapter = get_adapter(model)
+    plan = plan or Plan.uniform(config.layer_spec())
+    data_free = config.method in DATA_FREE
+    if (calib is None or len(calib) == 0) and not data_free:
+        raise SLRError(f"method {config.method!r} needs calibration data", "pass --calib-samples N (N > 0)")
+    report = CompressReport()
+    blocks = adapter.blocks(model)
+    t = time.perf_counter()
+    inputs = capture_inputs(model, adapter, calib, batch_size, device) if calib is not None and len(calib) else None
+    report.add_time("capture", time.perf_counter() - t)
+    bar = tqdm(range(len(blocks)), desc=f"compress [{config.method}]", unit="block", disable=not progress)
+    for i in bar:
+        block = blocks[i]
+        linears = adapter.linears(block)
+        groups = [g for g in adapter.groups if all(n in linears for n in g)]
+        targets = None
+        Hs: dict = {}
+        if inputs is not None:
+            t = time.perf_counter()
+            coll = HessianCollector(linears, groups)
+            targets = []
+            with torch.no_grad():
+                for h in inputs.hidden:
+                    out = block_forward(block, inputs, i, h)
+                    if refine is not None:
+                        targets.append(out)
+            Hs = coll.finish()
+            if refine is None:
+                targets = None
+            report.add_time("hessian", time.perf_counter() - t)
+        results: dict[str, SolveResult] = {}
+        t = time.perf_counter()
+        for g in groups:
+            H = Hs.get(g)
+            check_finite(f"calibration statistics (H) of block {i} {g[0]}", H)
+            Ws = {n: linears[n].weight.detach().float() for n in g}
+            for n, W in Ws.items():
+                check_finite(f"weight {key(i, n)}", W)
+            specs = {n: plan.get(i, n) for n in g}
+            for n, W in Ws.items():
+                specs[n].validate(*W.shape)
+            tg = time.perf_counter()
+            solved = solve_group(config.method, Ws, None if data_free and H is None else H, specs, config.solver_opts)
+            dt = (time.perf_counter() - tg) / len(g)
+            for n, res in solved.items():
+                W = Ws[n]
+                shared_counted = any(res.V is not None and res.V is r.V for r in results.values())
+                from .budget import matrix_params
+
+                rec = MatrixRecord(
+                    block=i, name=n, shape=tuple(W.shape), spec=specs[n].label,
+                    kept=int(res.mask.sum()) if res.mask is not None else 0, rank=res.rank,
+                    params=matrix_params(res, count_v=not shared_counted),
+                    rel_error=relative_error(W, H, res.dense()) if H is not None else float("nan"),
+                    seconds=res.info.get("seconds", dt),
+                    info={k: v for k, v in res.info.items() if k in ("iterations", "time", "best_iter")},
+                )
+                report.records.append(rec)
+                results[n] = res
+        report.add_time("solve", time.perf_counter() - t)
+        _apply_results(block, adapter, results, materialize)
+        if keep_results:
+            report.results.update({key(i, n): r for n, r in results.items()})
+        if refine is not None and inputs is not None:
+            t = time.perf_counter()
+            refine(block, i, inputs, targets)
+            report.add_time("refine", time.perf_counter() - t)
+        if inputs is not None:
+            t = time.perf_counter()
+            with torch.no_grad():
+                inputs.hidden = [block_forward(block, inputs, i, h) for h in inputs.hidden]
+            report.add_time("propagate", time.perf_counter() - t)
+        errs = [r.rel_error for r in report.records if r.block == i]
+        bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.4f}")
+    return report
