@@ -1,0 +1,278 @@
+"""High-level runs used by the CLI and benchmarks: evaluate a model, compress-evaluate-save."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import CompressConfig
+from .errors import SLRError
+
+
+def resolve_device(device: str) -> str:
+    """auto -> cuda when present, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SLRError("--device cuda was asked for but no CUDA device is available", "use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise SLRError(f"unknown device {device!r}", "use auto, cpu or cuda")
+    return device
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def parse_windows(text: str | int | None) -> int | None:
+    """'all' -> None; '64' -> 64; rejects 0 and negatives."""
+    if text is None or text == "all":
+        return None
+    try:
+        w = int(text)
+    except (TypeError, ValueError):
+        raise SLRError(f"--windows {text!r} is not a number", "pass --windows N (N >= 1) or --windows all") from None
+    if w < 1:
+        raise SLRError(f"--windows {w} is invalid", "pass --windows N with N >= 1, or --windows all")
+    return w
+
+
+def is_artifact(path: str) -> bool:
+    return Path(path).is_dir() and (Path(path) / "slr_config.json").exists()
+
+
+def open_model(name_or_path: str, device: str = "cpu"):
+    """A source model (default name, HF folder, .gguf) or an slr artifact -> (model, tok, info dict)."""
+    if is_artifact(name_or_path):
+        from . import io
+
+        model, tok = io.load(name_or_path, device=device)
+        man = json.loads((Path(name_or_path) / "slr_config.json").read_text())
+        src = man.get("source", {})
+        if tok is None:
+            raise SLRError(f"artifact {name_or_path} has no tokenizer files", "re-save it with a tokenizer")
+        info = {"name": str(name_or_path), "label": f"slr artifact of {src.get('label', '?')}",
+                "sha256": src.get("sha256"), "bos_per_window": bool(src.get("bos_per_window", False))}
+        return model, tok, info
+    from .models import load_model
+
+    model, tok, mi = load_model(name_or_path, device=device)
+    return model, tok, {"name": mi.name, "label": mi.label, "sha256": mi.sha256, "bos_per_window": mi.bos_per_window}
+
+
+def _ppl_cache_key(model_sha: str | None, text: str, windows, seqlen: int) -> str | None:
+    if model_sha is None:
+        return None
+    th = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"{model_sha[:16]}-{th}-{windows}-{seqlen}"
+
+
+def dense_ppl_cached(model, tok, info: dict, text: str, windows, seqlen: int, device, batch_size: int = 4) -> dict:
+    """Dense perplexity, cached in $SLR_CACHE/ppl.json by (model hash, text hash, windows, seqlen)."""
+    from .eval.ppl import perplexity
+    from .models.zoo import cache_dir
+
+    key = _ppl_cache_key(info.get("sha256"), text, windows, seqlen)
+    path = cache_dir() / "ppl.json"
+    cache = {}
+    if key and path.exists():
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            cache = {}
+        if key in cache:
+            return cache[key] | {"cached": True}
+    r = perplexity(model, tok, text, seqlen=seqlen, windows=windows, batch_size=batch_size,
+                   bos_per_window=info["bos_per_window"], device=device).to_dict()
+    if key:
+        cache[key] = r
+        try:
+            write_json_atomic(path, cache)
+        except OSError:
+            pass
+    return r
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run_eval(model_name: str, *, text_file: str | None = None, split: str = "test", windows="64", seqlen: int = 512,
+             batch_size: int = 4, device: str = "auto", json_path: str | None = None, progress: bool = True) -> dict:
+    """Protocol perplexity of MODEL (source model or artifact); optionally writes a JSON file."""
+    from .data.corpora import load_text
+    from .eval.ppl import perplexity
+
+    w = parse_windows(windows)
+    device = resolve_device(device)
+    text, label = load_text(text_file, split)
+    model, tok, info = open_model(model_name, device)
+    r = perplexity(model, tok, text, seqlen=seqlen, windows=w, batch_size=batch_size,
+                   bos_per_window=info["bos_per_window"], device=device, progress=progress)
+    out = {"model": info["label"], "model_arg": model_name, "split": label, **r.to_dict()}
+    if json_path:
+        write_json_atomic(Path(json_path), out)
+    return out
+
+
+def _check_shapes(model, spec) -> None:
+    """Fail before any heavy work if the spec does not fit some matrix (N:M width, rank)."""
+    from .models.adapters import get_adapter
+
+    ad = get_adapter(model)
+    for lin in ad.linears(ad.blocks(model)[0]).values():
+        spec.validate(*lin.weight.shape)
+
+
+@dataclass
+class CompressRun:
+    """What `slr compress` produces: results (also in DIR/results.json) and the artifact path."""
+
+    results: dict
+    out_dir: Path | None
+
+
+def run_compress(model_name: str, config: CompressConfig, *, out: str | None = None, calib_text: str | None = None,
+                 eval_text: str | None = None, windows="64", device: str = "auto", eval_dense: bool = True,
+                 evaluate: bool = True, save: bool = True, overwrite: bool = False, batch_size: int = 8,
+                 values_dtype: str = "float16", factor_dtype: str = "float16", progress: bool = True) -> CompressRun:
+    """Load -> calibrate -> compress -> evaluate -> save artifact + results.json (atomically)."""
+    from . import io
+    from .data.calib import calibration_windows, tokenize_text
+    from .data.corpora import load_text
+    from .eval.ppl import perplexity
+    from .pipeline import compress_
+
+    spec = config.layer_spec()  # validates budgets before any heavy work
+    w = parse_windows(windows)
+    device = resolve_device(device)
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if values_dtype not in dtypes or factor_dtype not in dtypes:
+        raise SLRError("storage dtype must be float32, float16 or bfloat16", "fix --values-dtype/--factor-dtype")
+    out_dir = Path(out) if out else None
+    if out_dir is not None and save:
+        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+            raise SLRError(f"output directory {out_dir} exists and is not empty", "pass --overwrite or another --out")
+        parent = out_dir.resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(parent, os.W_OK):
+            raise SLRError(f"cannot write to {parent}", "choose a writable --out directory")
+    eval_src, eval_label = load_text(eval_text, "test") if evaluate else (None, None)
+    calib_src, calib_label = load_text(calib_text, "calibration")
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    model, tok, info = open_model(model_name, device)
+    times["load"] = time.perf_counter() - t
+    _check_shapes(model, spec)
+    results: dict = {
+        "model": info["label"], "model_arg": model_name, "model_sha256": info["sha256"],
+        "method": config.method, "config": config.to_dict(), "spec": spec.label, "seed": config.seed,
+        "calibration": {"text": calib_label, "samples": config.calib_samples, "seqlen": config.seqlen,
+                        "seed": config.seed},
+        "device": device, "git_commit": git_commit(), "torch": torch.__version__,
+    }
+    eval_ids = tokenize_text(tok, eval_src) if evaluate else None
+    if evaluate and eval_dense:
+        t = time.perf_counter()
+        results["dense_ppl"] = dense_ppl_cached(model, tok, info, eval_src, w, 512, device) | {"text": eval_label}
+        times["eval_dense"] = time.perf_counter() - t
+    torch.manual_seed(config.seed)
+    calib = None
+    if config.calib_samples > 0:
+        bos = tok.bos_token_id if info["bos_per_window"] else None
+        calib = calibration_windows(tokenize_text(tok, calib_src), config.calib_samples, config.seqlen, config.seed,
+                                    bos_id=bos)
+    refine = None
+    if config.refine == "tm":
+        from .refine import TMConfig, make_refiner
+
+        refine = make_refiner(TMConfig(epochs=config.tm_epochs), device=device)
+    plan = None
+    t = time.perf_counter()
+    if config.allocate != "uniform":
+        from .allocate import make_plan
+
+        plan, alloc_info = make_plan(model, config, calib, device=device)
+        results["allocation"] = alloc_info
+    times["allocate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    report = compress_(model, config, calib, plan=plan, device=device, batch_size=batch_size, refine=refine,
+                       progress=progress)
+    times["compress"] = time.perf_counter() - t
+    times.update({f"compress.{k}": v for k, v in report.seconds.items()})
+    results.update({
+        "retained_fraction": report.retained_fraction, "retained_params": report.retained_params,
+        "dense_params": report.dense_params, "mean_rel_error": report.mean_rel_error,
+        "matrices": [vars(r) | {"shape": list(r.shape)} for r in report.records],
+    })
+    if plan is not None:
+        results["plan"] = plan.to_dict()
+    if evaluate:
+        t = time.perf_counter()
+        r = perplexity(model, tok, eval_src, windows=w, bos_per_window=info["bos_per_window"], device=device,
+                       ids=eval_ids, progress=progress)
+        results["ppl"] = r.to_dict() | {"text": eval_label}
+        times["eval"] = time.perf_counter() - t
+    results["seconds"] = times
+    if out_dir is None or not save:
+        if out_dir is not None:
+            write_json_atomic(out_dir / "results.json", results)
+        return CompressRun(results, out_dir if out_dir is not None else None)
+    t = time.perf_counter()
+    stage = Path(tempfile.mkdtemp(prefix=".slr-tmp-", dir=out_dir.resolve().parent))
+    try:
+        manifest = {"source": {"name": info["name"], "label": info["label"], "sha256": info["sha256"],
+                               "bos_per_window": info["bos_per_window"]},
+                    "config": config.to_dict(), "plan": results.get("plan", {"*": spec.label})}
+        byte_report = io.save(model, stage / "artifact", tokenizer=tok, manifest=manifest,
+                              values_dtype=dtypes[values_dtype], factor_dtype=dtypes[factor_dtype])
+        results["bytes"] = byte_report | {"values_dtype": values_dtype, "factor_dtype": factor_dtype}
+        times["save"] = time.perf_counter() - t
+        write_json_atomic(stage / "artifact" / "results.json", results)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(stage / "artifact", out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return CompressRun(results, out_dir)
+
+
+def summary_rows(results: dict) -> list[tuple[str, str]]:
+    """Rows of the short summary table printed after a run."""
+    rows = [("model", results["model"]), ("method / spec", f"{results['method']} / {results['spec']}")]
+    d, p = results.get("dense_ppl"), results.get("ppl")
+    if d:
+        rows.append(("dense ppl", f"{d['ppl']:.4f}  ({d['protocol']}, {d['text']})"))
+    if p:
+        rows.append(("compressed ppl", f"{p['ppl']:.4f}  ({p['protocol']}, {p['text']})"))
+    rows.append(("retained fraction", f"{results['retained_fraction']:.4f}"))
+    rows.append(("mean rel. layer error", f"{results['mean_rel_error']:.5f}"))
+    if "bytes" in results:
+        b = results["bytes"]
+        rows.append(("artifact bytes", f"{b.get('total', 0):,} ({b.get('compressed_layers', 0):,} in compressed layers)"))
+    s = results["seconds"]
+    rows.append(("time", f"compress {s['compress']:.1f} s, eval {s.get('eval', 0):.1f} s"))
+    return rows

@@ -1,0 +1,199 @@
+"""slr command line: a thin layer over slr.api. Bad input prints one line and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+EPILOG_MODEL = "MODEL is a default's name (smollm2-135m, gemma3-270m), a local HF folder, or a .gguf file."
+
+
+def _device(p):
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda  [default: auto]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .solvers import SOLVERS
+    from .solvers.base import GROUP_SOLVERS
+
+    methods = ", ".join(sorted(set(SOLVERS) | set(GROUP_SOLVERS)))
+    ap = argparse.ArgumentParser(
+        prog="slr", description="Sparse + low-rank compression of LLMs (W ~= S + U V) under one budget.",
+        epilog="Run `slr COMMAND --help` for each command. Nothing is fetched from a model hub.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    sub.add_parser("models", help="list shipped default models, and whether each is installed and cached",
+                   description="List shipped default models (GGUFs inside PyPI packages).")
+
+    e = sub.add_parser("eval", help="protocol perplexity of a model or an slr artifact", epilog=EPILOG_MODEL,
+                       description="Perplexity over non-overlapping 512-token windows (PROTOCOL §3). "
+                       "Default: Wikipedia sample test split, first 64 windows ('quick').")
+    e.add_argument("model", metavar="MODEL|DIR", help="model, or a directory written by `slr compress --out`")
+    e.add_argument("--windows", default="64", help="number of windows, or 'all' [default: 64 = quick]")
+    e.add_argument("--text", default=None, metavar="FILE", help="evaluate on your own UTF-8 text file")
+    e.add_argument("--split", default="test", choices=["test", "calibration"], help="Wikipedia-sample split")
+    e.add_argument("--batch-size", type=int, default=4, help="windows per forward [default: 4]")
+    e.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
+    _device(e)
+
+    c = sub.add_parser("compress", help="compress a model and write an artifact + results.json", epilog=EPILOG_MODEL,
+                       description="Compress every linear of the decoder blocks layer by layer.")
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("--method", default="sparsegpt", help=f"layer solver: {methods} [default: sparsegpt]")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity of S, in (0, 1)")
+    g.add_argument("--pattern", default=None, metavar="N:M", help="N:M sparsity of S along the input dim, e.g. 2:4")
+    c.add_argument("--rank", type=int, default=0, help="rank of the low-rank part per matrix [default: 0]")
+    c.add_argument("--out", default=None, metavar="DIR", help="artifact directory (written atomically)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    c.add_argument("--no-save", action="store_true", help="do not write the artifact (results.json only)")
+    c.add_argument("--calib-samples", type=int, default=128, help="calibration windows [default: 128]")
+    c.add_argument("--calib-text", default=None, metavar="FILE", help="calibrate on your own text file")
+    c.add_argument("--text", default=None, metavar="FILE", help="evaluate on your own text file")
+    c.add_argument("--seed", type=int, default=0, help="calibration sampling seed [default: 0]")
+    c.add_argument("--windows", default="64", help="eval windows, or 'all' [default: 64]")
+    c.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    c.add_argument("--values-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    c.add_argument("--factor-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward [default: 8]")
+    c.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="solver option, e.g. --opt max_iters=300 (repeatable)")
+    _device(c)
+
+    x = sub.add_parser("export", help="write a plain dense HF folder from an artifact",
+                       description="Reconstruct S + UV into a dense HF model that from_pretrained loads.")
+    x.add_argument("artifact", metavar="DIR")
+    x.add_argument("--dense", required=True, metavar="OUT", help="output HF folder")
+    x.add_argument("--overwrite", action="store_true")
+
+    gen = sub.add_parser("generate", help="generate text from a model or an artifact", epilog=EPILOG_MODEL)
+    gen.add_argument("model", metavar="MODEL|DIR")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=40)
+    _device(gen)
+    return ap
+
+
+def _opts(pairs: list[str]) -> dict:
+    from .errors import SLRError
+
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise SLRError(f"--opt {p!r} is not KEY=VALUE", "write e.g. --opt max_iters=300")
+        k, v = p.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
+
+
+def cmd_models(_args) -> int:
+    from .models.zoo import DEFAULTS, cache_dir, is_cached, is_installed
+
+    print(f"{'name':<14} {'installed':<10} {'cached':<7} source")
+    for e in DEFAULTS.values():
+        print(f"{e.name:<14} {'yes' if is_installed(e) else 'no':<10} {'yes' if is_cached(e) else 'no':<7} "
+              f"{e.hf_name}  [{e.package}]")
+    print(f"cache: {cache_dir()}  (set SLR_CACHE to move it)")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .api import run_eval
+
+    r = run_eval(a.model, text_file=a.text, split=a.split, windows=a.windows, batch_size=a.batch_size,
+                 device=a.device, json_path=a.json)
+    print(f"{r['model']} | {r['split']} | ppl {r['ppl']:.4f} | {r['protocol']} | {r['tokens']} tokens | "
+          f"{r['seconds']:.1f} s")
+    return 0
+
+
+def cmd_compress(a) -> int:
+    from .api import run_compress, summary_rows
+    from .config import CompressConfig
+
+    if a.sparsity is None and a.pattern is None and a.rank == 0:
+        a.sparsity = 0.5
+    cfg = CompressConfig(method=a.method, sparsity=a.sparsity, pattern=a.pattern, rank=a.rank,
+                         calib_samples=a.calib_samples, seed=a.seed, solver_opts=_opts(a.opt))
+    if a.sparsity is None and a.pattern is None:
+        cfg.sparsity = 1.0  # rank only: no sparse part
+    from .solvers import get_solver
+    from .solvers.base import GROUP_SOLVERS
+
+    if a.method not in GROUP_SOLVERS:
+        get_solver(a.method)
+    if a.calib_samples < 0:
+        from .errors import SLRError
+
+        raise SLRError(f"--calib-samples {a.calib_samples} is negative", "pass --calib-samples N with N >= 0")
+    run = run_compress(a.model, cfg, out=a.out, calib_text=a.calib_text, eval_text=a.text, windows=a.windows,
+                       device=a.device, evaluate=not a.no_eval, save=not a.no_save, overwrite=a.overwrite,
+                       batch_size=a.batch_size, values_dtype=a.values_dtype, factor_dtype=a.factor_dtype)
+    print(_table(summary_rows(run.results)))
+    if run.out_dir is not None:
+        print(f"  wrote {run.out_dir}/ (results.json{'' if a.no_save else ' + artifact'})")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .io import export_dense
+
+    out = export_dense(a.artifact, a.dense, overwrite=a.overwrite)
+    print(f"wrote dense HF folder {out}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import torch
+
+    from .api import open_model, resolve_device
+
+    device = resolve_device(a.device)
+    model, tok, _ = open_model(a.model, device)
+    ids = tok(a.prompt, return_tensors="pt").input_ids.to(device)
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import SLRError
+
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        return {"models": cmd_models, "eval": cmd_eval, "compress": cmd_compress, "export": cmd_export,
+                "generate": cmd_generate}[a.cmd](a)
+    except SLRError as e:
+        print(f"slr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slr: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("slr: error: out of memory -- fix: use fewer --calib-samples, a smaller --batch-size, or a bigger "
+              "machine", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
