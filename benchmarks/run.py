@@ -66,6 +66,10 @@ def latest(records: list[dict]) -> list[dict]:
     return list(out.values())
 
 
+def _err(e) -> str:
+    return "n/a" if e is None or e != e else f"{e:.5f}"
+
+
 def write_report() -> None:
     recs = latest(load_records())
     lines = ["# Benchmarks", "",
@@ -83,8 +87,9 @@ def write_report() -> None:
                   "compress s | eval s | commit |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: (r["config"], r["ppl"])):
-            lines.append(f"| {r['model'].split(' ')[0]} | {r['config']} | {r['method']} | {r['retained_fraction']:.4f} | "
-                         f"{r['ppl']:.3f} | {r['ppl_windows']} | {r['dense_ppl']:.4f} | {r['mean_rel_error']:.5f} | "
+            lines.append(f"| {r['model'].split(' ')[0]} | {r['config']} | {r['method']} | "
+                         f"{r['retained_fraction']:.4f} | "
+                         f"{r['ppl']:.3f} | {r['ppl_windows']} | {r['dense_ppl']:.4f} | {_err(r['mean_rel_error'])} | "
                          f"{r['calib_samples']} | {r['compress_s']} | {r['eval_s']} | {r['git_commit']} |")
         lines.append("")
     extra = HERE / "extra.md"

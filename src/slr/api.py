@@ -269,10 +269,12 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
     if p:
         rows.append(("compressed ppl", f"{p['ppl']:.4f}  ({p['protocol']}, {p['text']})"))
     rows.append(("retained fraction", f"{results['retained_fraction']:.4f}"))
-    rows.append(("mean rel. layer error", f"{results['mean_rel_error']:.5f}"))
+    err = results["mean_rel_error"]
+    rows.append(("mean rel. layer error", "n/a (data-free)" if err is None else f"{err:.5f}"))
     if "bytes" in results:
         b = results["bytes"]
-        rows.append(("artifact bytes", f"{b.get('total', 0):,} ({b.get('compressed_layers', 0):,} in compressed layers)"))
+        rows.append(("artifact bytes",
+                     f"{b.get('total', 0):,} ({b.get('compressed_layers', 0):,} in compressed layers)"))
     s = results["seconds"]
     rows.append(("time", f"compress {s['compress']:.1f} s, eval {s.get('eval', 0):.1f} s"))
     return rows

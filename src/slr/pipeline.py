@@ -165,7 +165,7 @@ class CompressReport:
     @property
     def mean_rel_error(self) -> float:
         errs = [r.rel_error for r in self.records if r.rel_error == r.rel_error]
-        return sum(errs) / max(len(errs), 1)
+        return sum(errs) / len(errs) if errs else None
 
 
 def solve_group(
@@ -219,7 +219,9 @@ def compress_(
     report = CompressReport()
     blocks = adapter.blocks(model)
     t = time.perf_counter()
-    inputs = capture_inputs(model, adapter, calib, batch_size, device) if calib is not None and len(calib) else None
+    # data-free solvers need no activations unless a refinement stage trains on them
+    use_calib = calib is not None and len(calib) > 0 and (not data_free or refine is not None)
+    inputs = capture_inputs(model, adapter, calib, batch_size, device) if use_calib else None
     report.add_time("capture", time.perf_counter() - t)
     bar = tqdm(range(len(blocks)), desc=f"compress [{config.method}]", unit="block", disable=not progress)
     for i in bar:
@@ -283,6 +285,7 @@ def compress_(
             with torch.no_grad():
                 inputs.hidden = [block_forward(block, inputs, i, h) for h in inputs.hidden]
             report.add_time("propagate", time.perf_counter() - t)
-        errs = [r.rel_error for r in report.records if r.block == i]
-        bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.4f}")
+        errs = [r.rel_error for r in report.records if r.block == i and r.rel_error == r.rel_error]
+        if errs:
+            bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.4f}")
     return report

@@ -34,7 +34,9 @@ class ArchAdapter:
             try:
                 out[n] = block.get_submodule(n)
             except AttributeError:
-                raise SLRError(f"block has no module {n!r} for family {self.family}", "report the architecture") from None
+                raise SLRError(
+                    f"block has no module {n!r} for family {self.family}", "report the architecture"
+                ) from None
         return out
 
     def group_of(self, name: str) -> tuple[str, ...]:

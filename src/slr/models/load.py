@@ -56,7 +56,8 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
     try:
         cfg = AutoConfig.from_pretrained(folder)
     except Exception as e:
-        raise SLRError(f"cannot read config.json in {folder}: {str(e).splitlines()[0][:120]}", "pass an HF folder") from None
+        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise SLRError(f"cannot read config.json in {folder}: {msg}", "pass an HF folder") from None
     archs = getattr(cfg, "architectures", None) or []
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise SLRError(f"{folder} holds a {archs[0]}, not a causal language model", "pass a *ForCausalLM model")
@@ -70,7 +71,8 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
     try:
         tok = AutoTokenizer.from_pretrained(folder)
     except Exception as e:
-        raise SLRError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0][:120]}", "add tokenizer files") from None
+        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise SLRError(f"cannot load the tokenizer in {folder}: {msg}", "add tokenizer files") from None
     info.bos_per_window = needs_bos(model, tok)
     return model.to(device).eval(), tok, info
 

@@ -39,6 +39,8 @@ def sparsegpt_prune(
     """Return (S, mask). If ``fixed_mask`` is given, only the OBS update on that support is done."""
     W = W.double().clone()  # [d_out, d_in]
     d_out, d_in = W.shape
+    if spec.nm is not None and fixed_mask is None:  # N:M groups must not straddle a block boundary
+        blocksize = -(-blocksize // spec.nm[1]) * spec.nm[1]
     dead = torch.diagonal(H) == 0
     W[:, dead] = 0
     Hinv = _hinv_upper(H, percdamp)  # [d_in, d_in]

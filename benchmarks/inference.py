@@ -1,0 +1,489 @@
+"""CPU inference benchmark: bytes on disk, peak memory and speed of the dense model vs slr artifacts.
+
+Usage:
+  python benchmarks/inference.py                                     # dense smollm2-135m only
+  python benchmarks/inference.py --artifact runs/nm24r32 --label nm24r32 --artifact runs/u60r32 --label u60r32
+  python benchmarks/inference.py --artifact DIR --strategies auto,sparse --prefill 64 --decode 8 --repeats 1 \\
+      --out-json /tmp/inf.json --out-md /tmp/inf.md                  # a quick trial
+
+Per (model, strategy), in a fresh subprocess (``--_child``) so that memory figures do not mix:
+  * bytes: the artifact manifest's "bytes" report (compressed layers actual / theory / dense, dense remainder,
+    total on disk); for the dense model the fp32 and fp16 sizes of the same (block linear) layers;
+  * memory: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the imports, right after load, and after the
+    timing runs (dense-cached builds its dense weights lazily, so its peak shows only in the last one);
+  * prefill tokens/s: one forward of ``--prefill`` tokens (batch 1, KV cache on, logits of the last position
+    only -- what ``generate`` does for a prompt), after one warm-up forward; best of ``--repeats``;
+  * decode tokens/s: ``model.generate(max_new_tokens=D, min_new_tokens=D, do_sample=False)`` from a
+    ``--decode-prompt``-token prompt (batch 1, KV cache), D / wall time of the whole call; best of ``--repeats``
+    after a short warm-up generate.
+Input tokens: the start of the Wikipedia test split (slr.data.corpora.wiki_text("test") tokenized with
+slr.data.calib.tokenize_text by each model's tokenizer), or ``--ids-file`` (JSON list of token ids).
+Compute is fp32 on CPU; ``--threads`` sets torch.set_num_threads (and OMP/MKL_NUM_THREADS) in every child.
+Writes ``--out-json`` (default benchmarks/inference.json) and ``--out-md`` (default benchmarks/inference.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STRATEGIES = ("auto", "dense-onthefly", "sparse", "dense-cached")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+MIB = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------------
+# child: one (model, strategy) measurement
+# ---------------------------------------------------------------------------------------------------
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / MIB
+
+
+def _load_tokenizer(folder: Path):
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def _load(target: dict, strategy: str | None):
+    """-> (model, tokenizer or None, info). Both kinds load their tokenizer iff the folder has one."""
+    import torch
+
+    if target["kind"] == "artifact":
+        from slr import io
+
+        model, tok = io.load(target["path"], strategy=strategy or "auto", dtype=torch.float32)
+        return model, tok, {"path": str(target["path"])}
+    from transformers import AutoModelForCausalLM
+
+    from slr.models import resolve
+
+    folder, mi = resolve(target["path"])
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    return model, _load_tokenizer(Path(folder)), {"path": str(folder), "source_label": mi.label}
+
+
+def _model_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers in memory (shared storages counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+    return total
+
+
+def dense_layer_bytes(model) -> dict:
+    """fp32 / fp16 bytes of the block linears (the layers slr compresses) of a dense model."""
+    from slr.models.adapters import get_adapter
+
+    ad = get_adapter(model)
+    n = sum(lin.weight.numel() for b in ad.blocks(model) for lin in ad.linears(b).values())
+    return {"layers_params": n, "layers_fp32": 4 * n, "layers_fp16": 2 * n}
+
+
+def artifact_byte_report(path: str | os.PathLike) -> dict:
+    """The manifest's "bytes" report plus the fp16 dense size of the compressed layers and the ratios."""
+    man = json.loads((Path(path) / "slr_config.json").read_text())
+    b = dict(man["bytes"])
+    n = sum(int(r["shape"][0]) * int(r["shape"][1]) for r in man["layers"].values())
+    b["compressed_layers_params"] = n
+    b["compressed_layers_dense_fp16"] = 2 * n
+    b["compressed_layers_dense_fp32"] = 4 * n
+    b["ratio_vs_theory"] = b["compressed_layers"] / b["compressed_layers_theory"] if b.get(
+        "compressed_layers_theory") else None
+    b["ratio_vs_dense_fp16"] = b["compressed_layers"] / (2 * n) if n else None
+    b["dtypes"] = man.get("dtypes", {})
+    b["n_layers"] = len(man["layers"])
+    return b
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def measure(target: dict, strategy: str | None, ids, *, prefill: int = 512, decode: int = 128,
+            decode_prompt: int = 32, repeats: int = 3, threads: int | None = None) -> dict:
+    """Load one model (an artifact with ``strategy``, or a dense model) and measure memory and speed.
+
+    ``target``: {"kind": "dense"|"artifact", "path": name/folder, "label": str}; ``ids``: 1-D token ids
+    (at least max(prefill, decode_prompt) of them). Peak RSS figures are of this process, so call it in a
+    fresh one (``--_child``) for numbers that mean anything.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if ids.numel() < max(prefill, decode_prompt):
+        raise ValueError(f"need {max(prefill, decode_prompt)} token ids, got {ids.numel()}")
+    rec: dict = {"label": target.get("label") or Path(str(target["path"])).name, "kind": target["kind"],
+                 "model": str(target["path"]), "strategy": strategy if target["kind"] == "artifact" else "dense",
+                 "threads": torch.get_num_threads(), "prefill_tokens": prefill, "decode_tokens": decode,
+                 "decode_prompt_tokens": decode_prompt, "repeats": repeats, "dtype": "float32"}
+    rec["peak_rss_baseline_mib"] = _peak_rss_mib()
+    t = time.perf_counter()
+    model, _tok, info = _load(target, strategy)
+    rec["load_s"] = time.perf_counter() - t
+    rec["peak_rss_load_mib"] = _peak_rss_mib()
+    rec["rss_load_mib"] = _rss_mib()
+    rec["model_mem_mib"] = _model_bytes(model) / MIB
+    rec.update({k: v for k, v in info.items() if k != "path"})
+    if target["kind"] == "artifact":
+        from slr.nn import SLRLinear
+
+        rec["bytes"] = artifact_byte_report(target["path"])
+        rec["slr_layers"] = sum(isinstance(m, SLRLinear) for m in model.modules())
+    else:
+        rec["bytes"] = dense_layer_bytes(model)
+
+    x = ids[:prefill].unsqueeze(0)  # [1, prefill]
+    prompt = ids[:decode_prompt].unsqueeze(0)  # [1, decode_prompt]
+    gcfg = getattr(model, "generation_config", None)
+    eos = getattr(gcfg, "eos_token_id", None) if gcfg is not None else None
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    pad = getattr(gcfg, "pad_token_id", None) if gcfg is not None else None
+    gen_kw = dict(do_sample=False, pad_token_id=pad if pad is not None else (eos if eos is not None else 0),
+                  attention_mask=torch.ones_like(prompt), temperature=None, top_p=None, top_k=None)
+    n_new = []
+
+    def run_prefill():
+        model(input_ids=x, use_cache=True, logits_to_keep=1)
+
+    def run_decode(n=decode):
+        out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **gen_kw)
+        n_new.append(out.shape[1] - prompt.shape[1])
+
+    with torch.inference_mode():
+        run_prefill()  # warm-up (also builds dense-cached weights)
+        pre = _timed(run_prefill, repeats)
+        run_decode(min(4, decode))  # warm-up
+        n_new.clear()
+        dec = _timed(run_decode, repeats)
+    if any(n != decode for n in n_new):
+        raise RuntimeError(f"generate produced {n_new} new tokens, expected {decode}")
+    rec.update({
+        "prefill_s": min(pre), "prefill_s_all": pre, "prefill_tok_s": prefill / min(pre),
+        "prefill_tok_s_median": prefill / statistics.median(pre),
+        "decode_s": min(dec), "decode_s_all": dec, "decode_tok_s": decode / min(dec),
+        "decode_tok_s_median": decode / statistics.median(dec),
+        "peak_rss_end_mib": _peak_rss_mib(), "rss_end_mib": _rss_mib(),
+    })
+    return rec
+
+
+def _child_main(spec_file: str, out_file: str) -> None:
+    spec = json.loads(Path(spec_file).read_text())
+    ids = json.loads(Path(spec["ids_file"]).read_text())
+    rec = measure(spec["target"], spec["strategy"], ids, prefill=spec["prefill"], decode=spec["decode"],
+                  decode_prompt=spec["decode_prompt"], repeats=spec["repeats"], threads=spec["threads"])
+    Path(out_file).write_text(json.dumps(rec, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# parent: inputs, children, reports
+# ---------------------------------------------------------------------------------------------------
+def _tokenizer_folder(target: dict) -> Path:
+    if target["kind"] == "artifact":
+        return Path(target["path"])
+    from slr.models import resolve
+
+    return Path(resolve(target["path"])[0])
+
+
+def _tokenizer_key(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in _TOKENIZER_FILES:
+        if (folder / f).is_file():
+            h.update(f.encode() + (folder / f).read_bytes())
+    return h.hexdigest()
+
+
+def input_ids(target: dict, n: int, cache: dict, tmp: Path) -> Path:
+    """File with the first n Wikipedia-test token ids under this target's tokenizer (one file per tokenizer)."""
+    folder = _tokenizer_folder(target)
+    key = _tokenizer_key(folder)
+    if key not in cache:
+        from slr.data.calib import tokenize_text
+        from slr.data.corpora import wiki_text
+
+        tok = _load_tokenizer(folder)
+        if tok is None:
+            raise SystemExit(f"{folder} has no tokenizer files: pass --ids-file")
+        ids = tokenize_text(tok, wiki_text("test"))[:n].tolist()
+        if len(ids) < n:
+            raise SystemExit(f"the Wikipedia test split has only {len(ids)} tokens, {n} needed")
+        f = tmp / f"ids-{len(cache)}.json"
+        f.write_text(json.dumps(ids))
+        cache[key] = f
+    return cache[key]
+
+
+def run_child(target: dict, strategy: str | None, ids_file: Path, args, tmp: Path) -> dict:
+    spec = {"target": target, "strategy": strategy, "ids_file": str(ids_file), "prefill": args.prefill,
+            "decode": args.decode, "decode_prompt": args.decode_prompt, "repeats": args.repeats,
+            "threads": args.threads}
+    fd, spec_file = tempfile.mkstemp(suffix=".json", dir=tmp)
+    os.close(fd)
+    Path(spec_file).write_text(json.dumps(spec))
+    out_file = spec_file[:-5] + ".out.json"
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    t = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child", spec_file, "--_out", out_file],
+                           capture_output=True, text=True, env=env, timeout=args.child_timeout)
+        err = None if p.returncode == 0 else (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+    except subprocess.TimeoutExpired:
+        err = f"timed out after {args.child_timeout} s"
+    if err is None and Path(out_file).is_file():
+        rec = json.loads(Path(out_file).read_text())
+    else:
+        rec = {"label": target["label"], "kind": target["kind"], "model": target["path"],
+               "strategy": strategy if target["kind"] == "artifact" else "dense", "error": err or "no output"}
+    rec["child_wall_s"] = round(time.perf_counter() - t, 1)
+    return rec
+
+
+def machine_info(args) -> dict:
+    import torch
+    import transformers
+
+    from slr.api import git_commit
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    return {"cpu_count": os.cpu_count(), "cpu_affinity": affinity, "cpu": _cpu_name(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": args.threads, "git_commit": git_commit(), "loadavg_start": list(os.getloadavg()),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _f(x, fmt: str = ".2f", none: str = "--") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def _mb(b) -> str:
+    return "--" if b is None else f"{b / 1e6:.1f} MB"
+
+
+def add_ratios(records: list[dict]) -> None:
+    """decode / prefill speed relative to the dense fp32 model (the first dense record without error)."""
+    dense = next((r for r in records if r["kind"] == "dense" and "error" not in r), None)
+    for r in records:
+        if dense is None or "error" in r:
+            r["decode_vs_dense"] = r["prefill_vs_dense"] = None
+            continue
+        r["decode_vs_dense"] = r["decode_tok_s"] / dense["decode_tok_s"]
+        r["prefill_vs_dense"] = r["prefill_tok_s"] / dense["prefill_tok_s"]
+
+
+def markdown(records: list[dict], machine: dict, args) -> str:
+    lines = [
+        "# Inference benchmark (CPU)",
+        "",
+        f"Generated by `python benchmarks/inference.py` ({machine['date']}, commit {machine['git_commit']}). "
+        f"{machine['cpu']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, {args.threads} thread(s), fp32 "
+        f"compute, batch 1; load average at start {machine['loadavg_start'][0]:.2f}. Prefill: one "
+        f"{args.prefill}-token forward (KV cache on, last-position logits). Decode: greedy generate of "
+        f"{args.decode} tokens from a {args.decode_prompt}-token prompt (KV cache), whole-call wall time. "
+        f"Best of {args.repeats} after a warm-up; every row runs in a fresh process. Bytes: compressed layers "
+        "on disk (dense rows: the same layers in fp32); theory = values + packed index + factors; "
+        "peak RSS = ru_maxrss right after load / after the timing runs.",
+        "",
+        "| model | strategy | layer bytes | vs theory | vs dense fp16 | artifact total | peak RSS load / end (MiB) "
+        "| prefill tok/s | decode tok/s | decode vs dense fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        b = r.get("bytes", {})
+        if r["kind"] == "dense":
+            lb, vt, vd, tot = b.get("layers_fp32"), None, (2.0 if b else None), None
+        else:
+            lb, vt, vd, tot = b.get("compressed_layers"), b.get("ratio_vs_theory"), b.get("ratio_vs_dense_fp16"), \
+                b.get("total")
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['strategy']} | {_mb(lb)} | {_f(vt, '.3f')} | {_f(vd, '.3f')} | "
+                         f"{_mb(tot)} | error: {r['error'][:80]} | | | |")
+            continue
+        lines.append(
+            f"| {r['label']} | {r['strategy']} | {_mb(lb)} | {_f(vt, '.3f')} | {_f(vd, '.3f')} | {_mb(tot)} | "
+            f"{r['peak_rss_load_mib']:.0f} / {r['peak_rss_end_mib']:.0f} | {r['prefill_tok_s']:.1f} | "
+            f"{r['decode_tok_s']:.2f} | {_f(r.get('decode_vs_dense'), '.3f')} |")
+    lines += ["", "## Observations", "", observations(records), ""]
+    return "\n".join(lines)
+
+
+def observations(records: list[dict]) -> str:
+    """Sentences stating measured facts only (no speculation)."""
+    ok = [r for r in records if "error" not in r]
+    dense = next((r for r in ok if r["kind"] == "dense"), None)
+    out = []
+    if dense is not None:
+        b = dense["bytes"]
+        out.append(f"The dense model ({dense['label']}) prefills {dense['prefill_tok_s']:.1f} tok/s and decodes "
+                   f"{dense['decode_tok_s']:.2f} tok/s with a peak RSS of {dense['peak_rss_end_mib']:.0f} MiB; its "
+                   f"block linears take {b['layers_fp32'] / 1e6:.1f} MB in fp32 ({b['layers_fp16'] / 1e6:.1f} MB "
+                   "in fp16).")
+    for label in dict.fromkeys(r["label"] for r in ok if r["kind"] == "artifact"):
+        rs = [r for r in ok if r["label"] == label]
+        b = rs[0]["bytes"]
+        s = (f"{label}: the compressed layers take {b['compressed_layers'] / 1e6:.1f} MB on disk, "
+             f"{_f(b['ratio_vs_theory'], '.3f')}x the theoretical size and {_f(b['ratio_vs_dense_fp16'], '.3f')}x "
+             f"their dense fp16 size (artifact total {b['total'] / 1e6:.1f} MB).")
+        if len(rs) > 1:
+            fp = max(rs, key=lambda r: r["prefill_tok_s"])
+            fd = max(rs, key=lambda r: r["decode_tok_s"])
+            fm = min(rs, key=lambda r: r["peak_rss_end_mib"])
+            s += (f" Fastest prefill: {fp['strategy']} ({fp['prefill_tok_s']:.1f} tok/s); fastest decode: "
+                  f"{fd['strategy']} ({fd['decode_tok_s']:.2f} tok/s); lowest peak RSS after the runs: "
+                  f"{fm['strategy']} ({fm['peak_rss_end_mib']:.0f} MiB).")
+        else:
+            r = rs[0]
+            s += (f" With {r['strategy']}: prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.2f} "
+                  f"tok/s, peak RSS {r['peak_rss_end_mib']:.0f} MiB.")
+        if dense is not None:
+            faster = [r["strategy"] for r in rs if r["decode_tok_s"] > dense["decode_tok_s"]]
+            smaller = [r["strategy"] for r in rs if r["peak_rss_end_mib"] < dense["peak_rss_end_mib"]]
+            s += (f" Strategies decoding faster than dense fp32: {', '.join(faster) or 'none'}; with a lower peak RSS "
+                  f"than dense fp32: {', '.join(smaller) or 'none'}.")
+        out.append(s)
+    errors = [f"{r['label']}/{r['strategy']}" for r in records if "error" in r]
+    if errors:
+        out.append(f"Failed runs: {', '.join(errors)}.")
+    return " ".join(out) if out else "No successful measurements."
+
+
+class _ArtifactAction(argparse.Action):
+    def __call__(self, parser, ns, value, option_string=None):
+        arts = list(getattr(ns, "artifacts", None) or [])
+        arts.append({"kind": "artifact", "path": value, "label": Path(value).name})
+        ns.artifacts = arts
+
+
+class _LabelAction(argparse.Action):
+    def __call__(self, parser, ns, value, option_string=None):
+        arts = getattr(ns, "artifacts", None)
+        if not arts:
+            parser.error("--label must follow the --artifact it names")
+        arts[-1]["label"] = value
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dense", default="smollm2-135m", help="dense model (default name or HF folder); 'none' skips")
+    ap.add_argument("--dense-label", default=None)
+    ap.add_argument("--artifact", action=_ArtifactAction, dest="artifact_", metavar="DIR", help="repeatable")
+    ap.add_argument("--label", action=_LabelAction, dest="label_", help="label of the preceding --artifact")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--decode-prompt", type=int, default=32, help="prompt length for the decode run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ids-file", default=None, help="JSON list of token ids to use instead of the Wikipedia text")
+    ap.add_argument("--child-timeout", type=int, default=3600)
+    ap.add_argument("--out-json", default=str(HERE / "inference.json"))
+    ap.add_argument("--out-md", default=str(HERE / "inference.md"))
+    ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
+    ap.set_defaults(artifacts=[])
+    args = ap.parse_args(argv)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad:
+        ap.error(f"unknown strategy {bad[0]!r}; choose from {', '.join(STRATEGIES)}")
+    args.strategies = strategies
+    for k in ("prefill", "decode", "decode_prompt", "repeats", "threads"):
+        if getattr(args, k) < 1:
+            ap.error(f"--{k.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args._child:
+        _child_main(args._child, args._out)
+        return []
+    targets = []
+    if args.dense and args.dense.lower() != "none":
+        targets.append({"kind": "dense", "path": args.dense, "label": args.dense_label or args.dense})
+    targets += args.artifacts
+    if not targets:
+        raise SystemExit("nothing to measure: pass --dense and/or --artifact")
+    for t in targets:
+        if t["kind"] == "artifact" and not (Path(t["path"]) / "slr_config.json").is_file():
+            raise SystemExit(f"{t['path']} is not an slr artifact (no slr_config.json)")
+    machine = machine_info(args)
+    n_ids = max(args.prefill, args.decode_prompt)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="slr-inference-") as tmpd:
+        tmp = Path(tmpd)
+        ids_cache: dict = {}
+        fixed = None
+        if args.ids_file:
+            ids = json.loads(Path(args.ids_file).read_text())
+            if len(ids) < n_ids:
+                raise SystemExit(f"--ids-file has {len(ids)} ids, {n_ids} needed")
+            fixed = tmp / "ids.json"
+            fixed.write_text(json.dumps(ids[:n_ids]))
+        for t in targets:
+            ids_file = fixed or input_ids(t, n_ids, ids_cache, tmp)
+            for s in (args.strategies if t["kind"] == "artifact" else [None]):
+                rec = run_child(t, s, ids_file, args, tmp)
+                rec["machine"] = machine
+                records.append(rec)
+                msg = rec.get("error") or (f"prefill {rec['prefill_tok_s']:.1f} tok/s, decode "
+                                           f"{rec['decode_tok_s']:.2f} tok/s, peak RSS {rec['peak_rss_load_mib']:.0f}"
+                                           f" / {rec['peak_rss_end_mib']:.0f} MiB")
+                print(f"{rec['label']:>20} {rec['strategy']:>15}: {msg}  ({rec['child_wall_s']} s)", flush=True)
+    add_ratios(records)
+    Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out_json).write_text(json.dumps(records, indent=1) + "\n")
+    Path(args.out_md).write_text(markdown(records, machine, args))
+    print(f"wrote {args.out_json} and {args.out_md}")
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Shared pieces of the allocators: the matrices, the budget, the mode, activation statistics, exact budget fitting.
+
+Budget (PROTOCOL §5): retained fraction = (kept sparse values + Σ r (m + n)) / Σ m n over the compressed linears.
+A shared right factor (group solvers) would be counted once by the pipeline; the allocators price every matrix's
+factors separately, so group solvers are refused (see ``alloc_mode``).
+
+Every allocator works on per-matrix choices ``Choice(k_row, rank)``: ``k_row`` = sparse values kept per output row
+(unstructured sparsity 1 - k_row / d_in, the same row-wise rounding as ``LayerSpec.kept``), or the fixed N:M count,
+or nothing (rank-only methods). ``fit_budget`` then moves single rows (or single rank units) so that the plan lands
+on the budget to within one row of the narrowest matrix, never above it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import CompressConfig, LayerSpec, keep_per_row
+from ..errors import SLRError
+from ..models.adapters import get_adapter
+from ..plan import Plan, key
+
+# Which methods use which part of a spec. Unknown methods are treated as S+LR when config.rank > 0, else as pruning.
+RANK_ONLY = {"lowrank", "svd"}
+SPARSE_ONLY = {"magnitude", "wanda", "sparsegpt"}
+SLR_METHODS = {"admm", "hassle", "prune+lr", "oats", "rpca"}
+GROUP_METHODS = {"joint"}
+MODES = ("sparse", "slr", "rank")
+
+
+@dataclass
+class Matrix:
+    """One compressed linear: its plan key and a reference to its weight [d_out, d_in]."""
+
+    block: int
+    name: str
+    weight: torch.Tensor
+
+    @property
+    def key(self) -> str:
+        return key(self.block, self.name)
+
+    @property
+    def d_out(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def d_in(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def numel(self) -> int:
+        return self.d_out * self.d_in
+
+    @property
+    def lr_unit(self) -> int:
+        """Parameters of one rank unit: r (m + n)."""
+        return self.d_out + self.d_in
+
+
+@dataclass
+class Choice:
+    """Per-matrix decision: k_row kept values per row (None with N:M or rank-only) and rank."""
+
+    k_row: int | None
+    rank: int = 0
+
+
+def matrices(model: nn.Module) -> list[Matrix]:
+    ad = get_adapter(model)
+    out = []
+    for i, block in enumerate(ad.blocks(model)):
+        for n, lin in ad.linears(block).items():
+            out.append(Matrix(i, n, lin.weight))
+    return out
+
+
+def alloc_mode(config: CompressConfig, opts: dict | None = None) -> str:
+    """'sparse' (pure pruning: sparsity only), 'slr' (sparsity and rank) or 'rank' (rank only); opts['mode'] wins."""
+    opts = opts or {}
+    if config.method in GROUP_METHODS:
+        raise SLRError(f"global allocation does not support the shared-factor group method {config.method!r}",
+                       "use --allocate uniform with joint, or a per-matrix method (lowrank, svd, admm, ...)")
+    mode = opts.get("mode")
+    if mode is not None:
+        if mode not in MODES:
+            raise SLRError(f"unknown allocation mode {mode!r}", f"choose one of: {', '.join(MODES)}")
+        return mode
+    if config.method in RANK_ONLY:
+        return "rank"
+    if config.method in SPARSE_ONLY:
+        return "sparse"
+    if config.method in SLR_METHODS or config.rank > 0:
+        return "slr"
+    return "sparse"
+
+
+def nm_of(config: CompressConfig) -> tuple[int, int] | None:
+    return config.layer_spec().nm if config.pattern else None
+
+
+def uniform_choice(m: Matrix, spec: LayerSpec, mode: str) -> Choice:
+    """The choice equivalent to ``spec`` under ``mode`` (rank dropped for pruning, sparse part for rank-only)."""
+    rank = 0 if mode == "sparse" else min(spec.rank, m.d_out, m.d_in)
+    if mode == "rank":
+        return Choice(None, rank)
+    if spec.nm is not None:
+        return Choice(None, rank)
+    return Choice(keep_per_row(m.d_in, spec.sparsity), rank)
+
+
+def choice_params(m: Matrix, c: Choice, mode: str, nm: tuple[int, int] | None) -> int:
+    """Retained parameters of one matrix under a choice."""
+    sparse = 0
+    if mode != "rank":
+        if nm is not None:
+            sparse = m.d_out * (m.d_in // nm[1]) * nm[0]
+        else:
+            sparse = m.d_out * int(c.k_row)
+    return sparse + c.rank * m.lr_unit
+
+
+def resolve_budget(config: CompressConfig, mats: list[Matrix], mode: str) -> float:
+    """config.budget, validated; when it is None, the retained fraction of the uniform config.layer_spec()."""
+    if config.budget is not None:
+        b = float(config.budget)
+        if not (0.0 < b < 1.0) or math.isnan(b):
+            raise SLRError(f"budget {config.budget} is outside (0, 1)", "pass a retained fraction such as --budget 0.5")
+        return b
+    spec = config.layer_spec()
+    nm = nm_of(config)
+    total = sum(m.numel for m in mats)
+    kept = sum(choice_params(m, uniform_choice(m, spec, mode), mode, nm) for m in mats)
+    b = kept / total
+    if not (0.0 < b < 1.0):
+        raise SLRError(f"the uniform spec {spec.label} retains a fraction {b:.4f}, so there is nothing to allocate",
+                       "pass --budget with a retained fraction in (0, 1)")
+    return b
+
+
+def fixed_params(mats: list[Matrix], mode: str, nm: tuple[int, int] | None) -> int:
+    """Parameters no allocator can move: the N:M sparse part."""
+    if mode == "rank" or nm is None:
+        return 0
+    return sum(choice_params(m, Choice(None, 0), mode, nm) for m in mats)
+
+
+def fit_budget(mats: list[Matrix], choices: list[Choice], target: int, mode: str, nm: tuple[int, int] | None,
+               min_params: int = 1) -> list[Choice]:
+    """Move single units (one row of kept values, or one rank) so the total lands just below ``target``.
+
+    Units are spread round-robin over matrices (largest unit first), so rounding residuals never pile up on one
+    matrix; then pair moves (one unit up, a smaller one down) close the gap further. Rows are used for unstructured
+    sparse parts; ranks only when there is no free sparse part (N:M or rank-only). A matrix never drops below
+    ``min_params`` retained parameters. The total never exceeds ``target``.
+    """
+    choices = [Choice(c.k_row, c.rank) for c in choices]
+    use_rows = mode != "rank" and nm is None
+
+    def unit(m: Matrix) -> int:
+        return m.d_out if use_rows else m.lr_unit
+
+    def can(i: int, step: int) -> bool:
+        m, c = mats[i], choices[i]
+        if use_rows:
+            k = c.k_row + step
+            ok = 0 <= k <= m.d_in
+        else:
+            k = c.rank + step
+            ok = 0 <= k <= min(m.d_out, m.d_in)
+        if not ok:
+            return False
+        return step > 0 or choice_params(m, c, mode, nm) - unit(m) >= min_params
+
+    def move(i: int, step: int) -> None:
+        if use_rows:
+            choices[i].k_row += step
+        else:
+            choices[i].rank += step
+
+    order = sorted(range(len(mats)), key=lambda i: -unit(mats[i]))
+    total = sum(choice_params(m, c, mode, nm) for m, c in zip(mats, choices))
+    for _ in range(100000):
+        diff = target - total
+        moved = False
+        for i in order:
+            u = unit(mats[i])
+            if diff >= u and can(i, +1):
+                move(i, +1)
+                diff -= u
+                total += u
+                moved = True
+            elif diff < 0 and can(i, -1):
+                move(i, -1)
+                diff += u
+                total -= u
+                moved = True
+        if not moved:
+            break
+    for _ in range(1000):  # pair moves (one unit up, a smaller one down) to get closer than the smallest unit
+        diff = target - total
+        ups: dict[int, int] = {}
+        downs: dict[int, int] = {}
+        for i in order:  # one representative matrix per unit size (round-robin order)
+            if can(i, +1):
+                ups.setdefault(unit(mats[i]), i)
+            if can(i, -1):
+                downs.setdefault(unit(mats[i]), i)
+        best = None
+        for ui, i in ups.items():
+            for uj, j in downs.items():
+                net = ui - uj
+                if 0 < net <= diff and (best is None or net > best[0]):
+                    best = (net, i, j)
+        if best is None:
+            break
+        move(best[1], +1)
+        move(best[2], -1)
+        total += best[0]
+    if total > target:
+        raise SLRError(f"cannot fit the plan into the budget ({total} > {target} parameters)",
+                       "raise the budget (fixed N:M parts and minimum ranks cost parameters)")
+    return choices
+
+
+def to_spec(m: Matrix, c: Choice, mode: str, nm: tuple[int, int] | None) -> LayerSpec:
+    if mode == "rank":
+        return LayerSpec(sparsity=1.0, rank=c.rank)
+    if nm is not None:
+        return LayerSpec(nm=nm, rank=c.rank)
+    k = int(c.k_row)
+    sparsity = 1.0 - k / m.d_in
+    if keep_per_row(m.d_in, sparsity) != k:  # guard the float round trip of the rounding rule
+        raise AssertionError(f"sparsity round trip failed for {m.key}: {k} of {m.d_in}")
+    return LayerSpec(sparsity=sparsity, rank=c.rank)
+
+
+def finish(allocator: str, mats: list[Matrix], choices: list[Choice], mode: str, nm: tuple[int, int] | None,
+           budget: float, t0: float, extra: dict | None = None) -> tuple[Plan, dict]:
+    """Plan with an explicit spec for every matrix, plus the common info dict."""
+    plan = Plan()
+    per = {}
+    kept = 0
+    for m, c in zip(mats, choices):
+        spec = to_spec(m, c, mode, nm)
+        spec.validate(m.d_out, m.d_in)
+        plan.specs[m.key] = spec
+        kept += spec.kept(m.d_out, m.d_in) * (mode != "rank") + spec.rank * m.lr_unit
+        per[m.key] = {"sparsity": spec.sparsity if spec.nm is None else None, "rank": spec.rank,
+                      **({"nm": list(spec.nm)} if spec.nm else {})}
+    total = sum(m.numel for m in mats)
+    info = {"allocator": allocator, "budget": budget, "achieved_fraction": kept / total, "retained_params": kept,
+            "dense_params": total, "mode": mode, "seconds": time.perf_counter() - t0, "per_matrix": per}
+    if extra:
+        info.update(extra)
+    return plan, info
+
+
+def plan_fraction(plan: Plan, mats: list[Matrix]) -> float:
+    """Retained fraction of a plan over ``mats`` (specs priced per matrix; rank-only specs have sparsity 1)."""
+    kept = sum(plan.get(m.block, m.name).kept(m.d_out, m.d_in) + plan.get(m.block, m.name).rank * m.lr_unit
+               for m in mats)
+    return kept / sum(m.numel for m in mats)
+
+
+@torch.no_grad()
+def input_sq_norms(model: nn.Module, calib: torch.Tensor | None, device="cpu", max_samples: int | None = 32,
+                   batch_size: int = 4) -> dict[str, torch.Tensor] | None:
+    """Per-linear mean squared input activation, diag(X^T X) / n_tokens [d_in] (float64, cpu), dense model.
+
+    One forward pass of the dense model over (up to ``max_samples`` of) ``calib`` with hooks on the first linear
+    of every input group; None when there is no calibration data.
+    """
+    if calib is None or len(calib) == 0:
+        return None
+    ad = get_adapter(model)
+    calib = calib[:max_samples] if max_samples else calib
+    sums: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}
+    counts: dict[tuple[int, tuple[str, ...]], int] = {}
+    hooks = []
+
+    def hook(k):
+        def fn(_mod, args, _out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            s = (x * x).sum(0).cpu()
+            sums[k] = sums[k] + s if k in sums else s
+            counts[k] = counts.get(k, 0) + x.shape[0]
+        return fn
+
+    for i, block in enumerate(ad.blocks(model)):
+        lin = ad.linears(block)
+        for g in ad.groups:
+            if all(n in lin for n in g):
+                hooks.append(lin[g[0]].register_forward_hook(hook((i, g))))
+    try:
+        for s in range(0, len(calib), batch_size):
+            model(input_ids=calib[s:s + batch_size].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for (i, g), v in sums.items():
+        for n in g:
+            out[key(i, n)] = v / max(counts[(i, g)], 1)
+    return out
+
+
+def scales(m: Matrix, norms: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """sqrt of the mean squared input per column (float64 [d_in]); None without data. Dead inputs get a tiny scale."""
+    if norms is None or m.key not in norms:
+        return None
+    h = norms[m.key].double().clamp_min(0)
+    floor = 1e-8 * float(h.max().clamp_min(1e-300))
+    return h.clamp_min(floor).sqrt()

@@ -1,0 +1,308 @@
+"""CAP (Zhou et al., ICLR 2026; methods.md §1.1): probabilistic global allocation over candidate pools.
+
+Stage 1, pools (per matrix, data-free):
+  pools="rpca" (the paper): W ~= L + S by IALM robust PCA (``rpca_pools``). Candidates are the singular directions
+      σ_i u_i v_i^T of L and the nonzeros of S.
+  pools="whitened": the top p singular directions of A = W diag(d) (d_j = sqrt(mean x_j^2), d = 1 without data),
+      mapped back to W, p = min(min(m, n), budget * m n / (m + n)) (the rank that alone would spend the matrix's share
+      of the budget), and every entry of the residual W - L_p. One SVD per matrix, much cheaper than RPCA.
+  Pure pruning has no directions (the candidates are the entries of W); rank-only methods have no sparse part (the
+  directions of the whitened SVD of W, whatever ``pools`` says).
+
+Tractability: sparse entries are ranked by |value| * d_j (Wanda-like; |value| without data) and grouped into
+``chunks`` score-sorted chunks of equal size per matrix (default 100, i.e. 1% of the pool each); a chunk is one
+Bernoulli variable. Singular directions stay individual. So a model has about (100 + p) candidates per matrix.
+
+Stage 2, allocation. Candidate j has keep-probability s_j and cost c_j (a direction costs m + n, a chunk its number
+of entries). Minimise E_{mask ~ Bern(s)}[loss(W(mask))] s.t. Σ c_j s_j <= K = budget * Σ m n by REINFORCE:
+g = mean over samples of (loss - b) (mask - s) / (s (1 - s)) (s clipped to [0.01, 0.99] in the denominator), with b
+the mean of the last 5 losses (the loss of the initial plan seeds the window), s <- P(s - lr g), lr 0.05, 3
+iterations. loss = next-token cross-entropy of the model on ``windows`` calibration windows with every compressed
+weight replaced by its sampled W(mask) (the model is restored afterwards); without calibration data it is the
+weight-only proxy mean_matrices ||W - W(mask)||_F^2 / ||W||_F^2.
+
+Cost normalisation (not specified by the paper): costs are in parameters, so the projection P onto
+{0 <= s <= 1, Σ c_j s_j <= K} is the exact Euclidean one, s = clip(y - θ c, 0, 1) with the scalar θ >= 0 found by
+bisection: an expensive candidate is pushed down in proportion to its cost. Chunks make sparse candidates cost about
+as much as a direction, so the REINFORCE gradient (which is per candidate, cost-blind) compares like with like.
+Initialisation (not in the paper): each candidate's prior density = its share of the matrix's energy
+||W diag(d)||^2 divided by its share of the matrix's parameters (cost / m n), which is comparable across matrices of
+different sizes; s0 = sigmoid(beta (log density - log tau)), where tau is the density at
+which the densest-first candidates fill the budget; then projected. With beta = 2, the initial mean plan is the
+greedy data-free knapsack and sampling explores around its boundary.
+Final plan: candidates in decreasing s (ties: higher prior density) are kept while they fit in K; a matrix's rank
+is its number of kept directions and its sparse count the entries of its kept chunks (then ``fit_budget``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import CompressConfig
+from ..errors import SLRError
+from ..plan import Plan
+from ..solvers.rpca import rpca_pools
+from .base import (
+    Choice,
+    Matrix,
+    alloc_mode,
+    finish,
+    fit_budget,
+    input_sq_norms,
+    matrices,
+    nm_of,
+    resolve_budget,
+    scales,
+)
+
+
+def project_budget(y: torch.Tensor, cost: torch.Tensor, K: float, iters: int = 100) -> torch.Tensor:
+    """Euclidean projection of y onto {0 <= s <= 1, Σ cost * s <= K} (cost > 0): clip(y - θ cost, 0, 1), θ by bisection.
+
+    The returned point is always feasible (θ is taken from the feasible end of the bisection bracket).
+    """
+    y = y.double()
+    c = cost.double()
+    s = y.clamp(0, 1)
+    if float((c * s).sum()) <= K:
+        return s
+    lo, hi = 0.0, float((y / c).max().clamp_min(0.0)) + 1.0  # at hi every s is 0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if float((c * (y - mid * c).clamp(0, 1)).sum()) > K:
+            lo = mid
+        else:
+            hi = mid
+    return (y - hi * c).clamp(0, 1)
+
+
+@dataclass
+class Pools:
+    """Candidates of one matrix (cpu). W(mask) = (U[:, d] * sigma[d]) @ Vt[d] + scatter(values[e] at index[e])."""
+
+    U: torch.Tensor  # [m, p]
+    sigma: torch.Tensor  # [p]
+    Vt: torch.Tensor  # [p, n]
+    values: torch.Tensor  # [nnz], score-sorted
+    index: torch.Tensor  # [nnz] int32 flat row-major
+    sizes: torch.Tensor  # [n_chunks] int64 entries per chunk
+    dir_energy: torch.Tensor  # [p] float64, relative
+    chunk_energy: torch.Tensor  # [n_chunks] float64, relative
+
+    def build(self, m: Matrix, dirs: torch.Tensor | None, chunks: torch.Tensor | None) -> torch.Tensor:
+        """Dense W(mask) [m, n] float32 from boolean keep masks (None = keep all)."""
+        W = torch.zeros(m.numel, dtype=torch.float32)
+        if self.values.numel():
+            keep = torch.ones_like(self.values, dtype=torch.bool) if chunks is None else \
+                torch.repeat_interleave(chunks, self.sizes)
+            W[self.index[keep].long()] = self.values[keep]
+        W = W.view(m.d_out, m.d_in)
+        if self.sigma.numel():
+            d = torch.ones_like(self.sigma, dtype=torch.bool) if dirs is None else dirs
+            if bool(d.any()):
+                W += (self.U[:, d] * self.sigma[d]) @ self.Vt[d]
+        return W
+
+
+def _chunked(values: torch.Tensor, index: torch.Tensor, score: torch.Tensor, n_chunks: int, d: torch.Tensor | None,
+             n_in: int, energy: float):
+    order = torch.argsort(score, descending=True)
+    values, index = values[order], index[order]
+    nnz = values.numel()
+    k = min(n_chunks, nnz)
+    if k == 0:
+        return values, index.int(), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+    bounds = torch.linspace(0, nnz, k + 1).round().long()
+    sizes = bounds.diff()
+    keep = sizes > 0
+    sizes = sizes[keep]
+    w = values.double() * (d[(index % n_in).long()] if d is not None else 1.0)
+    seg = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    ce = torch.zeros(sizes.numel(), dtype=torch.float64).index_add_(0, seg, w * w) / energy
+    return values, index.int(), sizes, ce
+
+
+def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget: float, n_chunks: int,
+               rpca_iters: int) -> Pools:
+    W = m.weight.detach().float().cpu()
+    dd = d.float() if d is not None else None
+    A = W * dd[None, :] if dd is not None else W
+    energy = max(float((A.double() ** 2).sum()), 1e-300)
+    empty_f, empty_i = torch.zeros(0), torch.zeros(0, dtype=torch.int32)
+    U, sigma, Vt = torch.zeros(m.d_out, 0), torch.zeros(0), torch.zeros(0, m.d_in)
+    values, index, sizes, ce = empty_f, empty_i, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+    if mode == "slr" and pools == "rpca":
+        rp = rpca_pools(W, iters=rpca_iters)
+        U, sigma, Vt = rp.U, rp.sigma, rp.Vt
+        score = rp.values.abs() * (dd[rp.index % m.d_in] if dd is not None else 1.0)
+        values, index, sizes, ce = _chunked(rp.values, rp.index, score, n_chunks, d, m.d_in, energy)
+    elif mode in ("slr", "rank"):
+        P, s, Qt = torch.linalg.svd(A, full_matrices=False)
+        p = min(m.d_out, m.d_in) if mode == "rank" else min(m.d_out, m.d_in, int(budget * m.numel / m.lr_unit))
+        U, sigma = P[:, :p].contiguous(), s[:p].contiguous()
+        Vt = (Qt[:p] / dd[None, :]) if dd is not None else Qt[:p].contiguous()
+        if mode == "slr":
+            R = W - (U * sigma) @ Vt
+            flat = R.flatten()
+            idx = torch.arange(m.numel)
+            score = flat.abs() * (dd[idx % m.d_in] if dd is not None else 1.0)
+            values, index, sizes, ce = _chunked(flat, idx, score, n_chunks, d, m.d_in, energy)
+    elif mode == "sparse":
+        flat = W.flatten()
+        idx = torch.arange(m.numel)
+        score = flat.abs() * (dd[idx % m.d_in] if dd is not None else 1.0)
+        values, index, sizes, ce = _chunked(flat, idx, score, n_chunks, d, m.d_in, energy)
+    else:
+        raise SLRError(f"unknown pools {pools!r}", "use rpca or whitened")
+    de = torch.zeros(0, dtype=torch.float64)
+    if sigma.numel():
+        vn = (Vt.double() * (d[None, :] if d is not None else 1.0)).norm(dim=1) ** 2
+        de = sigma.double() ** 2 * vn / energy
+    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce)
+
+
+class _Loss:
+    """Loss of a sampled configuration: calibration CE with the weights swapped in, or the weight-only proxy."""
+
+    def __init__(self, model, mats, pools, calib, device, windows, batch_size):
+        self.model, self.mats, self.pools = model, mats, pools
+        self.ids = None if calib is None or len(calib) == 0 else calib[:windows]
+        self.device, self.batch_size = device, batch_size
+        self.evals = 0
+
+    def __call__(self, dirs: list, chunks: list) -> float:
+        self.evals += 1
+        if self.ids is None:
+            err, size = 0.0, 0
+            for m, p, d, c in zip(self.mats, self.pools, dirs, chunks):
+                W = m.weight.detach().float().cpu()
+                E = W - p.build(m, d, c)
+                err += m.numel * float((E.double() ** 2).sum() / (W.double() ** 2).sum().clamp_min(1e-300))
+                size += m.numel
+            return err / size
+        for m, p, d, c in zip(self.mats, self.pools, dirs, chunks):
+            m.weight.data.copy_(p.build(m, d, c).to(m.weight.device, m.weight.dtype))
+        tot, n = 0.0, 0
+        with torch.no_grad():
+            for s in range(0, len(self.ids), self.batch_size):
+                ids = self.ids[s:s + self.batch_size].to(self.device)
+                logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                tgt = ids[:, 1:]
+                tot += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                               reduction="sum"))
+                n += tgt.numel()
+        return tot / max(n, 1)
+
+
+def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
+             pools: str = "rpca", iterations: int = 3, samples: int = 4, lr: float = 0.05, baseline_window: int = 5,
+             chunks: int = 100, init_temp: float = 2.0, windows: int = 8, batch_size: int = 4, rpca_iters: int = 5,
+             max_samples: int | None = 32, norms: dict | None = None, **opts) -> tuple[Plan, dict]:
+    """CAP plan (see the module docstring). ``samples`` = masks drawn per policy-gradient iteration."""
+    t0 = time.perf_counter()
+    if pools not in ("rpca", "whitened"):
+        raise SLRError(f"unknown CAP pools {pools!r}", "use pools='rpca' (paper) or 'whitened'")
+    mode = alloc_mode(config, opts)
+    if nm_of(config) is not None:
+        raise SLRError("CAP allocates unstructured sparsity and ranks", "use --allocate knapsack with --pattern N:M")
+    mats = matrices(model)
+    budget = resolve_budget(config, mats, mode)
+    data = calib is not None and len(calib) > 0
+    if norms is None:
+        norms = input_sq_norms(model, calib, device, max_samples)
+    K = float(int(budget * sum(m.numel for m in mats)))
+    pl = [make_pools(m, scales(m, norms), mode, pools, budget, chunks, rpca_iters) for m in mats]
+    t_pools = time.perf_counter() - t0
+    # global candidate arrays: per matrix, its directions then its chunks
+    cost, dens, owner, kind = [], [], [], []
+    for j, (m, p) in enumerate(zip(mats, pl)):
+        nd, nc = p.sigma.numel(), p.sizes.numel()
+        cost += [torch.full((nd,), float(m.lr_unit), dtype=torch.float64), p.sizes.double()]
+        dens += [p.dir_energy * m.numel / m.lr_unit, p.chunk_energy * m.numel / p.sizes.double().clamp_min(1)]
+        owner += [torch.full((nd + nc,), j, dtype=torch.long)]
+        kind += [torch.zeros(nd, dtype=torch.bool), torch.ones(nc, dtype=torch.bool)]
+    cost, dens, owner, kind = torch.cat(cost), torch.cat(dens), torch.cat(owner), torch.cat(kind)
+    if cost.numel() == 0:
+        raise SLRError("CAP found no candidates", "check the model's compressed linears")
+    # init: logistic in log density around the density tau at which the densest-first candidates fill K
+    order = torch.argsort(dens, descending=True)
+    filled = cost[order].cumsum(0)
+    over = (filled > K).nonzero()
+    if over.numel() == 0:
+        s = torch.ones_like(cost)
+        tau = 0.0
+    else:
+        tau = float(dens[order[int(over[0])]].clamp_min(1e-300))
+        s = torch.sigmoid(init_temp * (dens.clamp_min(1e-300).log() - math.log(tau)))
+    s = project_budget(s, cost, K)
+    splits = [int((owner == j).sum()) for j in range(len(mats))]
+
+    def unpack(keep: torch.Tensor):
+        dirs, chs = [], []
+        for part, p in zip(keep.split(splits), pl):
+            nd = p.sigma.numel()
+            dirs.append(part[:nd])
+            chs.append(part[nd:])
+        return dirs, chs
+
+    def final_keep(s: torch.Tensor) -> torch.Tensor:
+        o = torch.argsort(s * (1 + 1e-9) + 1e-12 * dens / float(dens.max().clamp_min(1e-300)), descending=True)
+        keep = torch.zeros_like(s, dtype=torch.bool)
+        used = 0.0
+        for i, c in zip(o.tolist(), cost[o].tolist()):
+            if used + c <= K:
+                keep[i] = True
+                used += c
+        return keep
+
+    originals = [m.weight.detach().clone() for m in mats] if data else None
+    loss_fn = _Loss(model, mats, pl, calib if data else None, device, windows, batch_size)
+    gen = torch.Generator().manual_seed(config.seed)
+    history: list[float] = []
+    trace = []
+    try:
+        init_loss = loss_fn(*unpack(final_keep(s)))
+        history.append(init_loss)
+        for it in range(iterations):
+            grad = torch.zeros_like(s)
+            losses = []
+            for _ in range(samples):
+                mask = torch.rand(s.shape, generator=gen, dtype=torch.float64) < s
+                loss = loss_fn(*unpack(mask))
+                b = sum(history[-baseline_window:]) / len(history[-baseline_window:])
+                sc = s.clamp(0.01, 0.99)
+                grad += (loss - b) * (mask.double() - s) / (sc * (1 - sc))
+                history.append(loss)
+                losses.append(loss)
+            s = project_budget(s - lr * grad / samples, cost, K)
+            trace.append({"iteration": it, "losses": losses, "mean_loss": sum(losses) / len(losses),
+                          "expected_params": float((s * cost).sum())})
+        keep = final_keep(s)
+        final_loss = loss_fn(*unpack(keep))
+    finally:
+        if originals is not None:
+            for m, w in zip(mats, originals):
+                m.weight.data.copy_(w)
+    choices = []
+    for j, (m, p) in enumerate(zip(mats, pl)):
+        k = keep[owner == j]
+        kd, kc = k[~kind[owner == j]], k[kind[owner == j]]
+        rank = int(kd.sum())
+        entries = int(p.sizes[kc].sum()) if kc.numel() else 0
+        k_row = None if mode == "rank" else min(m.d_in, int(round(entries / m.d_out)))
+        choices.append(Choice(k_row, rank))
+    nm = None
+    choices = fit_budget(mats, choices, int(K), mode, nm)
+    extra = {"pools": pools if mode == "slr" else ("whitened" if mode == "rank" else "weights"),
+             "loss": "calibration CE" if data else "weight-only relative Frobenius (data-free)",
+             "windows": min(windows, len(calib)) if data else 0, "iterations": iterations, "samples": samples,
+             "lr": lr, "baseline_window": baseline_window, "chunks": chunks, "candidates": int(cost.numel()),
+             "init": {"rule": "sigmoid(beta * log(density / tau)), projected", "beta": init_temp, "tau": tau,
+                      "loss": init_loss},
+             "final_loss": final_loss, "trace": trace, "loss_evals": loss_fn.evals, "seconds_pools": t_pools}
+    return finish("cap", mats, choices, mode, nm, budget, t0, extra)

@@ -1,0 +1,250 @@
+"""Knapsack allocation (ours): per-matrix loss-vs-cost curves from cheap proxies, one global multiple-choice knapsack.
+
+Proxy (approximate, documented). Work in the diag-Hessian metric A = W diag(d), d_j = sqrt(mean x_j^2) from one dense
+forward pass (d = 1 without calibration data), so ||A - Â||_F^2 ~ E||(W - Ŵ) x||^2 with the cross-channel
+correlations of H ignored (Wanda / OATS scaling). For a candidate (k kept values per row, rank r):
+
+  loss(r, k) = ||A - A_r||_F^2 * (1 - captured_r(k))
+
+where A_r is the rank-r truncated SVD of A (so ||A - A_r||^2 = Σ_{i>r} σ_i^2 exactly) and captured_r(k) is the
+fraction of the residual energy held by its k * d_out largest entries. That is "low rank first, then keep the
+largest residual entries": an upper bound on what the joint S+LR solvers reach, but it orders matrices sensibly.
+captured_r is estimated on a fixed random sample of ``samples`` entries per matrix (exact when the matrix is
+smaller): the residual at the sampled entries for every grid rank comes from one cumulative sum over the singular
+triplets, so each matrix costs one SVD plus O(samples * r_max). Pure pruning uses r = 0 only (the Wanda energy of the
+pruned weights); rank-only methods use loss = Σ_{i>r} σ_i^2 for every r; with an N:M pattern the sparse part is
+fixed and the N:M residual energy is computed exactly for each grid rank.
+
+Normalisation across matrices (``normalize``): "size" (default) = relative error ||A - Â||^2 / ||A||^2 times the
+matrix's m n, so the knapsack equalises "share of a matrix's energy lost per share of its parameters" and
+identically shaped curves give the uniform plan (scale-free across blocks; neutral between small k/v and large MLP
+matrices); "relative" = plain sum of relative errors (every matrix weighs the same, which favours keeping small
+matrices dense); "absolute" = output-error energies E||ΔW x||^2 (dominated by high-activation layers).
+
+Solver. Choose one candidate (cost c = d_out * k + r (d_out + d_in), loss l) per matrix to minimise Σ l subject to
+Σ c <= budget * Σ m n. Lagrangian relaxation: for a multiplier λ every matrix independently picks argmin l + λ c,
+which equalises the marginal loss per parameter across matrices (the optimum of the problem convexified to each
+curve's lower hull); the chosen cost falls as λ grows, so bisection on log λ finds the smallest λ whose plan fits.
+The leftover (at most about one hull step per matrix) is then spent greedily on the upgrade with the largest loss
+decrease per extra parameter, and ``fit_budget`` settles row rounding. Cost: one SVD per matrix plus a dense forward
+pass over ``max_samples`` calibration windows, far below one compression run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+from ..config import CompressConfig
+from ..errors import SLRError
+from ..plan import Plan
+from ..solvers.masks import nm_mask
+from .base import (
+    Choice,
+    Matrix,
+    alloc_mode,
+    choice_params,
+    finish,
+    fit_budget,
+    input_sq_norms,
+    matrices,
+    nm_of,
+    resolve_budget,
+    scales,
+    uniform_choice,
+)
+
+RANK_FRACS = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0)
+
+
+def rank_grid(m: Matrix, extra: int = 0) -> list[int]:
+    """0 and fractions of the largest useful rank (whose factors cost no more than the dense matrix)."""
+    rmax = min(m.d_out, m.d_in, m.numel // m.lr_unit)
+    grid = {0} | {max(1, int(round(f * rmax))) for f in RANK_FRACS}
+    if 0 < extra <= rmax:
+        grid.add(extra)
+    return sorted(grid)
+
+
+def keep_grid(d_in: int, points: int, extra: int | None = None) -> list[int]:
+    ks = {int(round(i * d_in / (points - 1))) for i in range(points)} if d_in >= points else set(range(d_in + 1))
+    if extra is not None:
+        ks.add(extra)
+    return sorted(ks)
+
+
+def matrix_curve(m: Matrix, d: torch.Tensor | None, mode: str, nm: tuple[int, int] | None, *, uni: Choice,
+                 samples: int = 32768, points: int = 101, normalize: str = "size",
+                 seed: int = 0) -> tuple[list[Choice], torch.Tensor, torch.Tensor]:
+    """Candidates (choices, costs [C] float64, proxy losses [C] float64) of one matrix."""
+    W = m.weight.detach().float().cpu()
+    A = W * d.float()[None, :] if d is not None else W
+    energy = float((A.double() ** 2).sum())
+    choices: list[Choice] = []
+    losses: list[float] = []
+    if mode == "sparse":
+        ranks = [0]
+    elif mode == "rank":
+        ranks = list(range(1, min(m.d_out, m.d_in, m.numel // m.lr_unit) + 1))
+        if uni.rank and uni.rank not in ranks:
+            ranks.append(uni.rank)
+    else:
+        ranks = rank_grid(m, uni.rank)
+    if mode == "rank":
+        s2 = torch.linalg.svdvals(A).double() ** 2
+        tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])  # tail[r] = Σ_{i>=r} σ_i^2
+        for r in ranks:
+            choices.append(Choice(None, r))
+            losses.append(float(tail[min(r, len(s2))]))
+    else:
+        rg = max(ranks)
+        if rg > 0:
+            P, s, Qt = torch.linalg.svd(A, full_matrices=False)
+            s2 = s.double() ** 2
+            tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
+        else:
+            tail = torch.tensor([energy], dtype=torch.float64)
+        if nm is not None:
+            for r in ranks:
+                R = A - (P[:, :r] * s[:r]) @ Qt[:r] if r else A
+                keep = nm_mask(R.abs(), *nm)
+                choices.append(Choice(None, r))
+                losses.append(float((R.double()[~keep] ** 2).sum()))
+        else:
+            g = torch.Generator().manual_seed(seed)
+            n_all = m.numel
+            idx = torch.arange(n_all) if n_all <= samples else torch.randperm(n_all, generator=g)[:samples]
+            rows, cols = idx // m.d_in, idx % m.d_in
+            a = A.flatten()[idx]  # [ns]
+            cum = None
+            if rg > 0:
+                cum = ((P[rows, :rg] * s[:rg]) * Qt[:rg, cols].T).cumsum(1)  # [ns, rg]: A_r at the samples
+            ks = keep_grid(m.d_in, points, uni.k_row)
+            ns = idx.numel()
+            kpos = torch.tensor([min(ns, int(round(k / m.d_in * ns))) for k in ks])
+            for r in ranks:
+                R = a - cum[:, r - 1] if r else a
+                e2 = (R.double() ** 2).sort(descending=True).values
+                cs = torch.cat([e2.new_zeros(1), e2.cumsum(0)])
+                tot = float(cs[-1])
+                captured = cs[kpos] / tot if tot > 0 else torch.ones(len(ks), dtype=torch.float64)
+                t = float(tail[min(r, len(tail) - 1)])
+                for k, c in zip(ks, captured.tolist()):
+                    if k == 0 and r == 0:
+                        continue
+                    choices.append(Choice(k, r))
+                    losses.append(t * max(0.0, 1.0 - c))
+    costs = torch.tensor([float(choice_params(m, c, mode, nm)) for c in choices], dtype=torch.float64)
+    loss = torch.tensor(losses, dtype=torch.float64)
+    if normalize == "size":
+        loss = loss / max(energy, 1e-300) * m.numel
+    elif normalize == "relative":
+        loss = loss / max(energy, 1e-300)
+    elif normalize != "absolute":
+        raise SLRError(f"unknown normalize={normalize!r}", "use 'size', 'relative' or 'absolute'")
+    keep = costs <= m.numel  # never pay more than the dense matrix
+    keep_idx = keep.nonzero().flatten().tolist()
+    return [choices[i] for i in keep_idx], costs[keep], loss[keep]
+
+
+def solve_knapsack(costs: list[torch.Tensor], losses: list[torch.Tensor], budget: float,
+                   max_upgrades: int = 100000) -> tuple[list[int], float]:
+    """Multiple-choice knapsack by Lagrangian bisection + greedy leftover upgrades. Returns (choice per item, λ)."""
+    n = len(costs)
+    width = max(len(c) for c in costs)
+    C = torch.full((n, width), math.inf, dtype=torch.float64)
+    L = torch.full((n, width), math.inf, dtype=torch.float64)
+    for i, (c, loss) in enumerate(zip(costs, losses)):
+        C[i, : len(c)] = c
+        L[i, : len(c)] = loss
+    rows = torch.arange(n)
+    min_cost = float(C.min(1).values.sum())
+    if min_cost > budget:
+        raise SLRError(f"even the cheapest candidates need {min_cost:.0f} > {budget:.0f} parameters",
+                       "raise the budget")
+
+    Cz = torch.where(torch.isinf(C), torch.zeros_like(C), C)
+    tie = 1e-12 * Cz / float(Cz.max().clamp_min(1.0))  # ties -> the cheaper candidate
+
+    def pick(lam: float) -> torch.Tensor:
+        return (L + lam * Cz + tie).argmin(1)  # padding has L = inf
+
+    def total(sel: torch.Tensor) -> float:
+        return float(C[rows, sel].sum())
+
+    lo, hi = -60.0, 60.0  # log10 λ
+    sel = pick(0.0)
+    lam = 0.0
+    if total(sel) > budget:
+        if total(pick(10.0 ** hi)) > budget:  # λ not large enough: fall back to the cheapest candidates
+            sel = C.argmin(1)
+        else:
+            for _ in range(200):
+                mid = 0.5 * (lo + hi)
+                if total(pick(10.0 ** mid)) > budget:
+                    lo = mid
+                else:
+                    hi = mid
+            lam = 10.0 ** hi
+            sel = pick(lam)
+    left = budget - total(sel)
+    for _ in range(max_upgrades):
+        cur_c = C[rows, sel][:, None]
+        cur_l = L[rows, sel][:, None]
+        dc = C - cur_c
+        dl = cur_l - L  # loss decrease
+        ok = (dc > 0) & (dc <= left) & (dl > 0) & ~torch.isinf(C)
+        if not bool(ok.any()):
+            break
+        gain = torch.where(ok, dl / dc.clamp_min(1e-300), torch.full_like(dl, -1.0))
+        flat = int(gain.argmax())
+        i, j = divmod(flat, width)
+        left -= float(dc[i, j])
+        sel[i] = j
+    return sel.tolist(), lam
+
+
+def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
+             max_samples: int | None = 32, samples: int = 32768, points: int = 101, normalize: str = "size",
+             norms: dict | None = None, **opts) -> tuple[Plan, dict]:
+    """Knapsack plan. ``norms`` (key -> mean x^2 [d_in]) may be passed to skip the calibration forward pass."""
+    t0 = time.perf_counter()
+    mode = alloc_mode(config, opts)
+    nm = nm_of(config)
+    if mode == "sparse" and nm is not None:
+        raise SLRError("pure N:M pruning has a fixed budget: there is nothing to allocate",
+                       "drop --allocate, or add a rank (S+LR method)")
+    mats = matrices(model)
+    budget = resolve_budget(config, mats, mode)
+    spec = config.layer_spec()
+    if norms is None:
+        norms = input_sq_norms(model, calib, device, max_samples)
+    t1 = time.perf_counter()
+    cands, costs, losses = [], [], []
+    for j, m in enumerate(mats):
+        uni = uniform_choice(m, spec, mode)
+        ch, c, lo = matrix_curve(m, scales(m, norms), mode, nm, uni=uni, samples=samples, points=points,
+                                 normalize=normalize, seed=config.seed + j)
+        cands.append(ch)
+        costs.append(c)
+        losses.append(lo)
+    t2 = time.perf_counter()
+    total = sum(m.numel for m in mats)
+    target = int(budget * total)
+    sel, lam = solve_knapsack(costs, losses, float(target))
+    choices = [cands[i][k] for i, k in enumerate(sel)]
+    proxy = sum(float(losses[i][k]) for i, k in enumerate(sel))
+    choices = fit_budget(mats, choices, target, mode, nm)
+    uniform_proxy = 0.0
+    for m, ch, lo in zip(mats, cands, losses):  # proxy loss of the uniform spec, when it lies on the grid
+        uni = uniform_choice(m, spec, mode)
+        hit = [i for i, c in enumerate(ch) if c.k_row == uni.k_row and c.rank == uni.rank]
+        uniform_proxy = uniform_proxy + float(lo[hit[0]]) if hit and uniform_proxy is not None else None
+    extra = {"proxy": "diag-H low-rank-then-sparse energy", "normalize": normalize, "data_free": norms is None,
+             "lambda": lam, "proxy_loss": proxy, "uniform_proxy_loss": uniform_proxy,
+             "candidates": sum(len(c) for c in cands),
+             "seconds_stats": t1 - t0, "seconds_curves": t2 - t1, "seconds_solve": time.perf_counter() - t2}
+    return finish("knapsack", mats, choices, mode, nm, budget, t0, extra)
