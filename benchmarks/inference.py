@@ -10,7 +10,10 @@ Per (model, strategy), in a fresh subprocess (``--_child``) so that memory figur
   * bytes: the artifact manifest's "bytes" report (compressed layers actual / theory / dense, dense remainder,
     total on disk); for the dense model the fp32 and fp16 sizes of the same (block linear) layers;
   * memory: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the imports, right after load, and after the
-    timing runs (dense-cached builds its dense weights lazily, so its peak shows only in the last one);
+    timing runs (dense-cached builds its dense weights lazily, so its peak shows only in the last one; the
+    dense model's safetensors are memory-mapped, so its weights count only once touched: compare "end" peaks).
+    The parent never imports torch: Linux keeps ru_maxrss across exec(), so a big parent would leak its peak
+    into the children's figures (VmHWM from /proc/self/status is recorded as a cross-check);
   * prefill tokens/s: one forward of ``--prefill`` tokens (batch 1, KV cache on, logits of the last position
     only -- what ``generate`` does for a prompt), after one warm-up forward; best of ``--repeats``;
   * decode tokens/s: ``model.generate(max_new_tokens=D, min_new_tokens=D, do_sample=False)`` from a
@@ -51,10 +54,15 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _rss_mib() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / MIB
+def _status_mib(key: str) -> float | None:
+    """A /proc/self/status figure (VmRSS = now, VmHWM = peak of this exec'd image) in MiB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _load_tokenizer(folder: Path):
@@ -147,12 +155,13 @@ def measure(target: dict, strategy: str | None, ids, *, prefill: int = 512, deco
                  "model": str(target["path"]), "strategy": strategy if target["kind"] == "artifact" else "dense",
                  "threads": torch.get_num_threads(), "prefill_tokens": prefill, "decode_tokens": decode,
                  "decode_prompt_tokens": decode_prompt, "repeats": repeats, "dtype": "float32"}
-    rec["peak_rss_baseline_mib"] = _peak_rss_mib()
+    rec["peak_rss_baseline_mib"] = _peak_rss_mib()  # after importing torch
     t = time.perf_counter()
     model, _tok, info = _load(target, strategy)
     rec["load_s"] = time.perf_counter() - t
     rec["peak_rss_load_mib"] = _peak_rss_mib()
-    rec["rss_load_mib"] = _rss_mib()
+    rec["rss_load_mib"] = _status_mib("VmRSS")
+    rec["vmhwm_load_mib"] = _status_mib("VmHWM")
     rec["model_mem_mib"] = _model_bytes(model) / MIB
     rec.update({k: v for k, v in info.items() if k != "path"})
     if target["kind"] == "artifact":
@@ -194,7 +203,8 @@ def measure(target: dict, strategy: str | None, ids, *, prefill: int = 512, deco
         "prefill_tok_s_median": prefill / statistics.median(pre),
         "decode_s": min(dec), "decode_s_all": dec, "decode_tok_s": decode / min(dec),
         "decode_tok_s_median": decode / statistics.median(dec),
-        "peak_rss_end_mib": _peak_rss_mib(), "rss_end_mib": _rss_mib(),
+        "peak_rss_end_mib": _peak_rss_mib(), "rss_end_mib": _status_mib("VmRSS"),
+        "vmhwm_end_mib": _status_mib("VmHWM"),
     })
     return rec
 
@@ -204,12 +214,43 @@ def _child_main(spec_file: str, out_file: str) -> None:
     ids = json.loads(Path(spec["ids_file"]).read_text())
     rec = measure(spec["target"], spec["strategy"], ids, prefill=spec["prefill"], decode=spec["decode"],
                   decode_prompt=spec["decode_prompt"], repeats=spec["repeats"], threads=spec["threads"])
+    rec["machine"] = spec["machine"] or machine_info(spec["threads"])
     Path(out_file).write_text(json.dumps(rec, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------------
 # parent: inputs, children, reports
 # ---------------------------------------------------------------------------------------------------
+def _git_commit() -> str | None:
+    from slr.api import git_commit
+
+    return git_commit()
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+    import transformers
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    return {"cpu_count": os.cpu_count(), "cpu_affinity": affinity, "cpu": _cpu_name(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": threads, "git_commit": _git_commit(), "loadavg_start": list(os.getloadavg()),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def _tokenizer_folder(target: dict) -> Path:
     if target["kind"] == "artifact":
         return Path(target["path"])
@@ -226,76 +267,65 @@ def _tokenizer_key(folder: Path) -> str:
     return h.hexdigest()
 
 
-def input_ids(target: dict, n: int, cache: dict, tmp: Path) -> Path:
-    """File with the first n Wikipedia-test token ids under this target's tokenizer (one file per tokenizer)."""
-    folder = _tokenizer_folder(target)
-    key = _tokenizer_key(folder)
-    if key not in cache:
-        from slr.data.calib import tokenize_text
-        from slr.data.corpora import wiki_text
+def _prep_main(spec_file: str, out_file: str) -> None:
+    """Child: machine info + one ids file per distinct tokenizer (first n Wikipedia-test token ids)."""
+    spec = json.loads(Path(spec_file).read_text())
+    n, tmp = spec["n_ids"], Path(spec["tmp"])
+    files, by_key = [], {}
+    for target in spec["targets"]:
+        folder = _tokenizer_folder(target)
+        key = _tokenizer_key(folder)
+        if key not in by_key:
+            from slr.data.calib import tokenize_text
+            from slr.data.corpora import wiki_text
 
-        tok = _load_tokenizer(folder)
-        if tok is None:
-            raise SystemExit(f"{folder} has no tokenizer files: pass --ids-file")
-        ids = tokenize_text(tok, wiki_text("test"))[:n].tolist()
-        if len(ids) < n:
-            raise SystemExit(f"the Wikipedia test split has only {len(ids)} tokens, {n} needed")
-        f = tmp / f"ids-{len(cache)}.json"
-        f.write_text(json.dumps(ids))
-        cache[key] = f
-    return cache[key]
+            tok = _load_tokenizer(folder)
+            if tok is None:
+                raise SystemExit(f"{folder} has no tokenizer files: pass --ids-file")
+            ids = tokenize_text(tok, wiki_text("test"))[:n].tolist()
+            if len(ids) < n:
+                raise SystemExit(f"the Wikipedia test split has only {len(ids)} tokens, {n} needed")
+            by_key[key] = str(tmp / f"ids-{len(by_key)}.json")
+            Path(by_key[key]).write_text(json.dumps(ids))
+        files.append(by_key[key])
+    Path(out_file).write_text(json.dumps({"machine": machine_info(spec["threads"]), "ids_files": files}))
 
 
-def run_child(target: dict, strategy: str | None, ids_file: Path, args, tmp: Path) -> dict:
-    spec = {"target": target, "strategy": strategy, "ids_file": str(ids_file), "prefill": args.prefill,
-            "decode": args.decode, "decode_prompt": args.decode_prompt, "repeats": args.repeats,
-            "threads": args.threads}
+def _spawn(flag: str, spec: dict, tmp: Path, threads: int, timeout: float) -> tuple[dict | None, str | None]:
+    """Run this script with ``flag SPEC --_out OUT`` in a fresh process -> (output JSON or None, error or None).
+
+    The parent never imports torch: on Linux ru_maxrss survives exec(), so a child spawned by a big parent
+    would start with the parent's peak.
+    """
     fd, spec_file = tempfile.mkstemp(suffix=".json", dir=tmp)
     os.close(fd)
     Path(spec_file).write_text(json.dumps(spec))
     out_file = spec_file[:-5] + ".out.json"
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    t = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child", spec_file, "--_out", out_file],
-                           capture_output=True, text=True, env=env, timeout=args.child_timeout)
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), flag, spec_file, "--_out", out_file],
+                           capture_output=True, text=True, env=env, timeout=timeout)
         err = None if p.returncode == 0 else (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
     except subprocess.TimeoutExpired:
-        err = f"timed out after {args.child_timeout} s"
-    if err is None and Path(out_file).is_file():
-        rec = json.loads(Path(out_file).read_text())
-    else:
+        err = f"timed out after {timeout} s"
+    if err is None and not Path(out_file).is_file():
+        err = "no output"
+    return (json.loads(Path(out_file).read_text()) if err is None else None), err
+
+
+def run_child(target: dict, strategy: str | None, ids_file: str, args, tmp: Path, machine: dict | None) -> dict:
+    """One measurement in a fresh process (``machine``: None = the child records it)."""
+    spec = {"target": target, "strategy": strategy, "ids_file": ids_file, "prefill": args.prefill,
+            "decode": args.decode, "decode_prompt": args.decode_prompt, "repeats": args.repeats,
+            "threads": args.threads, "machine": machine}
+    t = time.perf_counter()
+    rec, err = _spawn("--_child", spec, tmp, args.threads, args.child_timeout)
+    if rec is None:
         rec = {"label": target["label"], "kind": target["kind"], "model": target["path"],
-               "strategy": strategy if target["kind"] == "artifact" else "dense", "error": err or "no output"}
+               "strategy": strategy if target["kind"] == "artifact" else "dense", "error": err}
     rec["child_wall_s"] = round(time.perf_counter() - t, 1)
     return rec
-
-
-def machine_info(args) -> dict:
-    import torch
-    import transformers
-
-    from slr.api import git_commit
-
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    return {"cpu_count": os.cpu_count(), "cpu_affinity": affinity, "cpu": _cpu_name(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": args.threads, "git_commit": git_commit(), "loadavg_start": list(os.getloadavg()),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _f(x, fmt: str = ".2f", none: str = "--") -> str:
@@ -318,13 +348,16 @@ def add_ratios(records: list[dict]) -> None:
 
 
 def markdown(records: list[dict], machine: dict, args) -> str:
+    def m(k):
+        return machine.get(k, "?")
+
     lines = [
         "# Inference benchmark (CPU)",
         "",
-        f"Generated by `python benchmarks/inference.py` ({machine['date']}, commit {machine['git_commit']}). "
-        f"{machine['cpu']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, {args.threads} thread(s), fp32 "
-        f"compute, batch 1; load average at start {machine['loadavg_start'][0]:.2f}. Prefill: one "
-        f"{args.prefill}-token forward (KV cache on, last-position logits). Decode: greedy generate of "
+        f"Generated by `python benchmarks/inference.py` ({m('date')}, commit {m('git_commit')}). "
+        f"{m('cpu')}, {m('cpu_count')} CPUs, torch {m('torch')}, {args.threads} thread(s), fp32 "
+        f"compute, batch 1; 1-min load average at start {_f((machine.get('loadavg_start') or [None])[0])}. "
+        f"Prefill: one {args.prefill}-token forward (KV cache on, last-position logits). Decode: greedy generate of "
         f"{args.decode} tokens from a {args.decode_prompt}-token prompt (KV cache), whole-call wall time. "
         f"Best of {args.repeats} after a warm-up; every row runs in a fresh process. Bytes: compressed layers "
         "on disk (dense rows: the same layers in fp32); theory = values + packed index + factors; "
@@ -426,6 +459,7 @@ def parse_args(argv=None):
     ap.add_argument("--out-json", default=str(HERE / "inference.json"))
     ap.add_argument("--out-md", default=str(HERE / "inference.md"))
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_prep", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     ap.set_defaults(artifacts=[])
     args = ap.parse_args(argv)
@@ -445,6 +479,9 @@ def main(argv=None) -> list[dict]:
     if args._child:
         _child_main(args._child, args._out)
         return []
+    if args._prep:
+        _prep_main(args._prep, args._out)
+        return []
     targets = []
     if args.dense and args.dense.lower() != "none":
         targets.append({"kind": "dense", "path": args.dense, "label": args.dense_label or args.dense})
@@ -454,24 +491,26 @@ def main(argv=None) -> list[dict]:
     for t in targets:
         if t["kind"] == "artifact" and not (Path(t["path"]) / "slr_config.json").is_file():
             raise SystemExit(f"{t['path']} is not an slr artifact (no slr_config.json)")
-    machine = machine_info(args)
     n_ids = max(args.prefill, args.decode_prompt)
     records = []
     with tempfile.TemporaryDirectory(prefix="slr-inference-") as tmpd:
         tmp = Path(tmpd)
-        ids_cache: dict = {}
-        fixed = None
-        if args.ids_file:
+        if args.ids_file:  # no tokenizer needed: each child records the machine itself
             ids = json.loads(Path(args.ids_file).read_text())
             if len(ids) < n_ids:
                 raise SystemExit(f"--ids-file has {len(ids)} ids, {n_ids} needed")
-            fixed = tmp / "ids.json"
-            fixed.write_text(json.dumps(ids[:n_ids]))
-        for t in targets:
-            ids_file = fixed or input_ids(t, n_ids, ids_cache, tmp)
+            Path(tmp / "ids.json").write_text(json.dumps(ids[:n_ids]))
+            machine, ids_files = None, [str(tmp / "ids.json")] * len(targets)
+        else:
+            prep, err = _spawn("--_prep", {"targets": targets, "n_ids": n_ids, "tmp": str(tmp),
+                                           "threads": args.threads}, tmp, args.threads, args.child_timeout)
+            if prep is None:
+                raise SystemExit(f"preparing the inputs failed: {err}")
+            machine, ids_files = prep["machine"], prep["ids_files"]
+        for t, ids_t in zip(targets, ids_files, strict=True):
             for s in (args.strategies if t["kind"] == "artifact" else [None]):
-                rec = run_child(t, s, ids_file, args, tmp)
-                rec["machine"] = machine
+                rec = run_child(t, s, ids_t, args, tmp, machine)
+                rec.setdefault("machine", machine)
                 records.append(rec)
                 msg = rec.get("error") or (f"prefill {rec['prefill_tok_s']:.1f} tok/s, decode "
                                            f"{rec['decode_tok_s']:.2f} tok/s, peak RSS {rec['peak_rss_load_mib']:.0f}"
@@ -480,6 +519,7 @@ def main(argv=None) -> list[dict]:
     add_ratios(records)
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(records, indent=1) + "\n")
+    machine = next((r["machine"] for r in records if r.get("machine")), None) or {}
     Path(args.out_md).write_text(markdown(records, machine, args))
     print(f"wrote {args.out_json} and {args.out_md}")
     return records

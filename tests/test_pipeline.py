@@ -263,11 +263,11 @@ def test_next_block_sees_compressed_outputs(family):
     hook = _block_input_recorder(ad.blocks(model)[1], seen)
     compress_(model, CompressConfig(method="wanda", sparsity=0.5), calib, batch_size=4, progress=False)
     hook.remove()
-    # block 1 ran: once during capture (dense model, one full forward per batch size), then on the calibration
-    # batches for its H, then again to propagate; the last two rounds must be the *compressed* block 0's outputs
-    assert len(seen) == 1 + 2 + 2
-    got = torch.cat(seen[1:3])
-    torch.testing.assert_close(torch.cat(seen[3:5]), got, rtol=0, atol=0)
+    # block 1 ran on the two calibration batches for its H, then again to propagate them (before that, capture may
+    # have run the dense model once per batch size); both rounds must see the *compressed* block 0's outputs
+    assert len(seen) >= 4
+    got = torch.cat(seen[-4:-2])
+    torch.testing.assert_close(torch.cat(seen[-2:]), got, rtol=0, atol=0)
 
     def block1_inputs(m):
         store: list[torch.Tensor] = []

@@ -212,10 +212,10 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
         refine = make_refiner(TMConfig(epochs=config.tm_epochs), device=device)
     plan = None
     t = time.perf_counter()
-    if config.allocate != "uniform":
+    if config.allocate != "uniform" or config.budget is not None:
         from .allocate import make_plan
 
-        plan, alloc_info = make_plan(model, config, calib, device=device)
+        plan, alloc_info = make_plan(model, config, calib, device=device, **config.alloc_opts)
         results["allocation"] = alloc_info
     times["allocate"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--values-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     c.add_argument("--factor-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward [default: 8]")
+    c.add_argument("--allocate", default="uniform", choices=["uniform", "owl", "cap", "knapsack"],
+                   help="how the global budget is split over matrices [default: uniform]")
+    c.add_argument("--budget", type=float, default=None,
+                   help="global retained fraction in (0, 1) (PROTOCOL §5); default: that of the uniform spec")
+    c.add_argument("--refine", default=None, choices=["tm"], help="tm = transformer matching per block")
+    c.add_argument("--tm-epochs", type=int, default=20, help="transformer-matching epochs [default: 20]")
+    c.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="allocator option, e.g. --alloc-opt pools=whitened (repeatable)")
     c.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="solver option, e.g. --opt max_iters=300 (repeatable)")
     _device(c)
@@ -128,7 +136,9 @@ def cmd_compress(a) -> int:
     if a.sparsity is None and a.pattern is None and a.rank == 0:
         a.sparsity = 0.5
     cfg = CompressConfig(method=a.method, sparsity=a.sparsity, pattern=a.pattern, rank=a.rank,
-                         calib_samples=a.calib_samples, seed=a.seed, solver_opts=_opts(a.opt))
+                         calib_samples=a.calib_samples, seed=a.seed, solver_opts=_opts(a.opt),
+                         allocate=a.allocate, budget=a.budget, refine=a.refine, tm_epochs=a.tm_epochs,
+                         alloc_opts=_opts(a.alloc_opt))
     if a.sparsity is None and a.pattern is None:
         cfg.sparsity = 1.0  # rank only: no sparse part
     from .solvers import get_solver

@@ -88,6 +88,7 @@ class CompressConfig:
     refine: str | None = None
     tm_epochs: int = 20
     solver_opts: dict = field(default_factory=dict)
+    alloc_opts: dict = field(default_factory=dict)
 
     def layer_spec(self) -> LayerSpec:
         nm = parse_nm(self.pattern)

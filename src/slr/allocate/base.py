@@ -268,7 +268,7 @@ def plan_fraction(plan: Plan, mats: list[Matrix]) -> float:
 
 
 @torch.no_grad()
-def input_sq_norms(model: nn.Module, calib: torch.Tensor | None, device="cpu", max_samples: int | None = 32,
+def input_sq_norms(model: nn.Module, calib: torch.Tensor | None, device="cpu", max_samples: int | None = 16,
                    batch_size: int = 4) -> dict[str, torch.Tensor] | None:
     """Per-linear mean squared input activation, diag(X^T X) / n_tokens [d_in] (float64, cpu), dense model.
 

@@ -202,7 +202,7 @@ class _Loss:
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
              pools: str = "rpca", iterations: int = 3, samples: int = 4, lr: float = 0.05, baseline_window: int = 5,
              chunks: int = 100, init_temp: float = 2.0, windows: int = 8, batch_size: int = 4, rpca_iters: int = 5,
-             max_samples: int | None = 32, norms: dict | None = None, **opts) -> tuple[Plan, dict]:
+             max_samples: int | None = 16, norms: dict | None = None, **opts) -> tuple[Plan, dict]:
     """CAP plan (see the module docstring). ``samples`` = masks drawn per policy-gradient iteration."""
     t0 = time.perf_counter()
     if pools not in ("rpca", "whitened"):
@@ -295,6 +295,8 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
         rank = int(kd.sum())
         entries = int(p.sizes[kc].sum()) if kc.numel() else 0
         k_row = None if mode == "rank" else min(m.d_in, int(round(entries / m.d_out)))
+        if rank == 0 and not k_row:  # never drop a whole matrix: keep one row-unit (or rank 1)
+            rank, k_row = (1, k_row) if mode == "rank" else (0, 1)
         choices.append(Choice(k_row, rank))
     nm = None
     choices = fit_budget(mats, choices, int(K), mode, nm)

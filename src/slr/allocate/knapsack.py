@@ -38,10 +38,11 @@ import time
 import torch
 from torch import nn
 
-from ..config import CompressConfig
+from ..config import CompressConfig, keep_per_row
 from ..errors import SLRError
 from ..plan import Plan
 from ..solvers.masks import nm_mask
+from . import uniform
 from .base import (
     Choice,
     Matrix,
@@ -54,14 +55,13 @@ from .base import (
     nm_of,
     resolve_budget,
     scales,
-    uniform_choice,
 )
 
-RANK_FRACS = (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0)
+RANK_FRACS = (1 / 64, 1 / 32, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2)
 
 
 def rank_grid(m: Matrix, extra: int = 0) -> list[int]:
-    """0 and fractions of the largest useful rank (whose factors cost no more than the dense matrix)."""
+    """0 and fractions (up to 1/2) of the largest useful rank r_max = m n / (m + n) (factors as costly as W)."""
     rmax = min(m.d_out, m.d_in, m.numel // m.lr_unit)
     grid = {0} | {max(1, int(round(f * rmax))) for f in RANK_FRACS}
     if 0 < extra <= rmax:
@@ -77,7 +77,7 @@ def keep_grid(d_in: int, points: int, extra: int | None = None) -> list[int]:
 
 
 def matrix_curve(m: Matrix, d: torch.Tensor | None, mode: str, nm: tuple[int, int] | None, *, uni: Choice,
-                 samples: int = 32768, points: int = 101, normalize: str = "size",
+                 samples: int = 16384, points: int = 101, normalize: str = "size",
                  seed: int = 0) -> tuple[list[Choice], torch.Tensor, torch.Tensor]:
     """Candidates (choices, costs [C] float64, proxy losses [C] float64) of one matrix."""
     W = m.weight.detach().float().cpu()
@@ -208,7 +208,7 @@ def solve_knapsack(costs: list[torch.Tensor], losses: list[torch.Tensor], budget
 
 
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
-             max_samples: int | None = 32, samples: int = 32768, points: int = 101, normalize: str = "size",
+             max_samples: int | None = 16, samples: int = 16384, points: int = 101, normalize: str = "size",
              norms: dict | None = None, **opts) -> tuple[Plan, dict]:
     """Knapsack plan. ``norms`` (key -> mean x^2 [d_in]) may be passed to skip the calibration forward pass."""
     t0 = time.perf_counter()
@@ -219,13 +219,17 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
                        "drop --allocate, or add a rank (S+LR method)")
     mats = matrices(model)
     budget = resolve_budget(config, mats, mode)
-    spec = config.layer_spec()
     if norms is None:
         norms = input_sq_norms(model, calib, device, max_samples)
     t1 = time.perf_counter()
+    # the uniform plan at the same budget is put on every grid, so its proxy loss can be reported for comparison
+    uplan, _ = uniform.allocate(model, config, calib, device, **({"mode": opts["mode"]} if "mode" in opts else {}))
+    unis = []
+    for m in mats:
+        us = uplan.get(m.block, m.name)
+        unis.append(Choice(None if (mode == "rank" or nm is not None) else keep_per_row(m.d_in, us.sparsity), us.rank))
     cands, costs, losses = [], [], []
-    for j, m in enumerate(mats):
-        uni = uniform_choice(m, spec, mode)
+    for j, (m, uni) in enumerate(zip(mats, unis)):
         ch, c, lo = matrix_curve(m, scales(m, norms), mode, nm, uni=uni, samples=samples, points=points,
                                  normalize=normalize, seed=config.seed + j)
         cands.append(ch)
@@ -239,8 +243,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     proxy = sum(float(losses[i][k]) for i, k in enumerate(sel))
     choices = fit_budget(mats, choices, target, mode, nm)
     uniform_proxy = 0.0
-    for m, ch, lo in zip(mats, cands, losses):  # proxy loss of the uniform spec, when it lies on the grid
-        uni = uniform_choice(m, spec, mode)
+    for uni, ch, lo in zip(unis, cands, losses):
         hit = [i for i, c in enumerate(ch) if c.k_row == uni.k_row and c.rank == uni.rank]
         uniform_proxy = uniform_proxy + float(lo[hit[0]]) if hit and uniform_proxy is not None else None
     extra = {"proxy": "diag-H low-rank-then-sparse energy", "normalize": normalize, "data_free": norms is None,

@@ -67,7 +67,7 @@ def center(offsets: torch.Tensor, sizes: torch.Tensor, mean_density: float) -> t
 
 
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *, M: float = 5.0,
-             lam: float = 0.08, max_samples: int | None = 32, norms: dict | None = None, **opts) -> tuple[Plan, dict]:
+             lam: float = 0.08, max_samples: int | None = 16, norms: dict | None = None, **opts) -> tuple[Plan, dict]:
     """OWL plan. ``norms`` (key -> mean x^2 [d_in]) may be passed to skip the calibration forward pass."""
     t0 = time.perf_counter()
     mode = alloc_mode(config, opts)

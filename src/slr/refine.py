@@ -1,0 +1,316 @@
+"""Transformer matching (TM, 3BASiL; methods.md §3.3): fit a compressed block to its dense outputs.
+
+After a block's linears are replaced, minimise Σ ||block_c(x) - target||^2 over the block's parameters, where x are
+the compressed-path inputs of the block and target = dense_block(x) (the "memory-efficient" targets: no second
+activation cache). Trained: SLRLinear ``values`` (the support is fixed by construction), ``U``, ``V`` / shared
+``V``, biases, norm weights and any plain nn.Linear weight. A plain nn.Linear pruned in place (pure pruning with
+materialize="dense") keeps its zeros: its gradient is multiplied by (W != 0) and the weight is re-masked after every
+step (the released code forgot this for non-LoRA layers).
+
+Schedule: epoch 0 only measures the loss (the reference), then epochs 1..E-1 take Adam steps with a cosine schedule
+from lr to lr * final_lr_frac over all steps. A step sees ``batch_size`` windows: the pipeline's batches are split
+into chunks of at most ``batch_size`` windows (kwargs depend on the batch size: the ones recorded for that size,
+else the batch's kwargs sliced along the batch dimension) and gradients are accumulated over smaller batches.
+Training runs in fp32 (a lower-precision block is cast to fp32 and back).
+The parameters with the lowest loss are kept: the loss of epoch e (measured on the fly, before each step) is
+attributed to the snapshot taken at its start, the final parameters are evaluated exactly, and when TM did not
+improve on the reference the original parameters are restored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import SLRError
+from .nn import SharedProjection, SLRLinear
+from .pipeline import BlockInputs
+
+
+@dataclass
+class TMConfig:
+    """lr 2e-5 cosine to lr * final_lr_frac over ``epochs`` (epoch 0 measures only), ``batch_size`` windows a step."""
+
+    lr: float = 2e-5
+    final_lr_frac: float = 0.2
+    epochs: int = 20
+    batch_size: int = 8
+    train_norms: bool = True
+    train_biases: bool = True
+    max_samples: int | None = None
+    progress: bool = True
+
+
+def _trainable(block: nn.Module, cfg: TMConfig) -> tuple[list[nn.Parameter], list[tuple[nn.Parameter, torch.Tensor]]]:
+    """(parameters to train, [(plain Linear weight, keep mask)] for in-place pruned linears)."""
+    params: dict[int, nn.Parameter] = {}
+    masks: list[tuple[nn.Parameter, torch.Tensor]] = []
+    handled: set[int] = set()
+    for mod in block.modules():
+        if isinstance(mod, SLRLinear):
+            for p in (mod.values, mod.U, mod.V):
+                if p is not None:
+                    params[id(p)] = p
+            if mod.bias is not None and cfg.train_biases:
+                params[id(mod.bias)] = mod.bias
+            handled.update(id(p) for p in mod.parameters(recurse=False))
+        elif isinstance(mod, SharedProjection):
+            params[id(mod.V)] = mod.V
+            handled.add(id(mod.V))
+        elif isinstance(mod, nn.Linear):
+            params[id(mod.weight)] = mod.weight
+            keep = mod.weight.detach() != 0
+            if not bool(keep.all()):
+                masks.append((mod.weight, keep))
+            if mod.bias is not None and cfg.train_biases:
+                params[id(mod.bias)] = mod.bias
+            handled.update(id(p) for p in mod.parameters(recurse=False))
+    for name, p in block.named_parameters():
+        if id(p) in handled or id(p) in params:
+            continue
+        is_bias = name.endswith("bias")
+        if (is_bias and cfg.train_biases) or (not is_bias and cfg.train_norms):
+            params[id(p)] = p  # norms (RMSNorm / LayerNorm weights and biases) and anything else in the block
+    return list(params.values()), masks
+
+
+def _cast(obj, dtype: torch.dtype):
+    """Cast floating tensors inside (nested) tuples / lists / dicts to ``dtype``."""
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_cast(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _slice_kw(obj, b: int, s: slice):
+    """Slice the batch dimension of kwargs tensors (ndim >= 2 with leading size b); anything else is kept."""
+    if torch.is_tensor(obj):
+        return obj[s] if obj.dim() >= 2 and obj.shape[0] == b else obj
+    if isinstance(obj, tuple):
+        return tuple(_slice_kw(o, b, s) for o in obj)
+    if isinstance(obj, list):
+        return [_slice_kw(o, b, s) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _slice_kw(v, b, s) for k, v in obj.items()}
+    return obj
+
+
+def _normal(obj):
+    """Clone inference-mode tensors (they cannot be saved for backward) inside nested containers."""
+    if torch.is_tensor(obj):
+        return obj.clone() if obj.is_inference() else obj
+    if isinstance(obj, tuple | list):
+        return type(obj)(_normal(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _normal(v) for k, v in obj.items()}
+    return obj
+
+
+def _kw(inputs: BlockInputs, index: int, x: torch.Tensor, s: slice) -> dict:
+    """kwargs for rows ``s`` of batch ``x``: recorded ones for that batch size, else the batch's kwargs sliced."""
+    n = len(range(*s.indices(x.shape[0])))
+    if (index, n) in inputs.kwargs:
+        return inputs.kwargs[(index, n)]
+    return _slice_kw(inputs.kw(index, x), x.shape[0], s)
+
+
+def _batches(inputs: BlockInputs, index: int, targets: list[torch.Tensor], cfg: TMConfig):
+    """[(x, target, kwargs)] chunks of at most cfg.batch_size windows (first cfg.max_samples windows)."""
+    out = []
+    seen = 0
+    for x, y in zip(inputs.hidden, targets):
+        n = x.shape[0]
+        if cfg.max_samples is not None:
+            n = min(n, cfg.max_samples - seen)
+            if n <= 0:
+                break
+        seen += n
+        for s in range(0, n, cfg.batch_size):
+            sl = slice(s, min(n, s + cfg.batch_size))
+            out.append((x[sl], y[sl], _kw(inputs, index, x, sl)))
+    return out
+
+
+def _steps(chunks, batch_size: int) -> list[list[int]]:
+    """Group chunk indices into optimizer steps of at least ``batch_size`` windows (the last may be smaller)."""
+    steps, cur, n = [], [], 0
+    for i, (x, _, _) in enumerate(chunks):
+        cur.append(i)
+        n += x.shape[0]
+        if n >= batch_size:
+            steps.append(cur)
+            cur, n = [], 0
+    if cur:
+        steps.append(cur)
+    return steps
+
+
+def _forward(block, x, kw, dtype):
+    if dtype is not None:
+        kw = _cast(kw, dtype)
+        x = x.to(dtype)
+    out = block(x, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _eval_loss(block, chunks, dtype) -> float:
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for x, y, kw in chunks:
+            tot += float(((_forward(block, x, kw, dtype).float() - y.float()) ** 2).sum())
+            n += y.numel()
+    return tot / max(n, 1)
+
+
+def transformer_match_(block: nn.Module, index: int, inputs: BlockInputs, targets: list[torch.Tensor],
+                       cfg: TMConfig | None = None, device=None) -> dict:
+    """Fit ``block`` (in place) to ``targets`` on ``inputs.hidden``; returns loss_before/after (MSE), steps, seconds.
+
+    Runs with gradients enabled even when called under torch.no_grad().
+    """
+    cfg = cfg or TMConfig()
+    t0 = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        return _match(block, index, inputs, targets, cfg, device, t0)
+
+
+def _match(block, index, inputs, targets, cfg, device, t0) -> dict:
+    params, masks = _trainable(block, cfg)
+    dev = next(iter(params)).device if params else torch.device(device or "cpu")
+    chunks = []
+    for x, y, kw in _batches(inputs, index, targets, cfg):
+        chunks.append((_normal(x.to(dev)), _normal(y.to(dev)), _normal(kw)))
+    stats = {"block": index, "loss_before": float("nan"), "loss_after": float("nan"), "steps": 0, "seconds": 0.0,
+             "restored": False, "params": sum(p.numel() for p in params), "windows": sum(c[0].shape[0] for c in chunks)}
+    if not params or not chunks or cfg.epochs < 1:
+        stats["seconds"] = time.perf_counter() - t0
+        return stats
+    if any(p.is_inference() for p in block.parameters()):
+        raise SLRError("transformer matching cannot train parameters created under torch.inference_mode()",
+                       "run compress_ outside inference_mode (torch.no_grad() is fine)")
+    orig_dtype = params[0].dtype
+    cast = None
+    if orig_dtype != torch.float32:
+        block.float()
+        cast = torch.float32
+    every = list(block.parameters())
+    flags = [p.requires_grad for p in every]
+    train_ids = {id(p) for p in params}
+    original = [p.detach().clone() for p in params]
+    try:
+        for p in every:  # frozen parameters get no gradients at all
+            p.requires_grad_(id(p) in train_ids)
+        stats.update(_train(block, index, chunks, params, masks, cfg, cast, original))
+    finally:
+        for p, f in zip(every, flags):
+            p.requires_grad_(f)
+            p.grad = None
+        if cast is not None:
+            block.to(orig_dtype)
+        for mod in block.modules():
+            if isinstance(mod, SLRLinear | SharedProjection):
+                mod.clear_cache()
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def _train(block, index, chunks, params, masks, cfg, cast, original) -> dict:
+    steps = _steps(chunks, cfg.batch_size)
+    total_steps = max(1, (cfg.epochs - 1) * len(steps))
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.lr * cfg.final_lr_frac)
+    n_elem = sum(c[1].numel() for c in chunks)
+    best = (math.inf, None, -1)  # (epoch loss, snapshot, epoch)
+    loss_before = math.nan
+    history = []
+    done = 0
+    bar = tqdm(range(cfg.epochs), desc=f"TM block {index}", leave=False, position=1, disable=not cfg.progress)
+    for epoch in bar:
+        snapshot = [p.detach().clone() for p in params] if epoch > 0 else None
+        tot = 0.0
+        for step in steps:
+            windows = sum(chunks[i][0].shape[0] for i in step)
+            if epoch == 0:
+                with torch.no_grad():
+                    for i in step:
+                        x, y, kw = chunks[i]
+                        tot += float(((_forward(block, x, kw, cast).float() - y.float()) ** 2).sum())
+                continue
+            opt.zero_grad(set_to_none=True)
+            for i in step:
+                x, y, kw = chunks[i]
+                err = (_forward(block, x, kw, cast).float() - y.float()) ** 2
+                tot += float(err.detach().sum())
+                (err.mean() * (x.shape[0] / windows)).backward()
+            for w, keep in masks:
+                if w.grad is not None:
+                    w.grad.mul_(keep)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                for w, keep in masks:
+                    w.mul_(keep)
+            done += 1
+        loss = tot / n_elem
+        history.append(loss)
+        if epoch == 0:
+            loss_before = loss
+        elif loss < best[0]:
+            best = (loss, snapshot, epoch)
+        bar.set_postfix(loss=f"{loss:.3e}", ref=f"{loss_before:.3e}")
+    bar.close()
+    final = _eval_loss(block, chunks, cast)
+    restored, kept_epoch = False, cfg.epochs
+    if best[1] is not None and best[0] < final:  # an earlier snapshot looks better (by its epoch-loss estimate)
+        last = [p.detach().clone() for p in params]
+        _load(params, best[1], masks)
+        alt = _eval_loss(block, chunks, cast)
+        if alt < final:
+            final, kept_epoch = alt, best[2]
+        else:
+            _load(params, last, masks)
+    if not final < loss_before:  # TM did not help: restore the original parameters
+        _load(params, original, masks)
+        final, restored, kept_epoch = loss_before, True, 0
+    return {"loss_before": loss_before, "loss_after": final, "steps": done, "restored": restored,
+            "kept_epoch": kept_epoch, "epoch_losses": history}
+
+
+def _load(params, values, masks) -> None:
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+        for w, keep in masks:
+            w.mul_(keep)
+
+
+class Refiner:
+    """callable(block, index, inputs, targets) for ``compress_(refine=...)``; per-block stats in ``.stats``."""
+
+    def __init__(self, cfg: TMConfig, device=None):
+        self.cfg = cfg
+        self.device = device
+        self.stats: list[dict] = []
+
+    def __call__(self, block: nn.Module, index: int, inputs: BlockInputs, targets: list[torch.Tensor]) -> dict:
+        s = transformer_match_(block, index, inputs, targets, self.cfg, self.device)
+        self.stats.append(s)
+        return s
+
+
+def make_refiner(cfg: TMConfig | None = None, device=None) -> Callable:
+    return Refiner(cfg or TMConfig(), device)
+
+
+__all__ = ["Refiner", "TMConfig", "make_refiner", "transformer_match_"]
