@@ -447,7 +447,7 @@ def parse_args(argv=None):
     ap.add_argument("--dense", default="smollm2-135m", help="dense model (default name or HF folder); 'none' skips")
     ap.add_argument("--dense-label", default=None)
     ap.add_argument("--artifact", action=_ArtifactAction, dest="artifact_", metavar="DIR", help="repeatable")
-    ap.add_argument("--label", action=_LabelAction, dest="label_", help="label of the preceding --artifact")
+    ap.add_argument("--label", action=_LabelAction, dest="label_", metavar="LABEL", help="names the last --artifact")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
