@@ -40,15 +40,29 @@ def run_one(model: str, method: str, config_id: str, calib_samples: int, windows
     cfg = CompressConfig(method=method, calib_samples=calib_samples, **CONFIGS[config_id])
     t = time.perf_counter()
     run = run_compress(model, cfg, windows=str(windows), save=False, progress=False)
-    r = run.results
+    return record(run.results, config_id, time.perf_counter() - t)
+
+
+def config_id_of(cfg: dict) -> str | None:
+    for cid, c in CONFIGS.items():
+        if (cfg.get("sparsity") if c["pattern"] is None else None) == c["sparsity"] and \
+                cfg.get("pattern") == c["pattern"] and cfg.get("rank") == c["rank"]:
+            return cid
+    return None
+
+
+def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
+    """One results.jsonl record from a results.json dict (as written by `slr compress`)."""
+    calib_samples = r["calibration"]["samples"]
     return {
-        "model": r["model"], "method": method, "config": config_id, "allocate": "uniform", "refine": None,
+        "model": r["model"], "method": r["method"], "config": config_id or r["spec"],
+        "allocate": r["config"].get("allocate", "uniform"), "refine": r["config"].get("refine"),
         "retained_fraction": round(r["retained_fraction"], 6), "ppl": r["ppl"]["ppl"],
         "ppl_windows": r["ppl"]["windows"], "ppl_text": r["ppl"]["text"], "dense_ppl": r["dense_ppl"]["ppl"],
         "mean_rel_error": r["mean_rel_error"], "calib_samples": calib_samples,
         "compress_s": round(r["seconds"]["compress"], 1), "eval_s": round(r["seconds"]["eval"], 1),
         "stage_s": {k: round(v, 1) for k, v in r["seconds"].items() if k.startswith("compress.")},
-        "wall_s": round(time.perf_counter() - t, 1), "git_commit": r["git_commit"], "seed": r["seed"],
+        "wall_s": round(wall_s, 1) if wall_s else None, "git_commit": r["git_commit"], "seed": r["seed"],
     }
 
 
@@ -106,7 +120,15 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--report", action="store_true", help="only regenerate BENCHMARKS.md")
+    ap.add_argument("--from-results", action="append", default=[], metavar="DIR",
+                    help="append a record from DIR/results.json written by `slr compress`")
     a = ap.parse_args()
+    for d in a.from_results:
+        r = json.loads((Path(d) / "results.json").read_text())
+        rec = record(r, config_id_of(r["config"]), r["seconds"].get("load", 0) + sum(
+            v for k, v in r["seconds"].items() if "." not in k and k != "load"))
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
     jobs = list(SUITES.get(a.suite, [])) + [tuple(o.split(":")) for o in a.only]
     for method, cfg in jobs:
         print(f"== {method} {cfg}", flush=True)
