@@ -17,7 +17,6 @@ once; tensors sharing storage (tied weights) are stored once and listed under "t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -235,11 +234,9 @@ def artifact_bytes(path: str | os.PathLike) -> dict:
 # save
 # ---------------------------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from .models.zoo import sha256_file
+
+    return sha256_file(path)
 
 
 def _dtype_name(dt: torch.dtype) -> str:
