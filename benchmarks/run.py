@@ -19,6 +19,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.jsonl"
+_COMMIT: str | None = None  # the commit whose code this process imported (taken once, at start)
+
+
+def _start_commit() -> str | None:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True, cwd=HERE)
+    except OSError:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 # PROTOCOL section 5 configurations
 CONFIGS = {
@@ -62,7 +74,7 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
         "mean_rel_error": r["mean_rel_error"], "calib_samples": calib_samples,
         "compress_s": round(r["seconds"]["compress"], 1), "eval_s": round(r["seconds"]["eval"], 1),
         "stage_s": {k: round(v, 1) for k, v in r["seconds"].items() if k.startswith("compress.")},
-        "wall_s": round(wall_s, 1) if wall_s else None, "git_commit": r["git_commit"], "seed": r["seed"],
+        "wall_s": round(wall_s, 1) if wall_s else None, "git_commit": _COMMIT or r["git_commit"], "seed": r["seed"],
     }
 
 
@@ -123,6 +135,9 @@ def main() -> int:
     ap.add_argument("--from-results", action="append", default=[], metavar="DIR",
                     help="append a record from DIR/results.json written by `slr compress`")
     a = ap.parse_args()
+    global _COMMIT
+    if a.suite or a.only:
+        _COMMIT = _start_commit()
     for d in a.from_results:
         r = json.loads((Path(d) / "results.json").read_text())
         rec = record(r, config_id_of(r["config"]), r["seconds"].get("load", 0) + sum(
