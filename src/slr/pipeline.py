@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .budget import matrix_params
 from .config import CompressConfig
 from .errors import SLRError
 from .models.adapters import ArchAdapter, get_adapter
@@ -260,8 +261,6 @@ def compress_(
             for n, res in solved.items():
                 W = Ws[n]
                 shared_counted = any(res.V is not None and res.V is r.V for r in results.values())
-                from .budget import matrix_params
-
                 rec = MatrixRecord(
                     block=i, name=n, shape=tuple(W.shape), spec=specs[n].label,
                     kept=int(res.mask.sum()) if res.mask is not None else 0, rank=res.rank,

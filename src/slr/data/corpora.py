@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import SLRError
+from ..models.zoo import cache_dir
 
 SPLITS = ("calibration", "test")
 
@@ -31,11 +32,6 @@ N_ARTICLES = 107  # articles after dropping redirects (86 calibration + 21 test)
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _HEADING = re.compile(r"^\s*(=+)\s*(.*?)\s*\1\s*$", re.MULTILINE)
 _SKIP_PREFIXES = ("|", "{|", "!", "*", "#", ":", ";")  # table, list and definition markup left by filter_wiki
-
-
-def cache_dir() -> Path:
-    """Root of slr's on-disk cache: ``$SLR_CACHE``, else ``~/.cache/slr``."""
-    return Path(os.environ.get("SLR_CACHE") or Path.home() / ".cache" / "slr")
 
 
 def wiki_path() -> Path:

@@ -55,7 +55,7 @@ DEFAULTS: dict[str, ModelEntry] = {
 
 def cache_dir() -> Path:
     """$SLR_CACHE, default ~/.cache/slr."""
-    return Path(os.environ.get("SLR_CACHE", Path.home() / ".cache" / "slr"))
+    return Path(os.environ.get("SLR_CACHE") or Path.home() / ".cache" / "slr")
 
 
 def sha256_file(path: Path) -> str:
