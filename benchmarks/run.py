@@ -38,27 +38,35 @@ CONFIGS = {
     "nm24": dict(sparsity=None, pattern="2:4", rank=0),
     "u60r32": dict(sparsity=0.6, pattern=None, rank=32),
     "nm24r32": dict(sparsity=None, pattern="2:4", rank=32),
+    # rank only at a retained fraction: the uniform allocator picks each matrix's (or shared group's) rank
+    "r80": dict(sparsity=1.0, pattern=None, rank=1, budget=0.8),
+    "r50": dict(sparsity=1.0, pattern=None, rank=1, budget=0.5),
 }
 SUITES = {
     "pruning": [(m, c) for c in ("u50", "nm24") for m in ("magnitude", "wanda", "sparsegpt")],
     "slr": [(m, c) for c in ("nm24r32", "u60r32") for m in ("prune+lr", "oats", "hassle", "admm")],
+    "rank": [(m, c) for c in ("r80", "r50") for m in ("svd", "joint", "lowrank")],
 }
 
 
-def run_one(model: str, method: str, config_id: str, calib_samples: int, windows: int) -> dict:
+def run_one(model: str, method: str, config_id: str, calib_samples: int, windows: int,
+            save_dir: str | None = None) -> dict:
     from slr.api import run_compress
     from slr.config import CompressConfig
 
     cfg = CompressConfig(method=method, calib_samples=calib_samples, **CONFIGS[config_id])
     t = time.perf_counter()
-    run = run_compress(model, cfg, windows=str(windows), save=False, progress=False)
+    out = str(Path(save_dir) / f"{model}-{method}-{config_id}") if save_dir else None
+    run = run_compress(model, cfg, windows=str(windows), out=out, save=out is not None, overwrite=True,
+                       progress=False)
     return record(run.results, config_id, time.perf_counter() - t)
 
 
 def config_id_of(cfg: dict) -> str | None:
     for cid, c in CONFIGS.items():
         if (cfg.get("sparsity") if c["pattern"] is None else None) == c["sparsity"] and \
-                cfg.get("pattern") == c["pattern"] and cfg.get("rank") == c["rank"]:
+                cfg.get("pattern") == c["pattern"] and cfg.get("rank") == c["rank"] and \
+                cfg.get("budget") == c.get("budget"):
             return cid
     return None
 
@@ -104,7 +112,8 @@ def write_report() -> None:
              "non-overlapping windows (PROTOCOL §3; 64 windows = quick). Calibration: Wikipedia sample calibration",
              "split, 512-token windows, seed 0. Machine: 2 CPU cores, fp32. Times are wall-clock seconds.", ""]
     for title, cfgs in (("Pure pruning (issue 3)", ("u50", "nm24")),
-                        ("Sparse + low-rank, uniform (issue 4)", ("nm24r32", "u60r32"))):
+                        ("Sparse + low-rank, uniform (issue 4)", ("nm24r32", "u60r32")),
+                        ("Rank only at a retained fraction (issue 4)", ("r80", "r50"))):
         rows = [r for r in recs if r["config"] in cfgs]
         if not rows:
             continue
@@ -131,6 +140,7 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--save-dir", metavar="DIR", help="also save artifacts to DIR/<model>-<method>-<config>")
     ap.add_argument("--report", action="store_true", help="only regenerate BENCHMARKS.md")
     ap.add_argument("--from-results", action="append", default=[], metavar="DIR",
                     help="append a record from DIR/results.json written by `slr compress`")
@@ -147,7 +157,7 @@ def main() -> int:
     jobs = list(SUITES.get(a.suite, [])) + [tuple(o.split(":")) for o in a.only]
     for method, cfg in jobs:
         print(f"== {method} {cfg}", flush=True)
-        rec = run_one(a.model, method, cfg, a.calib_samples, a.windows)
+        rec = run_one(a.model, method, cfg, a.calib_samples, a.windows, a.save_dir)
         print(json.dumps(rec), flush=True)
         with RESULTS.open("a") as f:
             f.write(json.dumps(rec) + "\n")

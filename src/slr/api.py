@@ -16,6 +16,7 @@ import torch
 
 from .config import CompressConfig
 from .errors import SLRError
+from .solvers import DATA_FREE
 
 
 def resolve_device(device: str) -> str:
@@ -226,6 +227,8 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
     results.update({
         "retained_fraction": report.retained_fraction, "retained_params": report.retained_params,
         "dense_params": report.dense_params, "mean_rel_error": report.mean_rel_error,
+        "rel_error_metric": "frobenius" if calib is None or (config.method in DATA_FREE and config.refine is None)
+        else "activation",  # ||W - What||^2 / ||W||^2, or ||X(W - What)^T||^2 / ||X W^T||^2
         "matrices": [vars(r) | {"shape": list(r.shape)} for r in report.records],
     })
     if plan is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -254,7 +254,10 @@ def compress_(
                 check_finite(f"weight {key(i, n)}", W)
             specs = {n: plan.get(i, n) for n in g}
             for n, W in Ws.items():
-                specs[n].validate(*W.shape)
+                # a shared group rank may exceed a member's own min(m, n); the group solver checks it against n
+                sp = specs[n]
+                (replace(sp, rank=min(sp.rank, min(W.shape))) if config.method in GROUP_SOLVERS else sp).validate(
+                    *W.shape)
             tg = time.perf_counter()
             solved = solve_group(config.method, Ws, None if data_free and H is None else H, specs, config.solver_opts)
             dt = (time.perf_counter() - tg) / len(g)
@@ -265,7 +268,8 @@ def compress_(
                     block=i, name=n, shape=tuple(W.shape), spec=specs[n].label,
                     kept=int(res.mask.sum()) if res.mask is not None else 0, rank=res.rank,
                     params=matrix_params(res, count_v=not shared_counted),
-                    rel_error=relative_error(W, H, res.dense()) if H is not None else float("nan"),
+                    # without H (data-free methods) this is the plain Frobenius relative error
+                    rel_error=relative_error(W, H, res.dense()),
                     seconds=res.info.get("seconds", dt),
                     info={k: v for k, v in res.info.items() if k in ("iterations", "time", "best_iter")},
                 )
