@@ -280,3 +280,29 @@ def test_other_families(family):
     report = compress_(m, cfg, calib_ids(8), plan=plan, refine=refiner, progress=False)
     assert report.retained_fraction == pytest.approx(info["achieved_fraction"], abs=1e-12)
     assert all(s["loss_after"] <= s["loss_before"] for s in refiner.stats)
+
+
+@pytest.mark.parametrize("budget", [0.8, 0.5])
+def test_joint_budget_gives_one_rank_per_group(budget):
+    """Under --budget, joint gets one shared rank per input group, priced k (n + sum m_i), never over the budget."""
+    model = tiny_model("llama")
+    ad = get_adapter(model)
+    cfg = CompressConfig(method="joint", sparsity=1.0, rank=1, budget=budget)
+    plan, info = make_plan(model, cfg, None)
+    total = sum(m.numel for m in matrices(model))
+    kept = 0
+    for i, block in enumerate(ad.blocks(model)):
+        lins = ad.linears(block)
+        for g in ad.groups:
+            ranks = {plan.get(i, n).rank for n in g}
+            assert len(ranks) == 1  # the whole group shares one V
+            (k,) = ranks
+            d_in, d_out = lins[g[0]].in_features, sum(lins[n].out_features for n in g)
+            # largest k within the group's share of the budget
+            assert k * (d_in + d_out) <= budget * d_in * d_out < (k + 1) * (d_in + d_out)
+            kept += k * (d_in + d_out)
+    assert info["achieved_fraction"] == pytest.approx(kept / total) and kept / total <= budget
+    assert budget - kept / total < 0.05
+    rep = compress_(model, cfg, None, plan=plan, progress=False)
+    assert rep.retained_params == kept  # what the artifact keeps: each shared V counted once
+    assert all(r.rel_error == r.rel_error and 0 < r.rel_error < 1 for r in rep.records)  # Frobenius, data-free

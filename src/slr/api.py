@@ -273,7 +273,8 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
         rows.append(("compressed ppl", f"{p['ppl']:.4f}  ({p['protocol']}, {p['text']})"))
     rows.append(("retained fraction", f"{results['retained_fraction']:.4f}"))
     err = results["mean_rel_error"]
-    rows.append(("mean rel. layer error", "n/a (data-free)" if err is None else f"{err:.5f}"))
+    kind = " (weight-space: data-free)" if results.get("rel_error_metric") == "frobenius" else ""
+    rows.append(("mean rel. layer error", "n/a" if err is None else f"{err:.5f}{kind}"))
     if "bytes" in results:
         b = results["bytes"]
         rows.append(("artifact bytes",
