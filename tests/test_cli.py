@@ -157,6 +157,7 @@ SPEC_ERRORS = {
     "unknown-method": (["--method", "nosuch", "--pattern", "2:4"], ["unknown method 'nosuch'"]),
     "calib-negative": (["--calib-samples", "-1"], ["--calib-samples -1"]),
     "bad-opt": (["--opt", "max_iters"], ["--opt 'max_iters'"]),
+    "rank-only-no-rank": (["--method", "joint"], ["joint is rank-only", "--budget"]),
 }
 
 
@@ -324,3 +325,23 @@ def test_end_to_end_tiny_folder(capsys, tmp_path, private_cache, text_file):
                        "--no-eval", "--calib-text", text_file, "--out", out_dir, "--device", "cpu")
     assert_one_line_error(code, err, "not empty")
     assert json.loads((out_dir / "results.json").read_text())["method"] == "wanda"  # untouched
+
+
+def test_joint_budget_end_to_end(capsys, tmp_path, private_cache, text_file):
+    """`--method joint --budget F` (data-free, no --rank): one shared rank per group, artifact reloads."""
+    src = tmp_path / "tiny-llama"
+    make_hf_folder(src)
+    out_dir = tmp_path / "art"
+    code, out, err = run(capsys, "compress", src, "--method", "joint", "--budget", "0.5", "--text", text_file,
+                         "--windows", 2, "--out", out_dir, "--device", "cpu", "--batch-size", 2)
+    assert code == 0, err
+    res = json.loads((out_dir / "results.json").read_text())
+    assert 0.45 < res["retained_fraction"] <= 0.5 and res["rel_error_metric"] == "frobenius"
+    assert res["calibration"]["samples"] == 128  # recorded, but never read by a data-free method
+    ranks = {m["name"]: m["rank"] for m in res["matrices"] if m["block"] == 0}
+    assert ranks["self_attn.q_proj"] == ranks["self_attn.k_proj"] == ranks["self_attn.v_proj"]
+    assert ranks["mlp.gate_proj"] == ranks["mlp.up_proj"]
+    js = tmp_path / "eval.json"
+    code, out, err = run(capsys, "eval", out_dir, "--text", text_file, "--windows", 2, "--json", js, "--device", "cpu")
+    assert code == 0, err
+    assert json.loads(js.read_text())["ppl"] == pytest.approx(res["ppl"]["ppl"], rel=2e-3)

@@ -133,6 +133,13 @@ def cmd_compress(a) -> int:
     from .api import run_compress, summary_rows
     from .config import CompressConfig
 
+    rank_only = a.method in ("svd", "lowrank", "joint")
+    if rank_only and a.sparsity is None and a.pattern is None and a.rank == 0:
+        if a.budget is None:
+            from .errors import SLRError
+
+            raise SLRError(f"{a.method} is rank-only and needs a rank or a budget", "pass --rank R or --budget 0.5")
+        a.rank = 1  # placeholder: the allocator sets every rank from --budget
     if a.sparsity is None and a.pattern is None and a.rank == 0:
         a.sparsity = 0.5
     cfg = CompressConfig(method=a.method, sparsity=a.sparsity, pattern=a.pattern, rank=a.rank,
