@@ -100,9 +100,13 @@ def latest(records: list[dict]) -> list[dict]:
     return list(out.values())
 
 
+def _read_calib(r: dict) -> bool:
+    """Whether the run collected H from calibration data (data-free methods have no hessian stage)."""
+    return "compress.hessian" in r.get("stage_s", {})
+
+
 def _calib(r: dict) -> str:
-    """Calibration windows read; "none" for runs that collected no H (data-free methods)."""
-    return str(r["calib_samples"]) if "compress.hessian" in r.get("stage_s", {}) else "none"
+    return str(r["calib_samples"]) if _read_calib(r) else "none"
 
 
 def _err(r: dict) -> str:
@@ -110,7 +114,7 @@ def _err(r: dict) -> str:
     e = r["mean_rel_error"]
     if e is None or e != e:
         return "n/a"
-    return f"{e:.5f}" + (" (W)" if "compress.hessian" not in r.get("stage_s", {}) else "")
+    return f"{e:.5f}" + ("" if _read_calib(r) else " (W)")
 
 
 def write_report() -> None:

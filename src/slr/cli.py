@@ -130,11 +130,11 @@ def cmd_eval(a) -> int:
 
 
 def cmd_compress(a) -> int:
+    from .allocate.base import GROUP_METHODS, RANK_ONLY
     from .api import run_compress, summary_rows
     from .config import CompressConfig
 
-    rank_only = a.method in ("svd", "lowrank", "joint")
-    if rank_only and a.sparsity is None and a.pattern is None and a.rank == 0:
+    if a.method in RANK_ONLY | GROUP_METHODS and a.sparsity is None and a.pattern is None and a.rank == 0:
         if a.budget is None:
             from .errors import SLRError
 
