@@ -121,19 +121,43 @@ def write_json_atomic(path: Path, obj) -> None:
             os.unlink(tmp)
 
 
-def run_eval(model_name: str, *, text_file: str | None = None, split: str = "test", windows="64", seqlen: int = 512,
-             batch_size: int = 4, device: str = "auto", json_path: str | None = None, progress: bool = True) -> dict:
-    """Protocol perplexity of MODEL (source model or artifact); optionally writes a JSON file."""
+def run_eval(model_name: str, *, text_file: str | list[str] | None = None, split: str | list[str] | None = None,
+             windows="64", seqlen: int = 512, batch_size: int = 4, device: str = "auto", json_path: str | None = None,
+             progress: bool = True, tasks: list[str] | None = None, limit: int | None = None,
+             ppl: bool = True) -> dict:
+    """Protocol perplexity of MODEL (source model or artifact) on each text, and optional zero-shot tasks.
+
+    Texts: the Wikipedia-sample ``split``s (default "test" when no file is given) and every ``text_file``.
+    The top-level ppl fields are the first text's; ``perplexity`` lists all of them, each with its protocol
+    label. ``tasks`` runs lm-eval zero-shot scoring (``limit`` docs per task); its result is ``zeroshot``.
+    """
     from .data.corpora import load_text
     from .eval.ppl import perplexity
 
     w = parse_windows(windows)
     device = resolve_device(device)
-    text, label = load_text(text_file, split)
+    files = [text_file] if isinstance(text_file, str | os.PathLike) else list(text_file or [])
+    splits = [split] if isinstance(split, str) else list(split or ([] if files else ["test"]))
+    if tasks:
+        from .eval.zeroshot import parse_tasks
+
+        tasks = parse_tasks(",".join(tasks))
+    # read every text before loading the model, so a bad file fails fast
+    texts = [load_text(None, s) for s in splits] + [load_text(f, "test") for f in files] if ppl else []
     model, tok, info = open_model(model_name, device)
-    r = perplexity(model, tok, text, seqlen=seqlen, windows=w, batch_size=batch_size,
-                   bos_per_window=info["bos_per_window"], device=device, progress=progress)
-    out = {"model": info["label"], "model_arg": model_name, "split": label, **r.to_dict()}
+    out: dict = {"model": info["label"], "model_arg": model_name, "perplexity": []}
+    for text, label in texts:
+        r = perplexity(model, tok, text, seqlen=seqlen, windows=w, batch_size=batch_size,
+                       bos_per_window=info["bos_per_window"], device=device, progress=progress)
+        out["perplexity"].append({"split": label, **r.to_dict()})
+    if out["perplexity"]:
+        out.update(out["perplexity"][0])  # the first text's numbers at the top level (the common single-text case)
+    if tasks:
+        from .eval.zeroshot import evaluate_zeroshot
+
+        t = time.perf_counter()
+        out["zeroshot"] = evaluate_zeroshot(model, tok, tasks, limit=limit, batch_size=batch_size, device=device)
+        out["zeroshot"]["seconds"] = time.perf_counter() - t
     if json_path:
         write_json_atomic(Path(json_path), out)
     return out
@@ -159,7 +183,8 @@ class CompressRun:
 def run_compress(model_name: str, config: CompressConfig, *, out: str | None = None, calib_text: str | None = None,
                  eval_text: str | None = None, windows="64", device: str = "auto", eval_dense: bool = True,
                  evaluate: bool = True, save: bool = True, overwrite: bool = False, batch_size: int = 8,
-                 values_dtype: str = "float16", factor_dtype: str = "float16", progress: bool = True) -> CompressRun:
+                 values_dtype: str = "float16", factor_dtype: str = "float16", progress: bool = True,
+                 tasks: list[str] | None = None, limit: int | None = None) -> CompressRun:
     """Load -> calibrate -> compress -> evaluate -> save artifact + results.json (atomically)."""
     from . import io
     from .data.calib import calibration_windows, tokenize_text
@@ -168,6 +193,10 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
     from .pipeline import compress_
 
     spec = config.layer_spec()  # validates budgets before any heavy work
+    if tasks:
+        from .eval.zeroshot import parse_tasks
+
+        tasks = parse_tasks(",".join(tasks))
     w = parse_windows(windows)
     device = resolve_device(device)
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -239,6 +268,12 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
                        ids=eval_ids, progress=progress)
         results["ppl"] = r.to_dict() | {"text": eval_label}
         times["eval"] = time.perf_counter() - t
+    if tasks:  # the in-memory compressed model, through HFLM(pretrained=model)
+        from .eval.zeroshot import evaluate_zeroshot
+
+        t = time.perf_counter()
+        results["zeroshot"] = evaluate_zeroshot(model, tok, tasks, limit=limit, batch_size=batch_size, device=device)
+        times["zeroshot"] = time.perf_counter() - t
     results["seconds"] = times
     if out_dir is None or not save:
         if out_dir is not None:
@@ -279,6 +314,10 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
         b = results["bytes"]
         rows.append(("artifact bytes",
                      f"{b.get('total', 0):,} ({b.get('compressed_layers', 0):,} in compressed layers)"))
+    if "zeroshot" in results:
+        z = results["zeroshot"]
+        docs = "all docs" if z["limit"] is None else f"limit {z['limit']}"
+        rows.append(("zero-shot average", f"{z['average']:.4f}  ({len(z['tasks'])} tasks, {docs})"))
     s = results["seconds"]
     rows.append(("time", f"compress {s['compress']:.1f} s, eval {s.get('eval', 0):.1f} s"))
     return rows

@@ -19,6 +19,7 @@ def _device(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.zeroshot import TASKS as ZS_TASKS
     from .solvers import SOLVERS
     from .solvers.base import GROUP_SOLVERS
 
@@ -31,14 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list shipped default models, and whether each is installed and cached",
                    description="List shipped default models (GGUFs inside PyPI packages).")
 
-    e = sub.add_parser("eval", help="protocol perplexity of a model or an slr artifact", epilog=EPILOG_MODEL,
-                       description="Perplexity over non-overlapping 512-token windows (PROTOCOL §3). "
-                       "Default: Wikipedia sample test split, first 64 windows ('quick').")
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or an slr artifact",
+                       epilog=EPILOG_MODEL + " Zero-shot tasks: " + ", ".join(ZS_TASKS) + " (or 'all').",
+                       description="Perplexity over non-overlapping 512-token windows (PROTOCOL §3; default: "
+                       "Wikipedia sample test split, first 64 windows = 'quick'), and with --tasks, zero-shot "
+                       "accuracy scored by lm-eval-harness on offline copies of the eval sets (PROTOCOL §6).")
     e.add_argument("model", metavar="MODEL|DIR", help="model, or a directory written by `slr compress --out`")
     e.add_argument("--windows", default="64", help="number of windows, or 'all' [default: 64 = quick]")
-    e.add_argument("--text", default=None, metavar="FILE", help="evaluate on your own UTF-8 text file")
-    e.add_argument("--split", default="test", choices=["test", "calibration"], help="Wikipedia-sample split")
-    e.add_argument("--batch-size", type=int, default=4, help="windows per forward [default: 4]")
+    e.add_argument("--text", action="append", default=[], metavar="FILE",
+                   help="evaluate on your own UTF-8 text file (repeatable; replaces the default split)")
+    e.add_argument("--split", default=None, help="Wikipedia-sample split(s): test, calibration, or "
+                   "test,calibration [default: test, unless --text is given]")
+    e.add_argument("--no-ppl", action="store_true", help="skip perplexity (zero-shot only)")
+    e.add_argument("--tasks", default=None, metavar="T1,T2", help="zero-shot tasks, comma-separated, or 'all'")
+    e.add_argument("--limit", type=int, default=None, metavar="N", help="first N documents per zero-shot task")
+    e.add_argument("--batch-size", type=int, default=8, help="sequences per forward [default: 8]")
     e.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     _device(e)
 
@@ -59,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="calibration sampling seed [default: 0]")
     c.add_argument("--windows", default="64", help="eval windows, or 'all' [default: 64]")
     c.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    c.add_argument("--tasks", default=None, metavar="T1,T2", help="also score zero-shot tasks on the compressed model")
+    c.add_argument("--limit", type=int, default=None, metavar="N", help="first N documents per zero-shot task")
     c.add_argument("--values-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     c.add_argument("--factor-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward [default: 8]")
@@ -121,11 +131,19 @@ def cmd_models(_args) -> int:
 
 def cmd_eval(a) -> int:
     from .api import run_eval
+    from .eval.zeroshot import format_table
 
-    r = run_eval(a.model, text_file=a.text, split=a.split, windows=a.windows, batch_size=a.batch_size,
-                 device=a.device, json_path=a.json)
-    print(f"{r['model']} | {r['split']} | ppl {r['ppl']:.4f} | {r['protocol']} | {r['tokens']} tokens | "
-          f"{r['seconds']:.1f} s")
+    splits = [s.strip() for s in a.split.split(",")] if a.split else None
+    tasks = [a.tasks] if a.tasks else None
+    r = run_eval(a.model, text_file=a.text, split=splits, windows=a.windows, batch_size=a.batch_size,
+                 device=a.device, json_path=a.json, tasks=tasks, limit=a.limit, ppl=not a.no_ppl)
+    for p in r["perplexity"]:
+        print(f"{r['model']} | {p['split']} | ppl {p['ppl']:.4f} | {p['protocol']} | {p['tokens']} tokens | "
+              f"{p['seconds']:.1f} s")
+    if "zeroshot" in r:
+        print(format_table(r["zeroshot"]))
+    if a.json:
+        print(f"wrote {a.json}")
     return 0
 
 
@@ -159,7 +177,8 @@ def cmd_compress(a) -> int:
         raise SLRError(f"--calib-samples {a.calib_samples} is negative", "pass --calib-samples N with N >= 0")
     run = run_compress(a.model, cfg, out=a.out, calib_text=a.calib_text, eval_text=a.text, windows=a.windows,
                        device=a.device, evaluate=not a.no_eval, save=not a.no_save, overwrite=a.overwrite,
-                       batch_size=a.batch_size, values_dtype=a.values_dtype, factor_dtype=a.factor_dtype)
+                       batch_size=a.batch_size, values_dtype=a.values_dtype, factor_dtype=a.factor_dtype,
+                       tasks=[a.tasks] if a.tasks else None, limit=a.limit)
     print(_table(summary_rows(run.results)))
     if run.out_dir is not None:
         print(f"  wrote {run.out_dir}/ (results.json{'' if a.no_save else ' + artifact'})")
