@@ -108,17 +108,22 @@ def dense_ppl_cached(model, tok, info: dict, text: str, windows, seqlen: int, de
     return r
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, then rename: readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def run_eval(model_name: str, *, text_file: str | list[str] | None = None, split: str | list[str] | None = None,
@@ -139,9 +144,9 @@ def run_eval(model_name: str, *, text_file: str | list[str] | None = None, split
     files = [text_file] if isinstance(text_file, str | os.PathLike) else list(text_file or [])
     splits = [split] if isinstance(split, str) else list(split or ([] if files else ["test"]))
     if tasks:
-        from .eval.zeroshot import parse_tasks
+        from .eval.zeroshot import check_request
 
-        tasks = parse_tasks(",".join(tasks))
+        tasks = check_request(tasks, limit)
     # read every text before loading the model, so a bad file fails fast
     texts = [load_text(None, s) for s in splits] + [load_text(f, "test") for f in files] if ppl else []
     model, tok, info = open_model(model_name, device)
@@ -193,10 +198,10 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
     from .pipeline import compress_
 
     spec = config.layer_spec()  # validates budgets before any heavy work
-    if tasks:
-        from .eval.zeroshot import parse_tasks
+    if tasks:  # checked before the compression, not after it
+        from .eval.zeroshot import check_request
 
-        tasks = parse_tasks(",".join(tasks))
+        tasks = check_request(tasks, limit)
     w = parse_windows(windows)
     device = resolve_device(device)
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

