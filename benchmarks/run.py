@@ -4,6 +4,7 @@ Usage:
   python benchmarks/run.py --suite pruning          # magnitude / wanda / sparsegpt at u50 and nm24
   python benchmarks/run.py --suite slr              # admm / oats / hassle / prune+lr at nm24r32 and u60r32
   python benchmarks/run.py --only sparsegpt:nm24    # one run
+  python benchmarks/run.py --only prune+lr:g50:knapsack:tm --tm-epochs 4   # METHOD:CONFIG[:ALLOCATE[:REFINE]]
   python benchmarks/run.py --report                 # only regenerate BENCHMARKS.md
 
 Every record: model, method, config, retained_fraction, ppl, ppl_windows, compress_s, eval_s, git_commit, ...
@@ -41,22 +42,30 @@ CONFIGS = {
     # rank only at a retained fraction: the uniform allocator picks each matrix's (or shared group's) rank
     "r80": dict(sparsity=1.0, pattern=None, rank=1, budget=0.8),
     "r50": dict(sparsity=1.0, pattern=None, rank=1, budget=0.5),
+    # S+LR at a global retained fraction of exactly 0.50 (issue 5): the allocator sets every matrix's sparsity and
+    # rank; uniform keeps rank 32 everywhere and scales the sparsity to the budget
+    "g50": dict(sparsity=0.6, pattern=None, rank=32, budget=0.5),
 }
 SUITES = {
     "pruning": [(m, c) for c in ("u50", "nm24") for m in ("magnitude", "wanda", "sparsegpt")],
     "slr": [(m, c) for c in ("nm24r32", "u60r32") for m in ("prune+lr", "oats", "hassle", "admm")],
     "rank": [(m, c) for c in ("r80", "r50") for m in ("svd", "joint", "lowrank")],
+    "alloc": [("prune+lr", "g50", a) for a in ("uniform", "knapsack", "cap")],
 }
 
 
 def run_one(model: str, method: str, config_id: str, calib_samples: int, windows: int,
-            save_dir: str | None = None) -> dict:
+            save_dir: str | None = None, allocate: str = "uniform", refine: str | None = None,
+            tm_epochs: int = 20, tm_samples: int | None = None) -> dict:
     from slr.api import run_compress
     from slr.config import CompressConfig
 
-    cfg = CompressConfig(method=method, calib_samples=calib_samples, **CONFIGS[config_id])
+    cfg = CompressConfig(method=method, calib_samples=calib_samples, allocate=allocate, refine=refine,
+                         tm_epochs=tm_epochs, tm_samples=tm_samples, **CONFIGS[config_id])
     t = time.perf_counter()
-    out = str(Path(save_dir) / f"{model}-{method}-{config_id}") if save_dir else None
+    parts = [model, method, config_id] + ([allocate] if allocate != "uniform" else []) + ([refine] if refine else [])
+    name = "-".join(parts)
+    out = str(Path(save_dir) / name) if save_dir else None
     run = run_compress(model, cfg, windows=str(windows), out=out, save=out is not None, overwrite=True,
                        progress=False)
     return record(run.results, config_id, time.perf_counter() - t)
@@ -77,6 +86,9 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
     return {
         "model": r["model"], "method": r["method"], "config": config_id or r["spec"],
         "allocate": r["config"].get("allocate", "uniform"), "refine": r["config"].get("refine"),
+        **({"tm_epochs": r["config"]["tm_epochs"], "tm_samples": r["config"].get("tm_samples")}
+           if r["config"].get("refine") else {}),
+        **({"allocate_s": round(r["seconds"]["allocate"], 1)} if "allocate" in r["seconds"] else {}),
         "retained_fraction": round(r["retained_fraction"], 6), "ppl": r["ppl"]["ppl"],
         "ppl_windows": r["ppl"]["windows"], "ppl_text": r["ppl"]["text"], "dense_ppl": r["dense_ppl"]["ppl"],
         "mean_rel_error": r["mean_rel_error"], "calib_samples": calib_samples,
@@ -176,6 +188,8 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--tm-epochs", type=int, default=20, help="epochs for jobs with refine tm")
+    ap.add_argument("--tm-samples", type=int, default=None, help="windows TM trains on (default: all)")
     ap.add_argument("--save-dir", metavar="DIR", help="also save artifacts to DIR/<model>-<method>-<config>")
     ap.add_argument("--report", action="store_true", help="only regenerate BENCHMARKS.md")
     ap.add_argument("--from-results", action="append", default=[], metavar="DIR",
@@ -191,9 +205,12 @@ def main() -> int:
         with RESULTS.open("a") as f:
             f.write(json.dumps(rec) + "\n")
     jobs = list(SUITES.get(a.suite, [])) + [tuple(o.split(":")) for o in a.only]
-    for method, cfg in jobs:
-        print(f"== {method} {cfg}", flush=True)
-        rec = run_one(a.model, method, cfg, a.calib_samples, a.windows, a.save_dir)
+    for job in jobs:
+        method, cfg, allocate, refine = (tuple(job) + (None, None))[:4]
+        allocate = allocate or "uniform"
+        print(f"== {method} {cfg} {allocate} {refine or ''}", flush=True)
+        rec = run_one(a.model, method, cfg, a.calib_samples, a.windows, a.save_dir, allocate, refine or None,
+                      a.tm_epochs, a.tm_samples)
         print(json.dumps(rec), flush=True)
         with RESULTS.open("a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -108,6 +108,13 @@ def dense_ppl_cached(model, tok, info: dict, text: str, windows, seqlen: int, de
     return r
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to a temp file beside `path`, then rename: readers never see a partial file."""
     path = Path(path)
@@ -116,6 +123,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -139,6 +147,9 @@ def run_eval(model_name: str, *, text_file: str | list[str] | None = None, split
     from .data.corpora import load_text
     from .eval.ppl import perplexity
 
+    if not ppl and not tasks:
+        raise SLRError("nothing to evaluate: perplexity is off (--no-ppl) and no --tasks were given",
+                       "drop --no-ppl, or pass --tasks piqa,... (or all)")
     w = parse_windows(windows)
     device = resolve_device(device)
     files = [text_file] if isinstance(text_file, str | os.PathLike) else list(text_file or [])
@@ -244,7 +255,7 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
     if config.refine == "tm":
         from .refine import TMConfig, make_refiner
 
-        refine = make_refiner(TMConfig(epochs=config.tm_epochs), device=device)
+        refine = make_refiner(TMConfig(epochs=config.tm_epochs, max_samples=config.tm_samples), device=device)
     plan = None
     t = time.perf_counter()
     if config.allocate != "uniform" or config.budget is not None:

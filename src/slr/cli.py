@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global retained fraction in (0, 1) (PROTOCOL §5); default: that of the uniform spec")
     c.add_argument("--refine", default=None, choices=["tm"], help="tm = transformer matching per block")
     c.add_argument("--tm-epochs", type=int, default=20, help="transformer-matching epochs [default: 20]")
+    c.add_argument("--tm-samples", type=int, default=None, metavar="N",
+                   help="calibration windows transformer matching trains on [default: all]")
     c.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="allocator option, e.g. --alloc-opt pools=whitened (repeatable)")
     c.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
@@ -89,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("artifact", metavar="DIR")
     x.add_argument("--dense", required=True, metavar="OUT", help="output HF folder")
     x.add_argument("--overwrite", action="store_true")
+
+    rp = sub.add_parser("report", help="compare runs: static HTML page + markdown summary with plots",
+                        description="Compare `slr compress --out` run directories side by side: a table (config, "
+                        "retained fraction, bytes, ppl, zero-shot average, time) and matplotlib plots (ppl vs retained "
+                        "fraction, per-matrix rank/sparsity heatmaps, per-layer error, time by stage). The HTML "
+                        "embeds its images and needs no network.")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories holding results.json")
+    rp.add_argument("--out", default="report.html", metavar="FILE.html",
+                    help="HTML output; the markdown goes beside it as FILE.md [default: report.html]")
 
     gen = sub.add_parser("generate", help="generate text from a model or an artifact", epilog=EPILOG_MODEL)
     gen.add_argument("model", metavar="MODEL|DIR")
@@ -163,7 +174,7 @@ def cmd_compress(a) -> int:
     cfg = CompressConfig(method=a.method, sparsity=a.sparsity, pattern=a.pattern, rank=a.rank,
                          calib_samples=a.calib_samples, seed=a.seed, solver_opts=_opts(a.opt),
                          allocate=a.allocate, budget=a.budget, refine=a.refine, tm_epochs=a.tm_epochs,
-                         alloc_opts=_opts(a.alloc_opt))
+                         tm_samples=a.tm_samples, alloc_opts=_opts(a.alloc_opt))
     if a.sparsity is None and a.pattern is None:
         cfg.sparsity = 1.0  # rank only: no sparse part
     from .solvers import get_solver
@@ -193,6 +204,14 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_report(a) -> int:
+    from .report import write_report
+
+    out = write_report(a.runs, a.out)
+    print(f"wrote {out['html']} and {out['markdown']} ({len(out['figures'])} figures)")
+    return 0
+
+
 def cmd_generate(a) -> int:
     import torch
 
@@ -218,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         return {"models": cmd_models, "eval": cmd_eval, "compress": cmd_compress, "export": cmd_export,
-                "generate": cmd_generate}[a.cmd](a)
+                "generate": cmd_generate, "report": cmd_report}[a.cmd](a)
     except SLRError as e:
         print(f"slr: error: {e}", file=sys.stderr)
         return 2

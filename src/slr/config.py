@@ -87,6 +87,7 @@ class CompressConfig:
     budget: float | None = None
     refine: str | None = None
     tm_epochs: int = 20
+    tm_samples: int | None = None  # calibration windows TM trains on (None = all)
     solver_opts: dict = field(default_factory=dict)
     alloc_opts: dict = field(default_factory=dict)
 
