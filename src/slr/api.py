@@ -200,8 +200,35 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
                  eval_text: str | None = None, windows="64", device: str = "auto", eval_dense: bool = True,
                  evaluate: bool = True, save: bool = True, overwrite: bool = False, batch_size: int = 8,
                  values_dtype: str = "float16", factor_dtype: str = "float16", progress: bool = True,
-                 tasks: list[str] | None = None, limit: int | None = None) -> CompressRun:
-    """Load -> calibrate -> compress -> evaluate -> save artifact + results.json (atomically)."""
+                 tasks: list[str] | None = None, limit: int | None = None, resume: bool = False) -> CompressRun:
+    """Load -> calibrate -> compress -> evaluate -> save artifact + results.json (atomically).
+
+    With ``out``, everything is staged in ``<parent>/.slr-partial-<name>/`` and renamed to ``out`` when complete;
+    every finished block is checkpointed there, so ``resume=True`` continues an interrupted run (killed, crashed,
+    Ctrl-C) from its last finished block and gives a bit-identical artifact. ``overwrite`` discards old checkpoints.
+
+    Under ``torchrun --nproc_per_node=K`` the job joins the torch.distributed group (see slr.distributed): the
+    calibration and transformer matching are data-parallel, the solves weight-parallel, and rank 0 alone evaluates
+    and writes; the other ranks return a CompressRun without ppl and with ``out_dir`` None.
+    """
+    from . import distributed
+
+    group = distributed.init_from_env()
+    try:
+        return _run_compress(model_name, config, out=out, calib_text=calib_text, eval_text=eval_text,
+                             windows=windows, device=distributed.device_for(group, resolve_device(device)),
+                             eval_dense=eval_dense,
+                             evaluate=evaluate, save=save, overwrite=overwrite, batch_size=batch_size,
+                             values_dtype=values_dtype, factor_dtype=factor_dtype, progress=progress, tasks=tasks,
+                             limit=limit, resume=resume, group=group)
+    finally:
+        distributed.shutdown()  # a barrier first: nobody leaves before rank 0 has written
+
+
+def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, calib_text: str | None,
+                  eval_text: str | None, windows, device: str, eval_dense: bool, evaluate: bool, save: bool,
+                  overwrite: bool, batch_size: int, values_dtype: str, factor_dtype: str, progress: bool,
+                  tasks: list[str] | None, limit: int | None, resume: bool, group) -> CompressRun:
     from . import io
     from .data.calib import calibration_windows, tokenize_text
     from .data.corpora import load_text
@@ -226,6 +253,15 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
         parent.mkdir(parents=True, exist_ok=True)
         if not os.access(parent, os.W_OK):
             raise SLRError(f"cannot write to {parent}", "choose a writable --out directory")
+    partial = out_dir.resolve().parent / f".slr-partial-{out_dir.name}" if out_dir is not None else None
+    if partial is not None and partial.exists() and not resume:
+        if not overwrite and (partial / "checkpoints" / "meta.json").exists():  # refuse before any heavy work
+            raise SLRError(f"an interrupted run left checkpoints in {partial}",
+                           "rerun the same command with --resume to continue it, or pass --overwrite to start over")
+        if group.is_main:
+            shutil.rmtree(partial)
+    group.barrier()
+    progress = progress and group.is_main
     eval_src, eval_label = load_text(eval_text, "test") if evaluate else (None, None)
     calib_src, calib_label = load_text(calib_text, "calibration")
     times: dict[str, float] = {}
@@ -239,8 +275,10 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
         "calibration": {"text": calib_label, "samples": config.calib_samples, "seqlen": config.seqlen,
                         "seed": config.seed},
         "device": device, "git_commit": git_commit(), "torch": torch.__version__,
+        "world_size": group.world,
     }
     eval_ids = tokenize_text(tok, eval_src) if evaluate else None
+    evaluate = evaluate and group.is_main  # rank 0 evaluates and writes; the other ranks only compress
     if evaluate and eval_dense:
         t = time.perf_counter()
         results["dense_ppl"] = dense_ppl_cached(model, tok, info, eval_src, w, 512, device) | {"text": eval_label}
@@ -265,9 +303,27 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
         results["allocation"] = alloc_info
     times["allocate"] = time.perf_counter() - t
     t = time.perf_counter()
-    report = compress_(model, config, calib, plan=plan, device=device, batch_size=batch_size, refine=refine,
-                       progress=progress)
+    checkpoints = None
+    if partial is not None:
+        from .checkpoint import BlockCheckpoints, tensor_sha256
+
+        fingerprint = {"model_sha256": info["sha256"], "config": config.to_dict(), "calib_text": calib_label,
+                       "calib_sha256": tensor_sha256(calib), "plan": plan.to_dict() if plan is not None else None,
+                       "torch": torch.__version__}
+        checkpoints = BlockCheckpoints(partial / "checkpoints", fingerprint, resume, writer=group.is_main,
+                                       sync=group.barrier)
+    try:
+        report = compress_(model, config, calib, plan=plan, device=device, batch_size=batch_size, refine=refine,
+                           progress=progress, checkpoints=checkpoints)
+    except SLRError:
+        # bad input (NaN weights or H, ...): the rerun after the fix is a different run, so its checkpoints are
+        # useless; a kill or Ctrl-C (not an SLRError) keeps them for --resume
+        if partial is not None and group.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     times["compress"] = time.perf_counter() - t
+    if not group.is_main:
+        return CompressRun(results, None)
     times.update({f"compress.{k}": v for k, v in report.seconds.items()})
     results.update({
         "retained_fraction": report.retained_fraction, "retained_params": report.retained_params,
@@ -294,9 +350,10 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
     if out_dir is None or not save:
         if out_dir is not None:
             write_json_atomic(out_dir / "results.json", results)
+            shutil.rmtree(partial, ignore_errors=True)
         return CompressRun(results, out_dir if out_dir is not None else None)
     t = time.perf_counter()
-    stage = Path(tempfile.mkdtemp(prefix=".slr-tmp-", dir=out_dir.resolve().parent))
+    stage = Path(tempfile.mkdtemp(prefix=".slr-tmp-", dir=partial))
     try:
         manifest = {"source": {"name": info["name"], "label": info["label"], "sha256": info["sha256"],
                                "bos_per_window": info["bos_per_window"]},
@@ -309,6 +366,7 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(stage / "artifact", out_dir)
+        shutil.rmtree(partial, ignore_errors=True)  # complete: the checkpoints are no longer needed
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return CompressRun(results, out_dir)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global retained fraction in (0, 1) (PROTOCOL §5); default: that of the uniform spec")
     c.add_argument("--refine", default=None, choices=["tm"], help="tm = transformer matching per block")
     c.add_argument("--tm-epochs", type=int, default=20, help="transformer-matching epochs [default: 20]")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command from its last finished block (the "
+                   "checkpoints live in .slr-partial-<OUT> beside --out)")
     c.add_argument("--tm-samples", type=int, default=None, metavar="N",
                    help="calibration windows transformer matching trains on [default: all]")
     c.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -109,13 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _opts(pairs: list[str]) -> dict:
+def _opts(pairs: list[str], flag: str = "--opt", example: str = "max_iters=300") -> dict:
     from .errors import SLRError
 
     out = {}
     for p in pairs:
-        if "=" not in p:
-            raise SLRError(f"--opt {p!r} is not KEY=VALUE", "write e.g. --opt max_iters=300")
+        if "=" not in p or not p.split("=", 1)[0]:
+            raise SLRError(f"{flag} {p!r} is not KEY=VALUE", f"write e.g. {flag} {example}")
         k, v = p.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -144,6 +148,10 @@ def cmd_eval(a) -> int:
     from .api import run_eval
     from .eval.zeroshot import format_table
 
+    if a.json:  # fail before the (long) evaluation, not when writing its result
+        from .io import check_writable_parent
+
+        check_writable_parent(a.json, "--json")
     splits = [s.strip() for s in a.split.split(",")] if a.split else None
     tasks = [a.tasks] if a.tasks else None
     r = run_eval(a.model, text_file=a.text, split=splits, windows=a.windows, batch_size=a.batch_size,
@@ -174,7 +182,7 @@ def cmd_compress(a) -> int:
     cfg = CompressConfig(method=a.method, sparsity=a.sparsity, pattern=a.pattern, rank=a.rank,
                          calib_samples=a.calib_samples, seed=a.seed, solver_opts=_opts(a.opt),
                          allocate=a.allocate, budget=a.budget, refine=a.refine, tm_epochs=a.tm_epochs,
-                         tm_samples=a.tm_samples, alloc_opts=_opts(a.alloc_opt))
+                         tm_samples=a.tm_samples, alloc_opts=_opts(a.alloc_opt, "--alloc-opt", "pools=whitened"))
     if a.sparsity is None and a.pattern is None:
         cfg.sparsity = 1.0  # rank only: no sparse part
     from .solvers import get_solver
@@ -182,6 +190,25 @@ def cmd_compress(a) -> int:
 
     if a.method not in GROUP_SOLVERS:
         get_solver(a.method)
+    from .allocate import check_alloc_opts
+    from .api import is_artifact
+    from .config import check_options
+    from .errors import SLRError
+
+    if is_artifact(a.model):  # open_model would load it as an artifact, whose SLRLinears have no .weight to compress
+        raise SLRError(f"{a.model} is an slr artifact, not a source model",
+                       "compress the original model; use `slr eval DIR` to evaluate the artifact")
+
+    # typos and wrong types are refused here, before any heavy work (solvers/allocators swallow unknown keys)
+    check_options(GROUP_SOLVERS.get(a.method) or get_solver(a.method), cfg.solver_opts, flag="--opt",
+                  what=f"the {a.method} solver")
+    check_alloc_opts(a.allocate, cfg.alloc_opts)
+    if a.out:  # an --out that is a file, under a file, or in an unwritable place fails now, not after compressing
+        from .io import check_writable_parent
+
+        if Path(a.out).exists() and not Path(a.out).is_dir():
+            raise SLRError(f"--out {a.out} exists and is not a directory", "pass a directory path with --out")
+        check_writable_parent(a.out, "--out")
     if a.calib_samples < 0:
         from .errors import SLRError
 
@@ -189,7 +216,9 @@ def cmd_compress(a) -> int:
     run = run_compress(a.model, cfg, out=a.out, calib_text=a.calib_text, eval_text=a.text, windows=a.windows,
                        device=a.device, evaluate=not a.no_eval, save=not a.no_save, overwrite=a.overwrite,
                        batch_size=a.batch_size, values_dtype=a.values_dtype, factor_dtype=a.factor_dtype,
-                       tasks=[a.tasks] if a.tasks else None, limit=a.limit)
+                       tasks=[a.tasks] if a.tasks else None, limit=a.limit, resume=a.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (and writes)
+        return 0
     print(_table(summary_rows(run.results)))
     if run.out_dir is not None:
         print(f"  wrote {run.out_dir}/ (results.json{'' if a.no_save else ' + artifact'})")
@@ -242,11 +271,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slr: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("slr: interrupted; no partial output was kept", file=sys.stderr)
+        resumable = a.cmd == "compress" and getattr(a, "out", None)  # `slr report` has an --out too
+        hint = " (finished blocks are checkpointed: rerun with --resume to continue)" if resumable else ""
+        print(f"slr: interrupted; no partial output was written{hint}", file=sys.stderr)
         return 130
     except MemoryError:
         print("slr: error: out of memory -- fix: use fewer --calib-samples, a smaller --batch-size, or a bigger "
               "machine", file=sys.stderr)
+        return 2
+    except Exception as e:  # environment problems that no check caught up front: still one line, no traceback
+        from .errors import is_disk_full
+
+        if is_disk_full(e):  # an OSError, or safetensors' own SafetensorError "... (os error 28)"
+            name = getattr(e, "filename", None)
+            where = f" while writing {name}" if name else ""
+            print(f"slr: error: no space left on device{where} -- fix: free disk space or write to another disk",
+                  file=sys.stderr)
+        elif isinstance(e, OSError) and e.errno is not None:
+            where = f": {e.filename}" if e.filename else ""
+            print(f"slr: error: {e.strerror or e}{where} -- fix: check that the path exists and is writable",
+                  file=sys.stderr)
+        else:
+            raise  # a bug: keep the traceback
         return 2
 
 

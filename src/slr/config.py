@@ -92,6 +92,9 @@ class CompressConfig:
     alloc_opts: dict = field(default_factory=dict)
 
     def layer_spec(self) -> LayerSpec:
+        # the budget is checked here too, so that run_compress rejects it before loading the model
+        if self.budget is not None and not (0.0 < float(self.budget) < 1.0):  # NaN fails the comparison as well
+            raise SLRError(f"budget {self.budget} is outside (0, 1)", "pass a retained fraction such as --budget 0.5")
         nm = parse_nm(self.pattern)
         sp = 0.0 if self.sparsity is None else self.sparsity
         if nm is None and self.sparsity is not None and not (0.0 < self.sparsity < 1.0) and self.rank == 0:
@@ -102,3 +105,43 @@ class CompressConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_options(fn, opts: dict, *, flag: str, what: str, skip: tuple[str, ...] = (),
+                  extra: tuple[str, ...] = ()) -> None:
+    """Reject KEY=VALUE options that ``fn`` does not take, or whose value does not fit the default's type.
+
+    Solvers and allocators swallow unknown keywords (``**_``), so a typo would otherwise be ignored silently, and a
+    wrong type would surface as a traceback deep inside the solver. Options are the parameters with defaults.
+    """
+    import inspect
+    import json
+
+    params = {n: p.default for n, p in inspect.signature(fn).parameters.items()
+              if p.default is not inspect.Parameter.empty and n not in skip}
+    for k, v in opts.items():
+        if k not in params and k not in extra:
+            known = ", ".join(sorted(set(params) | set(extra))) or "none"
+            raise SLRError(f"{flag} {k}={v} is not an option of {what}", f"use one of: {known}")
+        if k not in params:
+            continue
+        d = params[k]
+        if d is None:  # optional value: its type is not known from the default
+            continue
+        if isinstance(d, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(d, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(d, float):
+            ok = isinstance(v, int | float) and not isinstance(v, bool)
+        elif isinstance(d, str):
+            ok = isinstance(v, str)
+        elif isinstance(d, tuple):
+            ok = isinstance(v, list | tuple)
+        else:  # e.g. a torch.dtype: not expressible as KEY=VALUE
+            ok = False
+        if not ok:
+            example = d if isinstance(d, str) else json.dumps(d, separators=(",", ":")) \
+                if isinstance(d, int | float | tuple) else None
+            raise SLRError(f"{flag} {k}={v} does not fit {what}'s option {k} (type {type(d).__name__}, default {d})",
+                           f"write e.g. {flag} {k}={example}" if example is not None else "leave it at its default")

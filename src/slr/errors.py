@@ -8,3 +8,13 @@ class SLRError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem}" + (f" -- fix: {fix}" if fix else ""))
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True for 'no space left' / 'quota exceeded' as OSError, or as safetensors' SafetensorError text."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    s = str(e)
+    return "No space left on device" in s or "os error 28" in s or "Disk quota exceeded" in s

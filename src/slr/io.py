@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import SLRError
+from .errors import SLRError, is_disk_full
 from .nn import SharedProjection, SLRLinear, nm_matches
 
 FORMAT = "slr"
@@ -243,11 +243,30 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
+def check_writable_parent(path: str | os.PathLike, what: str = "output") -> None:
+    """Fail up front (one line) when ``path`` could not be created: an ancestor is a file, or is not writable.
+
+    Probes with a temp dir that is removed at once, since os.access says yes to root even where mkdir fails (/proc).
+    """
+    path = Path(path).absolute()
+    anc = path.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    fix = f"choose a writable location for {what}"
+    if not anc.is_dir():
+        raise SLRError(f"cannot create {what} {path}: {anc} is a file, not a directory", fix)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".slr-probe-", dir=anc))
+    except OSError as e:
+        raise SLRError(f"cannot create {what} {path}: {anc} is not writable ({e.strerror or e})", fix) from None
+
+
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise SLRError(f"output path {out} exists and is not a directory", "choose another output directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise SLRError(f"output directory {out} is not empty", "pass overwrite=True (--overwrite) or another path")
+    check_writable_parent(out, "the output directory")
 
 
 @contextlib.contextmanager
@@ -274,6 +293,11 @@ def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool):
                 raise
         else:
             os.replace(tmp, out)  # also replaces an empty directory
+    except Exception as e:
+        if is_disk_full(e):  # OSError ENOSPC, or safetensors' SafetensorError "... (os error 28)"
+            raise SLRError(f"no space left on device while writing {out}",
+                           "free disk space or write to another disk") from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -407,7 +431,9 @@ class _ShardWriter:
         from safetensors.torch import save_file
 
         fname = f"part-{len(self.written):05d}.safetensors"
-        save_file(self.cur, str(self.root / fname), metadata={"format": "pt", "slr_format_version": "1"})
+        # one metadata key only: safetensors writes the metadata map in hash order, so a second key would make
+        # identical artifacts differ byte for byte between runs (the format version is in the manifest)
+        save_file(self.cur, str(self.root / fname), metadata={"format": "pt"})
         self.written.append((fname, list(self.cur)))
         self.cur, self.cur_bytes = {}, 0
 

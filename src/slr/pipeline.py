@@ -9,6 +9,9 @@ plus its H's.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -17,8 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .budget import matrix_params
 from .config import CompressConfig
+from .distributed import bin_pack
 from .errors import SLRError
 from .models.adapters import ArchAdapter, get_adapter
 from .plan import Plan, key
@@ -28,6 +33,16 @@ from .solvers.base import GROUP_SOLVERS, check_finite
 
 class _Stop(Exception):
     pass
+
+
+def _fault_after() -> int | None:
+    """Fault injection for the resume tests: SLR_FAULT_KILL_AFTER=N SIGKILLs the process after N solved matrices."""
+    v = os.environ.get("SLR_FAULT_KILL_AFTER")
+    return int(v) if v else None
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _strip_cache(kw: dict) -> dict:
@@ -104,6 +119,7 @@ class HessianCollector:
     """Forward hooks that accumulate H = X^T X / n_tokens per input group (fp32 batch products, fp64 sum)."""
 
     def __init__(self, linears: dict[str, nn.Linear], groups: list[tuple[str, ...]]):
+        self.groups = list(groups)
         self.H: dict[tuple[str, ...], torch.Tensor] = {}
         self.n: dict[tuple[str, ...], int] = {}
         self.hooks = []
@@ -122,9 +138,14 @@ class HessianCollector:
                 self.n[g] = x.shape[0]
         return hook
 
-    def finish(self) -> dict[tuple[str, ...], torch.Tensor]:
+    def finish(self, group=None) -> dict[tuple[str, ...], torch.Tensor]:
+        """H per group; under torch.distributed the sums and token counts are all-reduced over the ranks first."""
         for h in self.hooks:
             h.remove()
+        if group is not None and group.active:
+            for g in self.groups:  # the same order on every rank
+                group.all_reduce_(self.H[g])
+                self.n[g] = int(group.sum_float(float(self.n[g])))
         return {g: H / self.n[g] for g, H in self.H.items()}
 
 
@@ -204,6 +225,7 @@ def compress_(
     refine: Callable | None = None,
     progress: bool = True,
     keep_results: bool = False,
+    checkpoints=None,
 ) -> CompressReport:
     """Compress ``model`` in place, block by block. Returns a per-matrix report.
 
@@ -211,6 +233,8 @@ def compress_(
     plan: per-matrix specs; default is ``config.layer_spec()`` everywhere.
     materialize: "slr" replaces linears by SLRLinear, "dense" writes S + UV into the nn.Linear.
     refine: optional callable(block, index, inputs, hidden_batches, targets) for transformer matching.
+    checkpoints: optional ``checkpoint.BlockCheckpoints``: every finished block is saved there, and blocks it already
+        holds (an interrupted run's) are rebuilt from it instead of being solved again.
     """
     adapter = get_adapter(model)
     plan = plan or Plan.uniform(config.layer_spec())
@@ -222,11 +246,38 @@ def compress_(
     t = time.perf_counter()
     # data-free solvers need no activations unless a refinement stage trains on them
     use_calib = calib is not None and len(calib) > 0 and (not data_free or refine is not None)
+    group = distributed.current()
+    if use_calib and group.active:  # data-parallel calibration: this rank's batches only (batch b -> rank b mod K)
+        starts = list(range(0, len(calib), batch_size))
+        if len(starts) < group.world:
+            raise SLRError(f"{len(starts)} calibration batches cannot feed {group.world} ranks",
+                           "pass more --calib-samples, a smaller --batch-size, or fewer processes")
+        calib = torch.cat([calib[starts[b]:starts[b] + batch_size] for b in group.mine(len(starts))])
     inputs = capture_inputs(model, adapter, calib, batch_size, device) if use_calib else None
     report.add_time("capture", time.perf_counter() - t)
-    bar = tqdm(range(len(blocks)), desc=f"compress [{config.method}]", unit="block", disable=not progress)
+    done = checkpoints.completed() if checkpoints is not None else 0
+    fault = _fault_after()
+    solved_count = 0
+    bar = tqdm(range(len(blocks)), desc=f"compress [{config.method}]", unit="block",
+               disable=not progress or not group.is_main)
     for i in bar:
         block = blocks[i]
+        before = dict(report.seconds)
+        if i < done:  # finished by an interrupted run: rebuild it exactly, then propagate as that run did
+            results, recs, secs, state = checkpoints.load(i)
+            _apply_results(block, adapter, results, materialize)
+            if state is not None:
+                block.load_state_dict(state)
+            report.records += [MatrixRecord(**(r | {"shape": tuple(r["shape"])})) for r in recs]
+            for k, v in secs.items():
+                report.add_time(k, v)
+            if keep_results:
+                report.results.update({key(i, n): r for n, r in results.items()})
+            if inputs is not None:
+                with torch.no_grad():
+                    inputs.hidden = [block_forward(block, inputs, i, h) for h in inputs.hidden]
+            bar.set_postfix(resumed=i + 1)
+            continue
         linears = adapter.linears(block)
         groups = [g for g in adapter.groups if all(n in linears for n in g)]
         targets = None
@@ -240,12 +291,13 @@ def compress_(
                     out = block_forward(block, inputs, i, h)
                     if refine is not None:
                         targets.append(out)
-            Hs = coll.finish()
+            Hs = coll.finish(group)
             if refine is None:
                 targets = None
             report.add_time("hessian", time.perf_counter() - t)
         results: dict[str, SolveResult] = {}
         t = time.perf_counter()
+        jobs = []  # (group, weights, H, specs), validated on every rank
         for g in groups:
             H = Hs.get(g)
             check_finite(f"calibration statistics (H) of block {i} {g[0]}", H)
@@ -258,9 +310,31 @@ def compress_(
                 sp = specs[n]
                 (replace(sp, rank=min(sp.rank, min(W.shape))) if config.method in GROUP_SOLVERS else sp).validate(
                     *W.shape)
+            jobs.append((g, Ws, None if data_free and H is None else H, specs))
+        # solve tasks: a whole group for group solvers, else one per linear; bin-packed over the ranks by cost
+        tasks = [(j, n) for j, job in enumerate(jobs)
+                 for n in ((None,) if config.method in GROUP_SOLVERS else job[0])]
+        owner = [0] * len(tasks)
+        if group.active:
+            costs = [sum(w.shape[0] * w.shape[1] ** 2 for m, w in jobs[j][1].items() if n in (None, m))
+                     for j, n in tasks]
+            owner = bin_pack(costs, group.world)
+        solved_tasks: dict[int, tuple[dict[str, SolveResult], float]] = {}
+        for k, (j, n) in enumerate(tasks):
+            if owner[k] != group.rank:
+                continue
+            g, Ws, H, specs = jobs[j]
             tg = time.perf_counter()
-            solved = solve_group(config.method, Ws, None if data_free and H is None else H, specs, config.solver_opts)
-            dt = (time.perf_counter() - tg) / len(g)
+            out = solve_group(config.method, Ws if n is None else {n: Ws[n]}, H, specs, config.solver_opts)
+            solved_tasks[k] = (out, time.perf_counter() - tg)
+            solved_count += len(out)
+            if fault is not None and solved_count >= fault:
+                _kill_self()
+        if group.active:  # every rank gets every result from its owner
+            solved_tasks = {k: group.broadcast_object(solved_tasks.get(k), owner[k]) for k in range(len(tasks))}
+        for k, (j, _) in enumerate(tasks):
+            g, Ws, H, specs = jobs[j]
+            solved, dt = solved_tasks[k]
             for n, res in solved.items():
                 W = Ws[n]
                 shared_counted = any(res.V is not None and res.V is r.V for r in results.values())
@@ -270,7 +344,7 @@ def compress_(
                     params=matrix_params(res, count_v=not shared_counted),
                     # without H (data-free methods) this is the plain Frobenius relative error
                     rel_error=relative_error(W, H, res.dense()),
-                    seconds=res.info.get("seconds", dt),
+                    seconds=res.info.get("seconds", dt / len(solved)),
                     info={k: v for k, v in res.info.items() if k in ("iterations", "time", "best_iter")},
                 )
                 report.records.append(rec)
@@ -283,6 +357,11 @@ def compress_(
             t = time.perf_counter()
             refine(block, i, inputs, targets)
             report.add_time("refine", time.perf_counter() - t)
+        if checkpoints is not None and group.is_main:
+            secs = {k: v - before.get(k, 0.0) for k, v in report.seconds.items()}
+            recs = [json.loads(json.dumps(vars(r) | {"shape": list(r.shape)}, default=str))
+                    for r in report.records if r.block == i]
+            checkpoints.save(i, results, recs, secs, block.state_dict() if refine is not None else None)
         if inputs is not None:
             t = time.perf_counter()
             with torch.no_grad():

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import SLRError
 from .nn import SharedProjection, SLRLinear
 from .pipeline import BlockInputs
@@ -165,12 +166,14 @@ def _forward(block, x, kw, dtype):
 
 
 def _eval_loss(block, chunks, dtype) -> float:
+    """Mean squared error over the chunks (over every rank's chunks under torch.distributed)."""
     tot, n = 0.0, 0
     with torch.no_grad():
         for x, y, kw in chunks:
             tot += float(((_forward(block, x, kw, dtype).float() - y.float()) ** 2).sum())
             n += y.numel()
-    return tot / max(n, 1)
+    g = distributed.current()
+    return g.sum_float(tot) / max(g.sum_float(float(n)), 1.0)
 
 
 def transformer_match_(block: nn.Module, index: int, inputs: BlockInputs, targets: list[torch.Tensor],
@@ -226,11 +229,14 @@ def _match(block, index, inputs, targets, cfg, device, t0) -> dict:
 
 
 def _train(block, index, chunks, params, masks, cfg, cast, original) -> dict:
+    group = distributed.current()
     steps = _steps(chunks, cfg.batch_size)
+    if group.active:  # data-parallel: every rank takes the same number of steps (a rank out of data adds zeros)
+        steps += [[] for _ in range(group.max_int(len(steps)) - len(steps))]
     total_steps = max(1, (cfg.epochs - 1) * len(steps))
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.lr * cfg.final_lr_frac)
-    n_elem = sum(c[1].numel() for c in chunks)
+    n_elem = group.sum_float(float(sum(c[1].numel() for c in chunks)))
     best = (math.inf, None, -1)  # (epoch loss, snapshot, epoch)
     loss_before = math.nan
     history = []
@@ -253,6 +259,11 @@ def _train(block, index, chunks, params, masks, cfg, cast, original) -> dict:
                 err = (_forward(block, x, kw, cast).float() - y.float()) ** 2
                 tot += float(err.detach().sum())
                 (err.mean() * (x.shape[0] / windows)).backward()
+            if group.active:  # average the gradients over the ranks (zeros from a rank that had no data)
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    group.all_reduce_(p.grad).div_(group.world)
             for w, keep in masks:
                 if w.grad is not None:
                     w.grad.mul_(keep)
@@ -262,7 +273,7 @@ def _train(block, index, chunks, params, masks, cfg, cast, original) -> dict:
                 for w, keep in masks:
                     w.mul_(keep)
             done += 1
-        loss = tot / n_elem
+        loss = group.sum_float(tot) / n_elem
         history.append(loss)
         if epoch == 0:
             loss_before = loss

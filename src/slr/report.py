@@ -281,6 +281,9 @@ def write_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike = "re
         raise SLRError(f"--out {out} is not an .html file", "pass e.g. --out report.html")
     if out.exists() and out.is_dir():
         raise SLRError(f"--out {out} is a directory", "pass a file name such as report.html")
+    from .io import check_writable_parent
+
+    check_writable_parent(out, "--out")  # before rendering, not when writing
     figs = render_figures(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     files = out.with_name(out.stem + "_files")

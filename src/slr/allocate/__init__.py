@@ -39,4 +39,15 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     return ALLOCATORS[name](model, config, calib, device, **opts)
 
 
-__all__ = ["ALLOCATORS", "make_plan", "plan_fraction", "project_budget"]
+def check_alloc_opts(name: str, opts: dict) -> None:
+    """Refuse unknown or mistyped allocator options (``--alloc-opt KEY=VALUE``) before any heavy work."""
+    from ..config import check_options
+
+    if name not in ALLOCATORS:
+        raise SLRError(f"unknown allocator {name!r}", f"choose one of: {', '.join(ALLOCATORS)}")
+    # device comes from --device; norms is a Python-API shortcut; mode is read from **opts by alloc_mode
+    check_options(ALLOCATORS[name], opts, flag="--alloc-opt", what=f"the {name} allocator", skip=("device", "norms"),
+                  extra=("mode",))
+
+
+__all__ = ["ALLOCATORS", "check_alloc_opts", "make_plan", "plan_fraction", "project_budget"]

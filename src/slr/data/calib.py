@@ -60,7 +60,7 @@ def calibration_windows(
     """
     ids = _text_ids(_as_ids(ids), bos_id)
     if n_samples < 0:
-        raise SLRError(f"number of calibration samples {n_samples} is negative", "pass --nsamples 0 or more")
+        raise SLRError(f"number of calibration samples {n_samples} is negative", "pass --calib-samples 0 or more")
     _check_seqlen(seqlen, bos_id)
     if n_samples == 0:
         return torch.empty(0, seqlen, dtype=torch.long)
@@ -68,7 +68,7 @@ def calibration_windows(
     if n_tokens <= seqlen:
         raise SLRError(
             f"calibration text has {n_tokens} tokens, but {seqlen}-token windows need more than {seqlen}",
-            "pass a longer text with --text, or a smaller --seqlen",
+            "pass a longer text with --calib-text (or seqlen= in the Python API)",
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n_tokens - seqlen, (n_samples,), generator=gen)
@@ -99,7 +99,7 @@ def eval_windows(
     if available == 0:
         raise SLRError(
             f"evaluation text has {ids.numel()} tokens, fewer than one {seqlen}-token window needs ({stride})",
-            "pass a longer text with --text, or a smaller --seqlen",
+            "pass a longer text with --text (or seqlen= in the Python API)",
         )
     w = available if windows is None else min(windows, available)
     out = ids[: w * stride].reshape(w, stride)

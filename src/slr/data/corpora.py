@@ -141,10 +141,10 @@ def wiki_text(split: str) -> str:
     return text
 
 
-def read_text_file(path: str | os.PathLike) -> str:
+def read_text_file(path: str | os.PathLike, flag: str = "--text") -> str:
     """Read a user's UTF-8 text file (``--text FILE``); SLRError if missing, unreadable, not UTF-8 or empty."""
     p = Path(path).expanduser()
-    fix = "pass a UTF-8 text file with --text FILE, or leave --text out to use the Wikipedia sample"
+    fix = f"pass a UTF-8 text file with {flag} FILE, or leave {flag} out to use the Wikipedia sample"
     if not p.exists():
         raise SLRError(f"text file {str(p)!r} does not exist", fix)
     if not p.is_file():
@@ -175,4 +175,5 @@ def load_text(source: str | os.PathLike | None, split: str) -> tuple[str, str]:
         raise SLRError(f"unknown split {split!r}", f"use one of {', '.join(SPLITS)}")
     if source is None:
         return wiki_text(split), f"wiki-sample:{split}"
-    return read_text_file(source), f"file:{source}"
+    flag = "--calib-text" if split == "calibration" else "--text"  # name the option the user actually gave
+    return read_text_file(source, flag), f"file:{source}"

@@ -53,6 +53,17 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, info = resolve(name_or_path)
+    try:  # transformers' own messages for these two are long and get cut
+        raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SLRError(f"config.json in {folder} is not valid JSON ({str(e)[:80]})",
+                       "re-copy config.json of the model") from None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    mt = raw.get("model_type") if isinstance(raw, dict) else None
+    if mt is not None and mt not in CONFIG_MAPPING_NAMES:
+        raise SLRError(f"config.json in {folder} has model_type {mt!r}, which this transformers does not know",
+                       "pass a supported causal LM (Llama, Mistral, Qwen2/3, Gemma 3, Phi-3, OPT)")
     try:
         cfg = AutoConfig.from_pretrained(folder)
     except Exception as e:
@@ -61,6 +72,11 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torc
     archs = getattr(cfg, "architectures", None) or []
     if archs and not any(a.endswith("ForCausalLM") for a in archs):
         raise SLRError(f"{folder} holds a {archs[0]}, not a causal language model", "pass a *ForCausalLM model")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not archs and cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:  # e.g. a t5 config.json alone
+        raise SLRError(f"{folder} holds a {cfg.model_type} model, not a causal language model",
+                       "pass a *ForCausalLM model")
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except Exception as e:
