@@ -108,6 +108,13 @@ def dense_ppl_cached(model, tok, info: dict, text: str, windows, seqlen: int, de
     return r
 
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (ru_maxrss, KiB on Linux), in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def current_umask() -> int:
     """The process umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
@@ -347,6 +354,7 @@ def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, c
         results["zeroshot"] = evaluate_zeroshot(model, tok, tasks, limit=limit, batch_size=batch_size, device=device)
         times["zeroshot"] = time.perf_counter() - t
     results["seconds"] = times
+    results["peak_rss_mib"] = peak_rss_mib()
     if out_dir is None or not save:
         if out_dir is not None:
             write_json_atomic(out_dir / "results.json", results)

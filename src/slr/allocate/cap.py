@@ -5,7 +5,11 @@ Stage 1, pools (per matrix, data-free):
       σ_i u_i v_i^T of L and the nonzeros of S.
   pools="whitened": the top p singular directions of A = W diag(d) (d_j = sqrt(mean x_j^2), d = 1 without data),
       mapped back to W, p = min(min(m, n), budget * m n / (m + n)) (the rank that alone would spend the matrix's share
-      of the budget), and every entry of the residual W - L_p. One SVD per matrix, much cheaper than RPCA.
+      of the budget), and every entry of the residual W - L_r0 with r0 = ``residual_rank`` (default: the run's
+      uniform rank, --rank). One SVD per matrix, much cheaper than RPCA. Why r0 and not p: entries of W - L_p have
+      had the energy of all p directions removed, so next to the directions they look cheap and the plan comes out
+      rank-heavy (measured on SmolLM2 with the RPCA pools, whose S holds only the outliers: mean ranks 24-140 with
+      S densities 0.08-0.26 at g50, ppl 169 vs 61 uniform).
   Pure pruning has no directions (the candidates are the entries of W); rank-only methods have no sparse part (the
   directions of the whitened SVD of W, whatever ``pools`` says).
 
@@ -128,7 +132,7 @@ def _chunked(values: torch.Tensor, index: torch.Tensor, score: torch.Tensor, n_c
 
 
 def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget: float, n_chunks: int,
-               rpca_iters: int) -> Pools:
+               rpca_iters: int, residual_rank: int = 0) -> Pools:
     W = m.weight.detach().float().cpu()
     dd = d.float() if d is not None else None
     A = W * dd[None, :] if dd is not None else W
@@ -147,7 +151,8 @@ def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget:
         U, sigma = P[:, :p].contiguous(), s[:p].contiguous()
         Vt = (Qt[:p] / dd[None, :]) if dd is not None else Qt[:p].contiguous()
         if mode == "slr":
-            R = W - (U * sigma) @ Vt
+            r0 = min(residual_rank, p)
+            R = W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]
             flat = R.flatten()
             idx = torch.arange(m.numel)
             score = flat.abs() * (dd[idx % m.d_in] if dd is not None else 1.0)
@@ -202,7 +207,8 @@ class _Loss:
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
              pools: str = "rpca", iterations: int = 3, samples: int = 4, lr: float = 0.05, baseline_window: int = 5,
              chunks: int = 100, init_temp: float = 2.0, windows: int = 8, batch_size: int = 4, rpca_iters: int = 5,
-             max_samples: int | None = 16, norms: dict | None = None, **opts) -> tuple[Plan, dict]:
+             max_samples: int | None = 16, norms: dict | None = None, residual_rank: int | None = None,
+             **opts) -> tuple[Plan, dict]:
     """CAP plan (see the module docstring). ``samples`` = masks drawn per policy-gradient iteration."""
     t0 = time.perf_counter()
     if pools not in ("rpca", "whitened"):
@@ -216,7 +222,8 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     if norms is None:
         norms = input_sq_norms(model, calib, device, max_samples)
     K = float(int(budget * sum(m.numel for m in mats)))
-    pl = [make_pools(m, scales(m, norms), mode, pools, budget, chunks, rpca_iters) for m in mats]
+    r0 = config.rank if residual_rank is None else int(residual_rank)
+    pl = [make_pools(m, scales(m, norms), mode, pools, budget, chunks, rpca_iters, r0) for m in mats]
     t_pools = time.perf_counter() - t0
     # global candidate arrays: per matrix, its directions then its chunks
     cost, dens, owner, kind = [], [], [], []
@@ -301,6 +308,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     nm = None
     choices = fit_budget(mats, choices, int(K), mode, nm)
     extra = {"pools": pools if mode == "slr" else ("whitened" if mode == "rank" else "weights"),
+             **({"residual_rank": r0} if mode == "slr" and pools == "whitened" else {}),
              "loss": "calibration CE" if data else "weight-only relative Frobenius (data-free)",
              "windows": min(windows, len(calib)) if data else 0, "iterations": iterations, "samples": samples,
              "lr": lr, "baseline_window": baseline_window, "chunks": chunks, "candidates": int(cost.numel()),
