@@ -24,10 +24,16 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+def message_lines(err: str) -> list[str]:
+    """stderr without progress bars (e.g. the one-time GGUF dequantization on a fresh cache) and without the
+    memory estimate a compression prints before it starts."""
+    return [ln for ln in err.strip().splitlines() if ln.strip() and "%|" not in ln
+            and not ln.startswith("slr: estimated peak memory")]
+
+
 def assert_one_line_error(code: int, err: str, *needles: str):
     assert code == 2, err
-    # progress bars (e.g. the one-time GGUF dequantization on a fresh cache) may precede the error
-    lines = [ln for ln in err.strip().splitlines() if ln.strip() and "%|" not in ln]
+    lines = message_lines(err)
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
     assert lines[0].startswith("slr: error: ")
     assert "Traceback" not in err

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assert_no_output, assert_one_line_error, make_hf_folder, run, words
+from test_cli import assert_no_output, assert_one_line_error, make_hf_folder, message_lines, run, words
 
 from slr import io
 from slr.cli import main
@@ -451,7 +451,7 @@ def test_save_disk_full_api(tmp_path, monkeypatch):
 
 def assert_interrupted(code: int, err: str):
     assert code == 130, err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip() and "%|" not in ln]
+    lines = message_lines(err)
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
     assert lines[0].startswith("slr: interrupted; no partial output was written"), lines[0]
     assert "Traceback" not in err
@@ -731,3 +731,21 @@ def test_compress_nan_calibration_api():
     for n, p in model.named_parameters():  # nothing was half-compressed
         if n in before:
             assert torch.equal(p, before[n]), n
+
+
+def test_compress_will_not_fit_in_memory(capsys, tmp_path, assets, monkeypatch):
+    """The memory estimate printed before a run is checked against what is available ($SLR_MEMORY_LIMIT_MIB here)."""
+    src, corpus, _, _ = assets
+    out = tmp_path / "out"
+    monkeypatch.setenv("SLR_MEMORY_LIMIT_MIB", "1")
+    code, _, err = run(capsys, "compress", src, "--method", "wanda", "--pattern", "2:4", "--calib-text", corpus,
+                       "--out", out, *FAST)
+    assert_one_line_error(code, err, "of memory but only", "GiB")
+    assert_nothing_written(tmp_path, out)
+    monkeypatch.setenv("SLR_MEMORY_LIMIT_MIB", "100000")
+    code, _, err = run(capsys, "compress", src, "--method", "wanda", "--pattern", "2:4", "--calib-text", corpus,
+                       "--out", out, *FAST)
+    assert code == 0, err
+    assert "estimated peak memory" in err
+    est = json.loads((out / "results.json").read_text())["memory_estimate_mib"]
+    assert est > 600  # model + one block + runtime

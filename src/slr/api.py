@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -276,6 +277,12 @@ def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, c
     model, tok, info = open_model(model_name, device)
     times["load"] = time.perf_counter() - t
     _check_shapes(model, spec)
+    from .estimate import check_fits, describe, estimate_run
+
+    est = estimate_run(model, config.calib_samples, config.seqlen)
+    check_fits(est)  # before printing it, so a refusal stays one line
+    if progress:
+        print(f"slr: {describe(est)}", file=sys.stderr)
     results: dict = {
         "model": info["label"], "model_arg": model_name, "model_sha256": info["sha256"],
         "method": config.method, "config": config.to_dict(), "spec": spec.label, "seed": config.seed,
@@ -355,6 +362,7 @@ def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, c
         times["zeroshot"] = time.perf_counter() - t
     results["seconds"] = times
     results["peak_rss_mib"] = peak_rss_mib()
+    results["memory_estimate_mib"] = est["total"] / 2**20
     if out_dir is None or not save:
         if out_dir is not None:
             write_json_atomic(out_dir / "results.json", results)

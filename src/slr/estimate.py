@@ -1,0 +1,81 @@
+"""Memory estimate of a compression run, printed before it starts; a run that will not fit is refused.
+
+Peak = the model in memory (its parameters at their dtype) + one block in flight:
+  block weights as fp32 copies for the solver, one fp64 H per input group (d_in^2 * 8), the calibration activations
+  entering and leaving the block (2 * windows * seqlen * d_model * 4), and the solver workspace (about eight fp32
+  [d_out, d_in] buffers of the largest linear plus three fp64 [d_in, d_in] eigen-matrices)
++ the compressed blocks' sparse and low-rank factors (at most the dense size of the linears again)
++ a fixed runtime overhead (Python, torch, transformers: ~600 MiB measured on an idle import).
+benchmarks/scaling.py uses the same block model to extrapolate to bigger models.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from .errors import SLRError
+
+RUNTIME_MIB = 600
+
+
+def block_memory_bytes(linears: list[tuple[int, int]], group_din: list[int], d_model: int, tokens: int) -> dict:
+    """Bytes of one block in flight; ``linears`` = [(d_out, d_in)], ``group_din`` = d_in of each input group."""
+    big = max(m * n for m, n in linears)
+    n_max = max(n for _, n in linears)
+    return {
+        "block weights (fp32)": sum(m * n for m, n in linears) * 4,
+        "H per group (fp64)": sum(8 * n * n for n in group_din),
+        "calibration activations in + out (fp32)": 2 * tokens * d_model * 4,
+        "solver workspace (~8 [m, n] fp32 + eig fp64)": 8 * big * 4 + 3 * 8 * n_max * n_max,
+    }
+
+
+def estimate_run(model: nn.Module, windows: int, seqlen: int) -> dict:
+    """{"model", "block", "compressed", "runtime", "total"} in bytes for compressing ``model`` in memory."""
+    from .models.adapters import get_adapter
+
+    ad = get_adapter(model)
+    block = ad.blocks(model)[0]
+    lin = ad.linears(block)
+    shapes = [(int(m.weight.shape[0]), int(m.weight.shape[1])) for m in lin.values()]
+    gdin = [int(lin[g[0]].weight.shape[1]) for g in ad.groups if all(n in lin for n in g)]
+    d_model = int(model.get_input_embeddings().weight.shape[1])
+    parts = block_memory_bytes(shapes, gdin, d_model, windows * seqlen)
+    model_b = sum(p.numel() * p.element_size() for p in model.parameters())
+    linear_b = sum(m.weight.numel() * m.weight.element_size() for b in ad.blocks(model) for m in ad.linears(b).values())
+    out = {"model": model_b, "block": sum(parts.values()), "compressed": linear_b, "runtime": RUNTIME_MIB * 2**20}
+    out["total"] = sum(out.values())
+    out["block_parts"] = parts
+    return out
+
+
+def available_bytes() -> int | None:
+    """MemAvailable (Linux), or $SLR_MEMORY_LIMIT_MIB when set (lets tests and shared hosts set a ceiling)."""
+    env = os.environ.get("SLR_MEMORY_LIMIT_MIB")
+    if env:
+        return int(float(env) * 2**20)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(est: dict) -> None:
+    avail = available_bytes()
+    if avail is not None and est["total"] > avail:
+        raise SLRError(f"this run needs about {est['total'] / 2**30:.1f} GiB of memory but only "
+                       f"{avail / 2**30:.1f} GiB is available",
+                       "use fewer --calib-samples, a machine with more memory, or torchrun on more hosts")
+
+
+def describe(est: dict) -> str:
+    g = 2**20
+    return (f"estimated peak memory {est['total'] / g:,.0f} MiB (model {est['model'] / g:,.0f} + one block in flight "
+            f"{est['block'] / g:,.0f} + compressed layers <= {est['compressed'] / g:,.0f} + runtime "
+            f"{est['runtime'] / g:,.0f})")
