@@ -57,12 +57,13 @@ SUITES = {
 
 def run_one(model: str, method: str, config_id: str, calib_samples: int, windows: int,
             save_dir: str | None = None, allocate: str = "uniform", refine: str | None = None,
-            tm_epochs: int = 20, tm_samples: int | None = None) -> dict:
+            tm_epochs: int = 20, tm_samples: int | None = None, alloc_opts: dict | None = None) -> dict:
     from slr.api import run_compress
     from slr.config import CompressConfig
 
     cfg = CompressConfig(method=method, calib_samples=calib_samples, allocate=allocate, refine=refine,
-                         tm_epochs=tm_epochs, tm_samples=tm_samples, **CONFIGS[config_id])
+                         tm_epochs=tm_epochs, tm_samples=tm_samples, alloc_opts=dict(alloc_opts or {}),
+                         **CONFIGS[config_id])
     t = time.perf_counter()
     parts = [model, method, config_id] + ([allocate] if allocate != "uniform" else []) + ([refine] if refine else [])
     name = "-".join(parts)
@@ -90,11 +91,13 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
         **({"tm_epochs": r["config"]["tm_epochs"], "tm_samples": r["config"].get("tm_samples")}
            if r["config"].get("refine") else {}),
         **({"allocate_s": round(r["seconds"]["allocate"], 1)} if "allocate" in r["seconds"] else {}),
+        **({"alloc_opts": r["config"]["alloc_opts"]} if r["config"].get("alloc_opts") else {}),
         "retained_fraction": round(r["retained_fraction"], 6), "ppl": r["ppl"]["ppl"],
         "ppl_windows": r["ppl"]["windows"], "ppl_text": r["ppl"]["text"], "dense_ppl": r["dense_ppl"]["ppl"],
         "mean_rel_error": r["mean_rel_error"], "calib_samples": calib_samples,
         "compress_s": round(r["seconds"]["compress"], 1), "eval_s": round(r["seconds"]["eval"], 1),
         "stage_s": {k: round(v, 1) for k, v in r["seconds"].items() if k.startswith("compress.")},
+        **{k: round(r[k]) for k in ("peak_rss_mib", "memory_estimate_mib") if r.get(k) is not None},
         "wall_s": round(wall_s, 1) if wall_s else None, "git_commit": _COMMIT or r["git_commit"], "seed": r["seed"],
     }
 
@@ -239,6 +242,8 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--tm-epochs", type=int, default=20, help="epochs for jobs with refine tm")
     ap.add_argument("--tm-samples", type=int, default=None, help="windows TM trains on (default: all)")
+    ap.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="allocator option for every job, as `slr compress --alloc-opt` (e.g. pools=whitened)")
     ap.add_argument("--save-dir", metavar="DIR", help="also save artifacts to DIR/<model>-<method>-<config>")
     ap.add_argument("--report", action="store_true", help="only regenerate BENCHMARKS.md")
     ap.add_argument("--from-results", action="append", default=[], metavar="DIR",
@@ -253,13 +258,16 @@ def main() -> int:
             v for k, v in r["seconds"].items() if "." not in k and k != "load"))
         with RESULTS.open("a") as f:
             f.write(json.dumps(rec) + "\n")
+    from slr.cli import _opts
+
+    alloc_opts = _opts(a.alloc_opt, "--alloc-opt", "pools=whitened")
     jobs = list(SUITES.get(a.suite, [])) + [tuple(o.split(":")) for o in a.only]
     for job in jobs:
         method, cfg, allocate, refine = (tuple(job) + (None, None))[:4]
         allocate = allocate or "uniform"
         print(f"== {method} {cfg} {allocate} {refine or ''}", flush=True)
         rec = run_one(a.model, method, cfg, a.calib_samples, a.windows, a.save_dir, allocate, refine or None,
-                      a.tm_epochs, a.tm_samples)
+                      a.tm_epochs, a.tm_samples, alloc_opts)
         print(json.dumps(rec), flush=True)
         with RESULTS.open("a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -23,6 +23,7 @@ from ..config import CompressConfig, LayerSpec, keep_per_row
 from ..errors import SLRError
 from ..models.adapters import get_adapter
 from ..plan import Plan, key
+from ..solvers.base import damp_hessian
 
 # Which methods use which part of a spec. Unknown methods are treated as S+LR when config.rank > 0, else as pruning.
 RANK_ONLY = {"lowrank", "svd"}
@@ -307,6 +308,54 @@ def input_sq_norms(model: nn.Module, calib: torch.Tensor | None, device="cpu", m
         for n in g:
             out[key(i, n)] = v / max(counts[(i, g)], 1)
     return out
+
+
+@torch.no_grad()
+def dense_block_hessians(model: nn.Module, calib: torch.Tensor, device="cpu", max_samples: int | None = 8,
+                         batch_size: int = 4):
+    """Yield (block index, {linear name: H [d_in, d_in] float64 cpu}) for every block of the *dense* model.
+
+    Streams like the pipeline: the embeddings run once, then each block runs on the previous block's dense outputs
+    with hooks on its input groups, so only one block's Hessians are alive at a time (memory: the block's H plus
+    the [n, L, d] activations of ``max_samples`` windows).
+    """
+    from ..pipeline import HessianCollector, block_forward, capture_inputs
+
+    ad = get_adapter(model)
+    calib = calib[:max_samples] if max_samples else calib
+    inputs = capture_inputs(model, ad, calib, batch_size, device)
+    hidden = inputs.hidden
+    for i, block in enumerate(ad.blocks(model)):
+        lin = ad.linears(block)
+        groups = [g for g in ad.groups if all(n in lin for n in g)]
+        col = HessianCollector(lin, groups)
+        try:
+            hidden = [block_forward(block, inputs, i, h) for h in hidden]
+        finally:
+            Hs = col.finish()
+        yield i, {n: Hs[g].cpu() for g in groups for n in g}
+
+
+def whitener(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H^{1/2}, H^{-1/2}, 1 / diag(H^{-1})) of the damped H [d_in, d_in], float32, from one eigendecomposition."""
+    Hd = damp_hessian(H, percdamp)  # float64, dead inputs -> 1
+    lam, Q = torch.linalg.eigh(Hd)
+    lam = lam.clamp_min(1e-12 * float(lam.max()))
+    G = (Q * lam.sqrt()) @ Q.T
+    Gi = (Q * lam.rsqrt()) @ Q.T
+    return G.float(), Gi.float(), (1.0 / (Q * Q / lam).sum(1)).float()
+
+
+def whitened_metrics(model: nn.Module, mats: list[Matrix], calib: torch.Tensor, device="cpu",
+                     max_samples: int | None = 8):
+    """Yield (index into ``mats``, whitener(H)) for every matrix, block by block (one eigh per input group)."""
+    by_key = {m.key: j for j, m in enumerate(mats)}
+    for b, Hs in dense_block_hessians(model, calib, device, max_samples):
+        whites: dict[int, tuple] = {}  # the linears of a group share one H object
+        for name, H in Hs.items():
+            j = by_key.get(key(b, name))
+            if j is not None:
+                yield j, whites.setdefault(id(H), whitener(H))
 
 
 def scales(m: Matrix, norms: dict[str, torch.Tensor] | None) -> torch.Tensor | None:

@@ -62,6 +62,7 @@ from .base import (
     nm_of,
     resolve_budget,
     scales,
+    whitened_metrics,
 )
 
 
@@ -132,8 +133,11 @@ def _chunked(values: torch.Tensor, index: torch.Tensor, score: torch.Tensor, n_c
 
 
 def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget: float, n_chunks: int,
-               rpca_iters: int, residual_rank: int = 0) -> Pools:
+               rpca_iters: int, residual_rank: int = 0, white: tuple | None = None) -> Pools:
+    """Candidate pools of one matrix. ``white`` = whitener(H) switches the whitened pools to the full-H metric."""
     W = m.weight.detach().float().cpu()
+    if white is not None and mode in ("slr", "rank") and pools == "whitened":
+        return _white_pools(m, W, mode, budget, n_chunks, residual_rank, white)
     dd = d.float() if d is not None else None
     A = W * dd[None, :] if dd is not None else W
     energy = max(float((A.double() ** 2).sum()), 1e-300)
@@ -168,6 +172,29 @@ def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget:
     if sigma.numel():
         vn = (Vt.double() * (d[None, :] if d is not None else 1.0)).norm(dim=1) ** 2
         de = sigma.double() ** 2 * vn / energy
+    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce)
+
+
+def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, n_chunks: int, residual_rank: int,
+                 white: tuple) -> Pools:
+    """Whitened pools in the full metric tr(E H E^T): directions of A = W H^{1/2} mapped back by H^{-1/2} (each
+    direction's energy is its σ^2); residual entries scored and weighed by the OBS saliency w^2 / [H^{-1}]_jj."""
+    G, Gi, sal = white
+    A = W @ G
+    energy = max(float((A.double() ** 2).sum()), 1e-300)
+    P, s, Qt = torch.linalg.svd(A, full_matrices=False)
+    p = min(m.d_out, m.d_in) if mode == "rank" else min(m.d_out, m.d_in, int(budget * m.numel / m.lr_unit))
+    U, sigma, Vt = P[:, :p].contiguous(), s[:p].contiguous(), Qt[:p] @ Gi
+    de = sigma.double() ** 2 / energy
+    values, index = torch.zeros(0), torch.zeros(0, dtype=torch.int32)
+    sizes, ce = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+    if mode == "slr":
+        r0 = min(residual_rank, p)
+        flat = (W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]).flatten()
+        idx = torch.arange(m.numel)
+        w = sal.sqrt()
+        # the chunk energies are shares of ||A||^2 like the directions', in the same per-entry saliency units
+        values, index, sizes, ce = _chunked(flat, idx, flat.abs() * w[idx % m.d_in], n_chunks, w, m.d_in, energy)
     return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce)
 
 
@@ -207,7 +234,7 @@ class _Loss:
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
              pools: str = "rpca", iterations: int = 3, samples: int = 4, lr: float = 0.05, baseline_window: int = 5,
              chunks: int = 100, init_temp: float = 2.0, windows: int = 8, batch_size: int = 4, rpca_iters: int = 5,
-             max_samples: int | None = 16, norms: dict | None = None, residual_rank: int | None = None,
+             max_samples: int | None = 8, norms: dict | None = None, residual_rank: int | None = None,
              **opts) -> tuple[Plan, dict]:
     """CAP plan (see the module docstring). ``samples`` = masks drawn per policy-gradient iteration."""
     t0 = time.perf_counter()
@@ -219,11 +246,18 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     mats = matrices(model)
     budget = resolve_budget(config, mats, mode)
     data = calib is not None and len(calib) > 0
-    if norms is None:
+    full_h = pools == "whitened" and data and mode in ("slr", "rank") and norms is None
+    if norms is None and not full_h:
         norms = input_sq_norms(model, calib, device, max_samples)
     K = float(int(budget * sum(m.numel for m in mats)))
     r0 = config.rank if residual_rank is None else int(residual_rank)
-    pl = [make_pools(m, scales(m, norms), mode, pools, budget, chunks, rpca_iters, r0) for m in mats]
+    pl: list = [None] * len(mats)
+    if full_h:  # full-H whitening, streamed block by block
+        for j, white in whitened_metrics(model, mats, calib, device, max_samples):
+            pl[j] = make_pools(mats[j], None, mode, pools, budget, chunks, rpca_iters, r0, white)
+    for j, m in enumerate(mats):
+        if pl[j] is None:
+            pl[j] = make_pools(m, scales(m, norms), mode, pools, budget, chunks, rpca_iters, r0)
     t_pools = time.perf_counter() - t0
     # global candidate arrays: per matrix, its directions then its chunks
     cost, dens, owner, kind = [], [], [], []
@@ -308,6 +342,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     nm = None
     choices = fit_budget(mats, choices, int(K), mode, nm)
     extra = {"pools": pools if mode == "slr" else ("whitened" if mode == "rank" else "weights"),
+             "metric": "full H" if full_h else ("diag H" if norms is not None else "weights"),
              **({"residual_rank": r0} if mode == "slr" and pools == "whitened" else {}),
              "loss": "calibration CE" if data else "weight-only relative Frobenius (data-free)",
              "windows": min(windows, len(calib)) if data else 0, "iterations": iterations, "samples": samples,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -55,6 +56,7 @@ from .base import (
     nm_of,
     resolve_budget,
     scales,
+    whitened_metrics,
 )
 
 RANK_FRACS = (1 / 64, 1 / 32, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2)
@@ -76,13 +78,46 @@ def keep_grid(d_in: int, points: int, extra: int | None = None) -> list[int]:
     return sorted(ks)
 
 
-def matrix_curve(m: Matrix, d: torch.Tensor | None, mode: str, nm: tuple[int, int] | None, *, uni: Choice,
+@dataclass
+class Metric:
+    """The layer metric of one matrix, ||E||_M^2 = tr(E H E^T), in the pieces the proxy needs.
+
+    A = W G with G G^T = H (so a rank-r truncation of A is the metric-optimal rank-r L = A_r G^{-1}); ``back`` =
+    G^{-1} [d_in, d_in] (or a [d_in] diagonal); ``saliency`` [d_in] = per-column weight of a single entry's loss:
+    1 / [H^{-1}]_jj (the OBS cost of zeroing one weight with the rest of its row compensating) or d_j^2 (diag).
+    """
+
+    A: torch.Tensor  # [d_out, d_in]
+    back: torch.Tensor | None  # [d_in, d_in] or [d_in]; None = identity
+    saliency: torch.Tensor | None  # [d_in]; None = 1
+
+    @classmethod
+    def diag(cls, W: torch.Tensor, d: torch.Tensor | None) -> Metric:
+        if d is None:
+            return cls(W, None, None)
+        d = d.float()
+        return cls(W * d[None, :], 1.0 / d, d * d)
+
+    @classmethod
+    def whitened(cls, W: torch.Tensor, white: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Metric:
+        G, Gi, sal = white
+        return cls(W @ G, Gi, sal)
+
+    def to_w(self, Qt: torch.Tensor) -> torch.Tensor:
+        """Right singular vectors of A [r, d_in] mapped to W's coordinates (Qt G^{-1})."""
+        if self.back is None:
+            return Qt
+        return Qt * self.back[None, :] if self.back.dim() == 1 else Qt @ self.back
+
+
+def matrix_curve(m: Matrix, metric: Metric, mode: str, nm: tuple[int, int] | None, *, uni: Choice,
                  samples: int = 16384, points: int = 101, normalize: str = "size",
                  seed: int = 0) -> tuple[list[Choice], torch.Tensor, torch.Tensor]:
     """Candidates (choices, costs [C] float64, proxy losses [C] float64) of one matrix."""
     W = m.weight.detach().float().cpu()
-    A = W * d.float()[None, :] if d is not None else W
+    A = metric.A
     energy = float((A.double() ** 2).sum())
+    sal = metric.saliency
     choices: list[Choice] = []
     losses: list[float] = []
     if mode == "sparse":
@@ -105,29 +140,35 @@ def matrix_curve(m: Matrix, d: torch.Tensor | None, mode: str, nm: tuple[int, in
             P, s, Qt = torch.linalg.svd(A, full_matrices=False)
             s2 = s.double() ** 2
             tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])
+            Vw = metric.to_w(Qt[:rg])  # [rg, d_in]: the directions in W's coordinates
         else:
             tail = torch.tensor([energy], dtype=torch.float64)
         if nm is not None:
             for r in ranks:
-                R = A - (P[:, :r] * s[:r]) @ Qt[:r] if r else A
-                keep = nm_mask(R.abs(), *nm)
+                R = W - (P[:, :r] * s[:r]) @ Vw[:r] if r else W
+                e2 = R.double() ** 2 * (sal.double()[None, :] if sal is not None else 1.0)
+                keep = nm_mask(e2, *nm)
+                tot = float(e2.sum())
+                dropped = float(e2[~keep].sum()) / tot if tot > 0 else 0.0
                 choices.append(Choice(None, r))
-                losses.append(float((R.double()[~keep] ** 2).sum()))
+                losses.append(float(tail[min(r, len(tail) - 1)]) * dropped)
         else:
             g = torch.Generator().manual_seed(seed)
             n_all = m.numel
             idx = torch.arange(n_all) if n_all <= samples else torch.randperm(n_all, generator=g)[:samples]
             rows, cols = idx // m.d_in, idx % m.d_in
-            a = A.flatten()[idx]  # [ns]
+            w = W.flatten()[idx]  # [ns]
+            cw = sal.double()[cols] if sal is not None else None
             cum = None
             if rg > 0:
-                cum = ((P[rows, :rg] * s[:rg]) * Qt[:rg, cols].T).cumsum(1)  # [ns, rg]: A_r at the samples
+                cum = ((P[rows, :rg] * s[:rg]) * Vw[:, cols].T).cumsum(1)  # [ns, rg]: L_r at the samples
             ks = keep_grid(m.d_in, points, uni.k_row)
             ns = idx.numel()
             kpos = torch.tensor([min(ns, int(round(k / m.d_in * ns))) for k in ks])
             for r in ranks:
-                R = a - cum[:, r - 1] if r else a
-                e2 = (R.double() ** 2).sort(descending=True).values
+                R = w - cum[:, r - 1] if r else w
+                e2 = R.double() ** 2
+                e2 = (e2 * cw if cw is not None else e2).sort(descending=True).values
                 cs = torch.cat([e2.new_zeros(1), e2.cumsum(0)])
                 tot = float(cs[-1])
                 captured = cs[kpos] / tot if tot > 0 else torch.ones(len(ks), dtype=torch.float64)
@@ -208,18 +249,31 @@ def solve_knapsack(costs: list[torch.Tensor], losses: list[torch.Tensor], budget
 
 
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
-             max_samples: int | None = 16, samples: int = 16384, points: int = 101, normalize: str = "size",
-             norms: dict | None = None, **opts) -> tuple[Plan, dict]:
-    """Knapsack plan. ``norms`` (key -> mean x^2 [d_in]) may be passed to skip the calibration forward pass."""
+             max_samples: int | None = 8, samples: int = 16384, points: int = 101, normalize: str = "size",
+             metric: str = "whitened", span: float | None = None, norms: dict | None = None,
+             **opts) -> tuple[Plan, dict]:
+    """Knapsack plan (see the module docstring).
+
+    ``metric``: "whitened" (full dense-model H per input group, streamed block by block) or "diag" (mean x^2 only);
+    both fall back to the plain weights without calibration data. ``span``: if set, every matrix keeps a retained
+    fraction within budget ± span (a trust region around the uniform plan, like OWL's λ). ``norms`` (key -> mean
+    x^2 [d_in]) may be passed to skip the calibration forward pass of the diag metric.
+    """
     t0 = time.perf_counter()
     mode = alloc_mode(config, opts)
     nm = nm_of(config)
+    if metric not in ("whitened", "diag"):
+        raise SLRError(f"unknown knapsack metric {metric!r}", "use --alloc-opt metric=whitened or metric=diag")
+    if span is not None and not (isinstance(span, (int, float)) and 0 < span <= 1):
+        raise SLRError(f"knapsack span {span!r} is not in (0, 1]", "use e.g. --alloc-opt span=0.1")
     if mode == "sparse" and nm is not None:
         raise SLRError("pure N:M pruning has a fixed budget: there is nothing to allocate",
                        "drop --allocate, or add a rank (S+LR method)")
     mats = matrices(model)
     budget = resolve_budget(config, mats, mode)
-    if norms is None:
+    data = calib is not None and len(calib) > 0
+    whitened = metric == "whitened" and data and norms is None
+    if not whitened and norms is None:
         norms = input_sq_norms(model, calib, device, max_samples)
     t1 = time.perf_counter()
     # the uniform plan at the same budget is put on every grid, so its proxy loss can be reported for comparison
@@ -228,13 +282,28 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     for m in mats:
         us = uplan.get(m.block, m.name)
         unis.append(Choice(None if (mode == "rank" or nm is not None) else keep_per_row(m.d_in, us.sparsity), us.rank))
-    cands, costs, losses = [], [], []
-    for j, (m, uni) in enumerate(zip(mats, unis)):
-        ch, c, lo = matrix_curve(m, scales(m, norms), mode, nm, uni=uni, samples=samples, points=points,
+    n = len(mats)
+    cands: list = [None] * n
+    costs: list = [None] * n
+    losses: list = [None] * n
+
+    def curve(j: int, met: Metric) -> None:
+        ch, c, lo = matrix_curve(mats[j], met, mode, nm, uni=unis[j], samples=samples, points=points,
                                  normalize=normalize, seed=config.seed + j)
-        cands.append(ch)
-        costs.append(c)
-        losses.append(lo)
+        if span is not None:  # trust region; the uniform choice always stays available
+            frac = c / mats[j].numel
+            ok = ((frac - budget).abs() <= span) | torch.tensor(
+                [x.k_row == unis[j].k_row and x.rank == unis[j].rank for x in ch], dtype=torch.bool)
+            idx = ok.nonzero().flatten().tolist()
+            ch, c, lo = [ch[i] for i in idx], c[ok], lo[ok]
+        cands[j], costs[j], losses[j] = ch, c, lo
+
+    if whitened:
+        for j, white in whitened_metrics(model, mats, calib, device, max_samples):
+            curve(j, Metric.whitened(mats[j].weight.detach().float().cpu(), white))
+    for j, m in enumerate(mats):
+        if cands[j] is None:
+            curve(j, Metric.diag(m.weight.detach().float().cpu(), scales(m, norms)))
     t2 = time.perf_counter()
     total = sum(m.numel for m in mats)
     target = int(budget * total)
@@ -246,8 +315,10 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     for uni, ch, lo in zip(unis, cands, losses):
         hit = [i for i, c in enumerate(ch) if c.k_row == uni.k_row and c.rank == uni.rank]
         uniform_proxy = uniform_proxy + float(lo[hit[0]]) if hit and uniform_proxy is not None else None
-    extra = {"proxy": "diag-H low-rank-then-sparse energy", "normalize": normalize, "data_free": norms is None,
-             "lambda": lam, "proxy_loss": proxy, "uniform_proxy_loss": uniform_proxy,
+    used = "whitened" if whitened else ("diag" if norms is not None else "weights")
+    extra = {"proxy": f"{used}-metric low-rank-then-sparse energy", "metric": used, "span": span,
+             "normalize": normalize, "data_free": not data, "calib_windows": min(len(calib), max_samples or len(calib))
+             if data else 0, "lambda": lam, "proxy_loss": proxy, "uniform_proxy_loss": uniform_proxy,
              "candidates": sum(len(c) for c in cands),
              "seconds_stats": t1 - t0, "seconds_curves": t2 - t1, "seconds_solve": time.perf_counter() - t2}
     return finish("knapsack", mats, choices, mode, nm, budget, t0, extra)
