@@ -1,19 +1,23 @@
 """CAP (Zhou et al., ICLR 2026; methods.md §1.1): probabilistic global allocation over candidate pools.
 
-Stage 1, pools (per matrix, data-free):
+Stage 1, pools (per matrix; the RPCA pools are data-free):
   pools="rpca" (the paper): W ~= L + S by IALM robust PCA (``rpca_pools``). Candidates are the singular directions
       σ_i u_i v_i^T of L and the nonzeros of S.
-  pools="whitened": the top p singular directions of A = W diag(d) (d_j = sqrt(mean x_j^2), d = 1 without data),
-      mapped back to W, p = min(min(m, n), budget * m n / (m + n)) (the rank that alone would spend the matrix's share
-      of the budget), and every entry of the residual W - L_r0 with r0 = ``residual_rank`` (default: the run's
-      uniform rank, --rank). One SVD per matrix, much cheaper than RPCA. Why r0 and not p: entries of W - L_p have
-      had the energy of all p directions removed, so next to the directions they look cheap and the plan comes out
-      rank-heavy (measured on SmolLM2 with the RPCA pools, whose S holds only the outliers: mean ranks 24-140 with
-      S densities 0.08-0.26 at g50, ppl 169 vs 61 uniform).
+  pools="whitened" (ours): the top p singular directions of A = W H^{1/2} mapped back by H^{-1/2}, with H the dense
+      model's X^T X / n on ``max_samples`` windows streamed block by block (A = W diag(d), d_j = sqrt(mean x_j^2),
+      when ``norms`` is passed; A = W without data), p = min(min(m, n), budget * m n / (m + n)) (the rank that alone
+      would spend the matrix's share of the budget); a direction's energy is its σ^2. Sparse candidates are the
+      entries of the residual W - L_r0 with r0 = ``residual_rank`` (default: the run's uniform rank, --rank), scored
+      and weighed by the OBS saliency e^2 / [H^-1]_jj. One SVD per matrix and one eigh per input group, much
+      cheaper than RPCA. Why r0 and not p: entries of W - L_p have had the energy of all p directions removed, so
+      next to the directions they look cheap and the plan comes out rank-heavy (measured on SmolLM2 with the RPCA
+      pools, whose S holds only the outliers: mean ranks 24-140 with S densities 0.08-0.26 at g50, ppl 169 vs 61
+      uniform).
   Pure pruning has no directions (the candidates are the entries of W); rank-only methods have no sparse part (the
   directions of the whitened SVD of W, whatever ``pools`` says).
 
-Tractability: sparse entries are ranked by |value| * d_j (Wanda-like; |value| without data) and grouped into
+Tractability: sparse entries are ranked by |value| * d_j (Wanda-like; |value| without data; the square root of
+the OBS saliency for the full-H whitened pools) and grouped into
 ``chunks`` score-sorted chunks of equal size per matrix (default 100, i.e. 1% of the pool each); a chunk is one
 Bernoulli variable. Singular directions stay individual. So a model has about (100 + p) candidates per matrix.
 

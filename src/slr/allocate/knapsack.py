@@ -1,33 +1,40 @@
 """Knapsack allocation (ours): per-matrix loss-vs-cost curves from cheap proxies, one global multiple-choice knapsack.
 
-Proxy (approximate, documented). Work in the diag-Hessian metric A = W diag(d), d_j = sqrt(mean x_j^2) from one dense
-forward pass (d = 1 without calibration data), so ||A - Â||_F^2 ~ E||(W - Ŵ) x||^2 with the cross-channel
-correlations of H ignored (Wanda / OATS scaling). For a candidate (k kept values per row, rank r):
+Proxy (approximate, documented). Each matrix is scored in its layer metric ||E||_H^2 = tr(E H E^T):
+  metric="whitened" (default with calibration data): H = X^T X / n of the *dense* model on ``max_samples`` windows
+      (8), streamed block by block (one block's Hessians alive at a time). A = W H^{1/2}; its rank-r truncation gives
+      the metric-optimal L_r = A_r H^{-1/2}, so ||W - L_r||_H^2 = Σ_{i>r} σ_i(A)^2 exactly (what the whitened
+      lowrank step and ADMM's L step reach); a residual entry e_ij is weighed by the OBS saliency e_ij^2 / [H^-1]_jj
+      (its cost when the rest of the row compensates, as SparseGPT does).
+  metric="diag": only d_j = sqrt(mean x_j^2) (Wanda / OATS scaling): A = W diag(d), entries weighed by d_j^2. This
+      ignores the cross-channel correlations of H and undervalues low rank: on SmolLM2 at g50 its admm plan dropped
+      almost every rank to 0 and lost to uniform (ppl 45.6 vs 35.2).
+  Without calibration data both use the plain weights (d = 1). For a candidate (k kept values per row, rank r):
 
-  loss(r, k) = ||A - A_r||_F^2 * (1 - captured_r(k))
+  loss(r, k) = ||W - L_r||_H^2 * (1 - captured_r(k))
 
-where A_r is the rank-r truncated SVD of A (so ||A - A_r||^2 = Σ_{i>r} σ_i^2 exactly) and captured_r(k) is the
-fraction of the residual energy held by its k * d_out largest entries. That is "low rank first, then keep the
-largest residual entries": an upper bound on what the joint S+LR solvers reach, but it orders matrices sensibly.
-captured_r is estimated on a fixed random sample of ``samples`` entries per matrix (exact when the matrix is
-smaller): the residual at the sampled entries for every grid rank comes from one cumulative sum over the singular
-triplets, so each matrix costs one SVD plus O(samples * r_max). Pure pruning uses r = 0 only (the Wanda energy of the
-pruned weights); rank-only methods use loss = Σ_{i>r} σ_i^2 for every r; with an N:M pattern the sparse part is
-fixed and the N:M residual energy is computed exactly for each grid rank.
+where captured_r(k) is the fraction of the residual's saliency mass held by its k * d_out most salient entries.
+That is "low rank first, then keep the most salient residual entries": an upper bound on what the joint S+LR solvers
+reach, but it orders matrices sensibly. captured_r is estimated on a fixed random sample of ``samples`` entries per
+matrix (exact when the matrix is smaller): the residual at the sampled entries for every grid rank comes from one
+cumulative sum over the singular triplets, so each matrix costs one SVD plus O(samples * r_max) (plus one eigh per
+input group for the whitened metric). Pure pruning uses r = 0 only; rank-only methods use loss = Σ_{i>r} σ_i^2 for
+every r; with an N:M pattern the sparse part is fixed and the dropped saliency is computed exactly for each grid rank.
+``span`` (optional): a trust region that keeps every matrix's retained fraction within budget ± span.
 
 Normalisation across matrices (``normalize``): "size" (default) = relative error ||A - Â||^2 / ||A||^2 times the
 matrix's m n, so the knapsack equalises "share of a matrix's energy lost per share of its parameters" and
 identically shaped curves give the uniform plan (scale-free across blocks; neutral between small k/v and large MLP
 matrices); "relative" = plain sum of relative errors (every matrix weighs the same, which favours keeping small
-matrices dense); "absolute" = output-error energies E||ΔW x||^2 (dominated by high-activation layers).
+matrices dense); "absolute" = metric energies ||ΔW||_H^2 (dominated by high-activation layers).
 
 Solver. Choose one candidate (cost c = d_out * k + r (d_out + d_in), loss l) per matrix to minimise Σ l subject to
 Σ c <= budget * Σ m n. Lagrangian relaxation: for a multiplier λ every matrix independently picks argmin l + λ c,
 which equalises the marginal loss per parameter across matrices (the optimum of the problem convexified to each
 curve's lower hull); the chosen cost falls as λ grows, so bisection on log λ finds the smallest λ whose plan fits.
 The leftover (at most about one hull step per matrix) is then spent greedily on the upgrade with the largest loss
-decrease per extra parameter, and ``fit_budget`` settles row rounding. Cost: one SVD per matrix plus a dense forward
-pass over ``max_samples`` calibration windows, far below one compression run.
+decrease per extra parameter, and ``fit_budget`` settles row rounding. Cost: one SVD per matrix, one eigh per input
+group and a dense forward pass over ``max_samples`` calibration windows (measured in BENCHMARKS.md).
 """
 
 from __future__ import annotations
