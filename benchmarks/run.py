@@ -227,9 +227,9 @@ def write_report() -> None:
         lines.append("")
     lines += allocation_tables(recs)
     lines += zeroshot_table()
-    extra = HERE / "extra.md"
-    if extra.exists():
-        lines += [extra.read_text()]
+    for part in ("extra.md", "inference.md"):  # hand-written notes; the inference benchmark's own report
+        if (HERE / part).exists():
+            lines += [(HERE / part).read_text()]
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
 
 
