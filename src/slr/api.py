@@ -83,8 +83,12 @@ def _ppl_cache_key(model_sha: str | None, text: str, windows, seqlen: int) -> st
     return f"{model_sha[:16]}-{th}-{windows}-{seqlen}"
 
 
-def dense_ppl_cached(model, tok, info: dict, text: str, windows, seqlen: int, device, batch_size: int = 4) -> dict:
-    """Dense perplexity, cached in $SLR_CACHE/ppl.json by (model hash, text hash, windows, seqlen)."""
+def dense_ppl_cached(model, tok, info: dict, text: str, windows, seqlen: int, device, batch_size: int = 4,
+                     cached_only: bool = False) -> dict | None:
+    """Dense perplexity, cached in $SLR_CACHE/ppl.json by (model hash, text hash, windows, seqlen).
+
+    ``cached_only``: return None instead of computing it (an onloaded model is never whole in memory).
+    """
     from .eval.ppl import perplexity
     from .models.zoo import cache_dir
 
@@ -98,6 +102,8 @@ def dense_ppl_cached(model, tok, info: dict, text: str, windows, seqlen: int, de
             cache = {}
         if key in cache:
             return cache[key] | {"cached": True}
+    if cached_only:
+        return None
     r = perplexity(model, tok, text, seqlen=seqlen, windows=windows, batch_size=batch_size,
                    bos_per_window=info["bos_per_window"], device=device).to_dict()
     if key:
@@ -208,7 +214,8 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
                  eval_text: str | None = None, windows="64", device: str = "auto", eval_dense: bool = True,
                  evaluate: bool = True, save: bool = True, overwrite: bool = False, batch_size: int = 8,
                  values_dtype: str = "float16", factor_dtype: str = "float16", progress: bool = True,
-                 tasks: list[str] | None = None, limit: int | None = None, resume: bool = False) -> CompressRun:
+                 tasks: list[str] | None = None, limit: int | None = None, resume: bool = False,
+                 onload: bool = False, offload_activations: bool = False) -> CompressRun:
     """Load -> calibrate -> compress -> evaluate -> save artifact + results.json (atomically).
 
     With ``out``, everything is staged in ``<parent>/.slr-partial-<name>/`` and renamed to ``out`` when complete;
@@ -218,6 +225,10 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
     Under ``torchrun --nproc_per_node=K`` the job joins the torch.distributed group (see slr.distributed): the
     calibration and transformer matching are data-parallel, the solves weight-parallel, and rank 0 alone evaluates
     and writes; the other ranks return a CompressRun without ppl and with ``out_dir`` None.
+
+    ``onload`` (needs ``out``): the model is built on the meta device and its blocks are read one at a time from the
+    safetensors shards (slr.onload); ``offload_activations`` keeps the calibration activations in files in the
+    staging folder instead of memory. The dense ppl is then only reported when it is cached.
     """
     from . import distributed
 
@@ -228,7 +239,8 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
                              eval_dense=eval_dense,
                              evaluate=evaluate, save=save, overwrite=overwrite, batch_size=batch_size,
                              values_dtype=values_dtype, factor_dtype=factor_dtype, progress=progress, tasks=tasks,
-                             limit=limit, resume=resume, group=group)
+                             limit=limit, resume=resume, group=group, onload=onload,
+                             offload_activations=offload_activations)
     finally:
         distributed.shutdown()  # a barrier first: nobody leaves before rank 0 has written
 
@@ -236,7 +248,8 @@ def run_compress(model_name: str, config: CompressConfig, *, out: str | None = N
 def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, calib_text: str | None,
                   eval_text: str | None, windows, device: str, eval_dense: bool, evaluate: bool, save: bool,
                   overwrite: bool, batch_size: int, values_dtype: str, factor_dtype: str, progress: bool,
-                  tasks: list[str] | None, limit: int | None, resume: bool, group) -> CompressRun:
+                  tasks: list[str] | None, limit: int | None, resume: bool, group, onload: bool = False,
+                  offload_activations: bool = False) -> CompressRun:
     from . import io
     from .data.calib import calibration_windows, tokenize_text
     from .data.corpora import load_text
@@ -254,6 +267,10 @@ def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, c
     if values_dtype not in dtypes or factor_dtype not in dtypes:
         raise SLRError("storage dtype must be float32, float16 or bfloat16", "fix --values-dtype/--factor-dtype")
     out_dir = Path(out) if out else None
+    if onload or offload_activations:
+        from .onload import check_request
+
+        check_request(config, out_dir, group.world, model_name, onload)
     if out_dir is not None and save:
         if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
             raise SLRError(f"output directory {out_dir} exists and is not empty", "pass --overwrite or another --out")
@@ -274,12 +291,19 @@ def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, c
     calib_src, calib_label = load_text(calib_text, "calibration")
     times: dict[str, float] = {}
     t = time.perf_counter()
-    model, tok, info = open_model(model_name, device)
+    source = None
+    if onload:
+        from .onload import open_onloaded
+
+        model, tok, info, source = open_onloaded(model_name)
+    else:
+        model, tok, info = open_model(model_name, device)
     times["load"] = time.perf_counter() - t
     _check_shapes(model, spec)
     from .estimate import check_fits, describe, estimate_run
 
-    est = estimate_run(model, config.calib_samples, config.seqlen)
+    est = estimate_run(model, config.calib_samples, config.seqlen, onload=onload,
+                       offload_activations=offload_activations, batch_size=batch_size)
     check_fits(est)  # before printing it, so a refusal stays one line
     if progress:
         print(f"slr: {describe(est)}", file=sys.stderr)
@@ -289,13 +313,15 @@ def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, c
         "calibration": {"text": calib_label, "samples": config.calib_samples, "seqlen": config.seqlen,
                         "seed": config.seed},
         "device": device, "git_commit": git_commit(), "torch": torch.__version__,
-        "world_size": group.world,
+        "world_size": group.world, "onload": onload, "offload_activations": offload_activations,
     }
     eval_ids = tokenize_text(tok, eval_src) if evaluate else None
     evaluate = evaluate and group.is_main  # rank 0 evaluates and writes; the other ranks only compress
     if evaluate and eval_dense:
         t = time.perf_counter()
-        results["dense_ppl"] = dense_ppl_cached(model, tok, info, eval_src, w, 512, device) | {"text": eval_label}
+        d = dense_ppl_cached(model, tok, info, eval_src, w, 512, device, cached_only=onload)
+        if d is not None:
+            results["dense_ppl"] = d | {"text": eval_label}
         times["eval_dense"] = time.perf_counter() - t
     torch.manual_seed(config.seed)
     calib = None
@@ -328,7 +354,8 @@ def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, c
                                        sync=group.barrier)
     try:
         report = compress_(model, config, calib, plan=plan, device=device, batch_size=batch_size, refine=refine,
-                           progress=progress, checkpoints=checkpoints)
+                           progress=progress, checkpoints=checkpoints, onload=source,
+                           offload_activations=str(partial / "activations") if offload_activations else None)
     except SLRError:
         # bad input (NaN weights or H, ...): the rerun after the fix is a different run, so its checkpoints are
         # useless; a kill or Ctrl-C (not an SLRError) keeps them for --resume

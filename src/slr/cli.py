@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command from its last finished block (the "
                    "checkpoints live in .slr-partial-<OUT> beside --out)")
+    c.add_argument("--onload", action="store_true",
+                   help="layer onloading: build the model on the meta device and read one block at a time from its "
+                   "safetensors shards (needs --out; uniform allocation, one process)")
+    c.add_argument("--offload-activations", action="store_true",
+                   help="keep the calibration activations in files beside --out instead of in memory")
     c.add_argument("--tm-samples", type=int, default=None, metavar="N",
                    help="calibration windows transformer matching trains on [default: all]")
     c.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -216,7 +221,8 @@ def cmd_compress(a) -> int:
     run = run_compress(a.model, cfg, out=a.out, calib_text=a.calib_text, eval_text=a.text, windows=a.windows,
                        device=a.device, evaluate=not a.no_eval, save=not a.no_save, overwrite=a.overwrite,
                        batch_size=a.batch_size, values_dtype=a.values_dtype, factor_dtype=a.factor_dtype,
-                       tasks=[a.tasks] if a.tasks else None, limit=a.limit, resume=a.resume)
+                       tasks=[a.tasks] if a.tasks else None, limit=a.limit, resume=a.resume,
+                       onload=a.onload, offload_activations=a.offload_activations)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (and writes)
         return 0
     print(_table(summary_rows(run.results)))

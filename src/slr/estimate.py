@@ -32,8 +32,14 @@ def block_memory_bytes(linears: list[tuple[int, int]], group_din: list[int], d_m
     }
 
 
-def estimate_run(model: nn.Module, windows: int, seqlen: int) -> dict:
-    """{"model", "block", "compressed", "runtime", "total"} in bytes for compressing ``model`` in memory."""
+def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = False,
+                 offload_activations: bool = False, batch_size: int = 8) -> dict:
+    """{"model", "block", "compressed", "runtime", "total"} in bytes for compressing ``model``.
+
+    ``onload``: only the non-block parameters and one block's fp32 weights are resident (slr.onload), and the
+    compressed blocks are rebuilt after the last block, when no activations are alive: the peak is the larger of the
+    two phases. ``offload_activations``: two batches of activations in memory instead of all windows.
+    """
     from .models.adapters import get_adapter
 
     ad = get_adapter(model)
@@ -42,11 +48,20 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int) -> dict:
     shapes = [(int(m.weight.shape[0]), int(m.weight.shape[1])) for m in lin.values()]
     gdin = [int(lin[g[0]].weight.shape[1]) for g in ad.groups if all(n in lin for n in g)]
     d_model = int(model.get_input_embeddings().weight.shape[1])
-    parts = block_memory_bytes(shapes, gdin, d_model, windows * seqlen)
+    tokens = min(windows, batch_size) * seqlen if offload_activations else windows * seqlen
+    parts = block_memory_bytes(shapes, gdin, d_model, tokens)
     model_b = sum(p.numel() * p.element_size() for p in model.parameters())
     linear_b = sum(m.weight.numel() * m.weight.element_size() for b in ad.blocks(model) for m in ad.linears(b).values())
-    out = {"model": model_b, "block": sum(parts.values()), "compressed": linear_b, "runtime": RUNTIME_MIB * 2**20}
-    out["total"] = sum(out.values())
+    if onload:
+        blocks_b = sum(p.numel() * p.element_size() for b in ad.blocks(model) for p in b.parameters())
+        rest = model_b - blocks_b  # embeddings, final norm, untied head
+        # solving: the rest + one block in flight (its weights are in parts); rebuilding: the rest + compressed layers
+        out = {"model": rest, "block": sum(parts.values()), "compressed": 0, "runtime": RUNTIME_MIB * 2**20}
+        out["total"] = rest + max(out["block"], linear_b) + out["runtime"]
+        out["rebuilt"] = linear_b
+    else:
+        out = {"model": model_b, "block": sum(parts.values()), "compressed": linear_b, "runtime": RUNTIME_MIB * 2**20}
+        out["total"] = sum(out.values())
     out["block_parts"] = parts
     return out
 
@@ -76,6 +91,10 @@ def check_fits(est: dict) -> None:
 
 def describe(est: dict) -> str:
     g = 2**20
+    if "rebuilt" in est:
+        return (f"estimated peak memory {est['total'] / g:,.0f} MiB with onloading (non-block weights "
+                f"{est['model'] / g:,.0f} + max(one block in flight {est['block'] / g:,.0f}, rebuilt compressed "
+                f"layers <= {est['rebuilt'] / g:,.0f}) + runtime {est['runtime'] / g:,.0f})")
     return (f"estimated peak memory {est['total'] / g:,.0f} MiB (model {est['model'] / g:,.0f} + one block in flight "
             f"{est['block'] / g:,.0f} + compressed layers <= {est['compressed'] / g:,.0f} + runtime "
             f"{est['runtime'] / g:,.0f})")

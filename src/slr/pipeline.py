@@ -9,12 +9,14 @@ plus its H's.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -108,6 +110,59 @@ def capture_inputs(model: nn.Module, adapter: ArchAdapter, calib: torch.Tensor, 
         finally:
             h.remove()
     return BlockInputs(hidden, kwargs)
+
+
+@torch.no_grad()
+def capture_inputs_stubbed(model: nn.Module, adapter: ArchAdapter, calib: torch.Tensor, batch_size: int,
+                           device) -> BlockInputs:
+    """``capture_inputs`` without running any block (for onloading, where the blocks are on the meta device).
+
+    Every block's forward is swapped for a stub that records its kwargs (block 0 also its input) and passes the
+    hidden states on; the last one stops the forward, so neither the blocks nor the head run.
+    """
+    blocks = adapter.blocks(model)
+    hidden: list[torch.Tensor] = []
+    kwargs: dict[tuple[int, int], dict] = {}
+
+    def stub(i):
+        def forward(*args, **kw):
+            h = args[0] if args else kw.pop("hidden_states")
+            kwargs.setdefault((i, h.shape[0]), _strip_cache({k: v for k, v in kw.items() if k != "hidden_states"}))
+            if i == 0:
+                hidden.append(h.detach())
+            if i == len(blocks) - 1:
+                raise _Stop
+            return h
+        return forward
+
+    for i, b in enumerate(blocks):
+        b.forward = stub(i)
+    try:
+        for s in range(0, len(calib), batch_size):
+            try:
+                model(input_ids=calib[s : s + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for b in blocks:
+            del b.forward  # back to the class's forward
+    return BlockInputs(hidden, kwargs)
+
+
+def _map_hidden(hidden, fn):
+    """fn over every activation batch; a DiskActivations stays on disk (one batch in memory at a time)."""
+    if hasattr(hidden, "map"):
+        return hidden.map(fn)
+    return [fn(h) for h in hidden]
+
+
+def _rebuild(block, adapter, i: int, checkpoints, materialize: str):
+    """Block i as a finished run left it: its saved solver results applied, then its saved state (after TM)."""
+    results, recs, secs, state = checkpoints.load(i)
+    _apply_results(block, adapter, results, materialize)
+    if state is not None:
+        block.load_state_dict(state)
+    return results, recs, secs
 
 
 def block_forward(block: nn.Module, inputs: BlockInputs, index: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -226,6 +281,8 @@ def compress_(
     progress: bool = True,
     keep_results: bool = False,
     checkpoints=None,
+    onload=None,
+    offload_activations: str | None = None,
 ) -> CompressReport:
     """Compress ``model`` in place, block by block. Returns a per-matrix report.
 
@@ -235,6 +292,10 @@ def compress_(
     refine: optional callable(block, index, inputs, hidden_batches, targets) for transformer matching.
     checkpoints: optional ``checkpoint.BlockCheckpoints``: every finished block is saved there, and blocks it already
         holds (an interrupted run's) are rebuilt from it instead of being solved again.
+    onload: optional ``onload.BlockSource`` for a model whose blocks are on the meta device: each block is loaded
+        from the shards when its turn comes and released once it is checkpointed (``checkpoints`` is required);
+        after the last block every compressed block is rebuilt from the checkpoints.
+    offload_activations: a directory for the calibration activations (one file per batch) instead of memory.
     """
     adapter = get_adapter(model)
     plan = plan or Plan.uniform(config.layer_spec())
@@ -243,6 +304,9 @@ def compress_(
         raise SLRError(f"method {config.method!r} needs calibration data", "pass --calib-samples N (N > 0)")
     report = CompressReport()
     blocks = adapter.blocks(model)
+    if onload is not None and checkpoints is None:
+        raise SLRError("onloading keeps the compressed blocks in the run's checkpoints", "pass --out DIR")
+    pristine = [copy.deepcopy(b) for b in blocks] if onload is not None else None  # meta: costs no memory
     t = time.perf_counter()
     # data-free solvers need no activations unless a refinement stage trains on them
     use_calib = calib is not None and len(calib) > 0 and (not data_free or refine is not None)
@@ -253,21 +317,51 @@ def compress_(
             raise SLRError(f"{len(starts)} calibration batches cannot feed {group.world} ranks",
                            "pass more --calib-samples, a smaller --batch-size, or fewer processes")
         calib = torch.cat([calib[starts[b]:starts[b] + batch_size] for b in group.mine(len(starts))])
-    inputs = capture_inputs(model, adapter, calib, batch_size, device) if use_calib else None
+    inputs = None
+    if use_calib:
+        inputs = (capture_inputs_stubbed if onload is not None else capture_inputs)(model, adapter, calib, batch_size,
+                                                                                    device)
+        if offload_activations is not None:
+            from .onload import DiskActivations
+
+            Path(offload_activations).mkdir(parents=True, exist_ok=True)
+            inputs.hidden = DiskActivations.of(inputs.hidden, offload_activations)
     report.add_time("capture", time.perf_counter() - t)
+    try:
+        _compress_blocks(model, adapter, blocks, config, plan, inputs, report, device, materialize, refine, progress,
+                         keep_results, checkpoints, onload, pristine, data_free, group)
+    finally:
+        if inputs is not None and hasattr(inputs.hidden, "cleanup"):
+            inputs.hidden.cleanup()
+    if onload is not None:  # every block from its checkpoint (the saved results, then the saved state)
+        t = time.perf_counter()
+        for i in range(len(blocks)):
+            fresh = pristine[i]
+            onload.load(i, fresh)
+            _rebuild(fresh, adapter, i, checkpoints, materialize)
+            blocks[i] = fresh
+        report.add_time("onload.rebuild", time.perf_counter() - t)
+    return report
+
+
+def _compress_blocks(model, adapter, blocks, config, plan, inputs, report, device, materialize, refine, progress,
+                     keep_results, checkpoints, onload, pristine, data_free, group) -> None:
+    """The block loop of ``compress_``."""
     done = checkpoints.completed() if checkpoints is not None else 0
     fault = _fault_after()
     solved_count = 0
     bar = tqdm(range(len(blocks)), desc=f"compress [{config.method}]", unit="block",
                disable=not progress or not group.is_main)
     for i in bar:
+        if onload is not None:
+            t = time.perf_counter()
+            blocks[i] = copy.deepcopy(pristine[i])
+            onload.load(i, blocks[i])
+            report.add_time("onload.load", time.perf_counter() - t)
         block = blocks[i]
         before = dict(report.seconds)
         if i < done:  # finished by an interrupted run: rebuild it exactly, then propagate as that run did
-            results, recs, secs, state = checkpoints.load(i)
-            _apply_results(block, adapter, results, materialize)
-            if state is not None:
-                block.load_state_dict(state)
+            results, recs, secs = _rebuild(block, adapter, i, checkpoints, materialize)
             report.records += [MatrixRecord(**(r | {"shape": tuple(r["shape"])})) for r in recs]
             for k, v in secs.items():
                 report.add_time(k, v)
@@ -275,7 +369,9 @@ def compress_(
                 report.results.update({key(i, n): r for n, r in results.items()})
             if inputs is not None:
                 with torch.no_grad():
-                    inputs.hidden = [block_forward(block, inputs, i, h) for h in inputs.hidden]
+                    inputs.hidden = _map_hidden(inputs.hidden, lambda h, b=block, j=i: block_forward(b, inputs, j, h))
+            if onload is not None:
+                onload.release(block)
             bar.set_postfix(resumed=i + 1)
             continue
         linears = adapter.linears(block)
@@ -365,9 +461,10 @@ def compress_(
         if inputs is not None:
             t = time.perf_counter()
             with torch.no_grad():
-                inputs.hidden = [block_forward(block, inputs, i, h) for h in inputs.hidden]
+                inputs.hidden = _map_hidden(inputs.hidden, lambda h, b=block, j=i: block_forward(b, inputs, j, h))
             report.add_time("propagate", time.perf_counter() - t)
+        if onload is not None:
+            onload.release(block)
         errs = [r.rel_error for r in report.records if r.block == i and r.rel_error == r.rel_error]
         if errs:
             bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.4f}")
-    return report
