@@ -94,7 +94,7 @@ def test_cli_onload_artifact_is_bit_identical(setup, tmp_path, capsys):
     (["--offload-activations"], ["--offload-activations keeps", "--out DIR"]),
     (["--onload", "--out", "OUT", "--allocate", "owl", "--budget", "0.5"], ["--allocate owl reads every matrix",
                                                                            "drop --onload"]),
-])
+], ids=["onload-no-out", "offload-no-out", "onload-allocator"])
 def test_cli_onload_refusals(setup, tmp_path, capsys, extra, needles):
     src, text = setup
     extra = [str(tmp_path / "out") if e == "OUT" else e for e in extra]

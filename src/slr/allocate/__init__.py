@@ -48,6 +48,8 @@ def check_alloc_opts(name: str, opts: dict) -> None:
     # device comes from --device; norms is a Python-API shortcut; mode is read from **opts by alloc_mode
     check_options(ALLOCATORS[name], opts, flag="--alloc-opt", what=f"the {name} allocator", skip=("device", "norms"),
                   extra=("mode",))
+    if name == "knapsack":
+        knapsack.check_opts(opts)
 
 
 __all__ = ["ALLOCATORS", "check_alloc_opts", "make_plan", "plan_fraction", "project_budget"]

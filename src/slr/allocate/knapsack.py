@@ -255,6 +255,16 @@ def solve_knapsack(costs: list[torch.Tensor], losses: list[torch.Tensor], budget
     return sel.tolist(), lam
 
 
+def check_opts(opts: dict) -> None:
+    """Values of the knapsack's metric and span options (their types are checked by check_options)."""
+    metric = opts.get("metric", "whitened")
+    if metric not in ("whitened", "diag"):
+        raise SLRError(f"unknown knapsack metric {metric!r}", "use --alloc-opt metric=whitened or metric=diag")
+    span = opts.get("span")
+    if span is not None and not (isinstance(span, (int, float)) and 0 < span <= 1):
+        raise SLRError(f"knapsack span {span!r} is not in (0, 1]", "use e.g. --alloc-opt span=0.1")
+
+
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
              max_samples: int | None = 8, samples: int = 16384, points: int = 101, normalize: str = "size",
              metric: str = "whitened", span: float | None = None, norms: dict | None = None,
@@ -269,10 +279,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     t0 = time.perf_counter()
     mode = alloc_mode(config, opts)
     nm = nm_of(config)
-    if metric not in ("whitened", "diag"):
-        raise SLRError(f"unknown knapsack metric {metric!r}", "use --alloc-opt metric=whitened or metric=diag")
-    if span is not None and not (isinstance(span, (int, float)) and 0 < span <= 1):
-        raise SLRError(f"knapsack span {span!r} is not in (0, 1]", "use e.g. --alloc-opt span=0.1")
+    check_opts({"metric": metric, "span": span})
     if mode == "sparse" and nm is not None:
         raise SLRError("pure N:M pruning has a fixed budget: there is nothing to allocate",
                        "drop --allocate, or add a rank (S+LR method)")
