@@ -161,10 +161,14 @@ def main() -> int:
             lines.append(f"| {arch.name} | {g} GPU{'s' if g > 1 else ''} | {fmt_s(c)} | {fmt_s(s)} | "
                          f"{fmt_s(arch.layers * (c + s))} |")
     lines += ["", "Peak memory with layer onloading is about the model's embeddings and head plus one block in flight "
-              "(the table above) plus the compressed blocks written so far; without onloading add the whole dense "
+              "(the table above), or after the last block the compressed layers; without onloading add the whole dense "
               "model (SmolLM2 0.5 GiB, Llama-3-8B 32 GiB, Llama-3-70B 280 GiB in fp32), which is why a 70B model "
-              "needs onloading on any single host. Layer onloading (loading one block at a time from the safetensors "
-              "shards) is designed in DESIGN.md but not implemented in slr yet: today the whole model is in memory.",
+              "needs onloading on any single host. "
+              "`slr compress --onload` does this (slr/onload.py): the model is built on the meta device, each block is "
+              "read from the memory-mapped safetensors shards when its turn comes "
+              "and released once it is checkpointed, and the compressed blocks are rebuilt from the checkpoints after "
+              "the last one (`--offload-activations` also moves the calibration activations to disk). Measured on "
+              "SmolLM2: BENCHMARKS.md, \"Layer onloading\".",
               ""]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
