@@ -83,3 +83,16 @@ def smol():
     from slr.models import load_model
 
     return load_model(SMOL, device="cpu")
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, monkeypatch):
+    """(tiny LLaMA HF folder, 1600-word corpus) in tmp_path, with a private $SLR_CACHE."""
+    from test_cli import make_hf_folder
+
+    monkeypatch.setenv("SLR_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "tiny-llama"
+    make_hf_folder(src)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 37) % 100}" for i in range(1600)) + "\n")
+    return src, text

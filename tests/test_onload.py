@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from test_cli import assert_no_output, assert_one_line_error, make_hf_folder, run
+from test_cli import assert_no_output, assert_one_line_error, run
 
 from slr.checkpoint import BlockCheckpoints
 from slr.config import CompressConfig
@@ -58,13 +58,8 @@ ARGS = ["--method", "wanda", "--sparsity", "0.5", "--calib-samples", "4", "--win
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLR_CACHE", str(tmp_path / "cache"))
-    src = tmp_path / "tiny-llama"
-    make_hf_folder(src)
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{(i * 37) % 100}" for i in range(1600)) + "\n")
-    return src, text
+def setup(tiny_folder):
+    return tiny_folder
 
 
 def sha(path):

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from test_cli import assert_one_line_error, make_hf_folder, run
+from test_cli import assert_one_line_error, run
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 
@@ -20,13 +20,8 @@ ARGS = ["--method", "prune+lr", "--sparsity", "0.6", "--rank", "4", "--refine", 
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLR_CACHE", str(tmp_path / "cache"))
-    src = tmp_path / "tiny-llama"
-    make_hf_folder(src)
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{(i * 37) % 100}" for i in range(1600)) + "\n")
-    return src, text
+def setup(tiny_folder):
+    return tiny_folder
 
 
 def _compress(src, text, out, *extra, env=None):

@@ -42,6 +42,17 @@ class Run:
         return d
 
 
+
+def _log_axes(fig, ax, xlabel: str, ylabel: str, title: str):
+    """Log y axis, labels, grid and legend: the finish shared by the line plots."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
 def load_runs(run_dirs: list[str | os.PathLike]) -> list[Run]:
     """Read RUN_DIR/results.json for every directory (clear errors for a missing or unreadable file)."""
     if not run_dirs:
@@ -118,13 +129,8 @@ def fig_ppl(runs: list[Run], plt):
     dense = [r.get("dense_ppl", "ppl") for r in runs if r.get("dense_ppl", "ppl") is not None]
     if dense:
         ax.axhline(dense[0], color="gray", ls="--", lw=1, label=f"dense ({dense[0]:.2f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("retained fraction of the compressed linears")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title("Perplexity vs retained fraction")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+    return _log_axes(fig, ax, "retained fraction of the compressed linears", "perplexity (log scale)",
+                     "Perplexity vs retained fraction")
 
 
 def _grid(r: Run, names: list[str], field: str):
@@ -170,13 +176,8 @@ def fig_errors(runs: list[Run], plt):
         if np.isnan(g).all():
             continue
         ax.plot(range(g.shape[0]), np.nanmean(g, axis=1), marker=".", label=r.name)
-    ax.set_yscale("log")
-    ax.set_xlabel("block")
-    ax.set_ylabel("mean relative layer error")
-    ax.set_title("Per-layer reconstruction error (mean over the block's matrices)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+    return _log_axes(fig, ax, "block", "mean relative layer error",
+                     "Per-layer reconstruction error (mean over the block's matrices)")
 
 
 def stage_times(r: Run) -> dict[str, float]:
