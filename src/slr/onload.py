@@ -161,8 +161,11 @@ class DiskActivations:
     def extend(self, batches) -> None:
         for b in batches:
             p = self.root / f"g{self.gen}_{len(self.paths):05d}.pt"
-            torch.save(b.detach().cpu(), p)
+            torch.save(b.detach().cpu().clone(), p)  # a view would save its whole storage
             self.paths.append(p)
+
+    def append(self, batch: torch.Tensor) -> None:
+        self.extend([batch])
 
     def map(self, fn) -> DiskActivations:
         """A new generation: fn applied to every batch, written as it goes (then the old files are removed)."""

@@ -71,10 +71,14 @@ class BlockInputs:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, adapter: ArchAdapter, calib: torch.Tensor, batch_size: int, device) -> BlockInputs:
-    """Run the embeddings on ``calib`` [n, L] and capture block 0's inputs and every block's kwargs."""
+def capture_inputs(model: nn.Module, adapter: ArchAdapter, calib: torch.Tensor, batch_size: int, device,
+                   hidden=None) -> BlockInputs:
+    """Run the embeddings on ``calib`` [n, L] and capture block 0's inputs and every block's kwargs.
+
+    ``hidden``: where the batches go (a list by default; an ``onload.DiskActivations`` writes each to disk).
+    """
     blocks = adapter.blocks(model)
-    hidden: list[torch.Tensor] = []
+    hidden = [] if hidden is None else hidden
     kwargs: dict[tuple[int, int], dict] = {}
 
     def stop_hook(_mod, args, kw):
@@ -114,14 +118,14 @@ def capture_inputs(model: nn.Module, adapter: ArchAdapter, calib: torch.Tensor, 
 
 @torch.no_grad()
 def capture_inputs_stubbed(model: nn.Module, adapter: ArchAdapter, calib: torch.Tensor, batch_size: int,
-                           device) -> BlockInputs:
+                           device, hidden=None) -> BlockInputs:
     """``capture_inputs`` without running any block (for onloading, where the blocks are on the meta device).
 
     Every block's forward is swapped for a stub that records its kwargs (block 0 also its input) and passes the
     hidden states on; the last one stops the forward, so neither the blocks nor the head run.
     """
     blocks = adapter.blocks(model)
-    hidden: list[torch.Tensor] = []
+    hidden = [] if hidden is None else hidden
     kwargs: dict[tuple[int, int], dict] = {}
 
     def stub(i):
@@ -319,13 +323,14 @@ def compress_(
         calib = torch.cat([calib[starts[b]:starts[b] + batch_size] for b in group.mine(len(starts))])
     inputs = None
     if use_calib:
-        inputs = (capture_inputs_stubbed if onload is not None else capture_inputs)(model, adapter, calib, batch_size,
-                                                                                    device)
-        if offload_activations is not None:
+        store = None
+        if offload_activations is not None:  # batches go to disk as they are captured
             from .onload import DiskActivations
 
             Path(offload_activations).mkdir(parents=True, exist_ok=True)
-            inputs.hidden = DiskActivations.of(inputs.hidden, offload_activations)
+            store = DiskActivations(offload_activations)
+        capture = capture_inputs_stubbed if onload is not None else capture_inputs
+        inputs = capture(model, adapter, calib, batch_size, device, hidden=store)
     report.add_time("capture", time.perf_counter() - t)
     try:
         _compress_blocks(model, adapter, blocks, config, plan, inputs, report, device, materialize, refine, progress,
