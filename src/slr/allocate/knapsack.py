@@ -8,7 +8,9 @@ Proxy (approximate, documented). Each matrix is scored in its layer metric ||E||
       (its cost when the rest of the row compensates, as SparseGPT does).
   metric="diag": only d_j = sqrt(mean x_j^2) (Wanda / OATS scaling): A = W diag(d), entries weighed by d_j^2. This
       ignores the cross-channel correlations of H and undervalues low rank: on SmolLM2 at g50 its admm plan dropped
-      almost every rank to 0 and lost to uniform (ppl 45.6 vs 35.2).
+      almost every rank to 0. Measured (BENCHMARKS.md, g50): neither metric's plan beats uniform with admm (ppl
+      45.63 diag, 45.37 whitened, 35.16 uniform); with prune+lr the diag plan does (55.60 vs 61.47). The proxy
+      scores each matrix alone, so what it misses is how errors add up through the blocks (open problem).
   Without calibration data both use the plain weights (d = 1). For a candidate (k kept values per row, rank r):
 
   loss(r, k) = ||W - L_r||_H^2 * (1 - captured_r(k))
