@@ -227,7 +227,7 @@ def write_report() -> None:
         lines.append("")
     lines += allocation_tables(recs)
     lines += zeroshot_table()
-    for part in ("extra.md", "inference.md", "onload.md"):  # hand-written notes; the inference benchmark's own report
+    for part in ("extra.md", "inference.md", "onload.md", "torchrun.md"):  # notes and the benchmark scripts' reports
         if (HERE / part).exists():
             lines += [(HERE / part).read_text()]
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
