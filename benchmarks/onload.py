@@ -19,19 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from run import _start_commit  # benchmarks/run.py: HEAD, "-dirty" when src/ has changes
+
 HERE = Path(__file__).resolve().parent
 MODES = {"in memory": [], "onload": ["--onload"], "onload + activations on disk": ["--onload", "--offload-activations"]}
-
-
-def commit() -> str | None:
-    try:
-        c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE.parent,
-                           check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True,
-                               cwd=HERE.parent).stdout.strip()
-        return c + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def run(model: str, method: str, calib: int, extra: list[str]) -> dict:
@@ -62,7 +53,7 @@ def main() -> int:
         rows[name] = run(a.model, a.method, a.calib_samples, extra)
         print(json.dumps(rows[name]), flush=True)
     rec = {"model": a.model, "method": a.method, "sparsity": 0.5, "calib_samples": a.calib_samples,
-           "git_commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "rows": rows}
+           "git_commit": _start_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "rows": rows}
     (HERE / "onload.json").write_text(json.dumps(rec, indent=1) + "\n")
     base = rows["in memory"]["peak_rss_mib"]
     lines = ["## Layer onloading: peak memory (issue 7)", "",

@@ -333,8 +333,8 @@ def compress_(
         inputs = capture(model, adapter, calib, batch_size, device, hidden=store)
     report.add_time("capture", time.perf_counter() - t)
     try:
-        _compress_blocks(model, adapter, blocks, config, plan, inputs, report, device, materialize, refine, progress,
-                         keep_results, checkpoints, onload, pristine, data_free, group)
+        _compress_blocks(adapter, blocks, config, plan, inputs, report, materialize, refine, progress, keep_results,
+                         checkpoints, onload, pristine, data_free, group)
     finally:
         if inputs is not None and hasattr(inputs.hidden, "cleanup"):
             inputs.hidden.cleanup()
@@ -349,8 +349,8 @@ def compress_(
     return report
 
 
-def _compress_blocks(model, adapter, blocks, config, plan, inputs, report, device, materialize, refine, progress,
-                     keep_results, checkpoints, onload, pristine, data_free, group) -> None:
+def _compress_blocks(adapter, blocks, config, plan, inputs, report, materialize, refine, progress, keep_results,
+                     checkpoints, onload, pristine, data_free, group) -> None:
     """The block loop of ``compress_``."""
     done = checkpoints.completed() if checkpoints is not None else 0
     fault = _fault_after()
