@@ -3,8 +3,10 @@ values within fp tolerance.
 
   python benchmarks/torchrun_check.py [--model smollm2-135m] [--method prune+lr] [--calib-samples 16]
 
-Both runs: `slr compress MODEL --method M --sparsity 0.6 --rank 8 --calib-samples N --no-eval --out DIR`. The two
-artifacts are loaded with slr.load and compared layer by layer. Writes benchmarks/torchrun.json and torchrun.md.
+Three runs of `slr compress MODEL --method M --sparsity 0.6 --rank 8 --calib-samples N --no-eval --out DIR`: one
+process with 1 thread, torchrun with 2 workers of 1 thread each, and one process with 2 threads (LAPACK's rounding
+depends on the thread count, so this third run shows how far that alone moves the result). The artifacts are loaded
+with slr.load and compared layer by layer. Writes benchmarks/torchrun.json and torchrun.md.
 """
 
 from __future__ import annotations
@@ -24,16 +26,48 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def compress(argv_tail: list[str], out: Path, procs: int) -> float:
+def compress(argv_tail: list[str], out: Path, procs: int, threads: int) -> float:
     base = [sys.executable, "-m", "slr.cli"] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_port=29533",
         "-m", "slr.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // procs))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t = time.perf_counter()
     p = subprocess.run(base + ["compress", *argv_tail, "--out", str(out)], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise SystemExit(f"{procs} process(es) failed:\n{p.stderr[-3000:]}")
     return time.perf_counter() - t
+
+
+def compare(d1: Path, d2: Path) -> dict:
+    """Layer-by-layer comparison of two artifacts: identical masks, largest absolute / relative weight difference."""
+    from slr import load
+    from slr.nn import SLRLinear
+
+    (m1, _), (m2, _) = load(d1), load(d2)
+    torch.set_grad_enabled(False)
+    layers, mask_equal, max_diff, max_rel = 0, 0, 0.0, 0.0
+    mods2 = dict(m2.named_modules())
+    for name, mod in m1.named_modules():
+        if isinstance(mod, SLRLinear):
+            other = mods2[name]
+            layers += 1
+            mask_equal += int(torch.equal(mod.mask(), other.mask()))
+            w1, w2 = mod.to_dense().float(), other.to_dense().float()
+            max_diff = max(max_diff, float((w1 - w2).abs().max()))
+            max_rel = max(max_rel, float((w1 - w2).norm() / w1.norm().clamp_min(1e-30)))
+    r1 = json.loads((d1 / "results.json").read_text())
+    r2 = json.loads((d2 / "results.json").read_text())
+    return {"layers": layers, "masks_identical": mask_equal, "max_abs_weight_diff": max_diff,
+            "max_rel_weight_diff": max_rel, "plans_identical": r1.get("plan") == r2.get("plan"),
+            "world_size": [r1["world_size"], r2["world_size"]],
+            "retained": [r1["retained_fraction"], r2["retained_fraction"]]}
+
+
+def line(c: dict, what: str) -> str:
+    return (f"* {what}: sparsity masks identical in {c['masks_identical']} of {c['layers']} compressed layers, "
+            f"plans identical: {c['plans_identical']}, retained fraction {c['retained'][0]:.6f} vs "
+            f"{c['retained'][1]:.6f}, largest |dW| {c['max_abs_weight_diff']:.3g}, largest relative Frobenius "
+            f"difference {c['max_rel_weight_diff']:.3g}")
 
 
 def main() -> int:
@@ -42,49 +76,37 @@ def main() -> int:
     ap.add_argument("--method", default="prune+lr")
     ap.add_argument("--calib-samples", type=int, default=16)
     a = ap.parse_args()
-    from slr import load
-    from slr.nn import SLRLinear
 
     tail = [a.model, "--method", a.method, "--sparsity", "0.6", "--rank", "8", "--calib-samples",
             str(a.calib_samples), "--no-eval", "--device", "cpu"]
     root = Path(tempfile.mkdtemp(prefix="slr-torchrun-"))
+    # runs: (processes, threads per process). torchrun's workers get 1 thread each; the one-process run that it must
+    # reproduce uses 1 thread too, because LAPACK (eigh, cholesky) rounds differently with another thread count. The
+    # 1-process 2-thread run measures that thread-count noise on its own, with no torch.distributed involved.
+    runs = {"p1t1": (1, 1), "p2t1": (2, 1), "p1t2": (1, 2)}
     try:
-        secs = {k: compress(tail, root / f"p{k}", k) for k in (1, 2)}
-        (m1, _), (m2, _) = load(root / "p1"), load(root / "p2")
-        r1 = json.loads((root / "p1" / "results.json").read_text())
-        r2 = json.loads((root / "p2" / "results.json").read_text())
-        layers, mask_equal, max_diff, max_rel = 0, 0, 0.0, 0.0
-        mods2 = dict(m2.named_modules())
-        for name, mod in m1.named_modules():
-            if isinstance(mod, SLRLinear):
-                other = mods2[name]
-                layers += 1
-                mask_equal += int(torch.equal(mod.mask(), other.mask()))
-                w1, w2 = mod.to_dense().float(), other.to_dense().float()
-                max_diff = max(max_diff, float((w1 - w2).abs().max()))
-                max_rel = max(max_rel, float((w1 - w2).norm() / w1.norm().clamp_min(1e-30)))
-        rec = {"model": a.model, "method": a.method, "sparsity": 0.6, "rank": 8, "calib_samples": a.calib_samples,
-               "layers": layers, "masks_identical": mask_equal, "max_abs_weight_diff": max_diff,
-               "max_rel_weight_diff": max_rel, "world_size": [r1["world_size"], r2["world_size"]],
-               "retained": [r1["retained_fraction"], r2["retained_fraction"]],
-               "seconds": {str(k): round(v, 1) for k, v in secs.items()},
-               "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        secs = {k: compress(tail, root / k, *pt) for k, pt in runs.items()}
+        dist = compare(root / "p1t1", root / "p2t1")
+        threads = compare(root / "p1t1", root / "p1t2")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    rec = {"model": a.model, "method": a.method, "sparsity": 0.6, "rank": 8, "calib_samples": a.calib_samples,
+           "torchrun_vs_one_process": dist, "one_thread_vs_two_threads": threads,
+           "seconds": {k: round(v, 1) for k, v in secs.items()}, "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     (HERE / "torchrun.json").write_text(json.dumps(rec, indent=1) + "\n")
     md = ["## torchrun on CPU vs one process (issue 7)", "",
           f"Generated by `python benchmarks/torchrun_check.py --model {a.model} --method {a.method} --calib-samples "
-          f"{a.calib_samples}` ({rec['date']}): `slr compress ... --sparsity 0.6 --rank 8 --no-eval`, once as one "
-          "process and once under `torchrun --nproc_per_node=2` (gloo).", "",
-          f"* sparsity masks identical in {mask_equal} of {layers} compressed layers; retained fraction "
-          f"{rec['retained'][0]:.6f} vs {rec['retained'][1]:.6f}",
-          f"* largest |W_1proc - W_torchrun| over all layers: {max_diff:.3g} (largest relative Frobenius difference "
-          f"{max_rel:.3g}): the all-reduced H sums the ranks' partial sums in a different order",
-          f"* wall time: {rec['seconds']['1']} s (1 process) vs {rec['seconds']['2']} s (2 processes, 1 thread each)",
-          ""]
+          f"{a.calib_samples}` ({rec['date']}): `slr compress ... --sparsity 0.6 --rank 8 --no-eval`, as one process "
+          "with 1 thread, under `torchrun --nproc_per_node=2` (gloo, 1 thread per worker), and as one process with 2 "
+          "threads.", "",
+          line(dist, "torchrun (2 x 1 thread) vs one process (1 thread)"),
+          line(threads, "one process, 2 threads vs 1 thread (no torch.distributed)"),
+          f"* wall time: {rec['seconds']['p1t1']} s (1 process, 1 thread), {rec['seconds']['p2t1']} s (2 processes), "
+          f"{rec['seconds']['p1t2']} s (1 process, 2 threads)", ""]
     (HERE / "torchrun.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    return 0 if mask_equal == layers else 1
+    ok = dist["masks_identical"] == dist["layers"] and dist["plans_identical"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -175,18 +175,25 @@ def block_forward(block: nn.Module, inputs: BlockInputs, index: int, hidden: tor
 
 
 class HessianCollector:
-    """Forward hooks that accumulate H = X^T X / n_tokens per input group (fp32 batch products, fp64 sum)."""
+    """Pre-hooks that accumulate H = X^T X / n_tokens per input group (fp32 batch products, fp64 sum).
 
-    def __init__(self, linears: dict[str, nn.Linear], groups: list[tuple[str, ...]]):
+    ``stop_early``: once every group's input of the current forward is recorded, the hook raises ``_Stop``, so the
+    rest of the block (down_proj's product, the residual add) is not computed; ``forward`` catches it. For H alone
+    the block's output is never needed, which saves about a fifth of the calibration forward.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], groups: list[tuple[str, ...]], stop_early: bool = False):
         self.groups = list(groups)
         self.H: dict[tuple[str, ...], torch.Tensor] = {}
         self.n: dict[tuple[str, ...], int] = {}
+        self.stop_early = stop_early
+        self._seen: set = set()
         self.hooks = []
         for g in groups:
-            self.hooks.append(linears[g[0]].register_forward_hook(self._hook(g)))
+            self.hooks.append(linears[g[0]].register_forward_pre_hook(self._hook(g)))
 
     def _hook(self, g):
-        def hook(_mod, args, _out):
+        def hook(_mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, d_in]
             xtx = (x.T @ x).double()
             if g in self.H:
@@ -195,7 +202,18 @@ class HessianCollector:
             else:
                 self.H[g] = xtx
                 self.n[g] = x.shape[0]
+            self._seen.add(g)
+            if self.stop_early and len(self._seen) == len(self.groups):
+                raise _Stop
         return hook
+
+    def forward(self, block: nn.Module, inputs: BlockInputs, index: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The block on one batch with the hooks recording; None when the forward was cut short (``stop_early``)."""
+        self._seen = set()
+        try:
+            return block_forward(block, inputs, index, hidden)
+        except _Stop:
+            return None
 
     def finish(self, group=None) -> dict[tuple[str, ...], torch.Tensor]:
         """H per group; under torch.distributed the sums and token counts are all-reduced over the ranks first."""
@@ -385,11 +403,11 @@ def _compress_blocks(adapter, blocks, config, plan, inputs, report, materialize,
         Hs: dict = {}
         if inputs is not None:
             t = time.perf_counter()
-            coll = HessianCollector(linears, groups)
+            coll = HessianCollector(linears, groups, stop_early=refine is None)
             targets = []
             with torch.no_grad():
                 for h in inputs.hidden:
-                    out = block_forward(block, inputs, i, h)
+                    out = coll.forward(block, inputs, i, h)
                     if refine is not None:
                         targets.append(out)
             Hs = coll.finish(group)

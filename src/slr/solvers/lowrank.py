@@ -99,20 +99,33 @@ def truncated_svd(
         return P[:, :r], s[:r], Rt[:r]
     if method != "randomized":
         raise ValueError(f"unknown SVD method {method!r}")
-    if init is not None and init.shape[1] >= q:
-        omega = init[:, :q].to(M.dtype)
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        omega = torch.randn(n, q, generator=gen, dtype=M.dtype)
-        if init is not None:
-            omega[:, : init.shape[1]] = init.to(M.dtype)
+    omega = sketch(n, q, init, M.dtype, seed)
     Y = M @ omega  # [m, q] spans (approximately) the top range of M
     for _ in range(niter):
         Z = torch.linalg.qr(M.T @ torch.linalg.qr(Y).Q).Q  # [n, q]
         Y = M @ Z
-    # Small SVD of the projection P_Y M = Y G^-1 Y^T M (G = Y^T Y) through q x q eigenproblems in float64 instead
-    # of QR + LAPACK SVD of a [q, n] matrix: with Qy = Y G^-1/2 orthonormal, P_Y M = Qy T, T = G^-1/2 Y^T M.
-    C = (Y.T @ M).double()  # [q, n]
+    return range_svd(Y, Y.T @ M, r)
+
+
+def sketch(n: int, q: int, init: torch.Tensor | None, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Test matrix [n, q] of a randomized SVD: ``init``'s columns first (a warm start), seeded Gaussians after."""
+    if init is not None and init.shape[1] >= q:
+        return init[:, :q].to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(n, q, generator=gen, dtype=dtype)
+    if init is not None:
+        omega[:, : init.shape[1]] = init.to(dtype)
+    return omega
+
+
+def range_svd(Y: torch.Tensor, C: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r SVD of the projection of M onto the range of Y [m, q], given only Y and C = Y^T M [q, n].
+
+    Small SVD of P_Y M = Y G^-1 Y^T M (G = Y^T Y) through q x q eigenproblems in float64 instead of QR + LAPACK
+    SVD of a [q, n] matrix: with Qy = Y G^-1/2 orthonormal, P_Y M = Qy T, T = G^-1/2 C. Callers that hold M as a
+    product (M = A S) pass C = (Y^T A) S and never form M. Returns (P [m, r], s [r], Rt [r, n]) in Y's dtype.
+    """
+    C = C.double()  # [q, n]
     g, E = torch.linalg.eigh((Y.T @ Y).double())
     ok = g > 1e-12 * float(g.max().clamp_min(1e-300))  # pseudo-inverse: drop degenerate directions of Y
     Gih = (E[:, ok] / g[ok].sqrt()) @ E[:, ok].T  # G^-1/2 [q, q]
@@ -121,8 +134,8 @@ def truncated_svd(
     Wv, s = Wv[:, -r:].flip(1), s2[-r:].flip(0).clamp_min(0).sqrt()
     inv_s = torch.where(s > 1e-30 * float(s.max().clamp_min(1e-300)), 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
     Rt = (Wv.T @ T) * inv_s[:, None]  # [r, n]
-    P = Y @ (Gih @ Wv).to(M.dtype)  # [m, r]
-    return P, s.to(M.dtype), Rt.to(M.dtype)
+    P = Y @ (Gih @ Wv).to(Y.dtype)  # [m, r]
+    return P, s.to(Y.dtype), Rt.to(Y.dtype)
 
 
 def whitened_lowrank(
