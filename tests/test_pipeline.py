@@ -209,6 +209,36 @@ def test_custom_plan_per_block():
 # ---- Hessian statistics ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "opt"])
+def test_hessian_collector_stop_early_gives_the_same_h_and_skips_the_rest(family):
+    """stop_early cuts each forward once every group's input is recorded: same H, and the last linear never runs."""
+    model = tiny_model(family)
+    ad = get_adapter(model)
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_inputs(model, ad, ids, 2, "cpu")
+    block = ad.blocks(model)[0]
+    linears = ad.linears(block)
+    groups = [g for g in ad.groups if all(n in linears for n in g)]
+    last = groups[-1][0]
+    ran = []
+    hook = linears[last].register_forward_hook(lambda *_: ran.append(1))
+    Hs = {}
+    with torch.no_grad():
+        for stop in (False, True):
+            coll = HessianCollector(linears, groups, stop_early=stop)
+            outs = [coll.forward(block, inputs, 0, h) for h in inputs.hidden]
+            Hs[stop] = coll.finish()
+            if stop:
+                assert outs == [None] * len(outs)
+            else:
+                assert len(ran) == len(outs) and all(o is not None for o in outs)
+    hook.remove()
+    assert len(ran) == len(inputs.hidden)  # the stopped forwards never computed the last linear's output
+    assert Hs[True].keys() == Hs[False].keys()
+    for g in Hs[True]:
+        assert torch.equal(Hs[True][g], Hs[False][g])
+
+
 def test_hessian_collector_matches_hand_computed():
     model = tiny_model("llama")
     ad = get_adapter(model)

@@ -303,7 +303,8 @@ def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, c
     from .estimate import check_fits, describe, estimate_run
 
     est = estimate_run(model, config.calib_samples, config.seqlen, onload=onload,
-                       offload_activations=offload_activations, batch_size=batch_size)
+                       offload_activations=offload_activations, batch_size=batch_size,
+                       rebuild=bool(evaluate or tasks))
     check_fits(est)  # before printing it, so a refusal stays one line
     if progress:
         print(f"slr: {describe(est)}", file=sys.stderr)
@@ -353,9 +354,12 @@ def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, c
         checkpoints = BlockCheckpoints(partial / "checkpoints", fingerprint, resume, writer=group.is_main,
                                        sync=group.barrier)
     try:
+        # onloading with nothing to evaluate in memory: the compressed blocks stay in the checkpoints and are streamed
+        # into the artifact one at a time (io.save(blocks=...)), so the whole model is never resident
         report = compress_(model, config, calib, plan=plan, device=device, batch_size=batch_size, refine=refine,
                            progress=progress, checkpoints=checkpoints, onload=source,
-                           offload_activations=str(partial / "activations") if offload_activations else None)
+                           offload_activations=str(partial / "activations") if offload_activations else None,
+                           rebuild=bool(evaluate or tasks))
     except SLRError:
         # bad input (NaN weights or H, ...): the rerun after the fix is a different run, so its checkpoints are
         # useless; a kill or Ctrl-C (not an SLRError) keeps them for --resume
@@ -402,9 +406,11 @@ def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, c
                                "bos_per_window": info["bos_per_window"]},
                     "config": config.to_dict(), "plan": results.get("plan", {"*": spec.label})}
         byte_report = io.save(model, stage / "artifact", tokenizer=tok, manifest=manifest,
-                              values_dtype=dtypes[values_dtype], factor_dtype=dtypes[factor_dtype])
+                              values_dtype=dtypes[values_dtype], factor_dtype=dtypes[factor_dtype],
+                              blocks=report.blocks)
         results["bytes"] = byte_report | {"values_dtype": values_dtype, "factor_dtype": factor_dtype}
         times["save"] = time.perf_counter() - t
+        results["peak_rss_mib"] = peak_rss_mib()  # again: a streamed save rebuilds the blocks only now
         write_json_atomic(stage / "artifact" / "results.json", results)
         if out_dir.exists():
             shutil.rmtree(out_dir)

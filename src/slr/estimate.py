@@ -2,10 +2,15 @@
 
 Peak = the model in memory (its parameters at their dtype) + one block in flight:
   block weights as fp32 copies for the solver, one fp64 H per input group (d_in^2 * 8), the calibration activations
-  entering and leaving the block (2 * windows * seqlen * d_model * 4), and the solver workspace (about eight fp32
-  [d_out, d_in] buffers of the largest linear plus three fp64 [d_in, d_in] eigen-matrices)
+  entering and leaving the block (2 * windows * seqlen * d_model * 4), the solver workspace (about eight fp32
+  [d_out, d_in] buffers of the largest linear plus three fp64 [d_in, d_in] eigen-matrices) and the forward
+  workspace of one calibration batch (eager attention scores and probabilities, batch * heads * seqlen^2 * 4 each,
+  and three [batch, seqlen, d_ff] fp32 MLP intermediates)
 + the compressed blocks' sparse and low-rank factors (at most the dense size of the linears again)
 + a fixed runtime overhead (Python, torch, transformers: ~600 MiB measured on an idle import).
+With onloading the model term is only the non-block weights, and the compressed blocks are never all resident: the
+save streams them from the checkpoints, so its phase holds one rebuilt block plus the packed shard being written
+(at most the linears at fp16, or the shard size).
 benchmarks/scaling.py uses the same block model to extrapolate to bigger models.
 """
 
@@ -32,13 +37,20 @@ def block_memory_bytes(linears: list[tuple[int, int]], group_din: list[int], d_m
     }
 
 
+def forward_workspace_bytes(batch: int, seqlen: int, heads: int, d_ff: int) -> int:
+    """Transient memory of one block forward on a calibration batch (eager attention, gated MLP), fp32."""
+    return 2 * batch * heads * seqlen * seqlen * 4 + 3 * batch * seqlen * d_ff * 4
+
+
 def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = False,
-                 offload_activations: bool = False, batch_size: int = 8) -> dict:
+                 offload_activations: bool = False, batch_size: int = 8, rebuild: bool = True,
+                 max_shard_bytes: int = 4 << 30) -> dict:
     """{"model", "block", "compressed", "runtime", "total"} in bytes for compressing ``model``.
 
-    ``onload``: only the non-block parameters and one block's fp32 weights are resident (slr.onload), and the
-    compressed blocks are rebuilt after the last block, when no activations are alive: the peak is the larger of the
-    two phases. ``offload_activations``: two batches of activations in memory instead of all windows.
+    ``onload``: only the non-block parameters and one block's fp32 weights are resident (slr.onload); the peak is
+    the larger of the block loop and the final phase. ``rebuild`` (onloading followed by an in-memory evaluation):
+    the final phase holds every compressed block; otherwise the save streams them (one block + the packed shard).
+    ``offload_activations``: two batches of activations in memory instead of all windows.
     """
     from .models.adapters import get_adapter
 
@@ -50,15 +62,24 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
     d_model = int(model.get_input_embeddings().weight.shape[1])
     tokens = min(windows, batch_size) * seqlen if offload_activations else windows * seqlen
     parts = block_memory_bytes(shapes, gdin, d_model, tokens)
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads = int(getattr(cfg, "num_attention_heads", 0) or max(d_model // 64, 1))
+    parts["forward workspace (one batch)"] = forward_workspace_bytes(min(windows, batch_size), seqlen, heads,
+                                                                    max(m for m, _ in shapes))
     model_b = sum(p.numel() * p.element_size() for p in model.parameters())
     linear_b = sum(m.weight.numel() * m.weight.element_size() for b in ad.blocks(model) for m in ad.linears(b).values())
     if onload:
         blocks_b = sum(p.numel() * p.element_size() for b in ad.blocks(model) for p in b.parameters())
         rest = model_b - blocks_b  # embeddings, final norm, untied head
-        # solving: the rest + one block in flight (its weights are in parts); rebuilding: the rest + compressed layers
+        # solving: the rest + one block in flight (its weights are in parts); then either every compressed block
+        # rebuilt in memory (bounded by the dense linears) or the streamed save (one block + the packed shard)
+        block_b = linear_b // len(ad.blocks(model))
+        final = linear_b if rebuild else block_b + min(max_shard_bytes, linear_b // 2)
         out = {"model": rest, "block": sum(parts.values()), "compressed": 0, "runtime": RUNTIME_MIB * 2**20}
-        out["total"] = rest + max(out["block"], linear_b) + out["runtime"]
-        out["rebuilt"] = linear_b
+        out["total"] = rest + max(out["block"], final) + out["runtime"]
+        out["rebuilt"] = final
+        out["streamed"] = not rebuild
     else:
         out = {"model": model_b, "block": sum(parts.values()), "compressed": linear_b, "runtime": RUNTIME_MIB * 2**20}
         out["total"] = sum(out.values())
@@ -92,9 +113,10 @@ def check_fits(est: dict) -> None:
 def describe(est: dict) -> str:
     g = 2**20
     if "rebuilt" in est:
+        final = "streamed save <=" if est.get("streamed") else "rebuilt compressed layers <="
         return (f"estimated peak memory {est['total'] / g:,.0f} MiB with onloading (non-block weights "
-                f"{est['model'] / g:,.0f} + max(one block in flight {est['block'] / g:,.0f}, rebuilt compressed "
-                f"layers <= {est['rebuilt'] / g:,.0f}) + runtime {est['runtime'] / g:,.0f})")
+                f"{est['model'] / g:,.0f} + max(one block in flight {est['block'] / g:,.0f}, {final} "
+                f"{est['rebuilt'] / g:,.0f}) + runtime {est['runtime'] / g:,.0f})")
     return (f"estimated peak memory {est['total'] / g:,.0f} MiB (model {est['model'] / g:,.0f} + one block in flight "
             f"{est['block'] / g:,.0f} + compressed layers <= {est['compressed'] / g:,.0f} + runtime "
             f"{est['runtime'] / g:,.0f})")

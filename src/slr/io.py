@@ -309,8 +309,8 @@ def _storage_key(t: torch.Tensor):
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
-def _dense_items(model: nn.Module, slr_names: list[str], dense_dtype):
-    """HF-named tensors that are not part of an SLRLinear's compressed storage, deduplicated.
+def _dense_items(state: dict[str, torch.Tensor], slr_names: list[str], dense_dtype):
+    """HF-named tensors of a state dict that are not part of an SLRLinear's compressed storage, deduplicated.
 
     -> (items {name: tensor}, tied {alias: source}). Biases of SLR layers are included under P.bias.
     """
@@ -319,7 +319,7 @@ def _dense_items(model: nn.Module, slr_names: list[str], dense_dtype):
     items: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict = {}
-    for name, t in model.state_dict(keep_vars=True).items():
+    for name, t in state.items():
         if t is None or (name.startswith(prefixes) and not _is_slr_bias(name, slr_set)):
             continue
         t = t.detach()
@@ -341,25 +341,68 @@ def _is_slr_bias(name: str, slr_names: set[str]) -> bool:
     return name.endswith(".bias") and name[: -len(".bias")] in slr_names
 
 
+def _slr_layers(model: nn.Module, prefix: str = "") -> tuple[list[tuple[str, SLRLinear]], dict[int, str]]:
+    """(SLR layers in module order, {id(shared projection): the name of the layer that stores its V})."""
+    slr = [(prefix + n, m) for n, m in model.named_modules() if isinstance(m, SLRLinear)]
+    owners: dict[int, str] = {}  # the consumer registered first (cid 0) stores the shared V
+    for n, m in sorted(slr, key=lambda nm: nm[1]._cid if nm[1]._cid is not None else -1):
+        if m.shared is not None and m.U is not None:
+            owners.setdefault(id(m.shared), n)
+    return slr, owners
+
+
+def _streamed_state(model: nn.Module, blocks, writer: _ShardWriter, layers: dict, values_dtype, factor_dtype):
+    """Pack the SLR layers of every streamed block into ``writer`` (one block in memory at a time); returns the
+    model's state dict in the order an in-memory save sees it (the blocks' small dense tensors, e.g. norms, are
+    kept) and the SLR layer names."""
+    names: list[str] = []
+    block_state: dict[str, torch.Tensor] = {}
+    for i in range(len(blocks)):
+        block = blocks.load(i)
+        p = f"{blocks.prefix}.{i}."
+        slr, owners = _slr_layers(block, p)
+        for n, m in slr:
+            tensors, rec = _pack_layer(n, m, owners.get(id(m.shared)) if m.shared is not None else None,
+                                       values_dtype, factor_dtype)
+            layers[n] = rec
+            for k, v in tensors.items():
+                writer.add(k, v)
+        mine = {n for n, _ in slr}
+        names += [n for n, _ in slr]
+        prefixes = tuple(f"{n}." for n in mine)
+        for k, t in block.state_dict(keep_vars=True).items():  # what _dense_items would keep of this block
+            if t is not None and (not (p + k).startswith(prefixes) or _is_slr_bias(p + k, mine)):
+                block_state[p + k] = t.detach().clone()  # the block goes back to the meta device below
+        blocks.release(block)
+    state: dict[str, torch.Tensor] = {}
+    bp = blocks.prefix + "."
+    for k, t in model.state_dict(keep_vars=True).items():
+        if not k.startswith(bp):
+            state[k] = t
+        elif block_state:  # the first block key: every block's tensors go here, in block order
+            state.update(block_state)
+            block_state = {}
+    return state, names
+
+
 def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, manifest: dict | None = None,
          values_dtype: torch.dtype = torch.float16, factor_dtype: torch.dtype = torch.float16,
          dense_dtype: torch.dtype | None = None, overwrite: bool = False,
-         max_shard_bytes: int = 4 << 30) -> dict:
+         max_shard_bytes: int = 4 << 30, blocks=None) -> dict:
     """Write the compressed artifact atomically; returns the byte report (also stored in the manifest).
 
     ``manifest`` supplies "source", "config", "plan" (and any other non-reserved keys) for slr_config.json.
     ``dense_dtype`` converts the dense remainder (None keeps each tensor's dtype).
+    ``blocks``: for an onloaded model whose blocks are still on the meta device, a ``pipeline.CompressedBlocks`` that
+    rebuilds each compressed block in turn; it is packed and released before the next one is loaded. The files are
+    the same as those of an in-memory save of the rebuilt model.
     """
     if getattr(model, "config", None) is None:
         raise SLRError("the model has no .config", "pass a transformers CausalLM")
     for dt in (values_dtype, factor_dtype) + ((dense_dtype,) if dense_dtype is not None else ()):
         if dt not in _DTYPES.values():
             raise SLRError(f"unsupported storage dtype {dt}", "use torch.float32, torch.float16 or torch.bfloat16")
-    slr = [(n, m) for n, m in model.named_modules() if isinstance(m, SLRLinear)]
-    owners: dict[int, str] = {}  # the consumer registered first (cid 0) stores the shared V
-    for n, m in sorted(slr, key=lambda nm: nm[1]._cid if nm[1]._cid is not None else -1):
-        if m.shared is not None and m.U is not None:
-            owners.setdefault(id(m.shared), n)
+    slr, owners = _slr_layers(model) if blocks is None else ([], {})
 
     with _atomic_dir(out_dir, overwrite) as tmp:
         model.config.save_pretrained(tmp)
@@ -378,7 +421,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, manife
             layers[n] = rec
             for k, v in tensors.items():
                 writer.add(k, v)
-        dense, tied = _dense_items(model, [n for n, _ in slr], dense_dtype)
+        if blocks is None:
+            state, names = model.state_dict(keep_vars=True), [n for n, _ in slr]
+        else:
+            state, names = _streamed_state(model, blocks, writer, layers, values_dtype, factor_dtype)
+        dense, tied = _dense_items(state, names, dense_dtype)
         dense_bytes = 0
         for k, v in dense.items():
             writer.add(k, v)
