@@ -351,6 +351,17 @@ def _slr_layers(model: nn.Module, prefix: str = "") -> tuple[list[tuple[str, SLR
     return slr, owners
 
 
+def _pack_all(slr: list[tuple[str, SLRLinear]], owners: dict[int, str], writer: _ShardWriter, layers: dict,
+              values_dtype, factor_dtype) -> None:
+    """Pack SLR layers into ``writer``; their manifest records go to ``layers``."""
+    for n, m in slr:
+        tensors, rec = _pack_layer(n, m, owners.get(id(m.shared)) if m.shared is not None else None,
+                                   values_dtype, factor_dtype)
+        layers[n] = rec
+        for k, v in tensors.items():
+            writer.add(k, v)
+
+
 def _streamed_state(model: nn.Module, blocks, writer: _ShardWriter, layers: dict, values_dtype, factor_dtype):
     """Pack the SLR layers of every streamed block into ``writer`` (one block in memory at a time); returns the
     model's state dict in the order an in-memory save sees it (the blocks' small dense tensors, e.g. norms, are
@@ -361,12 +372,7 @@ def _streamed_state(model: nn.Module, blocks, writer: _ShardWriter, layers: dict
         block = blocks.load(i)
         p = f"{blocks.prefix}.{i}."
         slr, owners = _slr_layers(block, p)
-        for n, m in slr:
-            tensors, rec = _pack_layer(n, m, owners.get(id(m.shared)) if m.shared is not None else None,
-                                       values_dtype, factor_dtype)
-            layers[n] = rec
-            for k, v in tensors.items():
-                writer.add(k, v)
+        _pack_all(slr, owners, writer, layers, values_dtype, factor_dtype)
         mine = {n for n, _ in slr}
         names += [n for n, _ in slr]
         prefixes = tuple(f"{n}." for n in mine)
@@ -415,12 +421,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, manife
 
         layers: dict[str, dict] = {}
         writer = _ShardWriter(tmp, max_shard_bytes)
-        for n, m in slr:
-            tensors, rec = _pack_layer(n, m, owners.get(id(m.shared)) if m.shared is not None else None,
-                                       values_dtype, factor_dtype)
-            layers[n] = rec
-            for k, v in tensors.items():
-                writer.add(k, v)
+        _pack_all(slr, owners, writer, layers, values_dtype, factor_dtype)
         if blocks is None:
             state, names = model.state_dict(keep_vars=True), [n for n, _ in slr]
         else:
