@@ -41,21 +41,19 @@ def _meta_left(module: nn.Module) -> list[str]:
 
 
 class BlockSource:
-    """Tensors of a safetensors HF folder, opened memory-mapped; a block's tensors are read on demand."""
+    """Tensors of a safetensors HF folder; a block's tensors are read on demand (memory-mapped, then unmapped)."""
 
     def __init__(self, folder: str | Path, blocks_path: str):
         from safetensors import safe_open
 
         self.folder = Path(folder)
         self.prefix = blocks_path + "."
-        self.files = {}
         self.where: dict[str, Path] = {}
         try:
             for f in _shards(self.folder):
-                h = safe_open(str(f), framework="pt")
-                self.files[f] = h
-                for k in h.keys():
-                    self.where[k] = f
+                with safe_open(str(f), framework="pt") as h:  # the header only: which shard holds which tensor
+                    for k in h.keys():
+                        self.where[k] = f
         except SLRError:
             raise
         except Exception as e:
@@ -63,7 +61,20 @@ class BlockSource:
                            f"{str(e).splitlines()[0][:100]}", "re-copy the model's weights") from None
 
     def tensors(self, select) -> dict[str, torch.Tensor]:
-        return {k: self.files[f].get_tensor(k) for k, f in self.where.items() if select(k)}
+        """The selected tensors, read through handles opened for this call only.
+
+        A safetensors handle memory-maps its shard, and every page a read touches stays in this process's resident
+        set while the handle lives: with long-lived handles RSS grew by each block's weights (13.5 MiB a block on
+        SmolLM2, 0.65 -> 1.06 GiB over 30 blocks). Dropping the handles after each read unmaps them.
+        """
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        for f in dict.fromkeys(f for k, f in self.where.items() if select(k)):
+            h = safe_open(str(f), framework="pt", device="cpu")
+            out.update({k: h.get_tensor(k).clone() for k, g in self.where.items() if g == f and select(k)})
+            del h
+        return out
 
     def non_block(self) -> dict[str, torch.Tensor]:
         return self.tensors(lambda k: not k.startswith(self.prefix))
