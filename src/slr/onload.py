@@ -5,8 +5,9 @@ norm, head, rotary tables) are materialised, from the safetensors shards. ``Bloc
 block i from the memory-mapped shards just before the pipeline needs it; ``release(block)`` sends it back to the
 meta device once its compressed form is in the run's block checkpoints. Calibration activations can live on disk
 too (``DiskActivations``: one file per batch, one batch in memory at a time). Peak memory is then about the
-non-block part + one block in flight (its fp32 weights, H's and solver workspace) + the activations in memory;
-the compressed blocks are rebuilt from the checkpoints after the last block (see ``pipeline.compress_``).
+non-block part + one block in flight (its fp32 weights, H's and solver workspace) + the activations in memory.
+After the last block the save streams the compressed blocks from the checkpoints one at a time
+(``pipeline.CompressedBlocks``, ``io.save(blocks=...)``); only an in-memory evaluation rebuilds them all.
 
 Limits: the global allocators (knapsack, cap, owl) read every matrix up front and are refused with --onload;
 torchrun is refused too (each rank would need the checkpoints of all ranks).
