@@ -354,10 +354,11 @@ class SLRLinear(nn.Module):
         how = self._pick(tokens)
         if how == "dense-cached":
             return F.linear(x, self._cached_weight(), self.bias)
-        if (how == "dense-onthefly" and self.shared is None
+        if (how == "dense-onthefly" and self.shared is None and self.values is not None
                 and tokens * (self.in_features + self.out_features) >= self.in_features * self.out_features):
-            # many tokens: folding U V into S once (d_out d_in r FLOPs) beats two thin products per token (T (m + n) r)
-            # and one pass over y; on SmolLM2 calibration batches (4096 tokens) this halves q/o/gate/up's time
+            # S is applied densely anyway (T m n); with many tokens, folding U V into it once (m n r FLOPs) beats two
+            # thin products per token (T (m + n) r) and a pass over y: on SmolLM2 calibration batches (4096 tokens)
+            # this halves q/o/gate/up's time. Rank-only layers (no S) keep the thin products, which are cheaper.
             return F.linear(x, self.to_dense(), self.bias)
         y = None
         if self.values is not None:
