@@ -302,9 +302,11 @@ def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, c
     _check_shapes(model, spec)
     from .estimate import check_fits, describe, estimate_run
 
+    # onloading with nothing to evaluate in memory: the compressed blocks stay in the checkpoints and are streamed
+    # into the artifact one at a time (io.save(blocks=...)), so the whole model is never resident
+    rebuild = bool(evaluate or tasks)
     est = estimate_run(model, config.calib_samples, config.seqlen, onload=onload,
-                       offload_activations=offload_activations, batch_size=batch_size,
-                       rebuild=bool(evaluate or tasks))
+                       offload_activations=offload_activations, batch_size=batch_size, rebuild=rebuild)
     check_fits(est)  # before printing it, so a refusal stays one line
     if progress:
         print(f"slr: {describe(est)}", file=sys.stderr)
@@ -354,12 +356,10 @@ def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, c
         checkpoints = BlockCheckpoints(partial / "checkpoints", fingerprint, resume, writer=group.is_main,
                                        sync=group.barrier)
     try:
-        # onloading with nothing to evaluate in memory: the compressed blocks stay in the checkpoints and are streamed
-        # into the artifact one at a time (io.save(blocks=...)), so the whole model is never resident
         report = compress_(model, config, calib, plan=plan, device=device, batch_size=batch_size, refine=refine,
                            progress=progress, checkpoints=checkpoints, onload=source,
                            offload_activations=str(partial / "activations") if offload_activations else None,
-                           rebuild=bool(evaluate or tasks))
+                           rebuild=rebuild)
     except SLRError:
         # bad input (NaN weights or H, ...): the rerun after the fix is a different run, so its checkpoints are
         # useless; a kill or Ctrl-C (not an SLRError) keeps them for --resume

@@ -314,14 +314,10 @@ def _dense_items(state: dict[str, torch.Tensor], slr_names: list[str], dense_dty
 
     -> (items {name: tensor}, tied {alias: source}). Biases of SLR layers are included under P.bias.
     """
-    prefixes = tuple(f"{n}." for n in slr_names)
-    slr_set = set(slr_names)
     items: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict = {}
-    for name, t in state.items():
-        if t is None or (name.startswith(prefixes) and not _is_slr_bias(name, slr_set)):
-            continue
+    for name, t in _outside_slr(state, slr_names).items():
         t = t.detach()
         key = _storage_key(t) if t.numel() else ("empty", name)
         if key in seen:
@@ -339,6 +335,14 @@ def _dense_items(state: dict[str, torch.Tensor], slr_names: list[str], dense_dty
 
 def _is_slr_bias(name: str, slr_names: set[str]) -> bool:
     return name.endswith(".bias") and name[: -len(".bias")] in slr_names
+
+
+def _outside_slr(state: dict[str, torch.Tensor], slr_names: list[str]) -> dict[str, torch.Tensor]:
+    """The entries of a state dict that are not an SLRLinear's compressed storage (SLR biases stay, as P.bias)."""
+    prefixes = tuple(f"{n}." for n in slr_names)
+    slr_set = set(slr_names)
+    return {k: t for k, t in state.items()
+            if t is not None and not (k.startswith(prefixes) and not _is_slr_bias(k, slr_set))}
 
 
 def _slr_layers(model: nn.Module, prefix: str = "") -> tuple[list[tuple[str, SLRLinear]], dict[int, str]]:
@@ -373,12 +377,10 @@ def _streamed_state(model: nn.Module, blocks, writer: _ShardWriter, layers: dict
         p = f"{blocks.prefix}.{i}."
         slr, owners = _slr_layers(block, p)
         _pack_all(slr, owners, writer, layers, values_dtype, factor_dtype)
-        mine = {n for n, _ in slr}
-        names += [n for n, _ in slr]
-        prefixes = tuple(f"{n}." for n in mine)
-        for k, t in block.state_dict(keep_vars=True).items():  # what _dense_items would keep of this block
-            if t is not None and (not (p + k).startswith(prefixes) or _is_slr_bias(p + k, mine)):
-                block_state[p + k] = t.detach().clone()  # the block goes back to the meta device below
+        mine = [n for n, _ in slr]
+        names += mine
+        kept = _outside_slr({p + k: t for k, t in block.state_dict(keep_vars=True).items()}, mine)
+        block_state.update({k: t.detach().clone() for k, t in kept.items()})  # the block goes back to meta below
         blocks.release(block)
     state: dict[str, torch.Tensor] = {}
     bp = blocks.prefix + "."
