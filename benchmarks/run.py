@@ -92,6 +92,7 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
            if r["config"].get("refine") else {}),
         **({"allocate_s": round(r["seconds"]["allocate"], 1)} if "allocate" in r["seconds"] else {}),
         **({"alloc_opts": r["config"]["alloc_opts"]} if r["config"].get("alloc_opts") else {}),
+        **({"allocation": _alloc_summary(r["allocation"])} if r.get("allocation") else {}),
         "retained_fraction": round(r["retained_fraction"], 6), "ppl": r["ppl"]["ppl"],
         "ppl_windows": r["ppl"]["windows"], "ppl_text": r["ppl"]["text"], "dense_ppl": r["dense_ppl"]["ppl"],
         "mean_rel_error": r["mean_rel_error"], "calib_samples": calib_samples,
@@ -100,6 +101,19 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
         **{k: round(r[k]) for k in ("peak_rss_mib", "memory_estimate_mib") if r.get(k) is not None},
         "wall_s": round(wall_s, 1) if wall_s else None, "git_commit": _COMMIT or r["git_commit"], "seed": r["seed"],
     }
+
+
+ALLOC_KEYS = ("allocator", "budget", "achieved_fraction", "normalize", "fisher_power", "fisher_windows", "rank_floor",
+              "metric", "pools", "loss", "windows", "iterations", "samples", "lr", "seconds")
+
+
+def _alloc_summary(a: dict) -> dict:
+    """The allocator's settings and budget check from results.json (the per-matrix plan stays in results.json)."""
+    out = {k: a[k] for k in ALLOC_KEYS if k in a}
+    ranks = [v["rank"] for v in a.get("per_matrix", {}).values()]
+    if ranks:
+        out["rank_min_mean_max"] = [min(ranks), round(sum(ranks) / len(ranks), 2), max(ranks)]
+    return out
 
 
 def load_records() -> list[dict]:

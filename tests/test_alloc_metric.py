@@ -62,7 +62,7 @@ def test_whitener():
     H = spd(12)
     G, Gi, sal = whitener(H)
     Hd = damp_hessian(H, 0.01)
-    torch.testing.assert_close((G @ G).double(), Hd, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close((G @ G.T).double(), Hd, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close((G @ Gi).double(), torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-4)
     torch.testing.assert_close(sal.double(), 1 / torch.linalg.inv(Hd).diagonal(), rtol=1e-4, atol=0)
 
@@ -115,7 +115,7 @@ def test_knapsack_metric_and_span():
     cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate="knapsack", budget=0.5)
     plans = {}
     for metric in ("whitened", "diag"):
-        plan, info = make_plan(model, cfg, ids(8), metric=metric)
+        plan, info = make_plan(model, cfg, ids(8), metric=metric, normalize="size")
         assert info["metric"] == metric and info["calib_windows"] == 8
         assert info["proxy_loss"] <= info["uniform_proxy_loss"]
         assert abs(info["achieved_fraction"] - 0.5) <= 1e-3
@@ -129,3 +129,73 @@ def test_knapsack_metric_and_span():
         assert abs(kept / mat.numel - 0.5) <= 0.05 + 2 * mat.lr_unit / mat.numel  # fit_budget may move a unit
     _, info = make_plan(model, cfg, None)
     assert info["metric"] == "weights" and info["data_free"]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_output_grad_sq_is_the_mean_squared_per_token_gradient(family):
+    """F̄ of every linear = mean over tokens and output channels of (dℓ_t/dy)^2, computed with plain autograd."""
+    from slr.allocate.base import output_grad_sq
+    from slr.plan import key
+
+    model = tiny_model(family)
+    x = ids(4, 16)
+    got = output_grad_sq(model, x, max_samples=None, batch_size=3)  # two batches (3 + 1)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters()), "weights must get no gradient"
+    ad = get_adapter(model)
+    outs, hooks = {}, []
+
+    def keeper(k):
+        def keep(_m, _a, out):
+            out.retain_grad()
+            outs[k] = out
+        return keep
+
+    for i, block in enumerate(ad.blocks(model)):
+        for n, lin in ad.linears(block).items():
+            hooks.append(lin.register_forward_hook(keeper(key(i, n))))
+    logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                      reduction="sum").backward()
+    for h in hooks:
+        h.remove()
+    assert set(got) == set(outs)
+    for k, out in outs.items():
+        want = float((out.grad.double() ** 2).mean())
+        assert got[k] == pytest.approx(want, rel=1e-4), k
+    assert output_grad_sq(model, None) is None and output_grad_sq(model, x[:0]) is None
+
+
+def test_fisher_normalisation_is_the_default_with_data():
+    model = tiny_model("llama")
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate="knapsack", budget=0.5)
+    _, info = make_plan(model, cfg, ids(4, 16))
+    assert info["normalize"] == "fisher" and info["fisher_windows"] == 4
+    _, info = make_plan(model, cfg, None)
+    assert info["normalize"] == "size" and "fisher_windows" not in info
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate="cap", budget=0.5)
+    _, info = make_plan(model, cfg, ids(4, 16), samples=1, iterations=1, windows=2)
+    assert info["normalize"] == "fisher"
+
+
+@pytest.mark.parametrize("allocator", ["knapsack", "cap"])
+def test_rank_floor(allocator):
+    """S+LR plans keep at least the run's --rank everywhere by default; rank_floor=0 frees it."""
+    model = tiny_model("llama")
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate=allocator, budget=0.5)
+    opts = {"samples": 1, "iterations": 1, "windows": 2} if allocator == "cap" else {}
+    plan, info = make_plan(model, cfg, ids(4, 16), **opts)
+    assert info["rank_floor"] == 4 and abs(info["achieved_fraction"] - 0.5) <= 1e-3
+    assert all(s.rank >= 4 for s in plan.specs.values())
+    plan, info = make_plan(model, cfg, ids(4, 16), rank_floor=8, **opts)
+    assert all(s.rank >= 8 for s in plan.specs.values())
+    _, info = make_plan(model, cfg, ids(4, 16), rank_floor=0, **opts)
+    assert info["rank_floor"] == 0
+
+
+def test_loss_weight_interpolates_size_and_fisher():
+    from slr.allocate.base import loss_weight
+
+    assert loss_weight(100, 7.0, None) == 100.0
+    assert loss_weight(100, 7.0, 3.0, power=0.0) == pytest.approx(100.0)
+    assert loss_weight(100, 7.0, 3.0, power=1.0) == pytest.approx(21.0)  # F̄ ||A||^2
+    assert loss_weight(100, 7.0, 3.0, power=0.5) == pytest.approx((100.0 * 21.0) ** 0.5)

@@ -337,18 +337,22 @@ def dense_block_hessians(model: nn.Module, calib: torch.Tensor, device="cpu", ma
 
 
 def whitener(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(H^{1/2}, H^{-1/2}, 1 / diag(H^{-1})) of the damped H [d_in, d_in], float32, from one eigendecomposition."""
+    """(G, G^{-1}, 1 / diag(H^{-1})) with G G^T = H for the damped H [d_in, d_in], float32.
+
+    G is the lower Cholesky factor: tr(E H E^T) = ||E G||_F^2, so the SVD of W G gives the metric-optimal low-rank
+    truncations exactly as the symmetric root H^{1/2} would (G = H^{1/2} Q for an orthogonal Q), at a fraction of
+    the cost (one Cholesky instead of an eigendecomposition: 0.05 s vs 3.1 s for a 1536^2 H on one core).
+    """
     Hd = damp_hessian(H, percdamp)  # float64, dead inputs -> 1
-    lam, Q = torch.linalg.eigh(Hd)
-    lam = lam.clamp_min(1e-12 * float(lam.max()))
-    G = (Q * lam.sqrt()) @ Q.T
-    Gi = (Q * lam.rsqrt()) @ Q.T
-    return G.float(), Gi.float(), (1.0 / (Q * Q / lam).sum(1)).float()
+    G = torch.linalg.cholesky(Hd)
+    Gi = torch.linalg.solve_triangular(G, torch.eye(G.shape[0], dtype=G.dtype), upper=False)
+    sal = 1.0 / (Gi * Gi).sum(0)  # diag(H^{-1}) = diag(G^{-T} G^{-1}) = column norms^2 of G^{-1}
+    return G.float(), Gi.float(), sal.float()
 
 
 def whitened_metrics(model: nn.Module, mats: list[Matrix], calib: torch.Tensor, device="cpu",
                      max_samples: int | None = 8):
-    """Yield (index into ``mats``, whitener(H)) for every matrix, block by block (one eigh per input group)."""
+    """Yield (index into ``mats``, whitener(H)) for every matrix, block by block (one Cholesky per input group)."""
     by_key = {m.key: j for j, m in enumerate(mats)}
     for b, Hs in dense_block_hessians(model, calib, device, max_samples):
         whites: dict[int, tuple] = {}  # the linears of a group share one H object
@@ -365,3 +369,73 @@ def scales(m: Matrix, norms: dict[str, torch.Tensor] | None) -> torch.Tensor | N
     h = norms[m.key].double().clamp_min(0)
     floor = 1e-8 * float(h.max().clamp_min(1e-300))
     return h.clamp_min(floor).sqrt()
+
+
+def loss_weight(numel: int, energy: float, sens: float | None, power: float = 1.0) -> float:
+    """What one unit of a matrix's *relative* error ||ΔA||^2 / ||A||^2 costs in the allocators' common loss.
+
+    sens None ("size"): m n, scale-free (equal relative errors cost the same per parameter everywhere).
+    sens = F̄ ("fisher"): m n (F̄ ||A||^2 / m n)^power; power 1 is the Fisher estimate F̄ ||ΔA||^2 of the loss increase,
+    power 0 is "size", and powers in between temper the sensitivity's dynamic range (F̄ spans ~7 decades over
+    SmolLM2's blocks, and a first-order estimate overstates how much the early blocks matter at large errors).
+    """
+    if sens is None:
+        return float(numel)
+    return float(numel) * (max(energy, 1e-300) * max(sens, 1e-300) / numel) ** power
+
+
+def output_grad_sq(model: nn.Module, calib: torch.Tensor | None, device="cpu", max_samples: int | None = 8,
+                   batch_size: int = 2) -> dict[str, float] | None:
+    """Per-linear mean squared per-token loss gradient at its output, mean_i E_t[(dℓ_t/dy_ti)^2] (dense model).
+
+    This is the output-side (diagonal) factor of the Fisher / K-FAC curvature: a weight error ΔW of a linear raises
+    the expected next-token loss by about ½ Σ_i F_ii (ΔW H ΔW^T)_ii with H = E[x x^T], so with the rows weighed
+    alike ½ F̄ ||ΔW||_H^2, F̄ = mean_i F_ii. F̄ is how strongly an error at that linear's output reaches the loss
+    through the rest of the network (its depth and type), which the layer-wise metric ||ΔW||_H^2 alone cannot see.
+    One forward + backward over ``max_samples`` windows with activation gradients only (the weights get none).
+    None without calibration data.
+    """
+    if calib is None or len(calib) == 0:
+        return None
+    ad = get_adapter(model)
+    calib = calib[:max_samples] if max_samples else calib
+    sums: dict[str, torch.Tensor] = {}
+    count = [0]
+    hooks = []
+
+    def out_hook(k):
+        def fn(_mod, _args, out):
+            if out.requires_grad:
+                def grad_fn(g):
+                    s = (g.detach().double() ** 2).reshape(-1, g.shape[-1]).sum(0).cpu()
+                    sums[k] = sums[k] + s if k in sums else s
+                out.register_hook(grad_fn)
+        return fn
+
+    emb = model.get_input_embeddings()
+    # the weights need no gradient: the embedding output is made a leaf that requires one, so only activation
+    # gradients flow
+    hooks.append(emb.register_forward_hook(lambda _m, _a, o: o.detach().requires_grad_(True)))
+    for i, block in enumerate(ad.blocks(model)):
+        for n, lin in ad.linears(block).items():
+            hooks.append(lin.register_forward_hook(out_hook(key(i, n))))
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for s in range(0, len(calib), batch_size):
+                ids = calib[s:s + batch_size].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                tgt = ids[:, 1:]
+                # per-token losses summed, so each token's gradient is that of its own loss ℓ_t
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                         reduction="sum")
+                loss.backward()
+                count[0] += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    return {k: float(v.mean()) / max(count[0], 1) for k, v in sums.items()}

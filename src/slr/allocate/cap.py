@@ -3,12 +3,12 @@
 Stage 1, pools (per matrix; the RPCA pools are data-free):
   pools="rpca" (the paper): W ~= L + S by IALM robust PCA (``rpca_pools``). Candidates are the singular directions
       σ_i u_i v_i^T of L and the nonzeros of S.
-  pools="whitened" (ours): the top p singular directions of A = W H^{1/2} mapped back by H^{-1/2}, with H the dense
+  pools="whitened" (ours): the top p singular directions of A = W G mapped back by G^{-1} (G G^T = H), with H the dense
       model's X^T X / n on ``max_samples`` windows streamed block by block (A = W diag(d), d_j = sqrt(mean x_j^2),
       when ``norms`` is passed; A = W without data), p = min(min(m, n), budget * m n / (m + n)) (the rank that alone
       would spend the matrix's share of the budget); a direction's energy is its σ^2. Sparse candidates are the
       entries of the residual W - L_r0 with r0 = ``residual_rank`` (default: the run's uniform rank, --rank), scored
-      and weighed by the OBS saliency e^2 / [H^-1]_jj. One SVD per matrix and one eigh per input group, much
+      and weighed by the OBS saliency e^2 / [H^-1]_jj. One SVD per matrix and one Cholesky per input group, much
       cheaper than RPCA. Why r0 and not p: entries of W - L_p have had the energy of all p directions removed, so
       next to the directions they look cheap and the plan comes out rank-heavy (measured on SmolLM2 with the RPCA
       pools, whose S holds only the outliers: mean ranks 24-140 with S densities 0.08-0.26 at g50, ppl 169 vs 61
@@ -62,8 +62,10 @@ from .base import (
     finish,
     fit_budget,
     input_sq_norms,
+    loss_weight,
     matrices,
     nm_of,
+    output_grad_sq,
     resolve_budget,
     scales,
     whitened_metrics,
@@ -102,6 +104,7 @@ class Pools:
     sizes: torch.Tensor  # [n_chunks] int64 entries per chunk
     dir_energy: torch.Tensor  # [p] float64, relative
     chunk_energy: torch.Tensor  # [n_chunks] float64, relative
+    energy: float = 1.0  # ||A||^2 in the pool's metric (what the relative energies are shares of)
 
     def build(self, m: Matrix, dirs: torch.Tensor | None, chunks: torch.Tensor | None) -> torch.Tensor:
         """Dense W(mask) [m, n] float32 from boolean keep masks (None = keep all)."""
@@ -176,12 +179,12 @@ def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget:
     if sigma.numel():
         vn = (Vt.double() * (d[None, :] if d is not None else 1.0)).norm(dim=1) ** 2
         de = sigma.double() ** 2 * vn / energy
-    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce)
+    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce, energy)
 
 
 def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, n_chunks: int, residual_rank: int,
                  white: tuple) -> Pools:
-    """Whitened pools in the full metric tr(E H E^T): directions of A = W H^{1/2} mapped back by H^{-1/2} (each
+    """Whitened pools in the full metric tr(E H E^T): directions of A = W G mapped back by G^{-1} (each
     direction's energy is its σ^2); residual entries scored and weighed by the OBS saliency w^2 / [H^{-1}]_jj."""
     G, Gi, sal = white
     A = W @ G
@@ -199,7 +202,7 @@ def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, n_chunks:
         w = sal.sqrt()
         # the chunk energies are shares of ||A||^2 like the directions', in the same per-entry saliency units
         values, index, sizes, ce = _chunked(flat, idx, flat.abs() * w[idx % m.d_in], n_chunks, w, m.d_in, energy)
-    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce)
+    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce, energy)
 
 
 class _Loss:
@@ -239,7 +242,8 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              pools: str = "rpca", iterations: int = 3, samples: int = 4, lr: float = 0.05, baseline_window: int = 5,
              chunks: int = 100, init_temp: float = 2.0, windows: int = 8, batch_size: int = 4, rpca_iters: int = 5,
              max_samples: int | None = 8, norms: dict | None = None, residual_rank: int | None = None,
-             **opts) -> tuple[Plan, dict]:
+             normalize: str | None = None, fisher_samples: int | None = 4, fisher_power: float = 0.25,
+             rank_floor: int | None = None, **opts) -> tuple[Plan, dict]:
     """CAP plan (see the module docstring). ``samples`` = masks drawn per policy-gradient iteration."""
     t0 = time.perf_counter()
     if pools not in ("rpca", "whitened"):
@@ -262,29 +266,54 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     for j, m in enumerate(mats):
         if pl[j] is None:
             pl[j] = make_pools(m, scales(m, norms), mode, pools, budget, chunks, rpca_iters, r0)
+    if normalize is None:
+        normalize = "fisher" if data else "size"
+    if normalize not in ("fisher", "size"):
+        raise SLRError(f"unknown CAP normalize {normalize!r}", "use normalize=fisher (needs data) or normalize=size")
+    sens = output_grad_sq(model, calib, device, fisher_samples) if normalize == "fisher" else None
+    if normalize == "fisher" and sens is None:
+        raise SLRError("normalize='fisher' needs calibration data", "use --alloc-opt normalize=size when data-free")
+    # what one unit of a matrix's relative energy is worth: its size (scale-free) or F̄ ||A||^2 (Fisher loss units)
+    weight = [loss_weight(m.numel, p.energy, None if sens is None else sens[m.key], fisher_power)
+              for m, p in zip(mats, pl)]
     t_pools = time.perf_counter() - t0
     # global candidate arrays: per matrix, its directions then its chunks
-    cost, dens, owner, kind = [], [], [], []
+    floor = (config.rank if rank_floor is None else int(rank_floor)) if mode == "slr" else 0
+    cost, dens, owner, kind, fixed = [], [], [], [], []
     for j, (m, p) in enumerate(zip(mats, pl)):
         nd, nc = p.sigma.numel(), p.sizes.numel()
+        # the rank floor: a matrix's top min(floor, p) directions are kept outright (not candidates)
+        fixed += [torch.arange(nd) < floor, torch.zeros(nc, dtype=torch.bool)]
         cost += [torch.full((nd,), float(m.lr_unit), dtype=torch.float64), p.sizes.double()]
-        dens += [p.dir_energy * m.numel / m.lr_unit, p.chunk_energy * m.numel / p.sizes.double().clamp_min(1)]
+        dens += [p.dir_energy * weight[j] / m.lr_unit, p.chunk_energy * weight[j] / p.sizes.double().clamp_min(1)]
         owner += [torch.full((nd + nc,), j, dtype=torch.long)]
         kind += [torch.zeros(nd, dtype=torch.bool), torch.ones(nc, dtype=torch.bool)]
     cost, dens, owner, kind = torch.cat(cost), torch.cat(dens), torch.cat(owner), torch.cat(kind)
+    fixed = torch.cat(fixed)
+    free = ~fixed
     if cost.numel() == 0:
         raise SLRError("CAP found no candidates", "check the model's compressed linears")
-    # init: logistic in log density around the density tau at which the densest-first candidates fill K
-    order = torch.argsort(dens, descending=True)
+    K_free = K - float(cost[fixed].sum())
+    if K_free < 0:
+        raise SLRError(f"the rank floor {floor} alone exceeds the budget {budget}",
+                       "lower --rank or pass --alloc-opt rank_floor=0")
+
+    def project(y: torch.Tensor) -> torch.Tensor:
+        out = torch.ones_like(y)
+        out[free] = project_budget(y[free], cost[free], K_free)
+        return out
+
+    # init: logistic in log density around the density tau at which the densest-first free candidates fill K_free
+    order = free.nonzero().flatten()[torch.argsort(dens[free], descending=True)]
     filled = cost[order].cumsum(0)
-    over = (filled > K).nonzero()
+    over = (filled > K_free).nonzero()
     if over.numel() == 0:
         s = torch.ones_like(cost)
         tau = 0.0
     else:
         tau = float(dens[order[int(over[0])]].clamp_min(1e-300))
         s = torch.sigmoid(init_temp * (dens.clamp_min(1e-300).log() - math.log(tau)))
-    s = project_budget(s, cost, K)
+    s = project(s)
     splits = [int((owner == j).sum()) for j in range(len(mats))]
 
     def unpack(keep: torch.Tensor):
@@ -297,8 +326,9 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
 
     def final_keep(s: torch.Tensor) -> torch.Tensor:
         o = torch.argsort(s * (1 + 1e-9) + 1e-12 * dens / float(dens.max().clamp_min(1e-300)), descending=True)
-        keep = torch.zeros_like(s, dtype=torch.bool)
-        used = 0.0
+        o = o[free[o]]
+        keep = fixed.clone()
+        used = K - K_free
         for i, c in zip(o.tolist(), cost[o].tolist()):
             if used + c <= K:
                 keep[i] = True
@@ -324,7 +354,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
                 grad += (loss - b) * (mask.double() - s) / (sc * (1 - sc))
                 history.append(loss)
                 losses.append(loss)
-            s = project_budget(s - lr * grad / samples, cost, K)
+            s = project(s - lr * grad / samples)
             trace.append({"iteration": it, "losses": losses, "mean_loss": sum(losses) / len(losses),
                           "expected_params": float((s * cost).sum())})
         keep = final_keep(s)
@@ -348,6 +378,9 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     extra = {"pools": pools if mode == "slr" else ("whitened" if mode == "rank" else "weights"),
              "metric": "full H" if full_h else ("diag H" if norms is not None else "weights"),
              **({"residual_rank": r0} if mode == "slr" and pools == "whitened" else {}),
+             "rank_floor": floor, "normalize": normalize,
+             **({"fisher_windows": min(len(calib), fisher_samples or len(calib)), "fisher_power": fisher_power}
+                if sens is not None else {}),
              "loss": "calibration CE" if data else "weight-only relative Frobenius (data-free)",
              "windows": min(windows, len(calib)) if data else 0, "iterations": iterations, "samples": samples,
              "lr": lr, "baseline_window": baseline_window, "chunks": chunks, "candidates": int(cost.numel()),

@@ -2,10 +2,10 @@
 
 Proxy (approximate, documented). Each matrix is scored in its layer metric ||E||_H^2 = tr(E H E^T):
   metric="whitened" (default with calibration data): H = X^T X / n of the *dense* model on ``max_samples`` windows
-      (8), streamed block by block (one block's Hessians alive at a time). A = W H^{1/2}; its rank-r truncation gives
-      the metric-optimal L_r = A_r H^{-1/2}, so ||W - L_r||_H^2 = Σ_{i>r} σ_i(A)^2 exactly (what the whitened
-      lowrank step and ADMM's L step reach); a residual entry e_ij is weighed by the OBS saliency e_ij^2 / [H^-1]_jj
-      (its cost when the rest of the row compensates, as SparseGPT does).
+      (8), streamed block by block (one block's Hessians alive at a time). A = W G (G G^T = H, Cholesky); its
+      rank-r truncation gives the metric-optimal L_r = A_r G^{-1}, so ||W - L_r||_H^2 = Σ_{i>r} σ_i(A)^2 exactly
+      (what the whitened lowrank step and ADMM's L step reach); a residual entry e_ij is weighed by the OBS
+      saliency e_ij^2 / [H^-1]_jj (its cost when the rest of the row compensates, as SparseGPT does).
   metric="diag": only d_j = sqrt(mean x_j^2) (Wanda / OATS scaling): A = W diag(d), entries weighed by d_j^2. This
       ignores the cross-channel correlations of H and undervalues low rank: on SmolLM2 at g50 its admm plan dropped
       almost every rank to 0. Measured (BENCHMARKS.md, g50): neither metric's plan beats uniform with admm (ppl
@@ -19,23 +19,35 @@ where captured_r(k) is the fraction of the residual's saliency mass held by its 
 That is "low rank first, then keep the most salient residual entries": an upper bound on what the joint S+LR solvers
 reach, but it orders matrices sensibly. captured_r is estimated on a fixed random sample of ``samples`` entries per
 matrix (exact when the matrix is smaller): the residual at the sampled entries for every grid rank comes from one
-cumulative sum over the singular triplets, so each matrix costs one SVD plus O(samples * r_max) (plus one eigh per
+cumulative sum over the singular triplets, so each matrix costs one SVD plus O(samples * r_max) (plus one Cholesky per
 input group for the whitened metric). Pure pruning uses r = 0 only; rank-only methods use loss = Σ_{i>r} σ_i^2 for
 every r; with an N:M pattern the sparse part is fixed and the dropped saliency is computed exactly for each grid rank.
 ``span`` (optional): a trust region that keeps every matrix's retained fraction within budget ± span.
 
-Normalisation across matrices (``normalize``): "size" (default) = relative error ||A - Â||^2 / ||A||^2 times the
-matrix's m n, so the knapsack equalises "share of a matrix's energy lost per share of its parameters" and
-identically shaped curves give the uniform plan (scale-free across blocks; neutral between small k/v and large MLP
-matrices); "relative" = plain sum of relative errors (every matrix weighs the same, which favours keeping small
-matrices dense); "absolute" = metric energies ||ΔW||_H^2 (dominated by high-activation layers).
+Normalisation across matrices (``normalize``): how a matrix's relative error ||A - Â||^2 / ||A||^2 is priced
+against the others' (``base.loss_weight``).
+  "fisher" (default with calibration data, ours): weight m n (F̄ ||A||^2 / m n)^fisher_power, where F̄ is the
+      linear's mean squared per-token loss gradient at its output on ``fisher_samples`` windows (4; one forward and
+      backward of the dense model, activation gradients only), the output factor of the diagonal Fisher / K-FAC
+      curvature. At power 1 the loss is the Fisher estimate ½ F̄ ||ΔW||_H^2 of the loss increase; F̄ spans about
+      seven decades over SmolLM2's blocks (early blocks and v_proj highest), and at power 1 the plan keeps blocks
+      0-10 almost dense and squeezes the later MLPs to 0.2, which a first-order estimate overrates. The default
+      power 0.25 tempers the dynamic range (measured in BENCHMARKS.md).
+  "size" (the default without data) = relative error times m n: equal relative errors cost the same per parameter
+      everywhere, so identically shaped curves give the uniform plan; "relative" = plain sum of relative errors
+      (favours keeping small matrices dense); "absolute" = metric energies ||ΔW||_H^2 (dominated by high-activation
+      layers).
+Rank floor (``rank_floor``, S+LR only; default the run's --rank): every matrix keeps at least this rank. The proxy
+("low rank first, then sparse", no joint fit) undervalues low rank against what ADMM-type solvers get from it: with
+no floor the g50 plans cut most ranks to 0-13 and lost to uniform with admm (BENCHMARKS.md). ``rank_floor=0``
+frees it.
 
 Solver. Choose one candidate (cost c = d_out * k + r (d_out + d_in), loss l) per matrix to minimise Σ l subject to
 Σ c <= budget * Σ m n. Lagrangian relaxation: for a multiplier λ every matrix independently picks argmin l + λ c,
 which equalises the marginal loss per parameter across matrices (the optimum of the problem convexified to each
 curve's lower hull); the chosen cost falls as λ grows, so bisection on log λ finds the smallest λ whose plan fits.
 The leftover (at most about one hull step per matrix) is then spent greedily on the upgrade with the largest loss
-decrease per extra parameter, and ``fit_budget`` settles row rounding. Cost: one SVD per matrix, one eigh per input
+decrease per extra parameter, and ``fit_budget`` settles row rounding. Cost: one SVD per matrix, one Cholesky per input
 group and a dense forward pass over ``max_samples`` calibration windows (measured in BENCHMARKS.md).
 """
 
@@ -61,8 +73,10 @@ from .base import (
     finish,
     fit_budget,
     input_sq_norms,
+    loss_weight,
     matrices,
     nm_of,
+    output_grad_sq,
     resolve_budget,
     scales,
     whitened_metrics,
@@ -121,7 +135,8 @@ class Metric:
 
 def matrix_curve(m: Matrix, metric: Metric, mode: str, nm: tuple[int, int] | None, *, uni: Choice,
                  samples: int = 16384, points: int = 101, normalize: str = "size",
-                 seed: int = 0) -> tuple[list[Choice], torch.Tensor, torch.Tensor]:
+                 seed: int = 0, sensitivity: float | None = None,
+                 power: float = 1.0, rank_floor: int = 0) -> tuple[list[Choice], torch.Tensor, torch.Tensor]:
     """Candidates (choices, costs [C] float64, proxy losses [C] float64) of one matrix."""
     W = m.weight.detach().float().cpu()
     A = metric.A
@@ -136,7 +151,8 @@ def matrix_curve(m: Matrix, metric: Metric, mode: str, nm: tuple[int, int] | Non
         if uni.rank and uni.rank not in ranks:
             ranks.append(uni.rank)
     else:
-        ranks = rank_grid(m, uni.rank)
+        lo = min(rank_floor, m.d_out, m.d_in)
+        ranks = sorted({r for r in rank_grid(m, uni.rank) if r >= lo} | {lo})
     if mode == "rank":
         s2 = torch.linalg.svdvals(A).double() ** 2
         tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])  # tail[r] = Σ_{i>=r} σ_i^2
@@ -193,8 +209,12 @@ def matrix_curve(m: Matrix, metric: Metric, mode: str, nm: tuple[int, int] | Non
         loss = loss / max(energy, 1e-300) * m.numel
     elif normalize == "relative":
         loss = loss / max(energy, 1e-300)
+    elif normalize == "fisher":
+        if sensitivity is None:
+            raise SLRError(f"no loss sensitivity for {m.key}", "normalize='fisher' needs calibration data")
+        loss = loss / max(energy, 1e-300) * loss_weight(m.numel, energy, sensitivity, power)
     elif normalize != "absolute":
-        raise SLRError(f"unknown normalize={normalize!r}", "use 'size', 'relative' or 'absolute'")
+        raise SLRError(f"unknown normalize={normalize!r}", "use 'fisher', 'size', 'relative' or 'absolute'")
     keep = costs <= m.numel  # never pay more than the dense matrix
     keep_idx = keep.nonzero().flatten().tolist()
     return [choices[i] for i in keep_idx], costs[keep], loss[keep]
@@ -268,8 +288,9 @@ def check_opts(opts: dict) -> None:
 
 
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
-             max_samples: int | None = 8, samples: int = 16384, points: int = 101, normalize: str = "size",
+             max_samples: int | None = 8, samples: int = 16384, points: int = 101, normalize: str | None = None,
              metric: str = "whitened", span: float | None = None, norms: dict | None = None,
+             fisher_samples: int | None = 4, fisher_power: float = 0.25, rank_floor: int | None = None,
              **opts) -> tuple[Plan, dict]:
     """Knapsack plan (see the module docstring).
 
@@ -291,6 +312,12 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     whitened = metric == "whitened" and data and norms is None
     if not whitened and norms is None:
         norms = input_sq_norms(model, calib, device, max_samples)
+    if normalize is None:
+        normalize = "fisher" if data else "size"
+    sens = output_grad_sq(model, calib, device, fisher_samples) if normalize == "fisher" else None
+    if normalize == "fisher" and sens is None:
+        raise SLRError("normalize='fisher' needs calibration data", "use --alloc-opt normalize=size when data-free")
+    floor = config.rank if rank_floor is None else int(rank_floor)
     t1 = time.perf_counter()
     # the uniform plan at the same budget is put on every grid, so its proxy loss can be reported for comparison
     uplan, _ = uniform.allocate(model, config, calib, device, **({"mode": opts["mode"]} if "mode" in opts else {}))
@@ -305,7 +332,9 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
 
     def curve(j: int, met: Metric) -> None:
         ch, c, lo = matrix_curve(mats[j], met, mode, nm, uni=unis[j], samples=samples, points=points,
-                                 normalize=normalize, seed=config.seed + j)
+                                 normalize=normalize, seed=config.seed + j,
+                                 sensitivity=None if sens is None else sens[mats[j].key], power=fisher_power,
+                                 rank_floor=floor)
         if span is not None:  # trust region; the uniform choice always stays available
             frac = c / mats[j].numel
             ok = ((frac - budget).abs() <= span) | torch.tensor(
@@ -332,9 +361,12 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
         hit = [i for i, c in enumerate(ch) if c.k_row == uni.k_row and c.rank == uni.rank]
         uniform_proxy = uniform_proxy + float(lo[hit[0]]) if hit and uniform_proxy is not None else None
     used = "whitened" if whitened else ("diag" if norms is not None else "weights")
+    fisher = {"fisher_windows": min(len(calib), fisher_samples or len(calib)), "fisher_power": fisher_power} \
+        if sens is not None else {}
     extra = {"proxy": f"{used}-metric low-rank-then-sparse energy", "metric": used, "span": span,
-             "normalize": normalize, "data_free": not data, "calib_windows": min(len(calib), max_samples or len(calib))
-             if data else 0, "lambda": lam, "proxy_loss": proxy, "uniform_proxy_loss": uniform_proxy,
-             "candidates": sum(len(c) for c in cands),
+             **({"rank_floor": floor} if mode == "slr" else {}),
+             "normalize": normalize, **fisher, "data_free": not data,
+             "calib_windows": min(len(calib), max_samples or len(calib)) if data else 0, "lambda": lam,
+             "proxy_loss": proxy, "uniform_proxy_loss": uniform_proxy, "candidates": sum(len(c) for c in cands),
              "seconds_stats": t1 - t0, "seconds_curves": t2 - t1, "seconds_solve": time.perf_counter() - t2}
     return finish("knapsack", mats, choices, mode, nm, budget, t0, extra)
