@@ -33,11 +33,16 @@ Cost normalisation (not specified by the paper): costs are in parameters, so the
 {0 <= s <= 1, Σ c_j s_j <= K} is the exact Euclidean one, s = clip(y - θ c, 0, 1) with the scalar θ >= 0 found by
 bisection: an expensive candidate is pushed down in proportion to its cost. Chunks make sparse candidates cost about
 as much as a direction, so the REINFORCE gradient (which is per candidate, cost-blind) compares like with like.
-Initialisation (not in the paper): each candidate's prior density = its share of the matrix's energy
-||W diag(d)||^2 divided by its share of the matrix's parameters (cost / m n), which is comparable across matrices of
-different sizes; s0 = sigmoid(beta (log density - log tau)), where tau is the density at
-which the densest-first candidates fill the budget; then projected. With beta = 2, the initial mean plan is the
-greedy data-free knapsack and sampling explores around its boundary.
+Initialisation (not in the paper): each candidate's prior density = its share of the matrix's energy times the
+matrix's loss weight (``base.loss_weight``, as the knapsack: with data the Fisher weight m n (F̄ ||A||^2 / m n)^0.25
+from the output-gradient sensitivity F̄, ``normalize="fisher"``, ``fisher_power``; data-free m n, "size"), divided
+by its cost; s0 = sigmoid(beta (log density - log tau)), where tau is the density at which the densest-first
+candidates fill the budget; then projected. With beta = 2, the initial mean plan is the greedy knapsack and
+sampling explores around its boundary.
+Rank floor (S+LR; ``rank_floor``, default the run's --rank): a matrix's top min(floor, p) directions are kept
+outright (not candidates; their cost is taken off the budget first). The residual pools are W - L_r0, so entries
+are only priced right next to the r0 directions they were computed after; and without a floor the plans cut ranks
+the joint solvers use well (see the knapsack docstring). ``rank_floor=0`` makes every direction a candidate.
 Final plan: candidates in decreasing s (ties: higher prior density) are kept while they fit in K; a matrix's rank
 is its number of kept directions and its sparse count the entries of its kept chunks (then ``fit_budget``).
 """

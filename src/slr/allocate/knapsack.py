@@ -37,7 +37,8 @@ against the others' (``base.loss_weight``).
       everywhere, so identically shaped curves give the uniform plan; "relative" = plain sum of relative errors
       (favours keeping small matrices dense); "absolute" = metric energies ||ΔW||_H^2 (dominated by high-activation
       layers).
-Rank floor (``rank_floor``, S+LR only; default the run's --rank): every matrix keeps at least this rank. The proxy
+Rank floor (``rank_floor``, S+LR only; default the run's --rank, 0 with N:M where the ranks are all that moves):
+every matrix keeps at least this rank. The proxy
 ("low rank first, then sparse", no joint fit) undervalues low rank against what ADMM-type solvers get from it: with
 no floor the g50 plans cut most ranks to 0-13 and lost to uniform with admm (BENCHMARKS.md). ``rank_floor=0``
 frees it.
@@ -317,7 +318,8 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     sens = output_grad_sq(model, calib, device, fisher_samples) if normalize == "fisher" else None
     if normalize == "fisher" and sens is None:
         raise SLRError("normalize='fisher' needs calibration data", "use --alloc-opt normalize=size when data-free")
-    floor = config.rank if rank_floor is None else int(rank_floor)
+    # the floor only applies where the sparse part is free too (with N:M the ranks are all there is to move)
+    floor = (config.rank if nm is None else 0) if rank_floor is None else int(rank_floor)
     t1 = time.perf_counter()
     # the uniform plan at the same budget is put on every grid, so its proxy loss can be reported for comparison
     uplan, _ = uniform.allocate(model, config, calib, device, **({"mode": opts["mode"]} if "mode" in opts else {}))
