@@ -241,7 +241,8 @@ def write_report() -> None:
         lines.append("")
     lines += allocation_tables(recs)
     lines += zeroshot_table()
-    for part in ("extra.md", "inference.md", "onload.md", "torchrun.md"):  # notes and the benchmark scripts' reports
+    # notes and the benchmark scripts' reports
+    for part in ("extra.md", "alloc_time.md", "inference.md", "onload.md", "torchrun.md"):
         if (HERE / part).exists():
             lines += [(HERE / part).read_text()]
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
