@@ -32,16 +32,17 @@ against the others' (``base.loss_weight``).
       curvature. At power 1 the loss is the Fisher estimate ½ F̄ ||ΔW||_H^2 of the loss increase; F̄ spans about
       seven decades over SmolLM2's blocks (early blocks and v_proj highest), and at power 1 the plan keeps blocks
       0-10 almost dense and squeezes the later MLPs to 0.2, which a first-order estimate overrates. The default
-      power 0.25 tempers the dynamic range (measured in BENCHMARKS.md).
+      power 0.25 tempers the dynamic range. Measured at g50 (BENCHMARKS.md): with admm this plan still loses to
+      uniform (41.33 vs 35.28; 45.37 with "size" and no rank floor): F̄ is smallest for q/k and the last blocks,
+      and the plan moves their budget to v_proj and the early blocks, where admm's errors were already small.
   "size" (the default without data) = relative error times m n: equal relative errors cost the same per parameter
       everywhere, so identically shaped curves give the uniform plan; "relative" = plain sum of relative errors
       (favours keeping small matrices dense); "absolute" = metric energies ||ΔW||_H^2 (dominated by high-activation
       layers).
 Rank floor (``rank_floor``, S+LR only; default the run's --rank, 0 with N:M where the ranks are all that moves):
-every matrix keeps at least this rank. The proxy
-("low rank first, then sparse", no joint fit) undervalues low rank against what ADMM-type solvers get from it: with
-no floor the g50 plans cut most ranks to 0-13 and lost to uniform with admm (BENCHMARKS.md). ``rank_floor=0``
-frees it.
+every matrix keeps at least this rank. The proxy ("low rank first, then sparse", no joint fit) undervalues low
+rank against what ADMM-type solvers get from it: without a floor the Fisher plan cut the MLP ranks to 0-13.
+``rank_floor=0`` frees it.
 
 Solver. Choose one candidate (cost c = d_out * k + r (d_out + d_in), loss l) per matrix to minimise Σ l subject to
 Σ c <= budget * Σ m n. Lagrangian relaxation: for a multiplier λ every matrix independently picks argmin l + λ c,
