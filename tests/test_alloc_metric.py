@@ -199,3 +199,15 @@ def test_loss_weight_interpolates_size_and_fisher():
     assert loss_weight(100, 7.0, 3.0, power=0.0) == pytest.approx(100.0)
     assert loss_weight(100, 7.0, 3.0, power=1.0) == pytest.approx(21.0)  # F̄ ||A||^2
     assert loss_weight(100, 7.0, 3.0, power=0.5) == pytest.approx((100.0 * 21.0) ** 0.5)
+
+
+@pytest.mark.parametrize("allocator", ["knapsack", "cap"])
+def test_normalize_errors_come_first(allocator):
+    from slr.errors import SLRError
+
+    model = tiny_model("llama")
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate=allocator, budget=0.5)
+    with pytest.raises(SLRError, match="normalize"):
+        make_plan(model, cfg, ids(4, 16), normalize="bogus")
+    with pytest.raises(SLRError, match="needs calibration data"):
+        make_plan(model, cfg, None, normalize="fisher")

@@ -259,6 +259,12 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     mats = matrices(model)
     budget = resolve_budget(config, mats, mode)
     data = calib is not None and len(calib) > 0
+    if normalize is None:
+        normalize = "fisher" if data else "size"
+    if normalize not in ("fisher", "size"):  # checked before the (expensive) pools
+        raise SLRError(f"unknown CAP normalize {normalize!r}", "use normalize=fisher (needs data) or normalize=size")
+    if normalize == "fisher" and not data:
+        raise SLRError("normalize='fisher' needs calibration data", "use --alloc-opt normalize=size when data-free")
     full_h = pools == "whitened" and data and mode in ("slr", "rank") and norms is None
     if norms is None and not full_h:
         norms = input_sq_norms(model, calib, device, max_samples)
@@ -271,13 +277,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     for j, m in enumerate(mats):
         if pl[j] is None:
             pl[j] = make_pools(m, scales(m, norms), mode, pools, budget, chunks, rpca_iters, r0)
-    if normalize is None:
-        normalize = "fisher" if data else "size"
-    if normalize not in ("fisher", "size"):
-        raise SLRError(f"unknown CAP normalize {normalize!r}", "use normalize=fisher (needs data) or normalize=size")
     sens = output_grad_sq(model, calib, device, fisher_samples) if normalize == "fisher" else None
-    if normalize == "fisher" and sens is None:
-        raise SLRError("normalize='fisher' needs calibration data", "use --alloc-opt normalize=size when data-free")
     # what one unit of a matrix's relative energy is worth: its size (scale-free) or F̄ ||A||^2 (Fisher loss units)
     weight = [loss_weight(m.numel, p.energy, None if sens is None else sens[m.key], fisher_power)
               for m, p in zip(mats, pl)]

@@ -311,14 +311,16 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     mats = matrices(model)
     budget = resolve_budget(config, mats, mode)
     data = calib is not None and len(calib) > 0
+    if normalize is None:
+        normalize = "fisher" if data else "size"
+    if normalize not in ("fisher", "size", "relative", "absolute"):  # checked before any heavy work
+        raise SLRError(f"unknown normalize={normalize!r}", "use 'fisher', 'size', 'relative' or 'absolute'")
+    if normalize == "fisher" and not data:
+        raise SLRError("normalize='fisher' needs calibration data", "use --alloc-opt normalize=size when data-free")
     whitened = metric == "whitened" and data and norms is None
     if not whitened and norms is None:
         norms = input_sq_norms(model, calib, device, max_samples)
-    if normalize is None:
-        normalize = "fisher" if data else "size"
     sens = output_grad_sq(model, calib, device, fisher_samples) if normalize == "fisher" else None
-    if normalize == "fisher" and sens is None:
-        raise SLRError("normalize='fisher' needs calibration data", "use --alloc-opt normalize=size when data-free")
     # the floor only applies where the sparse part is free too (with N:M the ranks are all there is to move)
     floor = (config.rank if nm is None else 0) if rank_floor is None else int(rank_floor)
     t1 = time.perf_counter()
