@@ -104,7 +104,7 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
 
 
 ALLOC_KEYS = ("allocator", "budget", "achieved_fraction", "normalize", "fisher_power", "fisher_windows", "rank_floor",
-              "metric", "pools", "loss", "windows", "iterations", "samples", "lr", "seconds")
+              "span", "metric", "pools", "loss", "windows", "iterations", "samples", "lr", "seconds")
 
 
 def _alloc_summary(a: dict) -> dict:
@@ -122,11 +122,22 @@ def load_records() -> list[dict]:
     return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
 
 
+def alloc_label(r: dict) -> str | None:
+    """The allocator with the options that change its plan: the explicit --alloc-opt values and the trust region
+    (span) it ran with, e.g. "knapsack (span=0.1)"."""
+    a = r.get("allocate")
+    opts = {k: v for k, v in (r.get("alloc_opts") or {}).items() if k != "pools" or a != "cap"}
+    span = (r.get("allocation") or {}).get("span", opts.get("span"))
+    if span is not None:
+        opts["span"] = span
+    return f"{a} ({', '.join(f'{k}={v}' for k, v in sorted(opts.items()))})" if opts else a
+
+
 def latest(records: list[dict]) -> list[dict]:
-    """Keep the newest record per (model, method, config, allocate, refine, calib_samples)."""
+    """Keep the newest record per (model, method, config, allocator with its options, refine, calib_samples)."""
     out: dict[tuple, dict] = {}
     for r in records:
-        out[(r["model"], r["method"], r["config"], r.get("allocate"), r.get("refine"), r.get("calib_samples"))] = r
+        out[(r["model"], r["method"], r["config"], alloc_label(r), r.get("refine"), r.get("calib_samples"))] = r
     return list(out.values())
 
 
@@ -171,23 +182,23 @@ def allocation_tables(recs: list[dict]) -> list[str]:
     for r in sorted(rows, key=lambda r: (r["method"], bool(r.get("refine")), r["ppl"])):
         win = r.get("tm_samples") or r["calib_samples"]
         tm = f"tm ({r.get('tm_epochs')} ep, {win} win)" if r.get("refine") else "-"
-        out.append(f"| {r['method']} | {r['allocate']} | {tm} | {r['retained_fraction']:.4f} | {r['ppl']:.3f} | "
+        out.append(f"| {r['method']} | {alloc_label(r)} | {tm} | {r['retained_fraction']:.4f} | {r['ppl']:.3f} | "
                    f"{closed(r['ppl'], uni.get(r['method']))} | {closed(r['ppl'], best_uni)} | "
                    f"{r.get('allocate_s', 'n/a')} | {r['compress_s']} | {r['git_commit']} |")
     out.append("")
     pairs = []
     for r in recs:
         if r.get("refine"):
-            base = [b for b in recs if not b.get("refine") and (b["method"], b["config"], b["allocate"]) ==
-                    (r["method"], r["config"], r["allocate"])]
-            if base:
-                pairs.append((base[0], r))
+            base = [b for b in recs if not b.get("refine") and (b["method"], b["config"], alloc_label(b)) ==
+                    (r["method"], r["config"], alloc_label(r))]
+            if base:  # the newest run without TM
+                pairs.append((base[-1], r))
     if pairs:
         out += ["### Transformer matching before / after", "",
                 "| method | config | allocate | ppl before | ppl after TM | TM epochs | TM windows | refine s |",
                 "|---|---|---|---|---|---|---|---|"]
         for b, r in pairs:
-            out.append(f"| {r['method']} | {r['config']} | {r['allocate']} | {b['ppl']:.3f} | {r['ppl']:.3f} | "
+            out.append(f"| {r['method']} | {r['config']} | {alloc_label(r)} | {b['ppl']:.3f} | {r['ppl']:.3f} | "
                        f"{r.get('tm_epochs')} | {r.get('tm_samples') or r['calib_samples']} | "
                        f"{r['stage_s'].get('compress.refine', 'n/a')} |")
         out.append("")

@@ -210,6 +210,8 @@ SPEC_ERRORS = {
                                   ["unknown knapsack metric 'full'", "metric=whitened"]),
     "alloc-opt-knapsack-span": (["--allocate", "knapsack", "--budget", "0.5", "--alloc-opt", "span=1.5"],
                                 ["knapsack span 1.5 is not in (0, 1]", "span=0.1"]),
+    "alloc-opt-cap-span": (["--allocate", "cap", "--budget", "0.5", "--alloc-opt", "span=0"],
+                           ["CAP span 0 is not in (0, 1]", "span=1 turns it off"]),
     "alloc-opt-no-equals": (["--alloc-opt", "pools"], ["--alloc-opt 'pools' is not KEY=VALUE", "pools=whitened"]),
     "tasks-unknown": (["--tasks", "nosuchtask"], ["unknown zero-shot task 'nosuchtask'", "piqa"]),
     "limit-0": (["--tasks", "piqa", "--limit", "0"], ["--limit 0 is not positive"]),

@@ -24,7 +24,7 @@ from ..config import CompressConfig
 from ..errors import SLRError
 from ..plan import Plan
 from . import cap, knapsack, owl, uniform
-from .base import plan_fraction
+from .base import SPAN, check_span, plan_fraction
 from .cap import project_budget
 
 ALLOCATORS = {"uniform": uniform.allocate, "owl": owl.allocate, "knapsack": knapsack.allocate, "cap": cap.allocate}
@@ -50,6 +50,8 @@ def check_alloc_opts(name: str, opts: dict) -> None:
                   extra=("mode",))
     if name == "knapsack":
         knapsack.check_opts(opts)
+    if name == "cap":
+        check_span(opts.get("span", SPAN), "CAP")
 
 
 __all__ = ["ALLOCATORS", "check_alloc_opts", "make_plan", "plan_fraction", "project_budget"]

@@ -43,6 +43,11 @@ Rank floor (S+LR; ``rank_floor``, default the run's --rank): a matrix's top min(
 outright (not candidates; their cost is taken off the budget first). The residual pools are W - L_r0, so entries
 are only priced right next to the r0 directions they were computed after; and without a floor the plans cut ranks
 the joint solvers use well (see the knapsack docstring). ``rank_floor=0`` makes every direction a candidate.
+Trust region (``span``, default 0.1 as the knapsack's, ``base.check_span``; span=1 turns it off): every matrix keeps a
+retained fraction within budget ± span. In each matrix's density order (floor directions first), the candidates that
+fit in (budget - span) m n are kept outright and those past (budget + span) m n are never kept; only the band in
+between is sampled and projected. The pools' per-candidate priors mispredict the joint solvers far from the uniform
+plan (measured with admm at g50, BENCHMARKS.md).
 Final plan: candidates in decreasing s (ties: higher prior density) are kept while they fit in K; a matrix's rank
 is its number of kept directions and its sparse count the entries of its kept chunks (then ``fit_budget``).
 """
@@ -61,9 +66,11 @@ from ..errors import SLRError
 from ..plan import Plan
 from ..solvers.rpca import rpca_pools
 from .base import (
+    SPAN,
     Choice,
     Matrix,
     alloc_mode,
+    check_span,
     finish,
     fit_budget,
     input_sq_norms,
@@ -248,9 +255,11 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              chunks: int = 100, init_temp: float = 2.0, windows: int = 8, batch_size: int = 4, rpca_iters: int = 5,
              max_samples: int | None = 8, norms: dict | None = None, residual_rank: int | None = None,
              normalize: str | None = None, fisher_samples: int | None = 4, fisher_power: float = 0.25,
-             rank_floor: int | None = None, **opts) -> tuple[Plan, dict]:
-    """CAP plan (see the module docstring). ``samples`` = masks drawn per policy-gradient iteration."""
+             rank_floor: int | None = None, span: float = SPAN, **opts) -> tuple[Plan, dict]:
+    """CAP plan (see the module docstring). ``samples`` = masks drawn per policy-gradient iteration; ``span`` = the
+    trust region (each matrix's retained fraction stays within budget ± span; 1 = off)."""
     t0 = time.perf_counter()
+    check_span(span, "CAP")
     if pools not in ("rpca", "whitened"):
         raise SLRError(f"unknown CAP pools {pools!r}", "use pools='rpca' (paper) or 'whitened'")
     mode = alloc_mode(config, opts)
@@ -295,7 +304,16 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
         kind += [torch.zeros(nd, dtype=torch.bool), torch.ones(nc, dtype=torch.bool)]
     cost, dens, owner, kind = torch.cat(cost), torch.cat(dens), torch.cat(owner), torch.cat(kind)
     fixed = torch.cat(fixed)
-    free = ~fixed
+    banned = torch.zeros_like(fixed)
+    if span < 1:  # trust region: per matrix, keep the densest up to (budget - span), never past (budget + span)
+        for j, m in enumerate(mats):
+            idx = (owner == j).nonzero().flatten()
+            # floor directions first, then decreasing density
+            o = idx[torch.argsort(dens[idx] + fixed[idx].double() * float(dens.max() + 1), descending=True)]
+            cum = cost[o].cumsum(0)
+            fixed[o[cum <= max(budget - span, 0.0) * m.numel]] = True
+            banned[o[(cum > min(budget + span, 1.0) * m.numel) & ~fixed[o]]] = True
+    free = ~fixed & ~banned
     if cost.numel() == 0:
         raise SLRError("CAP found no candidates", "check the model's compressed linears")
     K_free = K - float(cost[fixed].sum())
@@ -304,7 +322,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
                        "lower --rank or pass --alloc-opt rank_floor=0")
 
     def project(y: torch.Tensor) -> torch.Tensor:
-        out = torch.ones_like(y)
+        out = fixed.double()
         out[free] = project_budget(y[free], cost[free], K_free)
         return out
 
@@ -383,7 +401,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     extra = {"pools": pools if mode == "slr" else ("whitened" if mode == "rank" else "weights"),
              "metric": "full H" if full_h else ("diag H" if norms is not None else "weights"),
              **({"residual_rank": r0} if mode == "slr" and pools == "whitened" else {}),
-             "rank_floor": floor, "normalize": normalize,
+             "rank_floor": floor, "span": span, "normalize": normalize,
              **({"fisher_windows": min(len(calib), fisher_samples or len(calib)), "fisher_power": fisher_power}
                 if sens is not None else {}),
              "loss": "calibration CE" if data else "weight-only relative Frobenius (data-free)",

@@ -22,7 +22,8 @@ matrix (exact when the matrix is smaller): the residual at the sampled entries f
 cumulative sum over the singular triplets, so each matrix costs one SVD plus O(samples * r_max) (plus one Cholesky per
 input group for the whitened metric). Pure pruning uses r = 0 only; rank-only methods use loss = Σ_{i>r} σ_i^2 for
 every r; with an N:M pattern the sparse part is fixed and the dropped saliency is computed exactly for each grid rank.
-``span`` (optional): a trust region that keeps every matrix's retained fraction within budget ± span.
+``span`` (default 0.1, ``base.check_span``; span=1 turns it off): a trust region that keeps every matrix's retained
+fraction within budget ± span (the uniform choice always stays available).
 
 Normalisation across matrices (``normalize``): how a matrix's relative error ||A - Â||^2 / ||A||^2 is priced
 against the others' (``base.loss_weight``).
@@ -68,9 +69,11 @@ from ..plan import Plan
 from ..solvers.masks import nm_mask
 from . import uniform
 from .base import (
+    SPAN,
     Choice,
     Matrix,
     alloc_mode,
+    check_span,
     choice_params,
     finish,
     fit_budget,
@@ -284,22 +287,20 @@ def check_opts(opts: dict) -> None:
     metric = opts.get("metric", "whitened")
     if metric not in ("whitened", "diag"):
         raise SLRError(f"unknown knapsack metric {metric!r}", "use --alloc-opt metric=whitened or metric=diag")
-    span = opts.get("span")
-    if span is not None and not (isinstance(span, (int, float)) and 0 < span <= 1):
-        raise SLRError(f"knapsack span {span!r} is not in (0, 1]", "use e.g. --alloc-opt span=0.1")
+    check_span(opts.get("span", SPAN), "knapsack")
 
 
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
              max_samples: int | None = 8, samples: int = 16384, points: int = 101, normalize: str | None = None,
-             metric: str = "whitened", span: float | None = None, norms: dict | None = None,
+             metric: str = "whitened", span: float = SPAN, norms: dict | None = None,
              fisher_samples: int | None = 4, fisher_power: float = 0.25, rank_floor: int | None = None,
              **opts) -> tuple[Plan, dict]:
     """Knapsack plan (see the module docstring).
 
     ``metric``: "whitened" (full dense-model H per input group, streamed block by block) or "diag" (mean x^2 only);
-    both fall back to the plain weights without calibration data. ``span``: if set, every matrix keeps a retained
-    fraction within budget ± span (a trust region around the uniform plan, like OWL's λ). ``norms`` (key -> mean
-    x^2 [d_in]) may be passed to skip the calibration forward pass of the diag metric.
+    both fall back to the plain weights without calibration data. ``span``: every matrix keeps a retained
+    fraction within budget ± span (a trust region around the uniform plan, like OWL's λ; 1 = off). ``norms``
+    (key -> mean x^2 [d_in]) may be passed to skip the calibration forward pass of the diag metric.
     """
     t0 = time.perf_counter()
     mode = alloc_mode(config, opts)
@@ -340,7 +341,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
                                  normalize=normalize, seed=config.seed + j,
                                  sensitivity=None if sens is None else sens[mats[j].key], power=fisher_power,
                                  rank_floor=floor)
-        if span is not None:  # trust region; the uniform choice always stays available
+        if span < 1:  # trust region; the uniform choice always stays available
             frac = c / mats[j].numel
             ok = ((frac - budget).abs() <= span) | torch.tensor(
                 [x.k_row == unis[j].k_row and x.rank == unis[j].rank for x in ch], dtype=torch.bool)
