@@ -110,6 +110,8 @@ ALLOC_KEYS = ("allocator", "budget", "achieved_fraction", "normalize", "fisher_p
 def _alloc_summary(a: dict) -> dict:
     """The allocator's settings and budget check from results.json (the per-matrix plan stays in results.json)."""
     out = {k: a[k] for k in ALLOC_KEYS if k in a}
+    if isinstance(a.get("init"), dict) and "name" in a["init"]:
+        out["init"] = a["init"]["name"]
     ranks = [v["rank"] for v in a.get("per_matrix", {}).values()]
     if ranks:
         out["rank_min_mean_max"] = [min(ranks), round(sum(ranks) / len(ranks), 2), max(ranks)]
@@ -124,12 +126,13 @@ def load_records() -> list[dict]:
 
 def alloc_label(r: dict) -> str | None:
     """The allocator with the options that change its plan: the explicit --alloc-opt values and the trust region
-    (span) it ran with, e.g. "knapsack (span=0.1)"."""
+    (span) and initialisation it ran with, e.g. "knapsack (span=0.1)"."""
     a = r.get("allocate")
-    opts = {k: v for k, v in (r.get("alloc_opts") or {}).items() if k != "pools" or a != "cap"}
-    span = (r.get("allocation") or {}).get("span", opts.get("span"))
-    if span is not None:
-        opts["span"] = span
+    opts = dict(r.get("alloc_opts") or {})
+    for k in ("span", "init"):  # defaults the allocator ran with
+        v = (r.get("allocation") or {}).get(k, opts.get(k))
+        if v is not None:
+            opts[k] = v
     return f"{a} ({', '.join(f'{k}={v}' for k, v in sorted(opts.items()))})" if opts else a
 
 

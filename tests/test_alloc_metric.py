@@ -10,6 +10,7 @@ from slr.allocate.base import Choice, Matrix, dense_block_hessians, matrices, wh
 from slr.allocate.cap import make_pools
 from slr.allocate.knapsack import Metric, matrix_curve
 from slr.config import CompressConfig
+from slr.errors import SLRError
 from slr.models.adapters import get_adapter
 from slr.models.tiny import tiny_model
 from slr.solvers.base import damp_hessian
@@ -108,6 +109,28 @@ def test_cap_full_h_pools_rebuild_the_matrix():
     torch.testing.assert_close(p.build(m, dirs, None), W, rtol=1e-4, atol=1e-4)
     assert p.sigma.numel() == int(0.5 * m.numel / m.lr_unit)
     assert float(p.dir_energy.sum()) < 1 and bool((p.dir_energy[:-1] >= p.dir_energy[1:]).all())
+    # the residual's chunks are worth exactly its energy beyond the r0 = 2 directions: Σ_{i>2} σ_i(W G)^2 / ||W G||^2
+    s = torch.linalg.svdvals(W.double() @ whitener(spd(12, 2))[0].double())
+    assert float(p.chunk_energy.sum()) == pytest.approx(float((s[2:] ** 2).sum() / (s ** 2).sum()), rel=1e-4)
+
+
+def test_cap_residual_pools_put_w_on_the_kept_support():
+    """Kept entries carry W itself, the rest is the kept directions' L: no direction past r0 is counted twice."""
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(16, 12, generator=g)
+    m = Matrix(0, "x", W)
+    p = make_pools(m, None, "slr", "whitened", 0.5, 10, 5, residual_rank=2, white=whitener(spd(12, 3)))
+    dirs = torch.zeros(p.sigma.numel(), dtype=torch.bool)
+    dirs[:4] = True  # two directions past r0
+    chunks = torch.zeros(p.sizes.numel(), dtype=torch.bool)
+    chunks[:3] = True
+    out = p.build(m, dirs, chunks)
+    on = torch.zeros(m.numel, dtype=torch.bool)
+    on[p.index[torch.repeat_interleave(chunks, p.sizes)].long()] = True
+    on = on.view_as(W)
+    L = (p.U[:, :4] * p.sigma[:4]) @ p.Vt[:4]
+    torch.testing.assert_close(out[on], W[on], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[~on], L[~on], rtol=1e-4, atol=1e-4)
 
 
 def test_knapsack_metric_and_span():
@@ -203,6 +226,24 @@ def test_trust_region(allocator):
             assert abs(kept / mat.numel - 0.5) <= info["span"] + slack, mat.key
     _, info = make_plan(model, cfg, ids(4, 16), span=1, **opts)
     assert info["span"] == 1
+
+
+def test_cap_knapsack_init_is_the_knapsack_plan():
+    """Before any policy-gradient step, CAP's plan (init="knapsack") is the knapsack's, up to one chunk of entries;
+    init="density" gives another plan."""
+    model = tiny_model("llama")
+    _, kinfo = make_plan(model, CompressConfig(method="admm", sparsity=0.6, rank=4, allocate="knapsack", budget=0.5),
+                         ids(4, 16))
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate="cap", budget=0.5)
+    _, info = make_plan(model, cfg, ids(4, 16), iterations=0, windows=2)
+    assert info["init"]["name"] == "knapsack" and info["trace"] == []
+    for k, v in kinfo["per_matrix"].items():
+        assert info["per_matrix"][k]["rank"] == v["rank"], k
+        assert abs(info["per_matrix"][k]["sparsity"] - v["sparsity"]) <= 1 / info["chunks"] + 1e-6, k
+    _, dinfo = make_plan(model, cfg, ids(4, 16), iterations=0, windows=2, init="density")
+    assert dinfo["init"]["name"] == "density" and dinfo["per_matrix"] != info["per_matrix"]
+    with pytest.raises(SLRError, match="unknown CAP init"):
+        make_plan(model, cfg, ids(4, 16), init="uniform")
 
 
 def test_loss_weight_interpolates_size_and_fisher():

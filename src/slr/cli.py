@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tm-samples", type=int, default=None, metavar="N",
                    help="calibration windows transformer matching trains on [default: all]")
     c.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="allocator option, e.g. --alloc-opt pools=whitened (repeatable)")
+                   help="allocator option (repeatable), e.g. span=0.2 (knapsack/cap trust region, default 0.1), "
+                        "pools=whitened or init=density (cap), rank_floor=0")
     c.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="solver option, e.g. --opt max_iters=300 (repeatable)")
     _device(c)

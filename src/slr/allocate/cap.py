@@ -8,11 +8,13 @@ Stage 1, pools (per matrix; the RPCA pools are data-free):
       when ``norms`` is passed; A = W without data), p = min(min(m, n), budget * m n / (m + n)) (the rank that alone
       would spend the matrix's share of the budget); a direction's energy is its σ^2. Sparse candidates are the
       entries of the residual W - L_r0 with r0 = ``residual_rank`` (default: the run's uniform rank, --rank), scored
-      and weighed by the OBS saliency e^2 / [H^-1]_jj. One SVD per matrix and one Cholesky per input group, much
-      cheaper than RPCA. Why r0 and not p: entries of W - L_p have had the energy of all p directions removed, so
-      next to the directions they look cheap and the plan comes out rank-heavy (measured on SmolLM2 with the RPCA
-      pools, whose S holds only the outliers: mean ranks 24-140 with S densities 0.08-0.26 at g50, ppl 169 vs 61
-      uniform).
+      and weighed by the OBS saliency e^2 / [H^-1]_jj, scaled so that together they are worth the residual's energy
+      ||W - L_r0||_H^2 = Σ_{i>r0} σ_i^2 (the knapsack's "low rank, then the most salient entries" proxy). A sampled
+      W(mask) is the kept directions' L with W itself on the kept entries' support (``Pools.build``). One SVD per
+      matrix and one Cholesky per input group, much cheaper than RPCA. Why r0 and not p: entries of W - L_p have
+      had the energy of all p directions removed, so next to the directions they look cheap and the plan comes out
+      rank-heavy (measured on SmolLM2 with the RPCA pools, whose S holds only the outliers: mean ranks 24-140 with
+      S densities 0.08-0.26 at g50, ppl 169 vs 61 uniform).
   Pure pruning has no directions (the candidates are the entries of W); rank-only methods have no sparse part (the
   directions of the whitened SVD of W, whatever ``pools`` says).
 
@@ -33,18 +35,25 @@ Cost normalisation (not specified by the paper): costs are in parameters, so the
 {0 <= s <= 1, Σ c_j s_j <= K} is the exact Euclidean one, s = clip(y - θ c, 0, 1) with the scalar θ >= 0 found by
 bisection: an expensive candidate is pushed down in proportion to its cost. Chunks make sparse candidates cost about
 as much as a direction, so the REINFORCE gradient (which is per candidate, cost-blind) compares like with like.
-Initialisation (not in the paper): each candidate's prior density = its share of the matrix's energy times the
-matrix's loss weight (``base.loss_weight``, as the knapsack: with data the Fisher weight m n (F̄ ||A||^2 / m n)^0.25
-from the output-gradient sensitivity F̄, ``normalize="fisher"``, ``fisher_power``; data-free m n, "size"), divided
-by its cost; s0 = sigmoid(beta (log density - log tau)), where tau is the density at which the densest-first
-candidates fill the budget; then projected. With beta = 2, the initial mean plan is the greedy knapsack and
-sampling explores around its boundary.
+Prior density (not in the paper): a candidate's share of the matrix's energy times the matrix's loss weight
+(``base.loss_weight``, as the knapsack: with data the Fisher weight m n (F̄ ||A||^2 / m n)^0.25 from the
+output-gradient sensitivity F̄, ``normalize="fisher"``, ``fisher_power``; data-free m n, "size"), divided by its cost.
+Initialisation (``init``, not in the paper):
+  "knapsack" (default): s0 centred on the knapsack allocator's plan with the same pricing, floor and span
+      (``plan_init``: the plan's directions and entries above ½, the rest below, beta = ``init_temp`` = 2), so the
+      policy gradient refines the knapsack plan on the real calibration loss. Why: the per-candidate priors
+      split a matrix's budget between directions and entries badly. With "density" the plans came out rank-heavy
+      (mean rank 102 at g50, ppl 80.1 with admm vs 35.3 uniform), while the knapsack's per-matrix curves, which
+      re-fit the residual for every rank, choose the split well.
+  "density": s0 = sigmoid(beta (log density - log tau)), where tau is the density at which the densest-first
+      candidates fill the budget: the initial mean plan is the greedy fill by prior density.
+  s0 is then projected.
 Rank floor (S+LR; ``rank_floor``, default the run's --rank): a matrix's top min(floor, p) directions are kept
 outright (not candidates; their cost is taken off the budget first). The residual pools are W - L_r0, so entries
 are only priced right next to the r0 directions they were computed after; and without a floor the plans cut ranks
 the joint solvers use well (see the knapsack docstring). ``rank_floor=0`` makes every direction a candidate.
 Trust region (``span``, default 0.1 as the knapsack's, ``base.check_span``; span=1 turns it off): every matrix keeps a
-retained fraction within budget ± span. In each matrix's density order (floor directions first), the candidates that
+retained fraction within budget ± span. In each matrix's s0 order (floor directions first), the candidates that
 fit in (budget - span) m n are kept outright and those past (budget + span) m n are never kept; only the band in
 between is sampled and projected. The pools' per-candidate priors mispredict the joint solvers far from the uniform
 plan (measured with admm at g50, BENCHMARKS.md).
@@ -61,10 +70,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import CompressConfig
+from ..config import CompressConfig, keep_per_row
 from ..errors import SLRError
 from ..plan import Plan
 from ..solvers.rpca import rpca_pools
+from . import knapsack
 from .base import (
     SPAN,
     Choice,
@@ -117,19 +127,33 @@ class Pools:
     dir_energy: torch.Tensor  # [p] float64, relative
     chunk_energy: torch.Tensor  # [n_chunks] float64, relative
     energy: float = 1.0  # ||A||^2 in the pool's metric (what the relative energies are shares of)
+    refit: int | None = None  # None: W(mask) = L_kept + S_kept (RPCA); r0: values are W - L_r0, see build
+
+    def _low_rank(self, d: torch.Tensor) -> torch.Tensor | None:
+        return (self.U[:, d] * self.sigma[d]) @ self.Vt[d] if bool(d.any()) else None
 
     def build(self, m: Matrix, dirs: torch.Tensor | None, chunks: torch.Tensor | None) -> torch.Tensor:
-        """Dense W(mask) [m, n] float32 from boolean keep masks (None = keep all)."""
-        W = torch.zeros(m.numel, dtype=torch.float32)
+        """Dense W(mask) [m, n] float32 from boolean keep masks (None = keep all).
+
+        RPCA pools: the kept directions of L plus the kept entries of S (the paper's W ~= L + S). Residual pools
+        (``refit`` = r0, the entries are W - L_r0): the kept directions L_kept, with W itself on the kept entries'
+        support (values + L_r0 there). Adding the r0-residual's values to L_kept instead would count the
+        directions past r0 twice on the support (CAP's calibration loss of such plans was 13-15 nats, measured).
+        """
+        d = torch.ones_like(self.sigma, dtype=torch.bool) if dirs is None else dirs
+        L = self._low_rank(d) if self.sigma.numel() else None
+        W = torch.zeros(m.d_out, m.d_in) if L is None else L
         if self.values.numel():
             keep = torch.ones_like(self.values, dtype=torch.bool) if chunks is None else \
                 torch.repeat_interleave(chunks, self.sizes)
-            W[self.index[keep].long()] = self.values[keep]
-        W = W.view(m.d_out, m.d_in)
-        if self.sigma.numel():
-            d = torch.ones_like(self.sigma, dtype=torch.bool) if dirs is None else dirs
-            if bool(d.any()):
-                W += (self.U[:, d] * self.sigma[d]) @ self.Vt[d]
+            idx = self.index[keep].long()
+            vals = self.values[keep]
+            if self.refit is not None:
+                base = self._low_rank(torch.arange(self.sigma.numel()) < self.refit)
+                vals = vals if base is None else vals + base.flatten()[idx]  # = W on the support
+                W.view(-1)[idx] = vals
+            else:
+                W.view(-1)[idx] += vals
         return W
 
 
@@ -161,6 +185,7 @@ def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget:
     A = W * dd[None, :] if dd is not None else W
     energy = max(float((A.double() ** 2).sum()), 1e-300)
     empty_f, empty_i = torch.zeros(0), torch.zeros(0, dtype=torch.int32)
+    refit = None
     U, sigma, Vt = torch.zeros(m.d_out, 0), torch.zeros(0), torch.zeros(0, m.d_in)
     values, index, sizes, ce = empty_f, empty_i, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
     if mode == "slr" and pools == "rpca":
@@ -174,13 +199,14 @@ def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget:
         U, sigma = P[:, :p].contiguous(), s[:p].contiguous()
         Vt = (Qt[:p] / dd[None, :]) if dd is not None else Qt[:p].contiguous()
         if mode == "slr":
-            r0 = min(residual_rank, p)
+            r0 = refit = min(residual_rank, p)
             R = W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]
             flat = R.flatten()
             idx = torch.arange(m.numel)
             score = flat.abs() * (dd[idx % m.d_in] if dd is not None else 1.0)
             values, index, sizes, ce = _chunked(flat, idx, score, n_chunks, d, m.d_in, energy)
     elif mode == "sparse":
+        refit = 0
         flat = W.flatten()
         idx = torch.arange(m.numel)
         score = flat.abs() * (dd[idx % m.d_in] if dd is not None else 1.0)
@@ -191,7 +217,7 @@ def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget:
     if sigma.numel():
         vn = (Vt.double() * (d[None, :] if d is not None else 1.0)).norm(dim=1) ** 2
         de = sigma.double() ** 2 * vn / energy
-    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce, energy)
+    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce, energy, refit)
 
 
 def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, n_chunks: int, residual_rank: int,
@@ -207,14 +233,35 @@ def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, n_chunks:
     de = sigma.double() ** 2 / energy
     values, index = torch.zeros(0), torch.zeros(0, dtype=torch.int32)
     sizes, ce = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+    r0 = None
     if mode == "slr":
         r0 = min(residual_rank, p)
         flat = (W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]).flatten()
         idx = torch.arange(m.numel)
         w = sal.sqrt()
-        # the chunk energies are shares of ||A||^2 like the directions', in the same per-entry saliency units
         values, index, sizes, ce = _chunked(flat, idx, flat.abs() * w[idx % m.d_in], n_chunks, w, m.d_in, energy)
-    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce, energy)
+        # all residual entries together are worth the residual's energy ||W - L_r0||_H^2 = Σ_{i>r0} σ_i^2 (as in the
+        # knapsack's proxy): the raw OBS saliencies sum to less (1/[H^-1]_jj <= H_jj), which made the entries look
+        # cheap next to the directions and the plans rank-heavy (mean rank 102 at g50, ppl 80.1 with admm)
+        tail = float((s[r0:].double() ** 2).sum()) / energy
+        ce = ce * (tail / float(ce.sum())) if float(ce.sum()) > 0 else ce
+    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce, energy, r0)
+
+
+def plan_init(mats: list[Matrix], pools: list[Pools], plan: Plan, mode: str, beta: float) -> torch.Tensor:
+    """Keep-probabilities centred on a plan: a matrix's direction i (0-based) gets sigmoid(beta log(r / (i + ½)))
+    for the plan's rank r, its chunk c sigmoid(beta log(k / mid_c)) for the plan's k kept entries and the chunk's
+    midpoint mid_c in score order. So the plan's candidates are above ½, the rest below, and the mean plan is it."""
+    out = []
+    for m, p in zip(mats, pools):
+        spec = plan.get(m.block, m.name)
+        r = spec.rank if mode != "sparse" else 0
+        k = keep_per_row(m.d_in, spec.sparsity) * m.d_out if mode != "rank" else 0
+        pos = torch.arange(p.sigma.numel(), dtype=torch.float64) + 0.5
+        out.append(torch.sigmoid(beta * (math.log(max(r, 1e-30)) - pos.log())))
+        mid = p.sizes.double().cumsum(0) - p.sizes.double() / 2
+        out.append(torch.sigmoid(beta * (math.log(max(k, 1e-30)) - mid.clamp_min(0.5).log())))
+    return torch.cat(out)
 
 
 class _Loss:
@@ -255,11 +302,15 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              chunks: int = 100, init_temp: float = 2.0, windows: int = 8, batch_size: int = 4, rpca_iters: int = 5,
              max_samples: int | None = 8, norms: dict | None = None, residual_rank: int | None = None,
              normalize: str | None = None, fisher_samples: int | None = 4, fisher_power: float = 0.25,
-             rank_floor: int | None = None, span: float = SPAN, **opts) -> tuple[Plan, dict]:
+             rank_floor: int | None = None, span: float = SPAN, init: str = "knapsack",
+             **opts) -> tuple[Plan, dict]:
     """CAP plan (see the module docstring). ``samples`` = masks drawn per policy-gradient iteration; ``span`` = the
-    trust region (each matrix's retained fraction stays within budget ± span; 1 = off)."""
+    trust region (each matrix's retained fraction stays within budget ± span; 1 = off); ``init`` = "knapsack"
+    (the knapsack's plan) or "density" (the greedy fill by prior density)."""
     t0 = time.perf_counter()
     check_span(span, "CAP")
+    if init not in ("knapsack", "density"):
+        raise SLRError(f"unknown CAP init {init!r}", "use --alloc-opt init=knapsack or init=density")
     if pools not in ("rpca", "whitened"):
         raise SLRError(f"unknown CAP pools {pools!r}", "use pools='rpca' (paper) or 'whitened'")
     mode = alloc_mode(config, opts)
@@ -304,38 +355,42 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
         kind += [torch.zeros(nd, dtype=torch.bool), torch.ones(nc, dtype=torch.bool)]
     cost, dens, owner, kind = torch.cat(cost), torch.cat(dens), torch.cat(owner), torch.cat(kind)
     fixed = torch.cat(fixed)
+    if cost.numel() == 0:
+        raise SLRError("CAP found no candidates", "check the model's compressed linears")
+    if float(cost[fixed].sum()) > K:
+        raise SLRError(f"the rank floor {floor} alone exceeds the budget {budget}",
+                       "lower --rank or pass --alloc-opt rank_floor=0")
+    if init == "knapsack":  # s0 from the knapsack's plan with the same pricing, trust region and floor
+        kplan, kinfo = knapsack.allocate(model, config, calib, device, max_samples=max_samples, normalize=normalize,
+                                         fisher_samples=fisher_samples, fisher_power=fisher_power, span=span,
+                                         rank_floor=rank_floor, **opts)
+        s = plan_init(mats, pl, kplan, mode, init_temp)
+        init_info = {"rule": "knapsack plan: sigmoid(beta * log(target / position))", "beta": init_temp,
+                     "knapsack_seconds": kinfo["seconds"]}
+    else:  # logistic in log density around the density tau at which the densest-first candidates fill the budget
+        order = (~fixed).nonzero().flatten()[torch.argsort(dens[~fixed], descending=True)]
+        over = (cost[order].cumsum(0) > K - float(cost[fixed].sum())).nonzero()
+        tau = float(dens[order[int(over[0])]].clamp_min(1e-300)) if over.numel() else 0.0
+        s = torch.sigmoid(init_temp * (dens.clamp_min(1e-300).log() - math.log(tau))) if over.numel() else \
+            torch.ones_like(cost)
+        init_info = {"rule": "sigmoid(beta * log(density / tau))", "beta": init_temp, "tau": tau}
     banned = torch.zeros_like(fixed)
-    if span < 1:  # trust region: per matrix, keep the densest up to (budget - span), never past (budget + span)
+    if span < 1:  # trust region: per matrix, in init order keep up to (budget - span) m n, never past (budget + span)
+        rank_key = s + 2.0 * fixed.double() + 1e-6 * dens / float(dens.max().clamp_min(1e-300))
         for j, m in enumerate(mats):
             idx = (owner == j).nonzero().flatten()
-            # floor directions first, then decreasing density
-            o = idx[torch.argsort(dens[idx] + fixed[idx].double() * float(dens.max() + 1), descending=True)]
+            o = idx[torch.argsort(rank_key[idx], descending=True)]  # floor directions first
             cum = cost[o].cumsum(0)
             fixed[o[cum <= max(budget - span, 0.0) * m.numel]] = True
             banned[o[(cum > min(budget + span, 1.0) * m.numel) & ~fixed[o]]] = True
     free = ~fixed & ~banned
-    if cost.numel() == 0:
-        raise SLRError("CAP found no candidates", "check the model's compressed linears")
     K_free = K - float(cost[fixed].sum())
-    if K_free < 0:
-        raise SLRError(f"the rank floor {floor} alone exceeds the budget {budget}",
-                       "lower --rank or pass --alloc-opt rank_floor=0")
 
     def project(y: torch.Tensor) -> torch.Tensor:
         out = fixed.double()
         out[free] = project_budget(y[free], cost[free], K_free)
         return out
 
-    # init: logistic in log density around the density tau at which the densest-first free candidates fill K_free
-    order = free.nonzero().flatten()[torch.argsort(dens[free], descending=True)]
-    filled = cost[order].cumsum(0)
-    over = (filled > K_free).nonzero()
-    if over.numel() == 0:
-        s = torch.ones_like(cost)
-        tau = 0.0
-    else:
-        tau = float(dens[order[int(over[0])]].clamp_min(1e-300))
-        s = torch.sigmoid(init_temp * (dens.clamp_min(1e-300).log() - math.log(tau)))
     s = project(s)
     splits = [int((owner == j).sum()) for j in range(len(mats))]
 
@@ -407,7 +462,6 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              "loss": "calibration CE" if data else "weight-only relative Frobenius (data-free)",
              "windows": min(windows, len(calib)) if data else 0, "iterations": iterations, "samples": samples,
              "lr": lr, "baseline_window": baseline_window, "chunks": chunks, "candidates": int(cost.numel()),
-             "init": {"rule": "sigmoid(beta * log(density / tau)), projected", "beta": init_temp, "tau": tau,
-                      "loss": init_loss},
+             "init": {"name": init, **init_info, "projected": True, "loss": init_loss},
              "final_loss": final_loss, "trace": trace, "loss_evals": loss_fn.evals, "seconds_pools": t_pools}
     return finish("cap", mats, choices, mode, nm, budget, t0, extra)

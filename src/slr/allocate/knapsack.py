@@ -33,9 +33,10 @@ against the others' (``base.loss_weight``).
       curvature. At power 1 the loss is the Fisher estimate ½ F̄ ||ΔW||_H^2 of the loss increase; F̄ spans about
       seven decades over SmolLM2's blocks (early blocks and v_proj highest), and at power 1 the plan keeps blocks
       0-10 almost dense and squeezes the later MLPs to 0.2, which a first-order estimate overrates. The default
-      power 0.25 tempers the dynamic range. Measured at g50 (BENCHMARKS.md): with admm this plan still loses to
-      uniform (41.33 vs 35.28; 45.37 with "size" and no rank floor): F̄ is smallest for q/k and the last blocks,
-      and the plan moves their budget to v_proj and the early blocks, where admm's errors were already small.
+      power 0.25 tempers the dynamic range. Measured at g50 (BENCHMARKS.md): with admm and no trust region this
+      plan lost to uniform (41.33 vs 35.28; 45.37 with "size" and no rank floor): F̄ is smallest for q/k and the
+      last blocks, and the plan moved their budget to v_proj and the early blocks, where admm's errors were
+      already small. Within the default span of 0.1 the same pricing beats uniform (33.44).
   "size" (the default without data) = relative error times m n: equal relative errors cost the same per parameter
       everywhere, so identically shaped curves give the uniform plan; "relative" = plain sum of relative errors
       (favours keeping small matrices dense); "absolute" = metric energies ||ΔW||_H^2 (dominated by high-activation
