@@ -98,14 +98,17 @@ def test_whitened_proxy_is_exact_where_it_claims():
     torch.testing.assert_close(lw, ld, rtol=1e-4, atol=1e-6)
 
 
+def _white_pools(seed: int, h_seed: int, keep_dirs: int):
+    """A random 16 x 12 matrix, its full-H CAP pools (r0 = 2) and a mask keeping its top ``keep_dirs`` directions."""
+    W = torch.randn(16, 12, generator=torch.Generator().manual_seed(seed))
+    m = Matrix(0, "x", W)
+    p = make_pools(m, None, "slr", "whitened", 0.5, 10, 5, residual_rank=2, white=whitener(spd(12, h_seed)))
+    return W, m, p, torch.arange(p.sigma.numel()) < keep_dirs
+
+
 def test_cap_full_h_pools_rebuild_the_matrix():
     """Keeping every direction and entry of the full-H pools rebuilds L_r0 + (W - L_r0) = W; energies are shares."""
-    g = torch.Generator().manual_seed(4)
-    W = torch.randn(16, 12, generator=g)
-    m = Matrix(0, "x", W)
-    p = make_pools(m, None, "slr", "whitened", 0.5, 10, 5, residual_rank=2, white=whitener(spd(12, 2)))
-    dirs = torch.zeros(p.sigma.numel(), dtype=torch.bool)
-    dirs[:2] = True
+    W, m, p, dirs = _white_pools(4, 2, keep_dirs=2)
     torch.testing.assert_close(p.build(m, dirs, None), W, rtol=1e-4, atol=1e-4)
     assert p.sigma.numel() == int(0.5 * m.numel / m.lr_unit)
     assert float(p.dir_energy.sum()) < 1 and bool((p.dir_energy[:-1] >= p.dir_energy[1:]).all())
@@ -116,12 +119,7 @@ def test_cap_full_h_pools_rebuild_the_matrix():
 
 def test_cap_residual_pools_put_w_on_the_kept_support():
     """Kept entries carry W itself, the rest is the kept directions' L: no direction past r0 is counted twice."""
-    g = torch.Generator().manual_seed(5)
-    W = torch.randn(16, 12, generator=g)
-    m = Matrix(0, "x", W)
-    p = make_pools(m, None, "slr", "whitened", 0.5, 10, 5, residual_rank=2, white=whitener(spd(12, 3)))
-    dirs = torch.zeros(p.sigma.numel(), dtype=torch.bool)
-    dirs[:4] = True  # two directions past r0
+    W, m, p, dirs = _white_pools(5, 3, keep_dirs=4)  # two directions past r0
     chunks = torch.zeros(p.sizes.numel(), dtype=torch.bool)
     chunks[:3] = True
     out = p.build(m, dirs, chunks)
