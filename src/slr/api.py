@@ -306,7 +306,8 @@ def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, c
     # into the artifact one at a time (io.save(blocks=...)), so the whole model is never resident
     rebuild = bool(evaluate or tasks)
     est = estimate_run(model, config.calib_samples, config.seqlen, onload=onload,
-                       offload_activations=offload_activations, batch_size=batch_size, rebuild=rebuild)
+                       offload_activations=offload_activations, batch_size=batch_size, rebuild=rebuild,
+                       allocate=config.allocate)
     check_fits(est)  # before printing it, so a refusal stays one line
     if progress:
         print(f"slr: {describe(est)}", file=sys.stderr)

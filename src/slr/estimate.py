@@ -8,6 +8,12 @@ Peak = the model in memory (its parameters at their dtype) + one block in flight
   and three [batch, seqlen, d_ff] fp32 MLP intermediates)
 + the compressed blocks' sparse and low-rank factors (at most the dense size of the linears again)
 + a fixed runtime overhead (Python, torch, transformers: ~600 MiB measured on an idle import).
+CAP allocation (``allocate="cap"``) runs before the block loop and holds every matrix's candidate pools (fp32
+residual values, int32 indices, the directions' factors: ~10 B per linear parameter) and a copy of the original
+weights (4 B), plus per-matrix SVD and sort buffers that the process does not hand back. The term is 32 B per linear
+parameter: on SmolLM2 at g50 (106 M linear parameters) the CAP phase peaked at 4244 MiB RSS, 3131 MiB above the
+model and the runtime, i.e. 31 B per parameter (sampled every 5 s). The peak is the larger of that phase and the
+block loop. The other allocators hold one block's statistics at a time.
 With onloading the model term is only the non-block weights, and the compressed blocks are never all resident: the
 save streams them from the checkpoints, so its phase holds one rebuilt block plus the packed shard being written
 (at most the linears at fp16, or the shard size).
@@ -23,6 +29,7 @@ from torch import nn
 from .errors import SLRError
 
 RUNTIME_MIB = 600
+CAP_BYTES_PER_PARAM = 32  # CAP's pools phase per linear parameter (see the module docstring)
 
 
 def block_memory_bytes(linears: list[tuple[int, int]], group_din: list[int], d_model: int, tokens: int) -> dict:
@@ -44,7 +51,7 @@ def forward_workspace_bytes(batch: int, seqlen: int, heads: int, d_ff: int) -> i
 
 def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = False,
                  offload_activations: bool = False, batch_size: int = 8, rebuild: bool = True,
-                 max_shard_bytes: int = 4 << 30) -> dict:
+                 max_shard_bytes: int = 4 << 30, allocate: str = "uniform") -> dict:
     """{"model", "block", "compressed", "runtime", "total"} in bytes for compressing ``model``.
 
     ``onload``: only the non-block parameters and one block's fp32 weights are resident (slr.onload); the peak is
@@ -83,6 +90,11 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
     else:
         out = {"model": model_b, "block": sum(parts.values()), "compressed": linear_b, "runtime": RUNTIME_MIB * 2**20}
         out["total"] = sum(out.values())
+    if allocate == "cap":  # the pools' phase: whole model + pools + original weights + one calibration forward
+        linear_n = sum(m.weight.numel() for b in ad.blocks(model) for m in ad.linears(b).values())
+        out["allocate"] = CAP_BYTES_PER_PARAM * linear_n
+        out["total"] = max(out["total"], model_b + out["allocate"] + parts["forward workspace (one batch)"]
+                           + out["runtime"])
     out["block_parts"] = parts
     return out
 
@@ -117,6 +129,11 @@ def describe(est: dict) -> str:
         return (f"estimated peak memory {est['total'] / g:,.0f} MiB with onloading (non-block weights "
                 f"{est['model'] / g:,.0f} + max(one block in flight {est['block'] / g:,.0f}, {final} "
                 f"{est['rebuilt'] / g:,.0f}) + runtime {est['runtime'] / g:,.0f})")
+    if "allocate" in est:
+        return (f"estimated peak memory {est['total'] / g:,.0f} MiB (the larger of the CAP pools' phase, pools "
+                f"{est['allocate'] / g:,.0f} + model {est['model'] / g:,.0f}, and the block loop, one block in flight "
+                f"{est['block'] / g:,.0f} + compressed layers <= {est['compressed'] / g:,.0f}; runtime "
+                f"{est['runtime'] / g:,.0f})")
     return (f"estimated peak memory {est['total'] / g:,.0f} MiB (model {est['model'] / g:,.0f} + one block in flight "
             f"{est['block'] / g:,.0f} + compressed layers <= {est['compressed'] / g:,.0f} + runtime "
             f"{est['runtime'] / g:,.0f})")
