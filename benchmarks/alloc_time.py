@@ -1,6 +1,7 @@
 """Wall time of each global allocator on its own (plan only, no compression), and how close each plan lands.
 
   python benchmarks/alloc_time.py [--model smollm2-135m] [--method admm] [--calib-samples 128] [--skip cap]
+                                  [--cap-pools whitened|rpca]
 
 Plans the g50 configuration (global retained fraction 0.50, S+LR with rank 32 for the uniform plan) with every
 allocator in one process, on the same calibration windows the compression would use, and writes
@@ -26,6 +27,8 @@ def main() -> None:
     ap.add_argument("--method", default="admm")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--skip", action="append", default=[], help="allocator to leave out (repeatable)")
+    ap.add_argument("--cap-pools", default="whitened", choices=("whitened", "rpca"),
+                    help="CAP's candidate pools (the g50 admm run used whitened)")
     a = ap.parse_args()
     commit = _start_commit()
 
@@ -48,9 +51,10 @@ def main() -> None:
             continue
         cfg = CompressConfig(method=a.method, calib_samples=a.calib_samples, allocate=name, **CONFIGS["g50"])
         t = time.perf_counter()
-        _, inf = make_plan(model, cfg, calib)
+        opts = {"pools": a.cap_pools} if name == "cap" else {}
+        _, inf = make_plan(model, cfg, calib, **opts)
         sec = time.perf_counter() - t
-        rows.append({"allocator": name, "seconds": round(sec, 1), "budget": inf["budget"],
+        rows.append({"allocator": name, "options": opts, "seconds": round(sec, 1), "budget": inf["budget"],
                      "achieved_fraction": inf["achieved_fraction"],
                      "rel_budget_error": (inf["achieved_fraction"] - inf["budget"]) / inf["budget"]})
         print(rows[-1], flush=True)
@@ -61,8 +65,9 @@ def main() -> None:
           f"`python benchmarks/alloc_time.py` — {a.model}, method {a.method}, {a.calib_samples} calibration windows, "
           f"{out['threads']} threads, commit {commit}. Seconds = make_plan alone (what `--allocate` adds before the "
           "compression); budget error = (achieved − budget) / budget.", "",
-          "| allocator | seconds | achieved fraction | budget error |", "|---|---|---|---|"]
-    md += [f"| {r['allocator']} | {r['seconds']} | {r['achieved_fraction']:.6f} | {r['rel_budget_error']:+.2e} |"
+          "| allocator | options | seconds | achieved fraction | budget error |", "|---|---|---|---|---|"]
+    md += [f"| {r['allocator']} | {', '.join(f'{k}={v}' for k, v in r['options'].items()) or 'defaults'} | "
+           f"{r['seconds']} | {r['achieved_fraction']:.6f} | {r['rel_budget_error']:+.2e} |"
            for r in rows]
     if a.skip:
         md += ["", f"Left out here: {', '.join(a.skip)} (the g50 table's `allocate s` column has its time inside a "

@@ -10,10 +10,10 @@ Peak = the model in memory (its parameters at their dtype) + one block in flight
 + a fixed runtime overhead (Python, torch, transformers: ~600 MiB measured on an idle import).
 CAP allocation (``allocate="cap"``) runs before the block loop and holds every matrix's candidate pools (fp32
 residual values, int32 indices, the directions' factors: ~10 B per linear parameter) and a copy of the original
-weights (4 B), plus per-matrix SVD and sort buffers that the process does not hand back. The term is 32 B per linear
-parameter: on SmolLM2 at g50 (106 M linear parameters) the CAP phase peaked at 4244 MiB RSS, 3131 MiB above the
-model and the runtime, i.e. 31 B per parameter (sampled every 5 s). The peak is the larger of that phase and the
-block loop. The other allocators hold one block's statistics at a time.
+weights (4 B), plus per-matrix SVD and sort buffers that the process does not hand back. The term is 40 B per linear
+parameter: on SmolLM2 at g50 (106 M linear parameters, admm, whitened pools) the run's peak RSS was 4812 MiB, in the
+CAP phase, 3699 MiB above the model and the runtime, i.e. 37 B per parameter. The peak is the larger of that phase
+and the block loop. The other allocators hold one block's statistics at a time.
 With onloading the model term is only the non-block weights, and the compressed blocks are never all resident: the
 save streams them from the checkpoints, so its phase holds one rebuilt block plus the packed shard being written
 (at most the linears at fp16, or the shard size).
@@ -29,7 +29,7 @@ from torch import nn
 from .errors import SLRError
 
 RUNTIME_MIB = 600
-CAP_BYTES_PER_PARAM = 32  # CAP's pools phase per linear parameter (see the module docstring)
+CAP_BYTES_PER_PARAM = 40  # CAP's pools phase per linear parameter (see the module docstring)
 
 
 def block_memory_bytes(linears: list[tuple[int, int]], group_din: list[int], d_model: int, tokens: int) -> dict:
