@@ -51,7 +51,7 @@ SUITES = {
     "pruning": [(m, c) for c in ("u50", "nm24") for m in ("magnitude", "wanda", "sparsegpt")],
     "slr": [(m, c) for c in ("nm24r32", "u60r32") for m in ("prune+lr", "oats", "hassle", "admm")],
     "rank": [(m, c) for c in ("r80", "r50") for m in ("svd", "joint", "lowrank")],
-    "alloc": [("prune+lr", "g50", a) for a in ("uniform", "knapsack", "cap")],
+    "alloc": [("admm", "g50", a) for a in ("uniform", "knapsack", "cap")],
 }
 
 
