@@ -127,30 +127,24 @@ class Pools:
     dir_energy: torch.Tensor  # [p] float64, relative
     chunk_energy: torch.Tensor  # [n_chunks] float64, relative
     energy: float = 1.0  # ||A||^2 in the pool's metric (what the relative energies are shares of)
-    refit: int | None = None  # None: W(mask) = L_kept + S_kept (RPCA); r0: values are W - L_r0, see build
-
-    def _low_rank(self, d: torch.Tensor) -> torch.Tensor | None:
-        return (self.U[:, d] * self.sigma[d]) @ self.Vt[d] if bool(d.any()) else None
+    on_support: bool = False  # False: values are RPCA's S, added to L; True: values are W itself, see build
 
     def build(self, m: Matrix, dirs: torch.Tensor | None, chunks: torch.Tensor | None) -> torch.Tensor:
         """Dense W(mask) [m, n] float32 from boolean keep masks (None = keep all).
 
         RPCA pools: the kept directions of L plus the kept entries of S (the paper's W ~= L + S). Residual pools
-        (``refit`` = r0, the entries are W - L_r0): the kept directions L_kept, with W itself on the kept entries'
-        support (values + L_r0 there). Adding the r0-residual's values to L_kept instead would count the
-        directions past r0 twice on the support (CAP's calibration loss of such plans was 13-15 nats, measured).
+        (``on_support``; entries chosen and priced on W - L_r0, stored as W's own values): the kept directions
+        L_kept, with W itself on the kept entries' support. Adding the r0-residual's values to L_kept instead would
+        count the directions past r0 twice on the support (CAP's calibration loss of such plans was 13-15 nats).
         """
         d = torch.ones_like(self.sigma, dtype=torch.bool) if dirs is None else dirs
-        L = self._low_rank(d) if self.sigma.numel() else None
-        W = torch.zeros(m.d_out, m.d_in) if L is None else L
+        W = (self.U[:, d] * self.sigma[d]) @ self.Vt[d] if bool(d.any()) else torch.zeros(m.d_out, m.d_in)
         if self.values.numel():
             keep = torch.ones_like(self.values, dtype=torch.bool) if chunks is None else \
                 torch.repeat_interleave(chunks, self.sizes)
             idx = self.index[keep].long()
             vals = self.values[keep]
-            if self.refit is not None:
-                base = self._low_rank(torch.arange(self.sigma.numel()) < self.refit)
-                vals = vals if base is None else vals + base.flatten()[idx]  # = W on the support
+            if self.on_support:
                 W.view(-1)[idx] = vals
             else:
                 W.view(-1)[idx] += vals
@@ -185,7 +179,7 @@ def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget:
     A = W * dd[None, :] if dd is not None else W
     energy = max(float((A.double() ** 2).sum()), 1e-300)
     empty_f, empty_i = torch.zeros(0), torch.zeros(0, dtype=torch.int32)
-    refit = None
+    on_support = False
     U, sigma, Vt = torch.zeros(m.d_out, 0), torch.zeros(0), torch.zeros(0, m.d_in)
     values, index, sizes, ce = empty_f, empty_i, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
     if mode == "slr" and pools == "rpca":
@@ -199,14 +193,15 @@ def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget:
         U, sigma = P[:, :p].contiguous(), s[:p].contiguous()
         Vt = (Qt[:p] / dd[None, :]) if dd is not None else Qt[:p].contiguous()
         if mode == "slr":
-            r0 = refit = min(residual_rank, p)
+            r0 = min(residual_rank, p)
             R = W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]
             flat = R.flatten()
             idx = torch.arange(m.numel)
             score = flat.abs() * (dd[idx % m.d_in] if dd is not None else 1.0)
             values, index, sizes, ce = _chunked(flat, idx, score, n_chunks, d, m.d_in, energy)
+            values, on_support = W.flatten()[index.long()], True  # chosen on the residual, stored as W
     elif mode == "sparse":
-        refit = 0
+        on_support = True
         flat = W.flatten()
         idx = torch.arange(m.numel)
         score = flat.abs() * (dd[idx % m.d_in] if dd is not None else 1.0)
@@ -217,7 +212,7 @@ def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget:
     if sigma.numel():
         vn = (Vt.double() * (d[None, :] if d is not None else 1.0)).norm(dim=1) ** 2
         de = sigma.double() ** 2 * vn / energy
-    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce, energy, refit)
+    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce, energy, on_support)
 
 
 def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, n_chunks: int, residual_rank: int,
@@ -233,7 +228,6 @@ def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, n_chunks:
     de = sigma.double() ** 2 / energy
     values, index = torch.zeros(0), torch.zeros(0, dtype=torch.int32)
     sizes, ce = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
-    r0 = None
     if mode == "slr":
         r0 = min(residual_rank, p)
         flat = (W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]).flatten()
@@ -245,7 +239,8 @@ def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, n_chunks:
         # cheap next to the directions and the plans rank-heavy (mean rank 102 at g50, ppl 80.1 with admm)
         tail = float((s[r0:].double() ** 2).sum()) / energy
         ce = ce * (tail / float(ce.sum())) if float(ce.sum()) > 0 else ce
-    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce, energy, r0)
+        values = W.flatten()[index.long()]  # chosen on the residual, stored as W (see Pools.build)
+    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce, energy, mode == "slr")
 
 
 def plan_init(mats: list[Matrix], pools: list[Pools], plan: Plan, mode: str, beta: float) -> torch.Tensor:
