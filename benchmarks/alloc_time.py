@@ -36,7 +36,7 @@ def main() -> None:
 
     from slr.allocate import ALLOCATORS, make_plan
     from slr.api import open_model
-    from slr.config import CompressConfig
+    from slr.config import AllocConfig, CompressConfig
     from slr.data.calib import calibration_windows, tokenize_text
     from slr.data.corpora import load_text
 
@@ -49,7 +49,10 @@ def main() -> None:
     for name in ALLOCATORS:
         if name in a.skip:
             continue
-        cfg = CompressConfig(method=a.method, calib_samples=a.calib_samples, allocate=name, **CONFIGS["g50"])
+        c = dict(CONFIGS["g50"])
+        budget = c.pop("budget")
+        cfg = CompressConfig(method=a.method, calib_samples=a.calib_samples, **c,
+                             alloc=AllocConfig(method=name, budget=budget))
         t = time.perf_counter()
         opts = {"pools": a.cap_pools} if name == "cap" else {}
         _, inf = make_plan(model, cfg, calib, **opts)

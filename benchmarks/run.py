@@ -59,21 +59,45 @@ def run_one(model: str, method: str, config_id: str, calib_samples: int, windows
             save_dir: str | None = None, allocate: str = "uniform", refine: str | None = None,
             tm_epochs: int = 20, tm_samples: int | None = None, alloc_opts: dict | None = None) -> dict:
     from slr.api import run_compress
-    from slr.config import CompressConfig
+    from slr.config import AllocConfig, CompressConfig, RefineConfig, RunOptions
 
-    cfg = CompressConfig(method=method, calib_samples=calib_samples, allocate=allocate, refine=refine,
-                         tm_epochs=tm_epochs, tm_samples=tm_samples, alloc_opts=dict(alloc_opts or {}),
-                         **CONFIGS[config_id])
+    c = dict(CONFIGS[config_id])
+    budget = c.pop("budget", None)
+    cfg = CompressConfig(method=method, calib_samples=calib_samples, **c,
+                         alloc=AllocConfig(method=allocate, budget=budget, options=dict(alloc_opts or {})),
+                         refine=RefineConfig(epochs=tm_epochs, max_samples=tm_samples) if refine == "tm" else None)
     t = time.perf_counter()
     parts = [model, method, config_id] + ([allocate] if allocate != "uniform" else []) + ([refine] if refine else [])
     name = "-".join(parts)
     out = str(Path(save_dir) / name) if save_dir else None
-    run = run_compress(model, cfg, windows=str(windows), out=out, save=out is not None, overwrite=True,
-                       progress=False)
+    run = run_compress(model, cfg, RunOptions(windows=str(windows), out=out, save=out is not None, overwrite=True,
+                                              progress=False))
     return record(run.results, config_id, time.perf_counter() - t)
 
 
+def flat_config(cfg: dict) -> dict:
+    """A results.json ``config`` in the flat shape of older runs (allocate, budget, alloc_opts, refine, tm_epochs,
+    tm_samples), so that records from before and after the typed configs compare; alloc_opts keeps only the options
+    that differ from the allocator's defaults."""
+    if "alloc" not in cfg:
+        return cfg
+    from dataclasses import asdict
+
+    from slr.allocate import allocator
+
+    a, ref = cfg["alloc"], cfg.get("refine")
+    defaults = asdict(allocator(a["method"]).options())
+    out = {k: v for k, v in cfg.items() if k not in ("alloc", "refine", "solver")}
+    out.update(allocate=a["method"], budget=a["budget"],
+               alloc_opts={k: v for k, v in (a.get("options") or {}).items() if defaults.get(k) != v},
+               refine=ref["method"] if ref else None)
+    if ref:
+        out.update(tm_epochs=ref["epochs"], tm_samples=ref["max_samples"])
+    return out
+
+
 def config_id_of(cfg: dict) -> str | None:
+    cfg = flat_config(cfg)
     for cid, c in CONFIGS.items():
         if (cfg.get("sparsity") if c["pattern"] is None else None) == c["sparsity"] and \
                 cfg.get("pattern") == c["pattern"] and cfg.get("rank") == c["rank"] and \
@@ -85,13 +109,13 @@ def config_id_of(cfg: dict) -> str | None:
 def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
     """One results.jsonl record from a results.json dict (as written by `slr compress`)."""
     calib_samples = r["calibration"]["samples"]
+    c = flat_config(r["config"])
     return {
         "model": r["model"], "method": r["method"], "config": config_id or r["spec"],
-        "allocate": r["config"].get("allocate", "uniform"), "refine": r["config"].get("refine"),
-        **({"tm_epochs": r["config"]["tm_epochs"], "tm_samples": r["config"].get("tm_samples")}
-           if r["config"].get("refine") else {}),
+        "allocate": c.get("allocate", "uniform"), "refine": c.get("refine"),
+        **({"tm_epochs": c["tm_epochs"], "tm_samples": c.get("tm_samples")} if c.get("refine") else {}),
         **({"allocate_s": round(r["seconds"]["allocate"], 1)} if "allocate" in r["seconds"] else {}),
-        **({"alloc_opts": r["config"]["alloc_opts"]} if r["config"].get("alloc_opts") else {}),
+        **({"alloc_opts": c["alloc_opts"]} if c.get("alloc_opts") else {}),
         **({"allocation": _alloc_summary(r["allocation"])} if r.get("allocation") else {}),
         "retained_fraction": round(r["retained_fraction"], 6), "ppl": r["ppl"]["ppl"],
         "ppl_windows": r["ppl"]["windows"], "ppl_text": r["ppl"]["text"], "dense_ppl": r["dense_ppl"]["ppl"],

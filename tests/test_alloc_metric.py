@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from slr.allocate import make_plan
-from slr.allocate.base import Choice, Matrix, dense_block_hessians, matrices, whitener
+from slr.allocate.base import Choice, Matrix, matrices, whitener
 from slr.allocate.cap import make_pools
 from slr.allocate.knapsack import Metric, matrix_curve
-from slr.config import CompressConfig
+from slr.calibration import dense_block_hessians
+from slr.config import AllocConfig, CompressConfig
 from slr.errors import SLRError
 from slr.models.adapters import get_adapter
 from slr.models.tiny import tiny_model
@@ -133,7 +134,7 @@ def test_cap_residual_pools_put_w_on_the_kept_support():
 
 def test_knapsack_metric_and_span():
     model = tiny_model("llama")
-    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate="knapsack", budget=0.5)
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method="knapsack", budget=0.5))
     plans = {}
     for metric in ("whitened", "diag"):
         plan, info = make_plan(model, cfg, ids(8), metric=metric, normalize="size")
@@ -182,12 +183,12 @@ def test_output_grad_sq_is_the_mean_squared_per_token_gradient(family):
 
 def test_fisher_normalisation_is_the_default_with_data():
     model = tiny_model("llama")
-    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate="knapsack", budget=0.5)
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method="knapsack", budget=0.5))
     _, info = make_plan(model, cfg, ids(4, 16))
     assert info["normalize"] == "fisher" and info["fisher_windows"] == 4
     _, info = make_plan(model, cfg, None)
     assert info["normalize"] == "size" and "fisher_windows" not in info
-    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate="cap", budget=0.5)
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method="cap", budget=0.5))
     _, info = make_plan(model, cfg, ids(4, 16), samples=1, iterations=1, windows=2)
     assert info["normalize"] == "fisher"
 
@@ -196,7 +197,7 @@ def test_fisher_normalisation_is_the_default_with_data():
 def test_rank_floor(allocator):
     """S+LR plans keep at least the run's --rank everywhere by default; rank_floor=0 frees it."""
     model = tiny_model("llama")
-    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate=allocator, budget=0.5)
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method=allocator, budget=0.5))
     opts = {"samples": 1, "iterations": 1, "windows": 2} if allocator == "cap" else {}
     plan, info = make_plan(model, cfg, ids(4, 16), **opts)
     assert info["rank_floor"] == 4 and abs(info["achieved_fraction"] - 0.5) <= 1e-3
@@ -211,7 +212,7 @@ def test_rank_floor(allocator):
 def test_trust_region(allocator):
     """Every matrix keeps a retained fraction within budget ± span (default 0.1); span=1 turns it off."""
     model = tiny_model("llama")
-    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate=allocator, budget=0.5)
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method=allocator, budget=0.5))
     opts = {"samples": 2, "iterations": 2, "windows": 2} if allocator == "cap" else {}
     for span in (None, 0.05):
         _, info = make_plan(model, cfg, ids(4, 16), **opts, **({} if span is None else {"span": span}))
@@ -230,9 +231,9 @@ def test_cap_knapsack_init_is_the_knapsack_plan():
     """Before any policy-gradient step, CAP's plan (init="knapsack") is the knapsack's, up to one chunk of entries;
     init="density" gives another plan."""
     model = tiny_model("llama")
-    _, kinfo = make_plan(model, CompressConfig(method="admm", sparsity=0.6, rank=4, allocate="knapsack", budget=0.5),
+    _, kinfo = make_plan(model, CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method="knapsack", budget=0.5)),
                          ids(4, 16))
-    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate="cap", budget=0.5)
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method="cap", budget=0.5))
     _, info = make_plan(model, cfg, ids(4, 16), iterations=0, windows=2)
     assert info["init"]["name"] == "knapsack" and info["trace"] == []
     for k, v in kinfo["per_matrix"].items():
@@ -258,7 +259,7 @@ def test_normalize_errors_come_first(allocator):
     from slr.errors import SLRError
 
     model = tiny_model("llama")
-    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate=allocator, budget=0.5)
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method=allocator, budget=0.5))
     with pytest.raises(SLRError, match="normalize"):
         make_plan(model, cfg, ids(4, 16), normalize="bogus")
     with pytest.raises(SLRError, match="needs calibration data"):

@@ -7,6 +7,7 @@ loaded, so the whole file takes well under a minute."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -470,10 +471,10 @@ def _only_checkpoints(tmp_path):
 
 
 def test_compress_ctrl_c_mid_compression(capsys, tmp_path, monkeypatch, assets):
-    from slr.solvers import SOLVERS
+    from slr.solvers import METHODS
 
     src, corpus, _, _ = assets
-    real = SOLVERS["wanda"]
+    real = METHODS["wanda"].fn
     calls = []
 
     @functools.wraps(real)
@@ -483,7 +484,7 @@ def test_compress_ctrl_c_mid_compression(capsys, tmp_path, monkeypatch, assets):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setitem(SOLVERS, "wanda", interrupted)
+    monkeypatch.setitem(METHODS, "wanda", dataclasses.replace(METHODS["wanda"], fn=interrupted))
     out = tmp_path / "out"
     code, _, err = run(capsys, "compress", src, "--method", "wanda", "--pattern", "2:4", "--calib-text", corpus,
                        "--out", out, *FAST)
@@ -684,9 +685,9 @@ def test_report_without_results(capsys, tmp_path, assets):
 
 
 def _data_solvers():
-    from slr.solvers import DATA_FREE, SOLVERS
+    from slr.solvers import METHODS
 
-    return sorted(set(SOLVERS) - DATA_FREE)
+    return sorted(n for n, m in METHODS.items() if not m.data_free)
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])
@@ -707,17 +708,17 @@ def test_solver_nonfinite_hessian_api(method, bad):
 @pytest.mark.parametrize("method", ["magnitude", "svd", "rpca", "joint"])
 def test_data_free_solver_nonfinite_weight_api(method):
     from slr.config import LayerSpec
-    from slr.solvers import get_solver
-    from slr.solvers.base import GROUP_SOLVERS
+    from slr.solvers import method as registered
 
     W = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
     W[1, 2] = float("nan")
     spec = LayerSpec(sparsity=1.0 if method in ("svd", "joint") else 0.5, rank=2)
     with pytest.raises(SLRError) as e:
-        if method in GROUP_SOLVERS:
-            GROUP_SOLVERS[method]([W], None, [spec])
+        m = registered(method)
+        if m.group:
+            m.fn([W], None, [spec])
         else:
-            get_solver(method)(W, None, spec)
+            m.fn(W, None, spec)
     one_line_api_error(e, "weight contains NaN or Inf values", "check the model weights")
 
 

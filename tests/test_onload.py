@@ -30,7 +30,7 @@ def test_onloaded_compression_matches_in_memory(family, tmp_path):
     assert all(p.is_meta for b in blocks for p in b.parameters())  # nothing of the blocks is resident
     assert not any(p.is_meta for n, p in sk.named_parameters() if ".layers." not in n)
     ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
-    cfg = CompressConfig(method="admm", sparsity=0.5, rank=2, calib_samples=4, solver_opts={"max_iters": 10})
+    cfg = CompressConfig(method="admm", sparsity=0.5, rank=2, calib_samples=4, solver={"max_iters": 10})
     compress_(model, cfg, ids, progress=False, batch_size=2)
     ck = BlockCheckpoints(tmp_path / "ck", {"test": 1}, resume=False)
     report = compress_(sk, cfg, ids, progress=False, batch_size=2, onload=source, checkpoints=ck,
@@ -108,8 +108,7 @@ def test_streamed_save_matches_in_memory_save(family, method, spec, tmp_path):
     model = tiny_model(family)
     model.save_pretrained(tmp_path / "src")
     ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
-    cfg = CompressConfig(method=method, calib_samples=4, solver_opts={"max_iters": 10} if method == "admm" else {},
-                         **spec)
+    cfg = CompressConfig(method=method, calib_samples=4, solver={"max_iters": 10} if method == "admm" else {}, **spec)
     compress_(model, cfg, ids, progress=False, batch_size=2)
     io.save(model, tmp_path / "ref")
     sk, source = skeleton(tmp_path / "src")

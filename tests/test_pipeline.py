@@ -129,7 +129,7 @@ def test_data_methods_need_calibration(method, calib):
 
 def test_admm_sparse_plus_low_rank():
     model = tiny_model("llama")
-    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, solver_opts={"max_iters": 10, "min_iters": 10,
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, solver={"max_iters": 10, "min_iters": 10,
                                                                            "polish_rounds": 1})
     rep = compress_(model, cfg, random_ids(8, 32), batch_size=4, progress=False)
     spec = LayerSpec(sparsity=0.6, rank=4)

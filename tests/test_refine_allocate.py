@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
+from slr import pipeline
 from slr.allocate import ALLOCATORS, make_plan, plan_fraction, project_budget
 from slr.allocate.base import matrices
-from slr.config import CompressConfig
+from slr.calibration import BlockInputs
+from slr.config import AllocConfig, CompressConfig, RefineConfig
 from slr.errors import SLRError
 from slr.models.adapters import get_adapter
 from slr.models.tiny import tiny_model
 from slr.nn import SLRLinear
 from slr.pipeline import compress_
-from slr.refine import TMConfig, make_refiner, transformer_match_
+from slr.refine import make_refiner, transformer_match_
 
 BUDGET = 0.5
 TOL = 1e-3  # relative; the tiny model's row granularity (32 params of 73728) allows ~1e-4 here
@@ -53,8 +57,9 @@ def supports(block) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_tm(method: str, materialize: str, cfg: TMConfig, batch_size: int = 8, rank: int = 0):
-    """compress_ a tiny llama with TM; the refine hook (called under no_grad) checks the support is unchanged."""
+def run_tm(method: str, materialize: str, cfg: RefineConfig, batch_size: int = 8, rank: int = 0):
+    """compress_ a tiny llama with TM (``config.refine``); a wrapper around the refiner (called under no_grad) checks
+    that the support is unchanged."""
     model = tiny_model("llama")
     refiner = make_refiner(cfg)
     checks = []
@@ -69,13 +74,15 @@ def run_tm(method: str, materialize: str, cfg: TMConfig, batch_size: int = 8, ra
         checks.append((before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before),
                        changed, stats))
 
-    conf = CompressConfig(method=method, sparsity=0.6, rank=rank)
-    compress_(model, conf, calib_ids(), materialize=materialize, refine=refine, batch_size=batch_size,
-              progress=False)
+    refine.stats = refiner.stats
+    conf = CompressConfig(method=method, sparsity=0.6, rank=rank, refine=cfg)
+    with mock.patch.object(pipeline, "make_refiner", lambda *a, **k: refine):
+        report = compress_(model, conf, calib_ids(), materialize=materialize, batch_size=batch_size)
+    assert report.refine is refiner.stats
     return checks, refiner
 
 
-FAST_TM = TMConfig(lr=1e-3, epochs=4, batch_size=4, progress=False)
+FAST_TM = RefineConfig(lr=1e-3, epochs=4, batch_size=4)
 
 
 @pytest.mark.parametrize("method,materialize", [("sparsegpt", "slr"), ("magnitude", "dense")])
@@ -96,7 +103,7 @@ def test_tm_magnitude_dense_trains_only_kept_weights():
 
 
 def test_tm_restores_original_when_worse():
-    checks, refiner = run_tm("sparsegpt", "slr", TMConfig(lr=5.0, epochs=3, batch_size=8, progress=False))
+    checks, refiner = run_tm("sparsegpt", "slr", RefineConfig(lr=5.0, epochs=3, batch_size=8))
     for same_support, changed, stats in checks:
         assert same_support
         assert stats["restored"] and stats["loss_after"] == stats["loss_before"]
@@ -106,7 +113,7 @@ def test_tm_restores_original_when_worse():
 @pytest.mark.parametrize("pipe_batch,tm_batch,steps_per_epoch", [(2, 4, 4), (8, 4, 4), (8, 8, 2), (16, 8, 2)])
 def test_tm_step_grouping(pipe_batch, tm_batch, steps_per_epoch):
     """16 windows: smaller pipeline batches are accumulated, larger ones split (kwargs sliced or recorded)."""
-    _, refiner = run_tm("magnitude", "slr", TMConfig(lr=1e-3, epochs=3, batch_size=tm_batch, progress=False),
+    _, refiner = run_tm("magnitude", "slr", RefineConfig(lr=1e-3, epochs=3, batch_size=tm_batch),
                         batch_size=pipe_batch)
     for s in refiner.stats:
         assert s["windows"] == 16
@@ -116,9 +123,7 @@ def test_tm_step_grouping(pipe_batch, tm_batch, steps_per_epoch):
 def test_tm_no_data_is_a_noop():
     model = tiny_model("llama")
     block = get_adapter(model).blocks(model)[0]
-    from slr.pipeline import BlockInputs
-
-    stats = transformer_match_(block, 0, BlockInputs([], {}), [], TMConfig(progress=False))
+    stats = transformer_match_(block, 0, BlockInputs([], {}), [], RefineConfig(), progress=False)
     assert stats["steps"] == 0
 
 
@@ -153,13 +158,13 @@ def check_plan(model, plan, info, budget=BUDGET, tol=TOL):
 
 @pytest.mark.parametrize("allocator,conf", CASES)
 def test_allocator_meets_budget(model, allocator, conf):
-    cfg = CompressConfig(allocate=allocator, budget=BUDGET, **CONFIGS[conf])
+    cfg = CompressConfig(**CONFIGS[conf], alloc=AllocConfig(method=allocator, budget=BUDGET))
     plan, info = make_plan(model, cfg, calib_ids(8))
     check_plan(model, plan, info)
     if conf == "prune":
         assert all(s.rank == 0 for s in plan.specs.values())
     if allocator != "uniform":
-        uplan, _ = make_plan(model, CompressConfig(allocate="uniform", budget=BUDGET, **CONFIGS[conf]), calib_ids(8))
+        uplan, _ = make_plan(model, CompressConfig(**CONFIGS[conf], alloc=AllocConfig(method="uniform", budget=BUDGET)), calib_ids(8))
         block_of = {k: k.split(".")[0] for k in plan.specs}
         diff = [k for k in plan.specs if plan.specs[k] != uplan.specs[k]]
         assert diff, f"{allocator} returned the uniform plan although the blocks differ"
@@ -168,7 +173,7 @@ def test_allocator_meets_budget(model, allocator, conf):
 
 def test_owl_keeps_outlier_block_denser(model):
     for calib in (calib_ids(8), None):
-        plan, info = make_plan(model, CompressConfig(method="wanda", allocate="owl", budget=BUDGET), calib)
+        plan, info = make_plan(model, CompressConfig(method="wanda", alloc=AllocConfig(method="owl", budget=BUDGET)), calib)
         s0, s1 = info["block_sparsity"]
         assert s1 < s0 and s0 - s1 == pytest.approx(0.16, abs=1e-6)  # the full 2 lambda spread
         assert info["outlier_ratio"][1] > info["outlier_ratio"][0]
@@ -176,7 +181,7 @@ def test_owl_keeps_outlier_block_denser(model):
 
 def test_knapsack_beats_uniform_proxy(model):
     for conf in CONFIGS.values():
-        _, info = make_plan(model, CompressConfig(allocate="knapsack", budget=BUDGET, **conf), calib_ids(8))
+        _, info = make_plan(model, CompressConfig(**conf, alloc=AllocConfig(method="knapsack", budget=BUDGET)), calib_ids(8))
         assert info["proxy_loss"] <= info["uniform_proxy_loss"]
 
 
@@ -185,7 +190,7 @@ def test_knapsack_beats_uniform_proxy(model):
 def test_rank_allocation(model, method, kw, allocator):
     """Rank-only and N:M + rank: the unit is a rank (m + n >= 96 params here), so the tolerance is one unit."""
     budget = 0.6 if "pattern" in kw else 0.3
-    plan, info = make_plan(model, CompressConfig(method=method, allocate=allocator, budget=budget, **kw), calib_ids(8))
+    plan, info = make_plan(model, CompressConfig(method=method, **kw, alloc=AllocConfig(method=allocator, budget=budget)), calib_ids(8))
     check_plan(model, plan, info, budget=budget, tol=0.01)
     if "pattern" in kw:
         assert all(s.nm == (2, 4) for s in plan.specs.values()) and any(s.rank > 0 for s in plan.specs.values())
@@ -196,7 +201,7 @@ def test_rank_allocation(model, method, kw, allocator):
 @pytest.mark.parametrize("pools", ["rpca", "whitened"])
 def test_cap_data_free(model, pools):
     for calib in (None, torch.zeros(0, 32, dtype=torch.long)):
-        cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, allocate="cap", budget=BUDGET)
+        cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method="cap", budget=BUDGET))
         plan, info = make_plan(model, cfg, calib, pools=pools, samples=2, iterations=2)
         check_plan(model, plan, info)
         assert "data-free" in info["loss"] and info["windows"] == 0
@@ -206,7 +211,7 @@ def test_cap_data_free(model, pools):
 
 def test_cap_restores_weights(model):
     before = [m.weight.detach().clone() for m in matrices(model)]
-    make_plan(model, CompressConfig(method="admm", rank=4, allocate="cap", budget=BUDGET), calib_ids(4),
+    make_plan(model, CompressConfig(method="admm", rank=4, alloc=AllocConfig(method="cap", budget=BUDGET)), calib_ids(4),
               samples=2, iterations=1, windows=2)
     assert all(torch.equal(b, m.weight) for b, m in zip(before, matrices(model)))
 
@@ -239,32 +244,32 @@ def test_projection_constraints():
 def test_plan_runs_through_pipeline(model):
     """A knapsack S+LR plan, solved by rpca (exact kept counts), retains exactly the planned fraction."""
     m = outlier_model()
-    cfg = CompressConfig(method="rpca", sparsity=0.6, rank=4, allocate="knapsack", budget=BUDGET)
+    cfg = CompressConfig(method="rpca", sparsity=0.6, rank=4, alloc=AllocConfig(method="knapsack", budget=BUDGET))
     plan, info = make_plan(m, cfg, calib_ids(8))
-    report = compress_(m, cfg, calib_ids(8), plan=plan, progress=False)
+    report = compress_(m, cfg, calib_ids(8), plan=plan)
     assert report.retained_fraction == pytest.approx(info["achieved_fraction"], abs=1e-12)
 
 
 def test_budget_validation(model):
     for b in (0.0, 1.0, 1.5, -0.1):
         with pytest.raises(SLRError):
-            make_plan(model, CompressConfig(allocate="knapsack", budget=b), None)
+            make_plan(model, CompressConfig(alloc=AllocConfig(method="knapsack", budget=b)), None)
     with pytest.raises(SLRError):
-        make_plan(model, CompressConfig(allocate="greedy", budget=0.5), None)
+        make_plan(model, CompressConfig(alloc=AllocConfig(method="greedy", budget=0.5)), None)
     with pytest.raises(SLRError):  # OWL has nothing to allocate for rank-only methods
-        make_plan(model, CompressConfig(method="lowrank", rank=8, allocate="owl", budget=0.3), None)
+        make_plan(model, CompressConfig(method="lowrank", rank=8, alloc=AllocConfig(method="owl", budget=0.3)), None)
     with pytest.raises(SLRError):  # rank alone over the budget
-        make_plan(model, CompressConfig(method="admm", rank=30, allocate="owl", budget=0.2), None)
+        make_plan(model, CompressConfig(method="admm", rank=30, alloc=AllocConfig(method="owl", budget=0.2)), None)
 
 
 def test_default_budget_is_uniform_spec(model):
     """Without --budget the budget is the uniform spec's fraction, and uniform returns that spec everywhere."""
-    cfg = CompressConfig(method="sparsegpt", sparsity=0.7, allocate="uniform")
+    cfg = CompressConfig(method="sparsegpt", sparsity=0.7, alloc=AllocConfig(method="uniform"))
     plan, info = make_plan(model, cfg, None)
     for m in matrices(model):  # same kept count per row (the plan stores the exact k / d_in)
         s = plan.get(m.block, m.name)
         assert s.kept(m.d_out, m.d_in) == cfg.layer_spec().kept(m.d_out, m.d_in) and s.rank == 0
-    plan2, info2 = make_plan(model, CompressConfig(method="sparsegpt", sparsity=0.7, allocate="knapsack"), None)
+    plan2, info2 = make_plan(model, CompressConfig(method="sparsegpt", sparsity=0.7, alloc=AllocConfig(method="knapsack")), None)
     assert info2["budget"] == pytest.approx(info["achieved_fraction"])
     check_plan(model, plan2, info2, budget=info2["budget"])
 
@@ -273,13 +278,13 @@ def test_default_budget_is_uniform_spec(model):
 def test_other_families(family):
     """Allocation + TM on architectures with biases / LayerNorm (OPT) and extra q/k norms (Gemma 3)."""
     m = tiny_model(family)
-    cfg = CompressConfig(method="prune+lr", sparsity=0.6, rank=4, allocate="knapsack", budget=BUDGET)
+    cfg = CompressConfig(method="prune+lr", sparsity=0.6, rank=4, alloc=AllocConfig(method="knapsack", budget=BUDGET))
     plan, info = make_plan(m, cfg, calib_ids(8))
     check_plan(m, plan, info)
-    refiner = make_refiner(TMConfig(lr=1e-3, epochs=3, batch_size=4, progress=False))
-    report = compress_(m, cfg, calib_ids(8), plan=plan, refine=refiner, progress=False)
+    cfg = replace(cfg, refine=RefineConfig(lr=1e-3, epochs=3, batch_size=4))
+    report = compress_(m, cfg, calib_ids(8), plan=plan, progress=False)
     assert report.retained_fraction == pytest.approx(info["achieved_fraction"], abs=1e-12)
-    assert all(s["loss_after"] <= s["loss_before"] for s in refiner.stats)
+    assert all(s["loss_after"] <= s["loss_before"] for s in report.refine)
 
 
 @pytest.mark.parametrize("budget", [0.8, 0.5])
@@ -287,7 +292,7 @@ def test_joint_budget_gives_one_rank_per_group(budget):
     """Under --budget, joint gets one shared rank per input group, priced k (n + sum m_i), never over the budget."""
     model = tiny_model("llama")
     ad = get_adapter(model)
-    cfg = CompressConfig(method="joint", sparsity=1.0, rank=1, budget=budget)
+    cfg = CompressConfig(method="joint", sparsity=1.0, rank=1, alloc=AllocConfig(budget=budget))
     plan, info = make_plan(model, cfg, None)
     total = sum(m.numel for m in matrices(model))
     kept = 0
@@ -303,6 +308,6 @@ def test_joint_budget_gives_one_rank_per_group(budget):
             kept += k * (d_in + d_out)
     assert info["achieved_fraction"] == pytest.approx(kept / total) and kept / total <= budget
     assert budget - kept / total < 0.05
-    rep = compress_(model, cfg, None, plan=plan, progress=False)
+    rep = compress_(model, cfg, None, plan=plan)
     assert rep.retained_params == kept  # what the artifact keeps: each shared V counted once
     assert all(r.rel_error == r.rel_error and 0 < r.rel_error < 1 for r in rep.records)  # Frobenius, data-free

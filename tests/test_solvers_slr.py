@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from slr.config import LayerSpec
-from slr.solvers import SOLVERS
+from slr.solvers import METHODS
 from slr.solvers.admm import masked_cg, nm_mask_small, scaled_hessian, topk_mask
-from slr.solvers.base import GROUP_SOLVERS, damp_hessian, layer_objective
+from slr.solvers.base import damp_hessian, layer_objective
 from slr.solvers.lowrank import Whitener, truncated_svd, whitened_lowrank, whitener_for
 from slr.solvers.masks import global_mask, nm_mask
 from slr.solvers.rpca import rpca_pools
 
 SHAPES = [(64, 128), (96, 64)]
 SPECS = {"2:4+r8": LayerSpec(nm=(2, 4), rank=8), "u60+r8": LayerSpec(sparsity=0.6, rank=8)}
+SOLVERS = {n: m.fn for n, m in METHODS.items()}
 SL_SOLVERS = ["admm", "hassle", "prune+lr", "oats", "rpca"]
 # Ordering tolerance: admm <= hassle <= prune+lr up to 1% relative. HASSLE's first iterate *is* prune+lr, so that
 # pair is exact; the slack only covers ADMM vs HASSLE on an unlucky instance (ADMM is typically 20-60% lower).
@@ -217,13 +218,13 @@ def test_lowrank_and_svd_solvers():
 
 def test_joint_single_matrix_is_truncated_svd():
     W, H = make_problem(64, 128)
-    (res,) = GROUP_SOLVERS["joint"]([W], None, [LayerSpec(rank=10)])
+    (res,) = SOLVERS["joint"]([W], None, [LayerSpec(rank=10)])
     assert res.S is None and res.mask is None and res.rank == 10
     P, s, Rt = torch.linalg.svd(W.double())
     torch.testing.assert_close(res.dense().double(), (P[:, :10] * s[:10]) @ Rt[:10], atol=1e-4, rtol=0)
     torch.testing.assert_close(res.V @ res.V.T, torch.eye(10), atol=1e-5, rtol=0)  # orthonormal rows
     # whitened single matrix == whitened_lowrank on the same damped H
-    (rw,) = GROUP_SOLVERS["joint"]([W], H, [LayerSpec(rank=10)], whiten=True)
+    (rw,) = SOLVERS["joint"]([W], H, [LayerSpec(rank=10)], whiten=True)
     U, V = whitened_lowrank(W, None, 10, whitener=whitener_for(H, 0.005, 0.005))
     assert objective(W, H, rw) == pytest.approx(layer_objective(W, H, U @ V), rel=1e-5)
 
@@ -234,7 +235,7 @@ def test_joint_shares_v_and_beats_per_matrix_svd_at_equal_cost():
     basis = torch.randn(k, d_in, generator=g)  # shared row space (e.g. q/k/v reading the same input)
     Ws = [torch.randn(64, k, generator=g) @ basis + 0.05 * torch.randn(64, d_in, generator=g) for _ in range(3)]
     specs = [LayerSpec(rank=k)] * 3
-    res = GROUP_SOLVERS["joint"](Ws, None, specs)
+    res = SOLVERS["joint"](Ws, None, specs)
     assert all(r.V is res[0].V for r in res), "the group must hold one V tensor object"
     joint_cost = k * d_in + k * sum(W.shape[0] for W in Ws)
     r_each = joint_cost // sum(W.shape[0] + d_in for W in Ws)  # per-matrix rank with no more parameters
@@ -243,7 +244,7 @@ def test_joint_shares_v_and_beats_per_matrix_svd_at_equal_cost():
     assert joint_err < 0.1 * svd_err
     # activation-aware variant shares V too and wins on the H objective
     _, H = make_problem(8, d_in)
-    resw = GROUP_SOLVERS["joint"](Ws, H, specs, whiten=True)
+    resw = SOLVERS["joint"](Ws, H, specs, whiten=True)
     assert all(r.V is resw[0].V for r in resw)
     hw = sum(layer_objective(W, H, r.dense()) for W, r in zip(Ws, resw, strict=True))
     hp = sum(layer_objective(W, H, r.dense()) for W, r in zip(Ws, res, strict=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,26 @@ from pathlib import Path
 
 import torch
 
-from .config import CompressConfig
+from . import distributed, io
+from .checkpoint import BlockCheckpoints, tensor_sha256
+from .config import CompressConfig, RunOptions
+from .data.calib import calibration_windows, tokenize_text
+from .data.corpora import load_text
 from .errors import SLRError
-from .solvers import DATA_FREE
+from .estimate import check_fits, describe, estimate_run
+from .eval.ppl import perplexity
+from .eval.zeroshot import check_request as check_zeroshot_request
+from .eval.zeroshot import evaluate_zeroshot
+from .io import check_writable_parent
+from .models import load_model
+from .models.adapters import get_adapter
+from .models.zoo import cache_dir
+from .onload import check_request as onload_check_request
+from .onload import open_onloaded
+from .pipeline import compress_, plan_for
+from .solvers import method
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(device: str) -> str:
@@ -60,8 +78,6 @@ def is_artifact(path: str) -> bool:
 def open_model(name_or_path: str, device: str = "cpu"):
     """A source model (default name, HF folder, .gguf) or an slr artifact -> (model, tok, info dict)."""
     if is_artifact(name_or_path):
-        from . import io
-
         model, tok = io.load(name_or_path, device=device)
         man = json.loads((Path(name_or_path) / "slr_config.json").read_text())
         src = man.get("source", {})
@@ -70,8 +86,6 @@ def open_model(name_or_path: str, device: str = "cpu"):
         info = {"name": str(name_or_path), "label": f"slr artifact of {src.get('label', '?')}",
                 "sha256": src.get("sha256"), "bos_per_window": bool(src.get("bos_per_window", False))}
         return model, tok, info
-    from .models import load_model
-
     model, tok, mi = load_model(name_or_path, device=device)
     return model, tok, {"name": mi.name, "label": mi.label, "sha256": mi.sha256, "bos_per_window": mi.bos_per_window}
 
@@ -89,9 +103,6 @@ def dense_ppl_cached(model, tok, info: dict, text: str, windows, seqlen: int, de
 
     ``cached_only``: return None instead of computing it (an onloaded model is never whole in memory).
     """
-    from .eval.ppl import perplexity
-    from .models.zoo import cache_dir
-
     key = _ppl_cache_key(info.get("sha256"), text, windows, seqlen)
     path = cache_dir() / "ppl.json"
     cache = {}
@@ -117,8 +128,6 @@ def dense_ppl_cached(model, tok, info: dict, text: str, windows, seqlen: int, de
 
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (ru_maxrss, KiB on Linux), in MiB."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -158,9 +167,6 @@ def run_eval(model_name: str, *, text_file: str | list[str] | None = None, split
     The top-level ppl fields are the first text's; ``perplexity`` lists all of them, each with its protocol
     label. ``tasks`` runs lm-eval zero-shot scoring (``limit`` docs per task); its result is ``zeroshot``.
     """
-    from .data.corpora import load_text
-    from .eval.ppl import perplexity
-
     if not ppl and not tasks:
         raise SLRError("nothing to evaluate: perplexity is off (--no-ppl) and no --tasks were given",
                        "drop --no-ppl, or pass --tasks piqa,... (or all)")
@@ -169,9 +175,7 @@ def run_eval(model_name: str, *, text_file: str | list[str] | None = None, split
     files = [text_file] if isinstance(text_file, str | os.PathLike) else list(text_file or [])
     splits = [split] if isinstance(split, str) else list(split or ([] if files else ["test"]))
     if tasks:
-        from .eval.zeroshot import check_request
-
-        tasks = check_request(tasks, limit)
+        tasks = check_zeroshot_request(tasks, limit)
     # read every text before loading the model, so a bad file fails fast
     texts = [load_text(None, s) for s in splits] + [load_text(f, "test") for f in files] if ppl else []
     model, tok, info = open_model(model_name, device)
@@ -183,8 +187,6 @@ def run_eval(model_name: str, *, text_file: str | list[str] | None = None, split
     if out["perplexity"]:
         out.update(out["perplexity"][0])  # the first text's numbers at the top level (the common single-text case)
     if tasks:
-        from .eval.zeroshot import evaluate_zeroshot
-
         t = time.perf_counter()
         out["zeroshot"] = evaluate_zeroshot(model, tok, tasks, limit=limit, batch_size=batch_size, device=device)
         out["zeroshot"]["seconds"] = time.perf_counter() - t
@@ -195,8 +197,6 @@ def run_eval(model_name: str, *, text_file: str | list[str] | None = None, split
 
 def _check_shapes(model, spec) -> None:
     """Fail before any heavy work if the spec does not fit some matrix (N:M width, rank)."""
-    from .models.adapters import get_adapter
-
     ad = get_adapter(model)
     for lin in ad.linears(ad.blocks(model)[0]).values():
         spec.validate(*lin.weight.shape)
@@ -210,216 +210,194 @@ class CompressRun:
     out_dir: Path | None
 
 
-def run_compress(model_name: str, config: CompressConfig, *, out: str | None = None, calib_text: str | None = None,
-                 eval_text: str | None = None, windows="64", device: str = "auto", eval_dense: bool = True,
-                 evaluate: bool = True, save: bool = True, overwrite: bool = False, batch_size: int = 8,
-                 values_dtype: str = "float16", factor_dtype: str = "float16", progress: bool = True,
-                 tasks: list[str] | None = None, limit: int | None = None, resume: bool = False,
-                 onload: bool = False, offload_activations: bool = False) -> CompressRun:
-    """Load -> calibrate -> compress -> evaluate -> save artifact + results.json (atomically).
+def run_compress(model_name: str, config: CompressConfig, run: RunOptions | None = None) -> CompressRun:
+    """Load -> calibrate -> ``compress_`` -> evaluate -> save artifact + results.json (atomically).
 
-    With ``out``, everything is staged in ``<parent>/.slr-partial-<name>/`` and renamed to ``out`` when complete;
-    every finished block is checkpointed there, so ``resume=True`` continues an interrupted run (killed, crashed,
-    Ctrl-C) from its last finished block and gives a bit-identical artifact. ``overwrite`` discards old checkpoints.
+    With ``run.out``, everything is staged in ``<parent>/.slr-partial-<name>/`` and renamed to ``out`` when complete;
+    every finished block is checkpointed there, so ``run.resume`` continues an interrupted run (killed, crashed,
+    Ctrl-C) from its last finished block and gives a bit-identical artifact. ``run.overwrite`` discards old checkpoints.
 
     Under ``torchrun --nproc_per_node=K`` the job joins the torch.distributed group (see slr.distributed): the
     calibration and transformer matching are data-parallel, the solves weight-parallel, and rank 0 alone evaluates
     and writes; the other ranks return a CompressRun without ppl and with ``out_dir`` None.
 
-    ``onload`` (needs ``out``): the model is built on the meta device and its blocks are read one at a time from the
-    safetensors shards (slr.onload); ``offload_activations`` keeps the calibration activations in files in the
+    ``run.onload`` (needs ``out``): the model is built on the meta device and its blocks are read one at a time from
+    the safetensors shards (slr.onload); ``run.offload_activations`` keeps the calibration activations in files in the
     staging folder instead of memory. The dense ppl is then only reported when it is cached.
     """
-    from . import distributed
-
+    run = run or RunOptions()
     group = distributed.init_from_env()
     try:
-        return _run_compress(model_name, config, out=out, calib_text=calib_text, eval_text=eval_text,
-                             windows=windows, device=distributed.device_for(group, resolve_device(device)),
-                             eval_dense=eval_dense,
-                             evaluate=evaluate, save=save, overwrite=overwrite, batch_size=batch_size,
-                             values_dtype=values_dtype, factor_dtype=factor_dtype, progress=progress, tasks=tasks,
-                             limit=limit, resume=resume, group=group, onload=onload,
-                             offload_activations=offload_activations)
+        return _Run(model_name, config, run, group).go()
     finally:
         distributed.shutdown()  # a barrier first: nobody leaves before rank 0 has written
 
 
-def _run_compress(model_name: str, config: CompressConfig, *, out: str | None, calib_text: str | None,
-                  eval_text: str | None, windows, device: str, eval_dense: bool, evaluate: bool, save: bool,
-                  overwrite: bool, batch_size: int, values_dtype: str, factor_dtype: str, progress: bool,
-                  tasks: list[str] | None, limit: int | None, resume: bool, group, onload: bool = False,
-                  offload_activations: bool = False) -> CompressRun:
-    from . import io
-    from .data.calib import calibration_windows, tokenize_text
-    from .data.corpora import load_text
-    from .eval.ppl import perplexity
-    from .pipeline import compress_
+class _Run:
+    """One `slr compress` job: the checks up front, then load, plan, compress, evaluate, save."""
 
-    spec = config.layer_spec()  # validates budgets before any heavy work
-    if tasks:  # checked before the compression, not after it
-        from .eval.zeroshot import check_request
+    def __init__(self, model_name: str, config: CompressConfig, run: RunOptions, group):
+        self.model_name, self.config, self.run, self.group = model_name, config, run, group
+        self.device = distributed.device_for(group, resolve_device(run.device))
+        self.times: dict[str, float] = {}
+        self.tasks = check_zeroshot_request(run.tasks, run.limit) if run.tasks else None
+        self.windows = parse_windows(run.windows)
+        self.out_dir = Path(run.out) if run.out else None
+        self.partial = self.out_dir.resolve().parent / f".slr-partial-{self.out_dir.name}" if self.out_dir else None
+        self.progress = run.progress and group.is_main
 
-        tasks = check_request(tasks, limit)
-    w = parse_windows(windows)
-    device = resolve_device(device)
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if values_dtype not in dtypes or factor_dtype not in dtypes:
-        raise SLRError("storage dtype must be float32, float16 or bfloat16", "fix --values-dtype/--factor-dtype")
-    out_dir = Path(out) if out else None
-    if onload or offload_activations:
-        from .onload import check_request
-
-        check_request(config, out_dir, group.world, model_name, onload)
-    if out_dir is not None and save:
-        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    def _check_output(self) -> None:
+        """Refuse, before any heavy work, an output that cannot be written or that would lose an interrupted run."""
+        run, out_dir = self.run, self.out_dir
+        if is_artifact(self.model_name):  # its SLRLinears have no .weight to compress
+            raise SLRError(f"{self.model_name} is an slr artifact, not a source model",
+                           "compress the original model; use `slr eval DIR` to evaluate the artifact")
+        if run.onload or run.offload_activations:
+            onload_check_request(self.config, out_dir, self.group.world, self.model_name, run.onload)
+        if out_dir is None:
+            return
+        if out_dir.exists() and not out_dir.is_dir():
+            raise SLRError(f"--out {out_dir} exists and is not a directory", "pass a directory path with --out")
+        check_writable_parent(out_dir, "--out")
+        if run.save and out_dir.exists() and any(out_dir.iterdir()) and not run.overwrite:
             raise SLRError(f"output directory {out_dir} exists and is not empty", "pass --overwrite or another --out")
-        parent = out_dir.resolve().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(parent, os.W_OK):
-            raise SLRError(f"cannot write to {parent}", "choose a writable --out directory")
-    partial = out_dir.resolve().parent / f".slr-partial-{out_dir.name}" if out_dir is not None else None
-    if partial is not None and partial.exists() and not resume:
-        if not overwrite and (partial / "checkpoints" / "meta.json").exists():  # refuse before any heavy work
-            raise SLRError(f"an interrupted run left checkpoints in {partial}",
-                           "rerun the same command with --resume to continue it, or pass --overwrite to start over")
-        if group.is_main:
-            shutil.rmtree(partial)
-    group.barrier()
-    progress = progress and group.is_main
-    eval_src, eval_label = load_text(eval_text, "test") if evaluate else (None, None)
-    calib_src, calib_label = load_text(calib_text, "calibration")
-    times: dict[str, float] = {}
-    t = time.perf_counter()
-    source = None
-    if onload:
-        from .onload import open_onloaded
+        out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
+        if self.partial.exists() and not run.resume:
+            if not run.overwrite and (self.partial / "checkpoints" / "meta.json").exists():
+                raise SLRError(f"an interrupted run left checkpoints in {self.partial}",
+                               "rerun the same command with --resume to continue it, or pass --overwrite to start "
+                               "over")
+            if self.group.is_main:
+                shutil.rmtree(self.partial)
+        self.group.barrier()
 
-        model, tok, info, source = open_onloaded(model_name)
-    else:
-        model, tok, info = open_model(model_name, device)
-    times["load"] = time.perf_counter() - t
-    _check_shapes(model, spec)
-    from .estimate import check_fits, describe, estimate_run
-
-    # onloading with nothing to evaluate in memory: the compressed blocks stay in the checkpoints and are streamed
-    # into the artifact one at a time (io.save(blocks=...)), so the whole model is never resident
-    rebuild = bool(evaluate or tasks)
-    est = estimate_run(model, config.calib_samples, config.seqlen, onload=onload,
-                       offload_activations=offload_activations, batch_size=batch_size, rebuild=rebuild,
-                       allocate=config.allocate)
-    check_fits(est)  # before printing it, so a refusal stays one line
-    if progress:
-        print(f"slr: {describe(est)}", file=sys.stderr)
-    results: dict = {
-        "model": info["label"], "model_arg": model_name, "model_sha256": info["sha256"],
-        "method": config.method, "config": config.to_dict(), "spec": spec.label, "seed": config.seed,
-        "calibration": {"text": calib_label, "samples": config.calib_samples, "seqlen": config.seqlen,
-                        "seed": config.seed},
-        "device": device, "git_commit": git_commit(), "torch": torch.__version__,
-        "world_size": group.world, "onload": onload, "offload_activations": offload_activations,
-    }
-    eval_ids = tokenize_text(tok, eval_src) if evaluate else None
-    evaluate = evaluate and group.is_main  # rank 0 evaluates and writes; the other ranks only compress
-    if evaluate and eval_dense:
+    def _timed(self, stage: str, fn, *args, **kw):
         t = time.perf_counter()
-        d = dense_ppl_cached(model, tok, info, eval_src, w, 512, device, cached_only=onload)
-        if d is not None:
-            results["dense_ppl"] = d | {"text": eval_label}
-        times["eval_dense"] = time.perf_counter() - t
-    torch.manual_seed(config.seed)
-    calib = None
-    if config.calib_samples > 0:
-        bos = tok.bos_token_id if info["bos_per_window"] else None
-        calib = calibration_windows(tokenize_text(tok, calib_src), config.calib_samples, config.seqlen, config.seed,
-                                    bos_id=bos)
-    refine = None
-    if config.refine == "tm":
-        from .refine import TMConfig, make_refiner
+        out = fn(*args, **kw)
+        self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - t
+        return out
 
-        refine = make_refiner(TMConfig(epochs=config.tm_epochs, max_samples=config.tm_samples), device=device)
-    plan = None
-    t = time.perf_counter()
-    if config.allocate != "uniform" or config.budget is not None:
-        from .allocate import make_plan
+    def go(self) -> CompressRun:
+        config, run, group, device = self.config, self.run, self.group, self.device
+        spec = config.layer_spec()
+        self._check_output()
+        evaluate = run.evaluate
+        eval_src, eval_label = load_text(run.eval_text, "test") if evaluate else (None, None)
+        calib_src, calib_label = load_text(run.calib_text, "calibration")
+        source = None
+        if run.onload:
+            model, tok, info, source = self._timed("load", open_onloaded, self.model_name)
+        else:
+            model, tok, info = self._timed("load", open_model, self.model_name, device)
+        _check_shapes(model, spec)
+        # onloading with nothing to evaluate in memory: the compressed blocks stay in the checkpoints and are
+        # streamed into the artifact one at a time (io.save(blocks=...)), so the whole model is never resident
+        rebuild = bool(evaluate or self.tasks)
+        est = estimate_run(model, config.calib_samples, config.seqlen, onload=run.onload,
+                           offload_activations=run.offload_activations, batch_size=run.batch_size, rebuild=rebuild,
+                           allocate=config.alloc.method)
+        check_fits(est)  # before printing it, so a refusal stays one line
+        if self.progress:
+            print(f"slr: {describe(est)}", file=sys.stderr)
+        results: dict = {
+            "model": info["label"], "model_arg": self.model_name, "model_sha256": info["sha256"],
+            "method": config.method, "config": config.to_dict(), "spec": spec.label, "seed": config.seed,
+            "calibration": {"text": calib_label, "samples": config.calib_samples, "seqlen": config.seqlen,
+                            "seed": config.seed},
+            "device": device, "git_commit": git_commit(), "torch": torch.__version__,
+            "world_size": group.world, "onload": run.onload, "offload_activations": run.offload_activations,
+        }
+        eval_ids = tokenize_text(tok, eval_src) if evaluate else None
+        evaluate = evaluate and group.is_main  # rank 0 evaluates and writes; the other ranks only compress
+        if evaluate and run.eval_dense:
+            d = self._timed("eval_dense", dense_ppl_cached, model, tok, info, eval_src, self.windows, 512, device,
+                            cached_only=run.onload)
+            if d is not None:
+                results["dense_ppl"] = d | {"text": eval_label}
+        torch.manual_seed(config.seed)
+        calib = None
+        if config.calib_samples > 0:
+            bos = tok.bos_token_id if info["bos_per_window"] else None
+            calib = calibration_windows(tokenize_text(tok, calib_src), config.calib_samples, config.seqlen,
+                                        config.seed, bos_id=bos)
+        plan, alloc_info = self._timed("allocate", plan_for, model, config, calib, device)
+        if alloc_info is not None:
+            results["allocation"] = alloc_info
+        report = self._timed("compress", self._compress, model, calib, plan, info, calib_label, source, rebuild)
+        if not group.is_main:
+            return CompressRun(results, None)
+        self.times.update({f"compress.{k}": v for k, v in report.seconds.items()})
+        results.update({
+            "retained_fraction": report.retained_fraction, "retained_params": report.retained_params,
+            "dense_params": report.dense_params, "mean_rel_error": report.mean_rel_error,
+            "rel_error_metric": "frobenius"
+            if calib is None or (method(config.method).data_free and config.refine is None) else "activation",
+            "matrices": [vars(r) | {"shape": list(r.shape)} for r in report.records],
+        })
+        if report.refine:
+            results["refine"] = report.refine
+        if alloc_info is not None:
+            results["plan"] = plan.to_dict()
+        if evaluate:
+            r = self._timed("eval", perplexity, model, tok, eval_src, windows=self.windows,
+                            bos_per_window=info["bos_per_window"], device=device, ids=eval_ids, progress=self.progress)
+            results["ppl"] = r.to_dict() | {"text": eval_label}
+        if self.tasks:  # the in-memory compressed model, through HFLM(pretrained=model)
+            results["zeroshot"] = self._timed("zeroshot", evaluate_zeroshot, model, tok, self.tasks, limit=run.limit,
+                                              batch_size=run.batch_size, device=device)
+        results["seconds"] = self.times
+        results["peak_rss_mib"] = peak_rss_mib()
+        results["memory_estimate_mib"] = est["total"] / 2**20
+        return self._save(model, tok, info, spec, results, report)
 
-        plan, alloc_info = make_plan(model, config, calib, device=device, **config.alloc_opts)
-        results["allocation"] = alloc_info
-    times["allocate"] = time.perf_counter() - t
-    t = time.perf_counter()
-    checkpoints = None
-    if partial is not None:
-        from .checkpoint import BlockCheckpoints, tensor_sha256
+    def _compress(self, model, calib, plan, info, calib_label, source, rebuild):
+        config, run, partial, group = self.config, self.run, self.partial, self.group
+        checkpoints = None
+        if partial is not None:
+            fingerprint = {"model_sha256": info["sha256"], "config": config.to_dict(), "calib_text": calib_label,
+                           "calib_sha256": tensor_sha256(calib),
+                           "plan": None if config.alloc.is_uniform else plan.to_dict(), "torch": torch.__version__}
+            checkpoints = BlockCheckpoints(partial / "checkpoints", fingerprint, run.resume, writer=group.is_main,
+                                           sync=group.barrier)
+        try:
+            return compress_(model, config, calib, plan=plan, device=self.device, batch_size=run.batch_size,
+                             progress=self.progress, checkpoints=checkpoints, onload=source,
+                             offload_activations=str(partial / "activations") if run.offload_activations else None,
+                             rebuild=rebuild)
+        except SLRError:
+            # bad input (NaN weights or H, ...): the rerun after the fix is a different run, so its checkpoints are
+            # useless; a kill or Ctrl-C (not an SLRError) keeps them for --resume
+            if partial is not None and group.is_main:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
 
-        fingerprint = {"model_sha256": info["sha256"], "config": config.to_dict(), "calib_text": calib_label,
-                       "calib_sha256": tensor_sha256(calib), "plan": plan.to_dict() if plan is not None else None,
-                       "torch": torch.__version__}
-        checkpoints = BlockCheckpoints(partial / "checkpoints", fingerprint, resume, writer=group.is_main,
-                                       sync=group.barrier)
-    try:
-        report = compress_(model, config, calib, plan=plan, device=device, batch_size=batch_size, refine=refine,
-                           progress=progress, checkpoints=checkpoints, onload=source,
-                           offload_activations=str(partial / "activations") if offload_activations else None,
-                           rebuild=rebuild)
-    except SLRError:
-        # bad input (NaN weights or H, ...): the rerun after the fix is a different run, so its checkpoints are
-        # useless; a kill or Ctrl-C (not an SLRError) keeps them for --resume
-        if partial is not None and group.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
-    times["compress"] = time.perf_counter() - t
-    if not group.is_main:
-        return CompressRun(results, None)
-    times.update({f"compress.{k}": v for k, v in report.seconds.items()})
-    results.update({
-        "retained_fraction": report.retained_fraction, "retained_params": report.retained_params,
-        "dense_params": report.dense_params, "mean_rel_error": report.mean_rel_error,
-        "rel_error_metric": "frobenius" if calib is None or (config.method in DATA_FREE and config.refine is None)
-        else "activation",  # ||W - What||^2 / ||W||^2, or ||X(W - What)^T||^2 / ||X W^T||^2
-        "matrices": [vars(r) | {"shape": list(r.shape)} for r in report.records],
-    })
-    if plan is not None:
-        results["plan"] = plan.to_dict()
-    if evaluate:
+    def _save(self, model, tok, info, spec, results, report) -> CompressRun:
+        run, out_dir, partial = self.run, self.out_dir, self.partial
+        if out_dir is None or not run.save:
+            if out_dir is not None:
+                write_json_atomic(out_dir / "results.json", results)
+                shutil.rmtree(partial, ignore_errors=True)
+            return CompressRun(results, out_dir)
         t = time.perf_counter()
-        r = perplexity(model, tok, eval_src, windows=w, bos_per_window=info["bos_per_window"], device=device,
-                       ids=eval_ids, progress=progress)
-        results["ppl"] = r.to_dict() | {"text": eval_label}
-        times["eval"] = time.perf_counter() - t
-    if tasks:  # the in-memory compressed model, through HFLM(pretrained=model)
-        from .eval.zeroshot import evaluate_zeroshot
-
-        t = time.perf_counter()
-        results["zeroshot"] = evaluate_zeroshot(model, tok, tasks, limit=limit, batch_size=batch_size, device=device)
-        times["zeroshot"] = time.perf_counter() - t
-    results["seconds"] = times
-    results["peak_rss_mib"] = peak_rss_mib()
-    results["memory_estimate_mib"] = est["total"] / 2**20
-    if out_dir is None or not save:
-        if out_dir is not None:
-            write_json_atomic(out_dir / "results.json", results)
-            shutil.rmtree(partial, ignore_errors=True)
-        return CompressRun(results, out_dir if out_dir is not None else None)
-    t = time.perf_counter()
-    stage = Path(tempfile.mkdtemp(prefix=".slr-tmp-", dir=partial))
-    try:
         manifest = {"source": {"name": info["name"], "label": info["label"], "sha256": info["sha256"],
                                "bos_per_window": info["bos_per_window"]},
-                    "config": config.to_dict(), "plan": results.get("plan", {"*": spec.label})}
-        byte_report = io.save(model, stage / "artifact", tokenizer=tok, manifest=manifest,
-                              values_dtype=dtypes[values_dtype], factor_dtype=dtypes[factor_dtype],
-                              blocks=report.blocks)
-        results["bytes"] = byte_report | {"values_dtype": values_dtype, "factor_dtype": factor_dtype}
-        times["save"] = time.perf_counter() - t
-        results["peak_rss_mib"] = peak_rss_mib()  # again: a streamed save rebuilds the blocks only now
-        write_json_atomic(stage / "artifact" / "results.json", results)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(stage / "artifact", out_dir)
-        shutil.rmtree(partial, ignore_errors=True)  # complete: the checkpoints are no longer needed
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return CompressRun(results, out_dir)
+                    "config": self.config.to_dict(), "plan": results.get("plan", {"*": spec.label})}
+        stage = Path(tempfile.mkdtemp(prefix=".slr-tmp-", dir=partial))
+        try:
+            byte_report = io.save(model, stage / "artifact", tokenizer=tok, manifest=manifest,
+                                  values_dtype=STORAGE_DTYPES[run.values_dtype],
+                                  factor_dtype=STORAGE_DTYPES[run.factor_dtype], blocks=report.blocks)
+            results["bytes"] = byte_report | {"values_dtype": run.values_dtype, "factor_dtype": run.factor_dtype}
+            self.times["save"] = time.perf_counter() - t
+            results["peak_rss_mib"] = peak_rss_mib()  # again: a streamed save rebuilds the blocks only now
+            write_json_atomic(stage / "artifact" / "results.json", results)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(stage / "artifact", out_dir)
+            shutil.rmtree(partial, ignore_errors=True)  # complete: the checkpoints are no longer needed
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return CompressRun(results, out_dir)
 
 
 def summary_rows(results: dict) -> list[tuple[str, str]]:

@@ -6,11 +6,24 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402  (after the offline switches above)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from .allocate import ALLOCATORS  # noqa: E402
+from .api import open_model, resolve_device, run_compress, run_eval, summary_rows  # noqa: E402
+from .config import DTYPES, CompressConfig, RunOptions, load_toml, merge  # noqa: E402
+from .errors import SLRError, is_disk_full  # noqa: E402
+from .eval.zeroshot import TASKS as ZS_TASKS  # noqa: E402
+from .eval.zeroshot import format_table  # noqa: E402
+from .io import check_writable_parent, export_dense  # noqa: E402
+from .models.zoo import DEFAULTS, cache_dir, is_cached, is_installed  # noqa: E402
+from .report import write_report  # noqa: E402
+from .solvers import METHODS  # noqa: E402
 
 EPILOG_MODEL = "MODEL is a default's name (smollm2-135m, gemma3-270m), a local HF folder, or a .gguf file."
 
@@ -20,11 +33,7 @@ def _device(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .eval.zeroshot import TASKS as ZS_TASKS
-    from .solvers import SOLVERS
-    from .solvers.base import GROUP_SOLVERS
-
-    methods = ", ".join(sorted(set(SOLVERS) | set(GROUP_SOLVERS)))
+    methods = ", ".join(f"{n} ({m.kind})" for n, m in sorted(METHODS.items()))
     ap = argparse.ArgumentParser(
         prog="slr", description="Sparse + low-rank compression of LLMs (W ~= S + U V) under one budget.",
         epilog="Run `slr COMMAND --help` for each command. Nothing is fetched from a model hub.")
@@ -51,50 +60,55 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     _device(e)
 
-    c = sub.add_parser("compress", help="compress a model and write an artifact + results.json", epilog=EPILOG_MODEL,
+    c = sub.add_parser("compress", help="compress a model and write an artifact + results.json", epilog=EPILOG_MODEL
+                       + " With --config FILE.toml the run is read from a TOML file that maps 1:1 onto CompressConfig "
+                       "and RunOptions (see slr.config); flags given on the command line override it.",
                        description="Compress every linear of the decoder blocks layer by layer.")
-    c.add_argument("model", metavar="MODEL")
-    c.add_argument("--method", default="sparsegpt", help=f"layer solver: {methods} [default: sparsegpt]")
+    D = argparse.SUPPRESS  # only the flags given reach the config, so that they can override a --config file
+    c.add_argument("model", metavar="MODEL", nargs="?", default=D, help="model to compress (or `model` in --config)")
+    c.add_argument("--config", default=D, metavar="FILE.toml", help="read the run from a TOML file")
+    c.add_argument("--method", default=D, help=f"layer solver: {methods} [default: sparsegpt]")
     g = c.add_mutually_exclusive_group()
-    g.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity of S, in (0, 1)")
-    g.add_argument("--pattern", default=None, metavar="N:M", help="N:M sparsity of S along the input dim, e.g. 2:4")
-    c.add_argument("--rank", type=int, default=0, help="rank of the low-rank part per matrix [default: 0]")
-    c.add_argument("--out", default=None, metavar="DIR", help="artifact directory (written atomically)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    c.add_argument("--no-save", action="store_true", help="do not write the artifact (results.json only)")
-    c.add_argument("--calib-samples", type=int, default=128, help="calibration windows [default: 128]")
-    c.add_argument("--calib-text", default=None, metavar="FILE", help="calibrate on your own text file")
-    c.add_argument("--text", default=None, metavar="FILE", help="evaluate on your own text file")
-    c.add_argument("--seed", type=int, default=0, help="calibration sampling seed [default: 0]")
-    c.add_argument("--windows", default="64", help="eval windows, or 'all' [default: 64]")
-    c.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
-    c.add_argument("--tasks", default=None, metavar="T1,T2", help="also score zero-shot tasks on the compressed model")
-    c.add_argument("--limit", type=int, default=None, metavar="N", help="first N documents per zero-shot task")
-    c.add_argument("--values-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
-    c.add_argument("--factor-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
-    c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward [default: 8]")
-    c.add_argument("--allocate", default="uniform", choices=["uniform", "owl", "cap", "knapsack"],
+    g.add_argument("--sparsity", type=float, default=D,
+                   help="unstructured sparsity of S, in (0, 1) [default: 0.5 for methods with a sparse part]")
+    g.add_argument("--pattern", default=D, metavar="N:M", help="N:M sparsity of S along the input dim, e.g. 2:4")
+    c.add_argument("--rank", type=int, default=D, help="rank of the low-rank part per matrix [default: 0]")
+    c.add_argument("--out", default=D, metavar="DIR", help="artifact directory (written atomically)")
+    c.add_argument("--overwrite", action="store_true", default=D, help="replace an existing --out directory")
+    c.add_argument("--no-save", action="store_true", default=D, help="do not write the artifact (results.json only)")
+    c.add_argument("--calib-samples", type=int, default=D, help="calibration windows [default: 128]")
+    c.add_argument("--calib-text", default=D, metavar="FILE", help="calibrate on your own text file")
+    c.add_argument("--text", default=D, metavar="FILE", help="evaluate on your own text file")
+    c.add_argument("--seed", type=int, default=D, help="calibration sampling seed [default: 0]")
+    c.add_argument("--windows", default=D, help="eval windows, or 'all' [default: 64]")
+    c.add_argument("--no-eval", action="store_true", default=D, help="skip perplexity evaluation")
+    c.add_argument("--tasks", default=D, metavar="T1,T2", help="also score zero-shot tasks on the compressed model")
+    c.add_argument("--limit", type=int, default=D, metavar="N", help="first N documents per zero-shot task")
+    c.add_argument("--values-dtype", default=D, choices=DTYPES, help="storage of S's values [default: float16]")
+    c.add_argument("--factor-dtype", default=D, choices=DTYPES, help="storage of U and V [default: float16]")
+    c.add_argument("--batch-size", type=int, default=D, help="calibration windows per forward [default: 8]")
+    c.add_argument("--allocate", default=D, choices=list(ALLOCATORS),
                    help="how the global budget is split over matrices [default: uniform]")
-    c.add_argument("--budget", type=float, default=None,
+    c.add_argument("--budget", type=float, default=D,
                    help="global retained fraction in (0, 1) (PROTOCOL §5); default: that of the uniform spec")
-    c.add_argument("--refine", default=None, choices=["tm"], help="tm = transformer matching per block")
-    c.add_argument("--tm-epochs", type=int, default=20, help="transformer-matching epochs [default: 20]")
-    c.add_argument("--resume", action="store_true",
+    c.add_argument("--refine", default=D, choices=["tm"], help="tm = transformer matching per block")
+    c.add_argument("--tm-epochs", type=int, default=D, help="transformer-matching epochs [default: 20]")
+    c.add_argument("--tm-samples", type=int, default=D, metavar="N",
+                   help="calibration windows transformer matching trains on [default: all]")
+    c.add_argument("--resume", action="store_true", default=D,
                    help="continue an interrupted run of the same command from its last finished block (the "
                    "checkpoints live in .slr-partial-<OUT> beside --out)")
-    c.add_argument("--onload", action="store_true",
+    c.add_argument("--onload", action="store_true", default=D,
                    help="layer onloading: build the model on the meta device and read one block at a time from its "
                    "safetensors shards (needs --out; uniform allocation, one process)")
-    c.add_argument("--offload-activations", action="store_true",
+    c.add_argument("--offload-activations", action="store_true", default=D,
                    help="keep the calibration activations in files beside --out instead of in memory")
-    c.add_argument("--tm-samples", type=int, default=None, metavar="N",
-                   help="calibration windows transformer matching trains on [default: all]")
-    c.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
+    c.add_argument("--alloc-opt", action="append", default=D, metavar="KEY=VALUE",
                    help="allocator option (repeatable), e.g. span=0.2 (knapsack/cap trust region, default 0.1), "
                         "pools=whitened or init=density (cap), rank_floor=0")
-    c.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+    c.add_argument("--opt", action="append", default=D, metavar="KEY=VALUE",
                    help="solver option, e.g. --opt max_iters=300 (repeatable)")
-    _device(c)
+    c.add_argument("--device", default=D, help="auto (CUDA when present) | cpu | cuda  [default: auto]")
 
     x = sub.add_parser("export", help="write a plain dense HF folder from an artifact",
                        description="Reconstruct S + UV into a dense HF model that from_pretrained loads.")
@@ -120,8 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _opts(pairs: list[str], flag: str = "--opt", example: str = "max_iters=300") -> dict:
-    from .errors import SLRError
-
     out = {}
     for p in pairs:
         if "=" not in p or not p.split("=", 1)[0]:
@@ -140,8 +152,6 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def cmd_models(_args) -> int:
-    from .models.zoo import DEFAULTS, cache_dir, is_cached, is_installed
-
     print(f"{'name':<14} {'installed':<10} {'cached':<7} source")
     for e in DEFAULTS.values():
         print(f"{e.name:<14} {'yes' if is_installed(e) else 'no':<10} {'yes' if is_cached(e) else 'no':<7} "
@@ -151,12 +161,7 @@ def cmd_models(_args) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .api import run_eval
-    from .eval.zeroshot import format_table
-
     if a.json:  # fail before the (long) evaluation, not when writing its result
-        from .io import check_writable_parent
-
         check_writable_parent(a.json, "--json")
     splits = [s.strip() for s in a.split.split(",")] if a.split else None
     tasks = [a.tasks] if a.tasks else None
@@ -172,87 +177,72 @@ def cmd_eval(a) -> int:
     return 0
 
 
+# flag -> (table, key) of the TOML layout (slr.config); None = the top level (CompressConfig)
+_FLAGS = {
+    "method": (None, "method"), "sparsity": (None, "sparsity"), "pattern": (None, "pattern"), "rank": (None, "rank"),
+    "calib_samples": (None, "calib_samples"), "seed": (None, "seed"), "opt": (None, "solver"),
+    "allocate": ("alloc", "method"), "budget": ("alloc", "budget"), "alloc_opt": ("alloc", "options"),
+    "refine": ("refine", "method"), "tm_epochs": ("refine", "epochs"), "tm_samples": ("refine", "max_samples"),
+    "out": ("run", "out"), "overwrite": ("run", "overwrite"), "no_save": ("run", "save"),
+    "calib_text": ("run", "calib_text"), "text": ("run", "eval_text"), "windows": ("run", "windows"),
+    "no_eval": ("run", "evaluate"), "tasks": ("run", "tasks"), "limit": ("run", "limit"),
+    "values_dtype": ("run", "values_dtype"), "factor_dtype": ("run", "factor_dtype"),
+    "batch_size": ("run", "batch_size"), "resume": ("run", "resume"), "onload": ("run", "onload"),
+    "offload_activations": ("run", "offload_activations"), "device": ("run", "device"),
+}
+
+
+def compress_request(a: argparse.Namespace) -> tuple[str, CompressConfig, RunOptions]:
+    """(model, config, run options) from `slr compress` flags over an optional --config TOML file."""
+    model, tables, run = load_toml(a.config) if "config" in a else (None, {}, {})
+    given: dict = {}
+    for flag, value in vars(a).items():
+        if flag not in _FLAGS:
+            continue
+        table, k = _FLAGS[flag]
+        if flag == "opt":
+            value = _opts(value)
+        elif flag == "alloc_opt":
+            value = _opts(value, "--alloc-opt", "span=0.2")
+        elif flag in ("no_save", "no_eval"):
+            value = not value
+        given.setdefault(table, {})[k] = value
+    if "refine" in given and "refine" not in tables and "method" not in given["refine"]:
+        raise SLRError("--tm-epochs/--tm-samples set transformer matching's schedule", "add --refine tm")
+    tables = merge(merge(tables, {k: v for k, v in given.get(None, {}).items()}),
+                   {t: v for t, v in given.items() if t not in (None, "run")})
+    run = merge(run, given.get("run", {}))
+    model = a.model if "model" in a else model
+    if model is None:
+        raise SLRError("no model to compress", "pass MODEL, or model = \"...\" in the --config file")
+    config = CompressConfig.from_dict(tables)
+    return model, config, RunOptions.from_dict(run)
+
+
 def cmd_compress(a) -> int:
-    from .allocate.base import GROUP_METHODS, RANK_ONLY
-    from .api import run_compress, summary_rows
-    from .config import CompressConfig
-
-    if a.method in RANK_ONLY | GROUP_METHODS and a.sparsity is None and a.pattern is None and a.rank == 0:
-        if a.budget is None:
-            from .errors import SLRError
-
-            raise SLRError(f"{a.method} is rank-only and needs a rank or a budget", "pass --rank R or --budget 0.5")
-        a.rank = 1  # placeholder: the allocator sets every rank from --budget
-    if a.sparsity is None and a.pattern is None and a.rank == 0:
-        a.sparsity = 0.5
-    cfg = CompressConfig(method=a.method, sparsity=a.sparsity, pattern=a.pattern, rank=a.rank,
-                         calib_samples=a.calib_samples, seed=a.seed, solver_opts=_opts(a.opt),
-                         allocate=a.allocate, budget=a.budget, refine=a.refine, tm_epochs=a.tm_epochs,
-                         tm_samples=a.tm_samples, alloc_opts=_opts(a.alloc_opt, "--alloc-opt", "pools=whitened"))
-    if a.sparsity is None and a.pattern is None:
-        cfg.sparsity = 1.0  # rank only: no sparse part
-    from .solvers import get_solver
-    from .solvers.base import GROUP_SOLVERS
-
-    if a.method not in GROUP_SOLVERS:
-        get_solver(a.method)
-    from .allocate import check_alloc_opts
-    from .api import is_artifact
-    from .config import check_options
-    from .errors import SLRError
-
-    if is_artifact(a.model):  # open_model would load it as an artifact, whose SLRLinears have no .weight to compress
-        raise SLRError(f"{a.model} is an slr artifact, not a source model",
-                       "compress the original model; use `slr eval DIR` to evaluate the artifact")
-
-    # typos and wrong types are refused here, before any heavy work (solvers/allocators swallow unknown keys)
-    check_options(GROUP_SOLVERS.get(a.method) or get_solver(a.method), cfg.solver_opts, flag="--opt",
-                  what=f"the {a.method} solver")
-    check_alloc_opts(a.allocate, cfg.alloc_opts)
-    if a.out:  # an --out that is a file, under a file, or in an unwritable place fails now, not after compressing
-        from .io import check_writable_parent
-
-        if Path(a.out).exists() and not Path(a.out).is_dir():
-            raise SLRError(f"--out {a.out} exists and is not a directory", "pass a directory path with --out")
-        check_writable_parent(a.out, "--out")
-    if a.calib_samples < 0:
-        from .errors import SLRError
-
-        raise SLRError(f"--calib-samples {a.calib_samples} is negative", "pass --calib-samples N with N >= 0")
-    run = run_compress(a.model, cfg, out=a.out, calib_text=a.calib_text, eval_text=a.text, windows=a.windows,
-                       device=a.device, evaluate=not a.no_eval, save=not a.no_save, overwrite=a.overwrite,
-                       batch_size=a.batch_size, values_dtype=a.values_dtype, factor_dtype=a.factor_dtype,
-                       tasks=[a.tasks] if a.tasks else None, limit=a.limit, resume=a.resume,
-                       onload=a.onload, offload_activations=a.offload_activations)
+    model, config, run = compress_request(a)
+    out = run_compress(model, config, run)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (and writes)
         return 0
-    print(_table(summary_rows(run.results)))
-    if run.out_dir is not None:
-        print(f"  wrote {run.out_dir}/ (results.json{'' if a.no_save else ' + artifact'})")
+    print(_table(summary_rows(out.results)))
+    if out.out_dir is not None:
+        print(f"  wrote {out.out_dir}/ (results.json{'' if not run.save else ' + artifact'})")
     return 0
 
 
 def cmd_export(a) -> int:
-    from .io import export_dense
-
     out = export_dense(a.artifact, a.dense, overwrite=a.overwrite)
     print(f"wrote dense HF folder {out}")
     return 0
 
 
 def cmd_report(a) -> int:
-    from .report import write_report
-
     out = write_report(a.runs, a.out)
     print(f"wrote {out['html']} and {out['markdown']} ({len(out['figures'])} figures)")
     return 0
 
 
 def cmd_generate(a) -> int:
-    import torch
-
-    from .api import open_model, resolve_device
-
     device = resolve_device(a.device)
     model, tok, _ = open_model(a.model, device)
     ids = tok(a.prompt, return_tensors="pt").input_ids.to(device)
@@ -263,13 +253,9 @@ def cmd_generate(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import SLRError
-
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         return {"models": cmd_models, "eval": cmd_eval, "compress": cmd_compress, "export": cmd_export,
@@ -287,8 +273,6 @@ def main(argv: list[str] | None = None) -> int:
               "machine", file=sys.stderr)
         return 2
     except Exception as e:  # environment problems that no check caught up front: still one line, no traceback
-        from .errors import is_disk_full
-
         if is_disk_full(e):  # an OSError, or safetensors' own SafetensorError "... (os error 28)"
             name = getattr(e, "filename", None)
             where = f" while writing {name}" if name else ""

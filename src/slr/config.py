@@ -1,147 +1,268 @@
-"""Typed configuration: per-matrix layer specs and the run config."""
+"""Typed configuration of a run: what to compress (``CompressConfig`` with its ``AllocConfig`` and ``RefineConfig``)
+and how the run goes (``RunOptions``). A TOML file maps 1:1 onto them (``load_toml``), as does results.json's
+``config`` (``CompressConfig.from_dict``).
+
+A TOML run file::
+
+    model = "smollm2-135m"
+    method = "admm"
+    pattern = "2:4"
+    rank = 32
+    [solver]            # the method's options (slr.solvers.method(name).options)
+    max_iters = 130
+    [alloc]
+    method = "knapsack"
+    budget = 0.5
+    [alloc.options]     # the allocator's options
+    span = 0.1
+    [refine]            # transformer matching
+    epochs = 3
+    max_samples = 16
+    [run]               # RunOptions
+    out = "runs/smollm2-admm"
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from .allocate import allocator
 from .errors import SLRError
+from .options import make_options
+from .solvers import method as solver_method
+from .spec import LayerSpec, keep_per_row, parse_nm
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """What one matrix may keep.
+@dataclass
+class AllocConfig:
+    """How one global budget is split over the matrices.
 
-    sparsity: fraction of entries of S that are zero (unstructured). Ignored when ``nm`` is set.
-    nm:       (N, M) -- keep N of every M consecutive weights along the input dimension.
-    rank:     rank of the low-rank part L = U @ V (0 = pure pruning).
-    dense_sparse: if True the sparse part is kept dense (sparsity 0) -- used by rank-only methods
-              that set ``sparsity=1`` instead; see ``keeps_sparse``.
+    method:  uniform | owl | knapsack | cap (``slr.allocate.ALLOCATORS``).
+    budget:  global retained fraction in (0, 1) (PROTOCOL §5); None = that of the uniform layer spec.
+    options: the allocator's typed options (a dict is converted; unknown keys are an error naming the valid ones).
     """
 
-    sparsity: float = 0.5
-    nm: tuple[int, int] | None = None
-    rank: int = 0
+    method: str = "uniform"
+    budget: float | None = None
+    options: Any = None
 
-    def validate(self, d_out: int | None = None, d_in: int | None = None) -> None:
-        if self.nm is not None:
-            n, m = self.nm
-            if not (0 <= n < m):
-                raise SLRError(f"N:M pattern {n}:{m} is invalid (need 0 <= N < M)", "use e.g. --pattern 2:4")
-            if d_in is not None and d_in % m != 0:
-                raise SLRError(
-                    f"N:M pattern {n}:{m} does not divide the input width {d_in}",
-                    f"choose M that divides {d_in}",
-                )
-        elif not (0.0 <= self.sparsity <= 1.0):
-            raise SLRError(f"sparsity {self.sparsity} is outside [0, 1]", "pass a fraction such as --sparsity 0.5")
-        if self.rank < 0:
-            raise SLRError(f"rank {self.rank} is negative", "pass --rank 0 or a positive integer")
-        if d_out is not None and d_in is not None and self.rank > min(d_out, d_in):
-            raise SLRError(
-                f"rank {self.rank} exceeds min(d_out, d_in) = {min(d_out, d_in)}",
-                f"pass --rank <= {min(d_out, d_in)}",
-            )
-
-    def kept(self, d_out: int, d_in: int) -> int:
-        """Number of sparse values kept for a [d_out, d_in] matrix (row-wise rounding)."""
-        if self.nm is not None:
-            n, m = self.nm
-            return d_out * (d_in // m) * n
-        return d_out * keep_per_row(d_in, self.sparsity)
+    def __post_init__(self):
+        a = allocator(self.method)
+        if self.budget is not None:
+            b = self.budget
+            if isinstance(b, bool) or not isinstance(b, int | float) or math.isnan(b) or not 0.0 < b < 1.0:
+                raise SLRError(f"budget {b} is outside (0, 1)", "pass a retained fraction such as --budget 0.5")
+            self.budget = float(b)
+        self.options = make_options(a.options, self.options, flag="--alloc-opt", what=f"the {self.method} allocator")
+        if a.check is not None:
+            a.check(self.options)
 
     @property
-    def label(self) -> str:
-        s = f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"u{round(self.sparsity * 100)}"
-        return s + (f"+r{self.rank}" if self.rank else "")
+    def is_uniform(self) -> bool:
+        """The uniform spec everywhere, with no budget to fit: no allocation runs."""
+        return self.method == "uniform" and self.budget is None
 
 
-def keep_per_row(d_in: int, sparsity: float) -> int:
-    """Entries kept per row for unstructured sparsity (the single rounding rule used everywhere)."""
-    return int(round(d_in * (1.0 - sparsity)))
+@dataclass
+class RefineConfig:
+    """Transformer matching (3BASiL-TM) of each compressed block to the dense block's outputs.
 
+    Adam at ``lr``, cosine to ``lr * final_lr_frac`` over ``epochs`` (epoch 0 measures only), ``batch_size`` windows
+    a step, on the first ``max_samples`` calibration windows (None = all).
+    """
 
-def parse_nm(text: str | None) -> tuple[int, int] | None:
-    """Parse '2:4' into (2, 4)."""
-    if text is None:
-        return None
-    try:
-        n, m = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise SLRError(f"cannot parse N:M pattern {text!r}", "write it as N:M, e.g. --pattern 2:4") from None
-    LayerSpec(nm=(n, m)).validate()
-    return n, m
+    method: str = "tm"
+    lr: float = 2e-5
+    final_lr_frac: float = 0.2
+    epochs: int = 20
+    batch_size: int = 8
+    train_norms: bool = True
+    train_biases: bool = True
+    max_samples: int | None = None
+
+    def __post_init__(self):
+        if self.method != "tm":
+            raise SLRError(f"unknown refinement {self.method!r}", "use tm (transformer matching)")
+        if self.epochs < 0 or self.batch_size < 1 or (self.max_samples is not None and self.max_samples < 1):
+            raise SLRError("transformer matching needs epochs >= 0, batch_size >= 1 and max_samples >= 1",
+                           "fix --tm-epochs / --tm-samples")
 
 
 @dataclass
 class CompressConfig:
-    """Everything that defines one compression run (recorded in results.json)."""
+    """What one compression run does (recorded in results.json as ``config``).
+
+    method:   layer solver (``slr.solvers.METHODS``); its kind decides which of sparsity / pattern / rank apply.
+    sparsity: unstructured sparsity of S (None = 0.5 for methods with a sparse part); ``pattern`` "N:M" instead.
+    rank:     rank of U V (rank-only methods need one, or a budget that sets them).
+    solver:   the method's typed options (a dict is converted).
+    alloc:    ``AllocConfig``; refine: ``RefineConfig`` or None.
+    """
 
     method: str = "sparsegpt"
-    sparsity: float | None = 0.5
-    pattern: str | None = None  # "N:M"
+    sparsity: float | None = None
+    pattern: str | None = None
     rank: int = 0
     calib_samples: int = 128
     seqlen: int = 512
     seed: int = 0
-    allocate: str = "uniform"
-    budget: float | None = None
-    refine: str | None = None
-    tm_epochs: int = 20
-    tm_samples: int | None = None  # calibration windows TM trains on (None = all)
-    solver_opts: dict = field(default_factory=dict)
-    alloc_opts: dict = field(default_factory=dict)
+    solver: Any = None
+    alloc: AllocConfig = field(default_factory=AllocConfig)
+    refine: RefineConfig | None = None
+
+    def __post_init__(self):
+        m = solver_method(self.method)
+        self.solver = make_options(m.options, self.solver, flag="--opt", what=f"the {self.method} solver")
+        if isinstance(self.alloc, dict):
+            self.alloc = _build(AllocConfig, self.alloc, "alloc")
+        if isinstance(self.refine, dict):
+            self.refine = _build(RefineConfig, self.refine, "refine")
+        if self.calib_samples < 0:
+            raise SLRError(f"--calib-samples {self.calib_samples} is negative", "pass --calib-samples N with N >= 0")
+        if self.rank < 0:
+            raise SLRError(f"rank {self.rank} is negative", "pass --rank 0 or a positive integer")
+        self.layer_spec()  # every other check, before any heavy work
 
     def layer_spec(self) -> LayerSpec:
-        # the budget is checked here too, so that run_compress rejects it before loading the model
-        if self.budget is not None and not (0.0 < float(self.budget) < 1.0):  # NaN fails the comparison as well
-            raise SLRError(f"budget {self.budget} is outside (0, 1)", "pass a retained fraction such as --budget 0.5")
+        """The uniform spec. Rank-only methods keep no sparse part (sparsity 1); with a budget and no rank, rank 1
+        stands in for the ranks the allocator sets."""
+        m = solver_method(self.method)
         nm = parse_nm(self.pattern)
-        sp = 0.0 if self.sparsity is None else self.sparsity
-        if nm is None and self.sparsity is not None and not (0.0 < self.sparsity < 1.0) and self.rank == 0:
-            raise SLRError(f"sparsity {self.sparsity} is outside (0, 1)", "pass e.g. --sparsity 0.5")
-        spec = LayerSpec(sparsity=sp, nm=nm, rank=self.rank)
-        spec.validate()
-        return spec
+        if not m.takes_sparsity:
+            if nm is not None or self.sparsity not in (None, 1.0):
+                raise SLRError(f"{self.method} keeps no sparse part", "drop --sparsity/--pattern, or pick an S+LR "
+                               "method such as admm")
+            rank = self.rank or (1 if self.alloc.budget is not None else 0)
+            if rank == 0:
+                raise SLRError(f"{self.method} is rank-only and needs a rank or a budget",
+                               "pass --rank R or --budget 0.5")
+            return _checked(LayerSpec(sparsity=1.0, rank=rank))
+        if not m.takes_rank and self.rank:
+            raise SLRError(f"{self.method} has no low-rank part", "drop --rank, or pick an S+LR method such as admm")
+        sp = 0.5 if self.sparsity is None else self.sparsity
+        if nm is None and self.rank == 0 and not (0.0 < sp < 1.0):
+            raise SLRError(f"sparsity {sp} is outside (0, 1)", "pass e.g. --sparsity 0.5")
+        return _checked(LayerSpec(sparsity=sp, nm=nm, rank=self.rank))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CompressConfig:
+        """The inverse of ``to_dict`` (also what a TOML file's top level holds); unknown keys are an error."""
+        return _build(cls, d, "config")
 
 
-def check_options(fn, opts: dict, *, flag: str, what: str, skip: tuple[str, ...] = (),
-                  extra: tuple[str, ...] = ()) -> None:
-    """Reject KEY=VALUE options that ``fn`` does not take, or whose value does not fit the default's type.
+def _checked(spec: LayerSpec) -> LayerSpec:
+    spec.validate()
+    return spec
 
-    Solvers and allocators swallow unknown keywords (``**_``), so a typo would otherwise be ignored silently, and a
-    wrong type would surface as a traceback deep inside the solver. Options are the parameters with defaults.
-    """
-    import inspect
-    import json
 
-    params = {n: p.default for n, p in inspect.signature(fn).parameters.items()
-              if p.default is not inspect.Parameter.empty and n not in skip}
-    for k, v in opts.items():
-        if k not in params and k not in extra:
-            known = ", ".join(sorted(set(params) | set(extra))) or "none"
-            raise SLRError(f"{flag} {k}={v} is not an option of {what}", f"use one of: {known}")
-        if k not in params:
-            continue
-        d = params[k]
-        if d is None:  # optional value: its type is not known from the default
-            continue
-        if isinstance(d, bool):
-            ok = isinstance(v, bool)
-        elif isinstance(d, int):
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        elif isinstance(d, float):
-            ok = isinstance(v, int | float) and not isinstance(v, bool)
-        elif isinstance(d, str):
-            ok = isinstance(v, str)
-        elif isinstance(d, tuple):
-            ok = isinstance(v, list | tuple)
-        else:  # e.g. a torch.dtype: not expressible as KEY=VALUE
-            ok = False
-        if not ok:
-            example = d if isinstance(d, str) else json.dumps(d, separators=(",", ":")) \
-                if isinstance(d, int | float | tuple) else None
-            raise SLRError(f"{flag} {k}={v} does not fit {what}'s option {k} (type {type(d).__name__}, default {d})",
-                           f"write e.g. {flag} {k}={example}" if example is not None else "leave it at its default")
+@dataclass
+class RunOptions:
+    """How a run goes (not recorded as part of the method): output, resume, onloading, storage, evaluation."""
+
+    out: str | None = None  # artifact directory, written atomically (None: nothing is written)
+    overwrite: bool = False
+    save: bool = True  # False: results.json only
+    resume: bool = False
+    onload: bool = False
+    offload_activations: bool = False
+    values_dtype: str = "float16"
+    factor_dtype: str = "float16"
+    evaluate: bool = True
+    eval_dense: bool = True
+    windows: str | int = "64"
+    eval_text: str | None = None
+    calib_text: str | None = None
+    tasks: list[str] | None = None
+    limit: int | None = None
+    device: str = "auto"
+    batch_size: int = 8
+    progress: bool = True
+
+    def __post_init__(self):
+        for what, v in (("--values-dtype", self.values_dtype), ("--factor-dtype", self.factor_dtype)):
+            if v not in DTYPES:
+                raise SLRError(f"{what} {v} is not a storage dtype", f"use one of: {', '.join(DTYPES)}")
+        if self.batch_size < 1:
+            raise SLRError(f"--batch-size {self.batch_size} is invalid", "pass --batch-size N with N >= 1")
+        if isinstance(self.tasks, str):
+            self.tasks = [self.tasks]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunOptions:
+        """From a TOML file's [run] table; unknown keys are an error."""
+        return _build(cls, d, "run")
+
+
+def _build(cls, d, where: str):
+    """``cls(**d)`` with an error naming the valid keys (nested tables become their dataclasses in __post_init__)."""
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, dict):
+        raise SLRError(f"[{where}] must be a table, not {type(d).__name__}", f"write it as [{where}] KEY = VALUE")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in d:
+        if k not in names:
+            raise SLRError(f"{k!r} is not a key of [{where}]", f"use one of: {', '.join(names)}")
+    for f in dataclasses.fields(cls):  # types of plain fields (the nested tables check their own)
+        if f.name in d and f.name not in ("solver", "alloc", "refine", "options") and not _plain_fits(d[f.name], f):
+            raise SLRError(f"[{where}] {f.name} = {d[f.name]!r} has the wrong type ({f.type})",
+                           f"write e.g. {f.name} = {f.default!r}" if f.default is not None else "see --help")
+    return cls(**d)
+
+
+def _plain_fits(v, f: dataclasses.Field) -> bool:
+    t = str(f.type)
+    if v is None:
+        return "None" in t
+    if isinstance(v, bool):
+        return "bool" in t
+    if isinstance(v, int):
+        return "int" in t or "float" in t
+    if isinstance(v, float):
+        return "float" in t
+    if isinstance(v, str):
+        return "str" in t
+    if isinstance(v, list):
+        return "list" in t
+    return True
+
+
+TOML_KEYS = ("model", "run")
+
+
+def load_toml(path: str | Path) -> tuple[str | None, dict, dict]:
+    """(model, config table, run table) of a TOML run file; see the module docstring for its layout."""
+    p = Path(path)
+    try:
+        d = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SLRError(f"config file {p} does not exist", "pass the path of a TOML run file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise SLRError(f"cannot read config file {p}: {e}", "fix the TOML (see `slr compress --help`)") from None
+    model = d.pop("model", None)
+    run = d.pop("run", {})
+    if model is not None and not isinstance(model, str):
+        raise SLRError(f"model = {model!r} in {p} is not a string", 'write e.g. model = "smollm2-135m"')
+    return model, d, run
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, table by table."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+__all__ = ["AllocConfig", "CompressConfig", "LayerSpec", "RefineConfig", "RunOptions", "keep_per_row", "load_toml",
+           "merge", "parse_nm"]

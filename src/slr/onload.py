@@ -4,7 +4,7 @@ The model is built on the meta device (no weight memory); only the parts outside
 norm, head, rotary tables) are materialised, from the safetensors shards. ``BlockSource.load(i, block)`` fills
 block i from the memory-mapped shards just before the pipeline needs it; ``release(block)`` sends it back to the
 meta device once its compressed form is in the run's block checkpoints. Calibration activations can live on disk
-too (``DiskActivations``: one file per batch, one batch in memory at a time). Peak memory is then about the
+too (``calibration.DiskActivations``: one file per batch, one batch in memory at a time). Peak memory is then about the
 non-block part + one block in flight (its fp32 weights, H's and solver workspace) + the activations in memory.
 After the last block the save streams the compressed blocks from the checkpoints one at a time
 (``pipeline.CompressedBlocks``, ``io.save(blocks=...)``); only an in-memory evaluation rebuilds them all.
@@ -15,14 +15,17 @@ torchrun is refused too (each rank would need the checkpoints of all ranks).
 
 from __future__ import annotations
 
+import copy
 import json
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from .errors import SLRError
+from .models.adapters import get_adapter
+from .models.load import needs_bos, resolve
 
 
 def _shards(folder: Path) -> list[Path]:
@@ -45,8 +48,6 @@ class BlockSource:
     """Tensors of a safetensors HF folder; a block's tensors are read on demand (memory-mapped, then unmapped)."""
 
     def __init__(self, folder: str | Path, blocks_path: str):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         self.prefix = blocks_path + "."
         self.where: dict[str, Path] = {}
@@ -68,8 +69,6 @@ class BlockSource:
         set while the handle lives: with long-lived handles RSS grew by each block's weights (13.5 MiB a block on
         SmolLM2, 0.65 -> 1.06 GiB over 30 blocks). Dropping the handles after each read unmaps them.
         """
-        from safetensors import safe_open
-
         out: dict[str, torch.Tensor] = {}
         for f in dict.fromkeys(f for k, f in self.where.items() if select(k)):
             h = safe_open(str(f), framework="pt", device="cpu")
@@ -100,8 +99,6 @@ class BlockSource:
 def skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, BlockSource]:
     """A causal LM from ``folder`` with every block on the meta device and the rest loaded. Returns (model, source)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .models.adapters import get_adapter
 
     folder = Path(folder)
     cfg = AutoConfig.from_pretrained(folder)
@@ -141,8 +138,6 @@ def skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn
 def _non_persistent_values(cfg, dtype) -> dict[str, torch.Tensor]:
     """Non-persistent buffers outside the blocks, from a real 1-block, 8-token-vocabulary copy of the model (they
     depend on the widths and rope settings, not on the depth or the vocabulary)."""
-    import copy
-
     from transformers import AutoModelForCausalLM
 
     small = copy.deepcopy(cfg)
@@ -156,55 +151,6 @@ def _non_persistent_values(cfg, dtype) -> dict[str, torch.Tensor]:
     return {n: b for n, b in m.named_buffers() if ".layers." not in n}
 
 
-class DiskActivations:
-    """A list of activation batches kept in files (one .pt per batch); iterating loads one batch at a time."""
-
-    def __init__(self, root: str | Path | None = None):
-        self.root = Path(tempfile.mkdtemp(prefix="slr-act-", dir=root))
-        self.paths: list[Path] = []
-        self.gen = 0
-
-    @classmethod
-    def of(cls, batches, root=None) -> DiskActivations:
-        out = cls(root)
-        out.extend(batches)
-        return out
-
-    def extend(self, batches) -> None:
-        for b in batches:
-            p = self.root / f"g{self.gen}_{len(self.paths):05d}.pt"
-            torch.save(b.detach().cpu().clone(), p)  # a view would save its whole storage
-            self.paths.append(p)
-
-    def append(self, batch: torch.Tensor) -> None:
-        self.extend([batch])
-
-    def map(self, fn) -> DiskActivations:
-        """A new generation: fn applied to every batch, written as it goes (then the old files are removed)."""
-        old = self.paths
-        self.paths = []
-        self.gen += 1
-        for p in old:
-            self.extend([fn(torch.load(p))])
-            p.unlink()
-        return self
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.load(self.paths[i])
-
-    def __iter__(self):
-        for p in self.paths:
-            yield torch.load(p)
-
-    def cleanup(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 def check_request(config, out_dir: Path | None, world: int, model_name: str, onload: bool) -> None:
     """Refuse, before any work, what onloading cannot do (see the module docstring)."""
     flag = "--onload" if onload else "--offload-activations"
@@ -213,22 +159,16 @@ def check_request(config, out_dir: Path | None, world: int, model_name: str, onl
                        "pass --out DIR")
     if not onload:
         return
-    if config.allocate != "uniform":
-        raise SLRError(f"--allocate {config.allocate} reads every matrix up front, which --onload avoids",
+    if config.alloc.method != "uniform":
+        raise SLRError(f"--allocate {config.alloc.method} reads every matrix up front, which --onload avoids",
                        "drop --onload, or use the uniform allocator")
     if world > 1:
         raise SLRError("--onload does not run under torchrun yet", "drop --onload, or run one process")
-    from .api import is_artifact
-
-    if is_artifact(model_name):
-        raise SLRError(f"{model_name} is already an slr artifact", "onload the source model instead")
 
 
 def open_onloaded(model_name: str):
     """(skeleton model, tokenizer, info dict, BlockSource) for a default name, .gguf or HF folder."""
     from transformers import AutoTokenizer
-
-    from .models.load import needs_bos, resolve
 
     folder, mi = resolve(model_name)
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import LayerSpec
+from .spec import LayerSpec
 
 
 def key(block: int, name: str) -> str:

@@ -21,34 +21,20 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .calibration import BlockInputs
+from .config import RefineConfig
 from .errors import SLRError
 from .nn import SharedProjection, SLRLinear
-from .pipeline import BlockInputs
 
 
-@dataclass
-class TMConfig:
-    """lr 2e-5 cosine to lr * final_lr_frac over ``epochs`` (epoch 0 measures only), ``batch_size`` windows a step."""
-
-    lr: float = 2e-5
-    final_lr_frac: float = 0.2
-    epochs: int = 20
-    batch_size: int = 8
-    train_norms: bool = True
-    train_biases: bool = True
-    max_samples: int | None = None
-    progress: bool = True
-
-
-def _trainable(block: nn.Module, cfg: TMConfig) -> tuple[list[nn.Parameter], list[tuple[nn.Parameter, torch.Tensor]]]:
+def _trainable(block: nn.Module,
+               cfg: RefineConfig) -> tuple[list[nn.Parameter], list[tuple[nn.Parameter, torch.Tensor]]]:
     """(parameters to train, [(plain Linear weight, keep mask)] for in-place pruned linears)."""
     params: dict[int, nn.Parameter] = {}
     masks: list[tuple[nn.Parameter, torch.Tensor]] = []
@@ -126,7 +112,7 @@ def _kw(inputs: BlockInputs, index: int, x: torch.Tensor, s: slice) -> dict:
     return _slice_kw(inputs.kw(index, x), x.shape[0], s)
 
 
-def _batches(inputs: BlockInputs, index: int, targets: list[torch.Tensor], cfg: TMConfig):
+def _batches(inputs: BlockInputs, index: int, targets: list[torch.Tensor], cfg: RefineConfig):
     """[(x, target, kwargs)] chunks of at most cfg.batch_size windows (first cfg.max_samples windows)."""
     out = []
     seen = 0
@@ -177,18 +163,18 @@ def _eval_loss(block, chunks, dtype) -> float:
 
 
 def transformer_match_(block: nn.Module, index: int, inputs: BlockInputs, targets: list[torch.Tensor],
-                       cfg: TMConfig | None = None, device=None) -> dict:
+                       cfg: RefineConfig | None = None, device=None, progress: bool = True) -> dict:
     """Fit ``block`` (in place) to ``targets`` on ``inputs.hidden``; returns loss_before/after (MSE), steps, seconds.
 
     Runs with gradients enabled even when called under torch.no_grad().
     """
-    cfg = cfg or TMConfig()
+    cfg = cfg or RefineConfig()
     t0 = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
-        return _match(block, index, inputs, targets, cfg, device, t0)
+        return _match(block, index, inputs, targets, cfg, device, t0, progress)
 
 
-def _match(block, index, inputs, targets, cfg, device, t0) -> dict:
+def _match(block, index, inputs, targets, cfg, device, t0, progress) -> dict:
     params, masks = _trainable(block, cfg)
     dev = next(iter(params)).device if params else torch.device(device or "cpu")
     chunks = []
@@ -214,7 +200,7 @@ def _match(block, index, inputs, targets, cfg, device, t0) -> dict:
     try:
         for p in every:  # frozen parameters get no gradients at all
             p.requires_grad_(id(p) in train_ids)
-        stats.update(_train(block, index, chunks, params, masks, cfg, cast, original))
+        stats.update(_train(block, index, chunks, params, masks, cfg, cast, original, progress))
     finally:
         for p, f in zip(every, flags):
             p.requires_grad_(f)
@@ -228,7 +214,7 @@ def _match(block, index, inputs, targets, cfg, device, t0) -> dict:
     return stats
 
 
-def _train(block, index, chunks, params, masks, cfg, cast, original) -> dict:
+def _train(block, index, chunks, params, masks, cfg, cast, original, progress) -> dict:
     group = distributed.current()
     steps = _steps(chunks, cfg.batch_size)
     if group.active:  # data-parallel: every rank takes the same number of steps (a rank out of data adds zeros)
@@ -241,7 +227,7 @@ def _train(block, index, chunks, params, masks, cfg, cast, original) -> dict:
     loss_before = math.nan
     history = []
     done = 0
-    bar = tqdm(range(cfg.epochs), desc=f"TM block {index}", leave=False, position=1, disable=not cfg.progress)
+    bar = tqdm(range(cfg.epochs), desc=f"TM block {index}", leave=False, position=1, disable=not progress)
     for epoch in bar:
         snapshot = [p.detach().clone() for p in params] if epoch > 0 else None
         tot = 0.0
@@ -307,21 +293,23 @@ def _load(params, values, masks) -> None:
 
 
 class Refiner:
-    """callable(block, index, inputs, targets) for ``compress_(refine=...)``; per-block stats in ``.stats``."""
+    """callable(block, index, inputs, targets) that ``compress_`` calls after each block; per-block stats in
+    ``.stats``."""
 
-    def __init__(self, cfg: TMConfig, device=None):
+    def __init__(self, cfg: RefineConfig, device=None, progress: bool = True):
         self.cfg = cfg
         self.device = device
+        self.progress = progress
         self.stats: list[dict] = []
 
     def __call__(self, block: nn.Module, index: int, inputs: BlockInputs, targets: list[torch.Tensor]) -> dict:
-        s = transformer_match_(block, index, inputs, targets, self.cfg, self.device)
+        s = transformer_match_(block, index, inputs, targets, self.cfg, self.device, self.progress)
         self.stats.append(s)
         return s
 
 
-def make_refiner(cfg: TMConfig | None = None, device=None) -> Callable:
-    return Refiner(cfg or TMConfig(), device)
+def make_refiner(cfg: RefineConfig | None = None, device=None, progress: bool = True) -> Refiner:
+    return Refiner(cfg or RefineConfig(), device, progress)
 
 
-__all__ = ["Refiner", "TMConfig", "make_refiner", "transformer_match_"]
+__all__ = ["Refiner", "make_refiner", "transformer_match_"]

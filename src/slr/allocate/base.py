@@ -12,24 +12,23 @@ on the budget to within one row of the narrowest matrix, never above it.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import CompressConfig, LayerSpec, keep_per_row
+from ..calibration import dense_block_hessians
 from ..errors import SLRError
 from ..models.adapters import get_adapter
 from ..plan import Plan, key
-from ..solvers.base import damp_hessian
+from ..solvers.base import damp_hessian, method
+from ..spec import LayerSpec, keep_per_row
 
-# Which methods use which part of a spec. Unknown methods are treated as S+LR when config.rank > 0, else as pruning.
-RANK_ONLY = {"lowrank", "svd"}
-SPARSE_ONLY = {"magnitude", "wanda", "sparsegpt"}
-SLR_METHODS = {"admm", "hassle", "prune+lr", "oats", "rpca"}
-GROUP_METHODS = {"joint"}
+if TYPE_CHECKING:
+    from ..config import CompressConfig
+
 MODES = ("sparse", "slr", "rank")
 
 
@@ -80,24 +79,18 @@ def matrices(model: nn.Module) -> list[Matrix]:
     return out
 
 
-def alloc_mode(config: CompressConfig, opts: dict | None = None) -> str:
-    """'sparse' (pure pruning: sparsity only), 'slr' (sparsity and rank) or 'rank' (rank only); opts['mode'] wins."""
-    opts = opts or {}
-    if config.method in GROUP_METHODS:
+def alloc_mode(config: CompressConfig, mode: str | None = None) -> str:
+    """'sparse' (pure pruning: sparsity only), 'slr' (sparsity and rank) or 'rank' (rank only): the method's kind
+    (``slr.solvers.Method``), unless ``mode`` says otherwise."""
+    m = method(config.method)
+    if m.group:
         raise SLRError(f"global allocation does not support the shared-factor group method {config.method!r}",
                        "use --allocate uniform with joint, or a per-matrix method (lowrank, svd, admm, ...)")
-    mode = opts.get("mode")
     if mode is not None:
         if mode not in MODES:
             raise SLRError(f"unknown allocation mode {mode!r}", f"choose one of: {', '.join(MODES)}")
         return mode
-    if config.method in RANK_ONLY:
-        return "rank"
-    if config.method in SPARSE_ONLY:
-        return "sparse"
-    if config.method in SLR_METHODS or config.rank > 0:
-        return "slr"
-    return "sparse"
+    return m.kind
 
 
 def nm_of(config: CompressConfig) -> tuple[int, int] | None:
@@ -126,12 +119,10 @@ def choice_params(m: Matrix, c: Choice, mode: str, nm: tuple[int, int] | None) -
 
 
 def resolve_budget(config: CompressConfig, mats: list[Matrix], mode: str) -> float:
-    """config.budget, validated; when it is None, the retained fraction of the uniform config.layer_spec()."""
-    if config.budget is not None:
-        b = float(config.budget)
-        if not (0.0 < b < 1.0) or math.isnan(b):
-            raise SLRError(f"budget {config.budget} is outside (0, 1)", "pass a retained fraction such as --budget 0.5")
-        return b
+    """config.alloc.budget (validated by AllocConfig); when it is None, the retained fraction of the uniform
+    config.layer_spec()."""
+    if config.alloc.budget is not None:
+        return config.alloc.budget
     spec = config.layer_spec()
     nm = nm_of(config)
     total = sum(m.numel for m in mats)
@@ -266,74 +257,6 @@ def plan_fraction(plan: Plan, mats: list[Matrix]) -> float:
     kept = sum(plan.get(m.block, m.name).kept(m.d_out, m.d_in) + plan.get(m.block, m.name).rank * m.lr_unit
                for m in mats)
     return kept / sum(m.numel for m in mats)
-
-
-@torch.no_grad()
-def input_sq_norms(model: nn.Module, calib: torch.Tensor | None, device="cpu", max_samples: int | None = 16,
-                   batch_size: int = 4) -> dict[str, torch.Tensor] | None:
-    """Per-linear mean squared input activation, diag(X^T X) / n_tokens [d_in] (float64, cpu), dense model.
-
-    One forward pass of the dense model over (up to ``max_samples`` of) ``calib`` with hooks on the first linear
-    of every input group; None when there is no calibration data.
-    """
-    if calib is None or len(calib) == 0:
-        return None
-    ad = get_adapter(model)
-    calib = calib[:max_samples] if max_samples else calib
-    sums: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}
-    counts: dict[tuple[int, tuple[str, ...]], int] = {}
-    hooks = []
-
-    def hook(k):
-        def fn(_mod, args, _out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            s = (x * x).sum(0).cpu()
-            sums[k] = sums[k] + s if k in sums else s
-            counts[k] = counts.get(k, 0) + x.shape[0]
-        return fn
-
-    for i, block in enumerate(ad.blocks(model)):
-        lin = ad.linears(block)
-        for g in ad.groups:
-            if all(n in lin for n in g):
-                hooks.append(lin[g[0]].register_forward_hook(hook((i, g))))
-    try:
-        for s in range(0, len(calib), batch_size):
-            model(input_ids=calib[s:s + batch_size].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = {}
-    for (i, g), v in sums.items():
-        for n in g:
-            out[key(i, n)] = v / max(counts[(i, g)], 1)
-    return out
-
-
-@torch.no_grad()
-def dense_block_hessians(model: nn.Module, calib: torch.Tensor, device="cpu", max_samples: int | None = 8,
-                         batch_size: int = 4):
-    """Yield (block index, {linear name: H [d_in, d_in] float64 cpu}) for every block of the *dense* model.
-
-    Streams like the pipeline: the embeddings run once, then each block runs on the previous block's dense outputs
-    with hooks on its input groups, so only one block's Hessians are alive at a time (memory: the block's H plus
-    the [n, L, d] activations of ``max_samples`` windows).
-    """
-    from ..pipeline import HessianCollector, block_forward, capture_inputs
-
-    ad = get_adapter(model)
-    calib = calib[:max_samples] if max_samples else calib
-    inputs = capture_inputs(model, ad, calib, batch_size, device)
-    hidden = inputs.hidden
-    for i, block in enumerate(ad.blocks(model)):
-        lin = ad.linears(block)
-        groups = [g for g in ad.groups if all(n in lin for n in g)]
-        col = HessianCollector(lin, groups)
-        try:
-            hidden = [block_forward(block, inputs, i, h) for h in hidden]
-        finally:
-            Hs = col.finish()
-        yield i, {n: Hs[g].cpu() for g in groups for n in g}
 
 
 def whitener(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

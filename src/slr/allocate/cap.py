@@ -66,14 +66,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import CompressConfig, keep_per_row
+from ..calibration import input_sq_norms
 from ..errors import SLRError
 from ..plan import Plan
 from ..solvers.rpca import rpca_pools
+from ..spec import keep_per_row
 from . import knapsack
 from .base import (
     SPAN,
@@ -83,7 +85,6 @@ from .base import (
     check_span,
     finish,
     fit_budget,
-    input_sq_norms,
     loss_weight,
     matrices,
     nm_of,
@@ -92,6 +93,9 @@ from .base import (
     scales,
     whitened_metrics,
 )
+
+if TYPE_CHECKING:
+    from ..config import CompressConfig
 
 
 def project_budget(y: torch.Tensor, cost: torch.Tensor, K: float, iters: int = 100) -> torch.Tensor:
@@ -298,7 +302,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              max_samples: int | None = 8, norms: dict | None = None, residual_rank: int | None = None,
              normalize: str | None = None, fisher_samples: int | None = 4, fisher_power: float = 0.25,
              rank_floor: int | None = None, span: float = SPAN, init: str = "knapsack",
-             **opts) -> tuple[Plan, dict]:
+             mode: str | None = None) -> tuple[Plan, dict]:
     """CAP plan (see the module docstring). ``samples`` = masks drawn per policy-gradient iteration; ``span`` = the
     trust region (each matrix's retained fraction stays within budget ± span; 1 = off); ``init`` = "knapsack"
     (the knapsack's plan) or "density" (the greedy fill by prior density)."""
@@ -308,7 +312,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
         raise SLRError(f"unknown CAP init {init!r}", "use --alloc-opt init=knapsack or init=density")
     if pools not in ("rpca", "whitened"):
         raise SLRError(f"unknown CAP pools {pools!r}", "use pools='rpca' (paper) or 'whitened'")
-    mode = alloc_mode(config, opts)
+    mode = alloc_mode(config, mode)
     if nm_of(config) is not None:
         raise SLRError("CAP allocates unstructured sparsity and ranks", "use --allocate knapsack with --pattern N:M")
     mats = matrices(model)
@@ -324,7 +328,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     if norms is None and not full_h:
         norms = input_sq_norms(model, calib, device, max_samples)
     K = float(int(budget * sum(m.numel for m in mats)))
-    r0 = config.rank if residual_rank is None else int(residual_rank)
+    r0 = config.layer_spec().rank if residual_rank is None else int(residual_rank)
     pl: list = [None] * len(mats)
     if full_h:  # full-H whitening, streamed block by block
         for j, white in whitened_metrics(model, mats, calib, device, max_samples):
@@ -338,7 +342,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
               for m, p in zip(mats, pl)]
     t_pools = time.perf_counter() - t0
     # global candidate arrays: per matrix, its directions then its chunks
-    floor = (config.rank if rank_floor is None else int(rank_floor)) if mode == "slr" else 0
+    floor = (config.layer_spec().rank if rank_floor is None else int(rank_floor)) if mode == "slr" else 0
     cost, dens, owner, kind, fixed = [], [], [], [], []
     for j, (m, p) in enumerate(zip(mats, pl)):
         nd, nc = p.sigma.numel(), p.sizes.numel()
@@ -358,7 +362,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     if init == "knapsack":  # s0 from the knapsack's plan with the same pricing, trust region and floor
         kplan, kinfo = knapsack.allocate(model, config, calib, device, max_samples=max_samples, normalize=normalize,
                                          fisher_samples=fisher_samples, fisher_power=fisher_power, span=span,
-                                         rank_floor=rank_floor, **opts)
+                                         rank_floor=rank_floor, mode=mode)
         s = plan_init(mats, pl, kplan, mode, init_temp)
         init_info = {"rule": "knapsack plan: sigmoid(beta * log(target / position))", "beta": init_temp,
                      "knapsack_seconds": kinfo["seconds"]}

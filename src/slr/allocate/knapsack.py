@@ -60,14 +60,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import CompressConfig, keep_per_row
+from ..calibration import input_sq_norms
 from ..errors import SLRError
 from ..plan import Plan
 from ..solvers.masks import nm_mask
+from ..spec import keep_per_row
 from . import uniform
 from .base import (
     SPAN,
@@ -78,7 +80,6 @@ from .base import (
     choice_params,
     finish,
     fit_budget,
-    input_sq_norms,
     loss_weight,
     matrices,
     nm_of,
@@ -87,6 +88,9 @@ from .base import (
     scales,
     whitened_metrics,
 )
+
+if TYPE_CHECKING:
+    from ..config import CompressConfig
 
 RANK_FRACS = (1 / 64, 1 / 32, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2)
 
@@ -283,19 +287,18 @@ def solve_knapsack(costs: list[torch.Tensor], losses: list[torch.Tensor], budget
     return sel.tolist(), lam
 
 
-def check_opts(opts: dict) -> None:
-    """Values of the knapsack's metric and span options (their types are checked by check_options)."""
-    metric = opts.get("metric", "whitened")
-    if metric not in ("whitened", "diag"):
-        raise SLRError(f"unknown knapsack metric {metric!r}", "use --alloc-opt metric=whitened or metric=diag")
-    check_span(opts.get("span", SPAN), "knapsack")
+def check_opts(options) -> None:
+    """Values of the knapsack's metric and span options (their types are checked by slr.options)."""
+    if options.metric not in ("whitened", "diag"):
+        raise SLRError(f"unknown knapsack metric {options.metric!r}", "use --alloc-opt metric=whitened or metric=diag")
+    check_span(options.span, "knapsack")
 
 
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
              max_samples: int | None = 8, samples: int = 16384, points: int = 101, normalize: str | None = None,
              metric: str = "whitened", span: float = SPAN, norms: dict | None = None,
              fisher_samples: int | None = 4, fisher_power: float = 0.25, rank_floor: int | None = None,
-             **opts) -> tuple[Plan, dict]:
+             mode: str | None = None) -> tuple[Plan, dict]:
     """Knapsack plan (see the module docstring).
 
     ``metric``: "whitened" (full dense-model H per input group, streamed block by block) or "diag" (mean x^2 only);
@@ -304,9 +307,11 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     (key -> mean x^2 [d_in]) may be passed to skip the calibration forward pass of the diag metric.
     """
     t0 = time.perf_counter()
-    mode = alloc_mode(config, opts)
+    mode = alloc_mode(config, mode)
     nm = nm_of(config)
-    check_opts({"metric": metric, "span": span})
+    if metric not in ("whitened", "diag"):
+        raise SLRError(f"unknown knapsack metric {metric!r}", "use --alloc-opt metric=whitened or metric=diag")
+    check_span(span, "knapsack")
     if mode == "sparse" and nm is not None:
         raise SLRError("pure N:M pruning has a fixed budget: there is nothing to allocate",
                        "drop --allocate, or add a rank (S+LR method)")
@@ -324,10 +329,10 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
         norms = input_sq_norms(model, calib, device, max_samples)
     sens = output_grad_sq(model, calib, device, fisher_samples) if normalize == "fisher" else None
     # the floor only applies where the sparse part is free too (with N:M the ranks are all there is to move)
-    floor = (config.rank if nm is None else 0) if rank_floor is None else int(rank_floor)
+    floor = (config.layer_spec().rank if nm is None else 0) if rank_floor is None else int(rank_floor)
     t1 = time.perf_counter()
     # the uniform plan at the same budget is put on every grid, so its proxy loss can be reported for comparison
-    uplan, _ = uniform.allocate(model, config, calib, device, **({"mode": opts["mode"]} if "mode" in opts else {}))
+    uplan, _ = uniform.allocate(model, config, calib, device, mode=mode)
     unis = []
     for m in mats:
         us = uplan.get(m.block, m.name)

@@ -15,25 +15,29 @@ parameter-weighted mean after clipping densities to [0, 1], so the global fracti
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import CompressConfig, keep_per_row
+from ..calibration import input_sq_norms
 from ..errors import SLRError
 from ..plan import Plan
+from ..spec import keep_per_row
 from .base import (
     Choice,
     alloc_mode,
     finish,
     fit_budget,
-    input_sq_norms,
     matrices,
     nm_of,
     resolve_budget,
     scales,
     uniform_choice,
 )
+
+if TYPE_CHECKING:
+    from ..config import CompressConfig
 
 
 def outlier_ratio(scores: torch.Tensor, M: float = 5.0) -> float:
@@ -67,10 +71,11 @@ def center(offsets: torch.Tensor, sizes: torch.Tensor, mean_density: float) -> t
 
 
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *, M: float = 5.0,
-             lam: float = 0.08, max_samples: int | None = 16, norms: dict | None = None, **opts) -> tuple[Plan, dict]:
+             lam: float = 0.08, max_samples: int | None = 16, norms: dict | None = None,
+             mode: str | None = None) -> tuple[Plan, dict]:
     """OWL plan. ``norms`` (key -> mean x^2 [d_in]) may be passed to skip the calibration forward pass."""
     t0 = time.perf_counter()
-    mode = alloc_mode(config, opts)
+    mode = alloc_mode(config, mode)
     nm = nm_of(config)
     if mode == "rank" or nm is not None:
         raise SLRError("OWL allocates unstructured sparsity", "use --allocate knapsack or cap for N:M or rank-only")

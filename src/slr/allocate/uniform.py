@@ -1,6 +1,6 @@
 """Uniform allocation: the same spec for every matrix, scaled to the budget when one is given.
 
-Without config.budget this is config.layer_spec() everywhere. With a budget:
+Without config.alloc.budget this is config.layer_spec() everywhere. With a budget:
   sparse: every matrix keeps the same fraction (1 - budget) of zeros;
   slr:    rank config.rank everywhere, and one common sparse density that spends the rest of the budget;
   rank:   every matrix gets the rank whose r (m + n) is the budget fraction of its m n.
@@ -12,16 +12,17 @@ Row rounding residuals are then spread by ``fit_budget``.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import CompressConfig, LayerSpec, keep_per_row
 from ..errors import SLRError
 from ..models.adapters import get_adapter
 from ..plan import Plan, key
+from ..solvers.base import method
+from ..spec import LayerSpec, keep_per_row
 from .base import (
-    GROUP_METHODS,
     Choice,
     alloc_mode,
     finish,
@@ -33,19 +34,22 @@ from .base import (
     uniform_choice,
 )
 
+if TYPE_CHECKING:
+    from ..config import CompressConfig
 
-def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu",
-             **opts) -> tuple[Plan, dict]:
+
+def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
+             mode: str | None = None) -> tuple[Plan, dict]:
     t0 = time.perf_counter()
-    if config.method in GROUP_METHODS:
+    if method(config.method).group:
         return _joint_ranks(model, config, t0)
-    mode = alloc_mode(config, opts)
+    mode = alloc_mode(config, mode)
     mats = matrices(model)
     nm = nm_of(config)
     spec = config.layer_spec()
     budget = resolve_budget(config, mats, mode)
     choices = [uniform_choice(m, spec, mode) for m in mats]
-    if config.budget is not None:
+    if config.alloc.budget is not None:
         total = sum(m.numel for m in mats)
         target = int(budget * total)
         if mode == "rank" or nm is not None:
@@ -59,7 +63,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
             lr = sum(c.rank * m.lr_unit for m, c in zip(mats, choices))
             density = (budget * total - lr) / total
             if density <= 0:
-                raise SLRError(f"rank {config.rank} alone exceeds the budget {budget}",
+                raise SLRError(f"rank {config.layer_spec().rank} alone exceeds the budget {budget}",
                                "raise --budget or lower --rank")
             choices = [Choice(keep_per_row(m.d_in, 1.0 - density), c.rank) for m, c in zip(mats, choices)]
         choices = fit_budget(mats, choices, target, mode, nm)
@@ -74,7 +78,7 @@ def _joint_ranks(model: nn.Module, config: CompressConfig, t0: float) -> tuple[P
     """
     mats = {m.key: m for m in matrices(model)}
     total = sum(m.numel for m in mats.values())
-    budget = None if config.budget is None else resolve_budget(config, list(mats.values()), "rank")
+    budget = None if config.alloc.budget is None else resolve_budget(config, list(mats.values()), "rank")
     ad = get_adapter(model)
     plan, per, kept = Plan(), {}, 0
     for i, block in enumerate(ad.blocks(model)):
@@ -84,7 +88,7 @@ def _joint_ranks(model: nn.Module, config: CompressConfig, t0: float) -> tuple[P
             if not ms:
                 continue
             d_in, d_out = ms[0].d_in, sum(m.d_out for m in ms)
-            k = config.rank if budget is None else int(budget * d_out * d_in / (d_in + d_out))
+            k = config.layer_spec().rank if budget is None else int(budget * d_out * d_in / (d_in + d_out))
             k = max(1, min(k, d_in, d_out))
             for m in ms:
                 plan.specs[m.key] = LayerSpec(sparsity=1.0, rank=k)

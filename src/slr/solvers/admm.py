@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import LayerSpec
+from ..spec import LayerSpec
 from .base import SolveResult, Timer, damp_hessian, register, validate_inputs
 from .lowrank import cached, range_svd, sketch, truncated_svd
 from .masks import nm_mask
@@ -190,7 +190,7 @@ def masked_cg(S0: torch.Tensor, mask: torch.Tensor, T: torch.Tensor, A: torch.Te
     return X
 
 
-@register("admm")
+@register("admm", kind="slr")
 def admm(
     W: torch.Tensor,
     H: torch.Tensor,

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import LayerSpec
 from ..errors import SLRError
+from ..options import options_type
+from ..spec import LayerSpec
 
 
 @dataclass
@@ -51,27 +52,62 @@ class SolveResult:
 
 
 Solver = Callable[..., SolveResult]
-SOLVERS: dict[str, Solver] = {}
-DATA_FREE: set[str] = set()
+KINDS = ("sparse", "slr", "rank")
 
 
-def register(name: str, data_free: bool = False):
-    """Decorator: register a layer solver under its CLI name."""
+@dataclass(frozen=True)
+class Method:
+    """A registered layer solver and what it can do; the pipeline, allocators, config and CLI all ask this record.
 
-    def deco(fn: Solver) -> Solver:
-        SOLVERS[name] = fn
-        if data_free:
-            DATA_FREE.add(name)
+    kind:      "sparse" (S only: takes a sparsity or N:M pattern), "slr" (S + U V: both and a rank), "rank" (U V only).
+    data_free: solves without calibration data (H may be None).
+    group:     called once per input group with every matrix that reads it (``fn(Ws, H, specs, **opts) ->
+               list[SolveResult]``; the results may share one V), instead of once per matrix (``fn(W, H, spec)``).
+    bits:      quantizes the values of S inside the solve (no method does yet).
+    options:   the dataclass of its keyword options (``slr.options.options_type``).
+    """
+
+    name: str
+    fn: Callable
+    kind: str
+    data_free: bool = False
+    group: bool = False
+    bits: bool = False
+    options: type | None = None
+
+    @property
+    def takes_sparsity(self) -> bool:
+        return self.kind != "rank"
+
+    @property
+    def takes_rank(self) -> bool:
+        return self.kind != "sparse"
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, *, kind: str, data_free: bool = False, group: bool = False):
+    """Decorator: register a layer solver under its CLI name (see ``Method`` for the flags)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+
+    def deco(fn: Callable) -> Callable:
+        METHODS[name] = Method(name, fn, kind, data_free, group, options=options_type(name, fn))
         return fn
 
     return deco
 
 
-def get_solver(name: str) -> Solver:
-    if name not in SOLVERS:
-        names = sorted(set(SOLVERS) | set(GROUP_SOLVERS))
-        raise SLRError(f"unknown method {name!r}", f"choose one of: {', '.join(names)}")
-    return SOLVERS[name]
+def method(name: str) -> Method:
+    """The registered method ``name``; an unknown name is a one-line error listing the valid ones."""
+    if name not in METHODS:
+        raise SLRError(f"unknown method {name!r}", f"choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def get_solver(name: str) -> Callable:
+    return method(name).fn
 
 
 def check_finite(name: str, t: torch.Tensor | None) -> None:
@@ -127,23 +163,3 @@ def validate_inputs(W: torch.Tensor, H: torch.Tensor | None, spec: LayerSpec) ->
     check_finite("weight", W)
     check_finite("Hessian (X^T X)", H)
     spec.validate(*W.shape)
-
-
-GroupSolver = Callable[..., list[SolveResult]]
-GROUP_SOLVERS: dict[str, GroupSolver] = {}
-
-
-def register_group(name: str, data_free: bool = False):
-    """Decorator: register a solver that sees all matrices sharing one input at once.
-
-    Signature: ``fn(Ws: list[Tensor], H: Tensor | None, specs: list[LayerSpec], **opts)
-    -> list[SolveResult]``. Results may share one V tensor object (shared right factor).
-    """
-
-    def deco(fn: GroupSolver) -> GroupSolver:
-        GROUP_SOLVERS[name] = fn
-        if data_free:
-            DATA_FREE.add(name)
-        return fn
-
-    return deco

@@ -9,13 +9,13 @@ import time
 
 import torch
 
-from ..config import LayerSpec
+from ..spec import LayerSpec
 from .base import SolveResult, Timer, damp_hessian, layer_objective, register, validate_inputs
 from .lowrank import whitened_lowrank, whitener_for
 from .prune_lr import prune
 
 
-@register("hassle")
+@register("hassle", kind="slr")
 def hassle(
     W: torch.Tensor,
     H: torch.Tensor,

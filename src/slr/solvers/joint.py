@@ -16,12 +16,12 @@ import time
 
 import torch
 
-from ..config import LayerSpec
-from .base import SolveResult, register_group, validate_inputs
+from ..spec import LayerSpec
+from .base import SolveResult, register, validate_inputs
 from .lowrank import Whitener, whitener_for
 
 
-@register_group("joint", data_free=True)
+@register("joint", kind="rank", data_free=True, group=True)
 def joint(
     Ws: list[torch.Tensor],
     H: torch.Tensor | None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import LayerSpec
+from ..spec import LayerSpec
 from .base import SolveResult, damp_hessian, layer_objective, register, validate_inputs
 
 
@@ -169,7 +169,7 @@ def _rank_only(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, info: dict) ->
     return SolveResult(S=None, mask=None, U=U.contiguous(), V=V.contiguous(), info=info)
 
 
-@register("lowrank")
+@register("lowrank", kind="rank")
 def lowrank(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -193,7 +193,7 @@ def lowrank(
     return _rank_only(W, U, V, info)
 
 
-@register("svd", data_free=True)
+@register("svd", kind="rank", data_free=True)
 def svd(W: torch.Tensor, H: torch.Tensor | None, spec: LayerSpec, **_) -> SolveResult:
     """Plain truncated SVD of W (data-free; H is ignored). U = P diag(s), V = Rt (orthonormal rows)."""
     validate_inputs(W, None, LayerSpec(sparsity=1.0, rank=spec.rank))

@@ -6,12 +6,12 @@ import time
 
 import torch
 
-from ..config import LayerSpec
+from ..spec import LayerSpec
 from .base import SolveResult, register, validate_inputs
 from .masks import select
 
 
-@register("magnitude", data_free=True)
+@register("magnitude", kind="sparse", data_free=True)
 def magnitude(W: torch.Tensor, H: torch.Tensor | None, spec: LayerSpec, **_) -> SolveResult:
     validate_inputs(W, H, spec)
     t = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import LayerSpec, keep_per_row
+from ..spec import LayerSpec, keep_per_row
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:

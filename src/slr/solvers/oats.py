@@ -11,13 +11,13 @@ import time
 
 import torch
 
-from ..config import LayerSpec
+from ..spec import LayerSpec
 from .base import SolveResult, Timer, damp_hessian, layer_objective, register, validate_inputs
 from .lowrank import truncated_svd
 from .masks import select
 
 
-@register("oats")
+@register("oats", kind="slr")
 def oats(
     W: torch.Tensor,
     H: torch.Tensor,

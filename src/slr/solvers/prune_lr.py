@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from ..config import LayerSpec
+from ..spec import LayerSpec
 from .base import SolveResult, Timer, damp_hessian, layer_objective, register, validate_inputs
 from .lowrank import whitened_lowrank, whitener_for
 from .masks import select
@@ -30,7 +30,7 @@ def prune(
     raise ValueError(f"unknown pruner {pruner!r} (use 'sparsegpt' or 'wanda')")
 
 
-@register("prune+lr")
+@register("prune+lr", kind="slr")
 def prune_lr(
     W: torch.Tensor,
     H: torch.Tensor,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import LayerSpec
+from ..spec import LayerSpec
 from .base import SolveResult, register, validate_inputs
 from .masks import select
 
@@ -97,7 +97,7 @@ def rpca_pools(W: torch.Tensor, lam: float | None = None, iters: int = 5) -> RPC
     return RPCAPools(P.float(), s.float(), Rt.float(), flat[index].float(), index, (m, n), info)
 
 
-@register("rpca", data_free=True)
+@register("rpca", kind="slr", data_free=True)
 def rpca(
     W: torch.Tensor,
     H: torch.Tensor | None,

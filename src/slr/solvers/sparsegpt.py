@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ..config import LayerSpec
+from ..spec import LayerSpec
 from .base import SolveResult, damp_hessian, register, validate_inputs
 
 
@@ -86,7 +86,7 @@ def sparsegpt_prune(
     return (W * mask).float(), mask
 
 
-@register("sparsegpt")
+@register("sparsegpt", kind="sparse")
 def sparsegpt(
     W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, blocksize: int = 128, percdamp: float = 0.01, **_
 ) -> SolveResult:

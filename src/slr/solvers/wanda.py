@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from ..config import LayerSpec
+from ..spec import LayerSpec
 from .base import SolveResult, register, validate_inputs
 from .masks import select
 
@@ -16,7 +16,7 @@ def wanda_score(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return W.abs().float() * torch.sqrt(torch.diagonal(H).clamp_min(0)).float()[None, :]
 
 
-@register("wanda")
+@register("wanda", kind="sparse")
 def wanda(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, **_) -> SolveResult:
     validate_inputs(W, H, spec)
     t = time.perf_counter()
