@@ -16,6 +16,7 @@ import transformers as T
 from safetensors.torch import load_file
 
 import slr
+import slr.formats
 from slr.nn import SLRLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
@@ -60,6 +61,6 @@ def test_legacy_artifact_loads(name, reference, tmp_path):
 
 
 def test_legacy_byte_report():
-    rep = slr.io.artifact_bytes(LEGACY / "opt_u60_r4_csr")
+    rep = slr.formats.artifact_bytes(LEGACY / "opt_u60_r4_csr")
     assert rep["files_total"] == sum(f.stat().st_size for f in (LEGACY / "opt_u60_r4_csr").iterdir())
     assert {r["format"] for r in rep["layers"].values()} == {"bitmask", "csr"}
