@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SLRError
+from .models.adapters import set_module
 from .solvers.base import SolveResult
 
 STRATEGIES = ("auto", "dense-cached", "dense-onthefly", "sparse")
@@ -414,8 +415,6 @@ def compress_block_(block: nn.Module, adapter, results: dict[str, SolveResult], 
 
     Results of one adapter group that hold the *same* V object (``is``) get one SharedProjection.
     """
-    from .models.adapters import set_module
-
     _check_strategy(strategy)
     linears = adapter.linears(block)
     unknown = set(results) - set(linears)
