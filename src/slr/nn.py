@@ -149,7 +149,7 @@ class SLRLinear(nn.Module):
 
     On CPU no memory-saving strategy beats the dense GEMM. Resident memory of the sparse part is
     nnz * (value bytes + 2): a 2:4 fp32 layer keeps 75% of the dense bytes, a 2:4 fp16 one 100%; the
-    artifact on disk is where the packed formats save bytes (see slr.io).
+    artifact on disk is where the packed formats save bytes (see slr.formats).
 
     ``num_params()`` = nnz + r * d_out + r * d_in, where a shared V is counted only by its owner (the
     first consumer registered with the SharedProjection); the bias is not counted (like the dense d_out*d_in).
