@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as T
 
-from slr import io
+from slr import formats, io
 from slr.config import LayerSpec
 from slr.errors import SLRError
 from slr.models.adapters import get_adapter
@@ -236,7 +236,7 @@ def test_unstructured_chooses_smaller_format(tmp_path):
     for name, want in (("model.layers.0.self_attn.q_proj", "bitmask"), ("model.layers.0.mlp.up_proj", "csr")):
         rec = layers[name]
         d_out, d_in = rec["shape"]
-        sizes = io.unstructured_index_bytes(d_out, d_in, rec["nnz"])
+        sizes = formats.unstructured_index_bytes(d_out, d_in, rec["nnz"])
         assert rec["format"] == want == min(sizes, key=sizes.get)
         assert rec["bytes"] == rec["theory_bytes"]["total"]
     x = torch.randint(0, 128, (1, 7))
@@ -251,18 +251,18 @@ def test_nm_packing_roundtrip(nm):
     mask = nm_mask(W.abs(), n, m)
     lin = SLRLinear.from_result(SolveResult(S=W * mask, mask=mask), None)
     assert lin.nm == nm
-    vals, idx = io.pack_nm(lin.values.detach(), lin.col, d_out, d_in, n, m)
+    vals, idx = formats.pack_nm(lin.values.detach(), lin.col, d_out, d_in, n, m)
     nnz = d_out * d_in // m * n
     bits = math.ceil(math.log2(m))
     assert vals.shape == (d_out, d_in * n // m) and idx.dtype == torch.uint8
     assert idx.numel() == math.ceil(nnz * bits / 8)
     if nm == (2, 4):
         assert idx.numel() * 8 == 2 * nnz  # exactly 2 bits per kept value
-    v2, crow, col = io.unpack_nm(vals, idx, d_out, d_in, n, m)
+    v2, crow, col = formats.unpack_nm(vals, idx, d_out, d_in, n, m)
     assert torch.equal(v2, lin.values.detach()) and torch.equal(col, lin.col.long())
     assert torch.equal(crow, lin.crow.long())
     codes = torch.randint(0, 2**bits, (101,))
-    assert torch.equal(io.unpack_bits(io.pack_bits(codes, bits), bits, 101).long(), codes)
+    assert torch.equal(formats.unpack_bits(formats.pack_bits(codes, bits), bits, 101).long(), codes)
 
 
 def test_byte_accounting_2to4_r32():
@@ -270,7 +270,7 @@ def test_byte_accounting_2to4_r32():
     W = torch.randn(d_out, d_in)
     mask = nm_mask(W.abs(), 2, 4)
     lin = SLRLinear.from_result(SolveResult(S=W * mask, mask=mask, U=torch.randn(d_out, r), V=torch.randn(r, d_in)))
-    b = io.layer_bytes(lin)
+    b = formats.layer_bytes(lin)
     want = d_out * d_in // 2 * 2 + d_out * d_in // 2 * 2 // 8 + 2 * r * (d_out + d_in)
     assert b["actual"] == b["theory"]["total"] == want == 1_130_496
     assert b["format"] == "nm" and b["dense"] == d_out * d_in * 2

@@ -21,10 +21,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import SLRError
+from .fsutil import atomic_file, write_json_atomic, write_text_atomic
 from .solvers import SolveResult
 
 FORMAT = 1
@@ -78,7 +79,7 @@ class BlockCheckpoints:
         sync()
         if not exists and writer:
             self.path.mkdir(parents=True, exist_ok=True)
-            _write_atomic(meta, json.dumps({"format": FORMAT, "fingerprint": self.fingerprint}, indent=2).encode())
+            write_json_atomic(meta, {"format": FORMAT, "fingerprint": self.fingerprint})
         sync()
 
     def _files(self, i: int) -> tuple[Path, Path]:
@@ -110,18 +111,15 @@ class BlockCheckpoints:
         for k, v in (state or {}).items():
             tensors[f"state.{k}"] = v.detach().cpu().contiguous().clone()
         st, js = self._files(i)
-        fd_tmp = st.with_name(".tmp-" + st.name)
-        save_file(tensors, str(fd_tmp), metadata={"slr": json.dumps({"names": list(results), "shared_v": shared})})
-        os.replace(fd_tmp, st)
-        _write_atomic(js, json.dumps({"records": records, "seconds": seconds, "state": state is not None}).encode())
+        with atomic_file(st) as tmp:
+            save_file(tensors, str(tmp), metadata={"slr": json.dumps({"names": list(results), "shared_v": shared})})
+        write_text_atomic(js, json.dumps({"records": records, "seconds": seconds, "state": state is not None}))
 
     def load(self, i: int) -> tuple[dict[str, SolveResult], list[dict], dict[str, float], dict | None]:
         st, js = self._files(i)
         try:
             meta = json.loads(js.read_text(encoding="utf-8"))
             tensors = load_file(str(st))
-            from safetensors import safe_open
-
             with safe_open(str(st), "pt") as f:
                 info = json.loads(f.metadata()["slr"])
             names, shared = info["names"], info["shared_v"]
@@ -136,10 +134,3 @@ class BlockCheckpoints:
             results[n].V = results[owner].V  # the same object again, so the group shares one projection
         state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")} if meta["state"] else None
         return results, meta["records"], meta["seconds"], state
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(".tmp-" + path.name)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

@@ -1,5 +1,7 @@
 """User-facing errors: one line that names the problem and the fix."""
 
+import errno
+
 
 class SLRError(Exception):
     """An error caused by bad input or environment. The CLI prints it as one line, no traceback."""
@@ -12,9 +14,13 @@ class SLRError(Exception):
 
 def is_disk_full(e: BaseException) -> bool:
     """True for 'no space left' / 'quota exceeded' as OSError, or as safetensors' SafetensorError text."""
-    import errno
-
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     s = str(e)
     return "No space left on device" in s or "os error 28" in s or "Disk quota exceeded" in s
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), at most 300 characters."""
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:300]

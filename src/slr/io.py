@@ -1,308 +1,56 @@
-"""The compressed artifact: save / load / export_dense, packed sparse formats and byte accounting.
+"""The compressed artifact: save, load and export_dense (the packed formats are in ``slr.formats``).
 
-An artifact folder holds config.json, [generation_config.json], [tokenizer files], slr_config.json (the
-manifest) and model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json).
-Tensors of a compressed linear at module path P (safetensors only, no pickle):
-
-    P.slr.values    N:M [d_out, d_in*N/M] | unstructured [nnz]     (values dtype, row-major support order)
-    P.slr.nm_index  uint8: ceil(log2 M) bits per kept value = its position inside its group of M, LSB first
-    P.slr.bitmask   uint8: 1 bit per weight, row-major, LSB first    } unstructured: whichever of the
-    P.slr.crow/col  int32|int64 row pointers / int16|int32 columns   } two is smaller
-    P.slr.U [d_out, r], P.slr.V [r, d_in]                           (factor dtype; a shared V is stored
-                                                                     once, by the first consumer)
-Everything else (embeddings, norms, head, biases, uncompressed linears) keeps its HF name and is stored
-once; tensors sharing storage (tied weights) are stored once and listed under "tied" in the manifest.
+``save`` writes config.json, [generation_config.json], [tokenizer files], slr_config.json (the manifest) and
+model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json) into a staging folder that
+replaces the output folder only when complete (``fsutil.atomic_dir``). ``load`` rebuilds the HF model from
+config.json with every compressed linear as an SLRLinear; ``export_dense`` writes a plain HF folder (W = S + U V).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from .errors import SLRError, is_disk_full
-from .nn import SharedProjection, SLRLinear, nm_matches
+from .errors import SLRError, one_line
+from .formats import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    _pack_layer,
+    read_manifest,
+    unpack_bitmask,
+    unpack_nm,
+)
+from .fsutil import atomic_dir, check_output_dir, check_writable_parent, replace_file, write_text_atomic
+from .models.adapters import set_module
+from .models.zoo import sha256_file
+from .nn import SharedProjection, SLRLinear, _check_strategy
 
-FORMAT = "slr"
-FORMAT_VERSION = 1
-MANIFEST = "slr_config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _RESERVED = {"format", "format_version", "layers", "files", "bytes", "dtypes", "tied"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-# ---------------------------------------------------------------------------------------------------
-# bit packing and the sparse formats
-# ---------------------------------------------------------------------------------------------------
-def nm_index_bits(m: int) -> int:
-    """Bits of metadata per kept value for an N:M pattern: ceil(log2 M) (at least 1)."""
-    return max(1, (m - 1).bit_length())
-
-
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes: int [n] in [0, 2**bits) -> uint8 [ceil(n * bits / 8)], a little-endian bit stream."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in [1, 8], got {bits}")
-    codes = codes.reshape(-1).to(torch.uint8)
-    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
-    stream = ((codes[:, None] >> shifts) & 1).reshape(-1)  # [n * bits] of 0/1
-    pad = (-stream.numel()) % 8
-    if pad:
-        stream = torch.cat([stream, stream.new_zeros(pad)])
-    weights = torch.arange(8, dtype=torch.uint8, device=codes.device)
-    return (stream.view(-1, 8) << weights).sum(1, dtype=torch.int16).to(torch.uint8)  # [nbytes]
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of pack_bits: uint8 [nbytes] -> uint8 codes [n]."""
-    if packed.numel() != math.ceil(n * bits / 8):
-        raise SLRError(f"packed index has {packed.numel()} bytes, expected {math.ceil(n * bits / 8)}",
-                       "the artifact is corrupted; re-run slr compress")
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    stream = ((packed.to(torch.uint8)[:, None] >> shifts) & 1).reshape(-1)[: n * bits]  # [n * bits]
-    weights = torch.arange(bits, dtype=torch.uint8, device=packed.device)
-    return (stream.view(n, bits) << weights).sum(1, dtype=torch.int16).to(torch.uint8)
-
-
-def pack_nm(values: torch.Tensor, col: torch.Tensor, d_out: int, d_in: int, n: int, m: int):
-    """CSR (row-major, N per group) -> (values [d_out, d_in*n/m], nm_index uint8 [ceil(nnz*bits/8)])."""
-    k = d_in // m * n
-    if values.numel() != d_out * k:
-        raise ValueError(f"{values.numel()} kept values do not form a {n}:{m} pattern of [{d_out}, {d_in}]")
-    off = (col.long() % m).to(torch.uint8)  # [nnz] position inside the group
-    return values.reshape(d_out, k), pack_bits(off, nm_index_bits(m))
-
-
-def unpack_nm(values: torch.Tensor, index: torch.Tensor, d_out: int, d_in: int, n: int, m: int):
-    """(values [d_out, d_in*n/m], nm_index) -> (values [nnz], crow int64 [d_out+1], col int64 [nnz])."""
-    g = d_in // m
-    k = g * n
-    nnz = d_out * k
-    if tuple(values.shape) != (d_out, k):
-        raise SLRError(f"N:M values have shape {tuple(values.shape)}, expected {(d_out, k)}",
-                       "the artifact is corrupted; re-run slr compress")
-    off = unpack_bits(index, nm_index_bits(m), nnz).long()  # [nnz]
-    o = off.view(-1, n)
-    if bool((off >= m).any()) or (n > 1 and bool((o[:, 1:] <= o[:, :-1]).any())):
-        raise SLRError("N:M index metadata is invalid", "the artifact is corrupted; re-run slr compress")
-    grp = torch.arange(nnz, device=off.device) // n % g  # [nnz] group of each kept value
-    col = grp * m + off
-    crow = torch.arange(d_out + 1, device=off.device) * k
-    return values.reshape(-1), crow, col
-
-
-def csr_dtypes(d_in: int, nnz: int) -> tuple[torch.dtype, torch.dtype]:
-    """(row-pointer dtype, column dtype) chosen by width."""
-    return (torch.int32 if nnz < 2**31 else torch.int64), (torch.int16 if d_in <= 32768 else torch.int32)
-
-
-def unstructured_index_bytes(d_out: int, d_in: int, nnz: int) -> dict[str, int]:
-    """Index bytes of the two unstructured formats."""
-    crow_dt, col_dt = csr_dtypes(d_in, nnz)
-    return {"bitmask": math.ceil(d_out * d_in / 8),
-            "csr": (d_out + 1) * crow_dt.itemsize + nnz * col_dt.itemsize}
-
-
-def choose_unstructured(d_out: int, d_in: int, nnz: int) -> str:
-    b = unstructured_index_bytes(d_out, d_in, nnz)
-    return "bitmask" if b["bitmask"] <= b["csr"] else "csr"
-
-
-def pack_bitmask(crow: torch.Tensor, col: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
-    rows = torch.repeat_interleave(torch.arange(d_out, device=crow.device), crow.long().diff())
-    bits = torch.zeros(d_out * d_in, dtype=torch.uint8, device=crow.device)
-    bits[rows * d_in + col.long()] = 1
-    return pack_bits(bits, 1)
-
-
-def unpack_bitmask(packed: torch.Tensor, d_out: int, d_in: int, nnz: int):
-    """-> (crow int64 [d_out+1], col int64 [nnz])."""
-    mask = unpack_bits(packed, 1, d_out * d_in).view(d_out, d_in).bool()
-    counts = mask.sum(1)
-    if int(counts.sum()) != nnz:
-        raise SLRError(f"bitmask keeps {int(counts.sum())} values, expected {nnz}",
-                       "the artifact is corrupted; re-run slr compress")
-    crow = torch.zeros(d_out + 1, dtype=torch.int64)
-    crow[1:] = counts.cumsum(0)
-    return crow, mask.nonzero()[:, 1]
-
-
-# ---------------------------------------------------------------------------------------------------
-# byte accounting
-# ---------------------------------------------------------------------------------------------------
-def theoretical_bytes(d_out: int, d_in: int, nnz: int, rank: int, *, nm: tuple[int, int] | None = None,
-                      values_dtype: torch.dtype = torch.float16, factor_dtype: torch.dtype = torch.float16,
-                      count_v: bool = True) -> dict[str, int]:
-    """Bytes a compressed matrix should take: values + index + factors.
-
-    N:M: nnz * value bytes + ceil(nnz * ceil(log2 M) / 8); unstructured: min(bitmask, CSR) index;
-    factors: r * (d_out + d_in) * factor bytes (r * d_out when a shared V is counted elsewhere).
-    """
-    vb = nnz * values_dtype.itemsize
-    if nnz == 0:
-        ib = 0
-    elif nm is not None:
-        ib = math.ceil(nnz * nm_index_bits(nm[1]) / 8)
-    else:
-        ib = min(unstructured_index_bytes(d_out, d_in, nnz).values())
-    fb = rank * (d_out + (d_in if count_v else 0)) * factor_dtype.itemsize
-    return {"values": vb, "index": ib, "factors": fb, "total": vb + ib + fb}
-
-
-def _pack_layer(name: str, lin: SLRLinear, owner: str | None, values_dtype, factor_dtype):
-    """-> (tensors {name: tensor}, manifest record) for one SLRLinear."""
-    d_out, d_in = lin.out_features, lin.in_features
-    t: dict[str, torch.Tensor] = {}
-    rec: dict = {"shape": [d_out, d_in], "nm": None, "rank": lin.rank, "nnz": lin.nnz,
-                 "bias": lin.bias is not None}
-    nm = lin.nm
-    if lin.values is None:
-        rec["format"] = "none"
-    else:
-        vals = lin.values.detach().cpu().to(values_dtype)
-        crow, col = lin.crow.cpu(), lin.col.cpu()
-        if nm is not None and not nm_matches(lin.mask().cpu(), nm):
-            nm = None  # support no longer N:M (should not happen: the support is fixed)
-        if nm is not None:
-            rec["format"], rec["nm"] = "nm", list(nm)
-            t[f"{name}.slr.values"], t[f"{name}.slr.nm_index"] = pack_nm(vals, col, d_out, d_in, *nm)
-        else:
-            fmt = choose_unstructured(d_out, d_in, lin.nnz)
-            rec["format"] = fmt
-            t[f"{name}.slr.values"] = vals
-            if fmt == "bitmask":
-                t[f"{name}.slr.bitmask"] = pack_bitmask(crow, col, d_out, d_in)
-            else:
-                crow_dt, col_dt = csr_dtypes(d_in, lin.nnz)
-                t[f"{name}.slr.crow"], t[f"{name}.slr.col"] = crow.to(crow_dt), col.to(col_dt)
-    count_v = False
-    if lin.U is not None:
-        t[f"{name}.slr.U"] = lin.U.detach().cpu().to(factor_dtype)
-        if lin.shared is None:
-            rec["v"], count_v = "own", True
-            t[f"{name}.slr.V"] = lin.V.detach().cpu().to(factor_dtype)
-        else:
-            rec["v"], rec["v_from"] = "shared", owner
-            if owner == name:
-                count_v = True
-                t[f"{name}.slr.V"] = lin.shared.V.detach().cpu().to(factor_dtype)
-    actual = sum(x.numel() * x.element_size() for x in t.values())
-    theory = theoretical_bytes(d_out, d_in, lin.nnz, lin.rank, nm=nm, values_dtype=values_dtype,
-                               factor_dtype=factor_dtype, count_v=count_v)
-    rec["bytes"] = actual
-    rec["theory_bytes"] = theory
-    rec["dense_bytes"] = d_out * d_in * values_dtype.itemsize
-    rec["bits_per_weight"] = round(8 * actual / (d_out * d_in), 4)
-    rec["tensors"] = sorted(t)
-    return t, rec
-
-
-def layer_bytes(lin: SLRLinear, *, values_dtype: torch.dtype = torch.float16,
-                factor_dtype: torch.dtype = torch.float16, count_v: bool = True) -> dict:
-    """Packed size of one SLRLinear as it would be saved: {"actual", "theory", "dense", "format"}.
-
-    ``count_v=False`` leaves a shared V out (it is stored once, by the group's first consumer).
-    """
-    owner = None
-    if lin.shared is not None:
-        owner = "this" if count_v else "other"
-    _, rec = _pack_layer("this", lin, owner, values_dtype, factor_dtype)
-    return {"actual": rec["bytes"], "theory": rec["theory_bytes"], "dense": rec["dense_bytes"],
-            "format": rec["format"], "bits_per_weight": rec["bits_per_weight"]}
-
-
-def artifact_bytes(path: str | os.PathLike) -> dict:
-    """Byte report of a saved artifact: per compressed layer (actual vs theory) and files on disk."""
-    p = Path(path)
-    man = _read_manifest(p)
-    layers = {n: {"actual": r["bytes"], "theory": r["theory_bytes"]["total"], "dense": r["dense_bytes"],
-                  "format": r["format"], "rank": r["rank"], "nnz": r["nnz"]} for n, r in man["layers"].items()}
-    files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()}
-    return {"layers": layers, "files": files, "files_total": sum(files.values()), **man["bytes"]}
+__all__ = ["FORMAT", "FORMAT_VERSION", "INDEX_FILE", "MANIFEST", "SINGLE_FILE", "check_writable_parent",
+           "export_dense", "load", "read_manifest", "save"]
 
 
 # ---------------------------------------------------------------------------------------------------
 # save
 # ---------------------------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
-    from .models.zoo import sha256_file
-
     return sha256_file(path)
 
 
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
-
-
-def check_writable_parent(path: str | os.PathLike, what: str = "output") -> None:
-    """Fail up front (one line) when ``path`` could not be created: an ancestor is a file, or is not writable.
-
-    Probes with a temp dir that is removed at once, since os.access says yes to root even where mkdir fails (/proc).
-    """
-    path = Path(path).absolute()
-    anc = path.parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    fix = f"choose a writable location for {what}"
-    if not anc.is_dir():
-        raise SLRError(f"cannot create {what} {path}: {anc} is a file, not a directory", fix)
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".slr-probe-", dir=anc))
-    except OSError as e:
-        raise SLRError(f"cannot create {what} {path}: {anc} is not writable ({e.strerror or e})", fix) from None
-
-
-def _check_target(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise SLRError(f"output path {out} exists and is not a directory", "choose another output directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SLRError(f"output directory {out} is not empty", "pass overwrite=True (--overwrite) or another path")
-    check_writable_parent(out, "the output directory")
-
-
-@contextlib.contextmanager
-def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool):
-    """Yield a temp dir next to out_dir; on success it replaces out_dir. Never leaves partial output."""
-    out = Path(out_dir).absolute()
-    _check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        yield tmp
-        _check_target(out, overwrite)
-        if out.is_dir() and any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / "x", out)
-                raise
-        else:
-            os.replace(tmp, out)  # also replaces an empty directory
-    except Exception as e:
-        if is_disk_full(e):  # OSError ENOSPC, or safetensors' SafetensorError "... (os error 28)"
-            raise SLRError(f"no space left on device while writing {out}",
-                           "free disk space or write to another disk") from None
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _storage_key(t: torch.Tensor):
@@ -412,7 +160,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, manife
             raise SLRError(f"unsupported storage dtype {dt}", "use torch.float32, torch.float16 or torch.bfloat16")
     slr, owners = _slr_layers(model) if blocks is None else ([], {})
 
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         model.config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -456,7 +204,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, manife
             "files": {f: _sha256(tmp / f) for f in files},
             "bytes": report,
         })
-        (tmp / MANIFEST).write_text(json.dumps(man, indent=1, default=str))
+        write_text_atomic(tmp / MANIFEST, json.dumps(man, indent=1, default=str))
     return {**report, "layers": {n: {"actual": r["bytes"], "theory": r["theory_bytes"]["total"],
                                      "dense": r["dense_bytes"]} for n, r in layers.items()}}
 
@@ -478,12 +226,10 @@ class _ShardWriter:
         self.cur_bytes += nb
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         fname = f"part-{len(self.written):05d}.safetensors"
         # one metadata key only: safetensors writes the metadata map in hash order, so a second key would make
         # identical artifacts differ byte for byte between runs (the format version is in the manifest)
-        save_file(self.cur, str(self.root / fname), metadata={"format": "pt"})
+        safetensors.torch.save_file(self.cur, str(self.root / fname), metadata={"format": "pt"})
         self.written.append((fname, list(self.cur)))
         self.cur, self.cur_bytes = {}, 0
 
@@ -492,53 +238,23 @@ class _ShardWriter:
             self._flush()
         n = len(self.written)
         if n == 1:
-            os.replace(self.root / self.written[0][0], self.root / SINGLE_FILE)
+            replace_file(self.root / self.written[0][0], self.root / SINGLE_FILE)
             return [SINGLE_FILE]
         names, weight_map = [], {}
         for i, (tmpname, keys) in enumerate(self.written):
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.root / tmpname, self.root / final)
+            replace_file(self.root / tmpname, self.root / final)
             names.append(final)
             weight_map.update({k: final for k in keys})
         total = sum((self.root / f).stat().st_size for f in names)
-        (self.root / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
-                                                        "weight_map": weight_map}, indent=1))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        write_text_atomic(self.root / INDEX_FILE, json.dumps(index, indent=1))
         return names
 
 
 # ---------------------------------------------------------------------------------------------------
 # load
 # ---------------------------------------------------------------------------------------------------
-def _one_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return (s[0] if s else type(e).__name__)[:300]
-
-
-def _read_manifest(p: Path) -> dict:
-    if not p.is_dir():
-        raise SLRError(f"artifact {p} does not exist or is not a directory", "pass the folder written by slr compress")
-    mp = p / MANIFEST
-    if not mp.is_file():
-        raise SLRError(f"{p} is not an slr artifact (no {MANIFEST})", "pass the folder written by slr compress")
-    try:
-        man = json.loads(mp.read_text())
-    except (ValueError, OSError) as e:
-        raise SLRError(f"{MANIFEST} is unreadable ({_one_line(e)})",
-                       "re-run slr compress or re-copy the artifact") from None
-    if not isinstance(man, dict) or man.get("format") != FORMAT:
-        raise SLRError(f"{MANIFEST} does not describe an slr artifact", "re-run slr compress")
-    ver = man.get("format_version")
-    if not isinstance(ver, int) or isinstance(ver, bool):
-        raise SLRError(f"artifact format version {ver!r} is invalid", "re-run slr compress or re-copy the artifact")
-    if ver > FORMAT_VERSION:
-        raise SLRError(f"artifact format version {ver} is newer than this slr supports ({FORMAT_VERSION})",
-                       "upgrade slr")
-    for key in ("layers", "files", "tied", "dtypes"):
-        if not isinstance(man.get(key), dict):
-            raise SLRError(f"{MANIFEST} has no valid {key!r} entry", "re-run slr compress or re-copy the artifact")
-    return man
-
-
 def _verify_files(p: Path, man: dict) -> None:
     for fname, digest in man["files"].items():
         f = p / fname
@@ -553,8 +269,6 @@ class _Tensors:
     """Lazy reader over the artifact's safetensors files."""
 
     def __init__(self, p: Path, files: list[str]):
-        from safetensors import safe_open
-
         self.where: dict[str, object] = {}
         self.handles = []
         for fname in files:
@@ -562,7 +276,7 @@ class _Tensors:
                 h = safe_open(str(p / fname), framework="pt", device="cpu")
                 keys = list(h.keys())
             except Exception as e:  # noqa: BLE001 -- safetensors raises several types
-                raise SLRError(f"cannot read {fname} ({_one_line(e)})",
+                raise SLRError(f"cannot read {fname} ({one_line(e)})",
                                "re-run slr compress or re-copy the artifact") from None
             self.handles.append(h)
             for k in keys:
@@ -579,7 +293,7 @@ class _Tensors:
         try:
             t = h.get_tensor(k)
         except Exception as e:  # noqa: BLE001
-            raise SLRError(f"cannot read tensor {k} from {fname} ({_one_line(e)})",
+            raise SLRError(f"cannot read tensor {k} from {fname} ({one_line(e)})",
                            "re-run slr compress or re-copy the artifact") from None
         self.used.add(k)
         return t
@@ -619,7 +333,7 @@ def _build_layer(name: str, rec: dict, ts: _Tensors, shared: dict[str, SharedPro
         return SLRLinear(d_in, d_out, values=None if values is None else values.reshape(-1).to(dtype),
                          crow=crow, col=col, U=U, V=V, shared=sp, bias=bias, nm=nm, strategy=strategy)
     except ValueError as e:
-        raise SLRError(f"layer {name} is inconsistent ({_one_line(e)})", "re-run slr compress") from None
+        raise SLRError(f"layer {name} is inconsistent ({one_line(e)})", "re-run slr compress") from None
 
 
 def _skeleton(p: Path, dtype: torch.dtype):
@@ -630,7 +344,7 @@ def _skeleton(p: Path, dtype: torch.dtype):
     try:
         config = T.AutoConfig.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # noqa: BLE001
-        raise SLRError(f"cannot read config.json of {p} ({_one_line(e)})",
+        raise SLRError(f"cannot read config.json of {p} ({one_line(e)})",
                        "re-copy the artifact or upgrade transformers") from None
     with init_empty_weights(include_buffers=False):
         model = T.AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -654,12 +368,9 @@ def _holders(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
 def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32, verify: bool = True):
     """Load an artifact -> (model with SLRLinear layers, tokenizer or None). Never touches the network."""
-    from .models.adapters import set_module
-    from .nn import _check_strategy
-
     _check_strategy(strategy)
     p = Path(path)
-    man = _read_manifest(p)
+    man = read_manifest(p)
     if verify:
         _verify_files(p, man)
     ts = _Tensors(p, list(man["files"]))
@@ -731,7 +442,7 @@ def _load_tokenizer(p: Path):
     try:
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # noqa: BLE001
-        raise SLRError(f"cannot load the tokenizer saved in {p} ({_one_line(e)})",
+        raise SLRError(f"cannot load the tokenizer saved in {p} ({one_line(e)})",
                        "re-copy the tokenizer files of the artifact") from None
 
 
@@ -741,10 +452,8 @@ def _load_tokenizer(p: Path):
 def export_dense(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
                  overwrite: bool = False) -> Path:
     """Write a plain dense HF folder (W = S + U V) that AutoModelForCausalLM.from_pretrained loads."""
-    from .models.adapters import set_module
-
-    man = _read_manifest(Path(path))
-    _check_target(Path(out_dir).absolute(), overwrite)
+    man = read_manifest(Path(path))
+    check_output_dir(Path(out_dir).absolute(), overwrite)
     if dtype is None:
         dtype = _DTYPES.get(man["dtypes"].get("dense"), torch.float32)
     model, tok = load(path, dtype=torch.float32, strategy="dense-onthefly")
@@ -756,7 +465,7 @@ def export_dense(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
                 lin.bias = nn.Parameter(m.bias.detach().clone())
             set_module(model, name, lin)
     model = model.to(dtype)
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tok is not None:
             tok.save_pretrained(tmp)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SLRError
+from .models.adapters import set_module
 from .solvers.base import SolveResult
 
 STRATEGIES = ("auto", "dense-cached", "dense-onthefly", "sparse")
@@ -148,7 +149,7 @@ class SLRLinear(nn.Module):
 
     On CPU no memory-saving strategy beats the dense GEMM. Resident memory of the sparse part is
     nnz * (value bytes + 2): a 2:4 fp32 layer keeps 75% of the dense bytes, a 2:4 fp16 one 100%; the
-    artifact on disk is where the packed formats save bytes (see slr.io).
+    artifact on disk is where the packed formats save bytes (see slr.formats).
 
     ``num_params()`` = nnz + r * d_out + r * d_in, where a shared V is counted only by its owner (the
     first consumer registered with the SharedProjection); the bias is not counted (like the dense d_out*d_in).
@@ -414,8 +415,6 @@ def compress_block_(block: nn.Module, adapter, results: dict[str, SolveResult], 
 
     Results of one adapter group that hold the *same* V object (``is``) get one SharedProjection.
     """
-    from .models.adapters import set_module
-
     _check_strategy(strategy)
     linears = adapter.linears(block)
     unknown = set(results) - set(linears)

