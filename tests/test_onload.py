@@ -11,11 +11,12 @@ import pytest
 import torch
 from test_cli import assert_no_output, assert_one_line_error, run
 
+from slr.calibration import DiskActivations
 from slr.checkpoint import BlockCheckpoints
 from slr.config import CompressConfig
 from slr.models.adapters import get_adapter
 from slr.models.tiny import tiny_model
-from slr.onload import DiskActivations, skeleton
+from slr.onload import skeleton
 from slr.pipeline import compress_
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")

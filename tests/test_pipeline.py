@@ -11,10 +11,10 @@ import torch
 import transformers as T
 
 from slr import CompressConfig, LayerSpec, Plan, SLRError, compress_
+from slr.calibration import HessianCollector, block_forward, capture_inputs
 from slr.models.adapters import get_adapter
 from slr.models.tiny import FAMILIES, tiny_config, tiny_model
 from slr.nn import SharedProjection, SLRLinear
-from slr.pipeline import HessianCollector, block_forward, capture_inputs
 from slr.solvers.magnitude import magnitude
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")

@@ -6,6 +6,7 @@ Python API::
     model, tok, info = slr.load_model("smollm2-135m")
     config = slr.CompressConfig(method="admm", pattern="2:4", rank=32,
                                 alloc=slr.AllocConfig("knapsack", budget=0.5))
+    calib = slr.calibration_data(tok, config, bos_per_window=info.bos_per_window)
     report = slr.compress_(model, config, calib)  # plan, every block, refine: the whole job
     print(slr.perplexity(model, tok, text).ppl)
     slr.save(model, "out/", tokenizer=tok); model2, tok2 = slr.load("out/")
@@ -14,7 +15,7 @@ Python API::
 evaluate, save, with resume, onloading and torchrun.
 """
 
-from .api import run_compress, run_eval
+from .api import calibration_data, run_compress, run_eval
 from .config import AllocConfig, CompressConfig, LayerSpec, RefineConfig, RunOptions
 from .errors import SLRError
 from .eval.ppl import perplexity
@@ -25,5 +26,5 @@ from .plan import Plan
 
 __version__ = "0.1.0"
 __all__ = ["AllocConfig", "CompressConfig", "LayerSpec", "Plan", "RefineConfig", "RunOptions", "SLRError",
-           "compress_", "export_dense", "load", "load_model", "perplexity", "plan_for", "run_compress", "run_eval",
-           "save"]
+           "calibration_data", "compress_", "export_dense", "load", "load_model", "perplexity", "plan_for",
+           "run_compress", "run_eval", "save"]

@@ -9,7 +9,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,8 @@ from .estimate import check_fits, describe, estimate_run
 from .eval.ppl import perplexity
 from .eval.zeroshot import check_request as check_zeroshot_request
 from .eval.zeroshot import evaluate_zeroshot
-from .io import check_writable_parent
+from .formats import MANIFEST
+from .fsutil import atomic_dir, check_writable_parent, write_json_atomic
 from .models import load_model
 from .models.adapters import get_adapter
 from .models.zoo import cache_dir
@@ -72,7 +72,7 @@ def parse_windows(text: str | int | None) -> int | None:
 
 
 def is_artifact(path: str) -> bool:
-    return Path(path).is_dir() and (Path(path) / "slr_config.json").exists()
+    return Path(path).is_dir() and (Path(path) / MANIFEST).exists()
 
 
 def open_model(name_or_path: str, device: str = "cpu"):
@@ -88,6 +88,20 @@ def open_model(name_or_path: str, device: str = "cpu"):
         return model, tok, info
     model, tok, mi = load_model(name_or_path, device=device)
     return model, tok, {"name": mi.name, "label": mi.label, "sha256": mi.sha256, "bos_per_window": mi.bos_per_window}
+
+
+def calibration_data(tok, config: CompressConfig, text: str | None = None,
+                     bos_per_window: bool = False) -> torch.Tensor | None:
+    """The run's calibration windows [config.calib_samples, config.seqlen] (PROTOCOL §4): drawn with
+    ``config.seed`` from the Wikipedia sample's calibration split, or from the UTF-8 file ``text``; None when
+    ``config.calib_samples`` is 0. ``bos_per_window``: the model needs BOS at the start of every window (Gemma 3;
+    ``load_model``'s info says so)."""
+    if config.calib_samples == 0:
+        return None
+    src, _ = load_text(text, "calibration")
+    torch.manual_seed(config.seed)
+    bos = tok.bos_token_id if bos_per_window else None
+    return calibration_windows(tokenize_text(tok, src), config.calib_samples, config.seqlen, config.seed, bos_id=bos)
 
 
 def _ppl_cache_key(model_sha: str | None, text: str, windows, seqlen: int) -> str | None:
@@ -129,32 +143,6 @@ def dense_ppl_cached(model, tok, info: dict, text: str, windows, seqlen: int, de
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (ru_maxrss, KiB on Linux), in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def run_eval(model_name: str, *, text_file: str | list[str] | None = None, split: str | list[str] | None = None,
@@ -283,7 +271,7 @@ class _Run:
         self._check_output()
         evaluate = run.evaluate
         eval_src, eval_label = load_text(run.eval_text, "test") if evaluate else (None, None)
-        calib_src, calib_label = load_text(run.calib_text, "calibration")
+        calib_label = load_text(run.calib_text, "calibration")[1]  # read before loading: a bad file fails fast
         source = None
         if run.onload:
             model, tok, info, source = self._timed("load", open_onloaded, self.model_name)
@@ -314,12 +302,7 @@ class _Run:
                             cached_only=run.onload)
             if d is not None:
                 results["dense_ppl"] = d | {"text": eval_label}
-        torch.manual_seed(config.seed)
-        calib = None
-        if config.calib_samples > 0:
-            bos = tok.bos_token_id if info["bos_per_window"] else None
-            calib = calibration_windows(tokenize_text(tok, calib_src), config.calib_samples, config.seqlen,
-                                        config.seed, bos_id=bos)
+        calib = calibration_data(tok, config, run.calib_text, info["bos_per_window"])
         plan, alloc_info = self._timed("allocate", plan_for, model, config, calib, device)
         if alloc_info is not None:
             results["allocation"] = alloc_info
@@ -382,21 +365,15 @@ class _Run:
         manifest = {"source": {"name": info["name"], "label": info["label"], "sha256": info["sha256"],
                                "bos_per_window": info["bos_per_window"]},
                     "config": self.config.to_dict(), "plan": results.get("plan", {"*": spec.label})}
-        stage = Path(tempfile.mkdtemp(prefix=".slr-tmp-", dir=partial))
-        try:
-            byte_report = io.save(model, stage / "artifact", tokenizer=tok, manifest=manifest,
+        with atomic_dir(out_dir, overwrite=True) as stage:  # run.overwrite was checked before any work
+            byte_report = io.save(model, stage, tokenizer=tok, manifest=manifest,
                                   values_dtype=STORAGE_DTYPES[run.values_dtype],
                                   factor_dtype=STORAGE_DTYPES[run.factor_dtype], blocks=report.blocks)
             results["bytes"] = byte_report | {"values_dtype": run.values_dtype, "factor_dtype": run.factor_dtype}
             self.times["save"] = time.perf_counter() - t
             results["peak_rss_mib"] = peak_rss_mib()  # again: a streamed save rebuilds the blocks only now
-            write_json_atomic(stage / "artifact" / "results.json", results)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(stage / "artifact", out_dir)
-            shutil.rmtree(partial, ignore_errors=True)  # complete: the checkpoints are no longer needed
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            write_json_atomic(stage / "results.json", results)
+        shutil.rmtree(partial, ignore_errors=True)  # complete: the checkpoints are no longer needed
         return CompressRun(results, out_dir)
 
 

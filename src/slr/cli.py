@@ -20,7 +20,8 @@ from .config import DTYPES, CompressConfig, RunOptions, load_toml, merge  # noqa
 from .errors import SLRError, is_disk_full  # noqa: E402
 from .eval.zeroshot import TASKS as ZS_TASKS  # noqa: E402
 from .eval.zeroshot import format_table  # noqa: E402
-from .io import check_writable_parent, export_dense  # noqa: E402
+from .fsutil import check_writable_parent  # noqa: E402
+from .io import export_dense  # noqa: E402
 from .models.zoo import DEFAULTS, cache_dir, is_cached, is_installed  # noqa: E402
 from .report import write_report  # noqa: E402
 from .solvers import METHODS  # noqa: E402

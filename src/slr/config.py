@@ -33,7 +33,7 @@ from typing import Any
 
 from .allocate import allocator
 from .errors import SLRError
-from .options import make_options
+from .options import jsonable, make_options
 from .solvers import method as solver_method
 from .spec import LayerSpec, keep_per_row, parse_nm
 
@@ -152,7 +152,8 @@ class CompressConfig:
         return _checked(LayerSpec(sparsity=sp, nm=nm, rank=self.rank))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON values (the shape of a TOML run file's tables)."""
+        return jsonable(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> CompressConfig:

@@ -15,6 +15,8 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from .errors import SLRError
 
 
@@ -85,6 +87,8 @@ def make_options(cls: type, values, *, flag: str, what: str):
             known = ", ".join(sorted(fields)) or "none"
             raise SLRError(f"{flag} {k}={v} is not an option of {what}", f"use one of: {known}")
         hint = hints.get(k, Any)
+        if hint is torch.dtype and isinstance(v, str):  # "float32" (a TOML or results.json value)
+            v = _dtype(v, flag, k)
         if not _fits(v, hint):
             d = fields[k].default
             raise SLRError(f"{flag} {k}={v} does not fit {what}'s option {k} (type {_name(hint)}, default {d})",
@@ -92,6 +96,26 @@ def make_options(cls: type, values, *, flag: str, what: str):
                            "leave it at its default")
         out[k] = tuple(v) if isinstance(v, list) and (hint is tuple or typing.get_origin(hint) is tuple) else v
     return cls(**out)
+
+
+def _dtype(text: str, flag: str, k: str) -> torch.dtype:
+    dt = getattr(torch, text.removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise SLRError(f"{flag} {k}={text} is not a torch dtype", f"write e.g. {flag} {k}=float32")
+    return dt
+
+
+def jsonable(obj):
+    """``obj`` (dataclasses, tuples, torch dtypes) as plain JSON values; dtypes as their names ("float32")."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    return obj
 
 
 def _name(hint) -> str:

@@ -10,7 +10,8 @@
 Budget = config.alloc.budget, the global retained fraction (kept sparse values + Σ r (m + n)) / Σ m n over the
 compressed linears (PROTOCOL §5); without it, the fraction of the uniform config.layer_spec(). Every plan lands on
 the budget to within one row of the narrowest matrix (never above it). What the plan controls depends on the method
-(``mode``): pruning methods get sparsities, rank-only methods ranks, S+LR methods both (with --pattern N:M only the ranks).
+(``mode``): pruning methods get sparsities, rank-only methods ranks, S+LR methods both (with --pattern N:M only
+the ranks).
 info always holds {"allocator", "budget", "achieved_fraction", "seconds", "per_matrix": {key: {"sparsity", "rank"}}}.
 Allocator options (``config.alloc.options``, typed from each module's ``allocate`` keywords) are documented there.
 """
