@@ -231,7 +231,8 @@ def test_cap_knapsack_init_is_the_knapsack_plan():
     """Before any policy-gradient step, CAP's plan (init="knapsack") is the knapsack's, up to one chunk of entries;
     init="density" gives another plan."""
     model = tiny_model("llama")
-    _, kinfo = make_plan(model, CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method="knapsack", budget=0.5)),
+    _, kinfo = make_plan(model, CompressConfig(method="admm", sparsity=0.6, rank=4,
+                                               alloc=AllocConfig(method="knapsack", budget=0.5)),
                          ids(4, 16))
     cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method="cap", budget=0.5))
     _, info = make_plan(model, cfg, ids(4, 16), iterations=0, windows=2)

@@ -183,6 +183,13 @@ def test_wanda_nm_matches_reference(nm):
     assert torch.equal(res.mask, reference_nm_mask(wanda_score(W, H), *nm))
 
 
+def test_nm_ties_go_to_the_lower_index():
+    """Tied scores (small integer weights) keep the lower column of a group, as the stable reference does."""
+    W = torch.randint(-2, 3, (16, 64), generator=torch.Generator().manual_seed(9)).float()
+    for nm in ((2, 4), (1, 4), (3, 8), (4, 16)):
+        assert torch.equal(magnitude(W, None, LayerSpec(nm=nm)).mask, reference_nm_mask(W.abs(), *nm))
+
+
 def test_wanda_uses_sqrt_of_diag():
     # 1:2 on [3, 1] with H = diag(1, 4): sqrt -> scores [3, 2] keep column 0; without sqrt [3, 4] would keep 1
     W = torch.tensor([[3.0, 1.0]])

@@ -9,7 +9,7 @@ import torch
 
 from slr.config import LayerSpec
 from slr.solvers import METHODS
-from slr.solvers.admm import masked_cg, nm_mask_small, scaled_hessian, topk_mask
+from slr.solvers.admm import masked_cg, scaled_hessian
 from slr.solvers.base import damp_hessian, layer_objective
 from slr.solvers.lowrank import Whitener, truncated_svd, whitened_lowrank, whitener_for
 from slr.solvers.masks import global_mask, nm_mask
@@ -116,8 +116,18 @@ def test_prune_lr_wanda_and_rank_zero():
         assert res.rank == 0
 
 
+def test_solvers_reject_unknown_options():
+    """No solver swallows keywords it does not take (the pipeline passes each solver only its own options)."""
+    W, H = make_problem(16, 32)
+    spec = LayerSpec(sparsity=0.5, rank=2)
+    for m in METHODS.values():
+        with pytest.raises(TypeError, match="not_an_option"):
+            m.fn([W], H, [spec], not_an_option=1) if m.group else m.fn(W, H, spec, not_an_option=1)
+
+
 def test_heavy_tailed_hessian_admm_is_finite_and_beats_prune_lr():
-    # one input channel x1e3 => diag(H) max/median ~1e6 (the case where released 3BASiL blew up)
+    # one input channel x1e3 => diag(H) max/median ~1e6 (the case where released 3BASiL blew up); the column scaling
+    # keeps the float32 iteration stable here (test_admm_divergence_guard_fires_and_recovers covers the guard)
     W, H = make_problem(64, 128, seed=3, heavy=1e3)
     d = torch.diagonal(H)
     assert d.max() / d.median() > 1e5
@@ -131,6 +141,28 @@ def test_heavy_tailed_hessian_admm_is_finite_and_beats_prune_lr():
         assert torch.isfinite(res.U).all() and torch.isfinite(res.V).all()
         assert all(math.isfinite(t) for t in res.info["objective"])
         assert objective(W, H, res) < objective(W, H, SOLVERS["prune+lr"](W, H, spec))
+
+
+def test_admm_divergence_guard_fires_and_recovers():
+    """The divergence guard (a check whose objective is non-finite or diverge_factor x the best restores the best
+    iterate, clears the dual and raises rho; counted in info["diverged"]) on a case where it must fire: bfloat16
+    iterations on the heavy-tailed H lose so much precision that the objective at a check jumps >100x the best
+    (float32 stays stable there thanks to the column scaling). With the guard the result is finite, the best
+    iterate's, better than prune+lr and clearly better than the same run without the guard."""
+    W, H = make_problem(64, 128, seed=3, heavy=1e3)
+    for spec in SPECS.values():
+        opts = dict(dtype=torch.bfloat16, max_iters=50)  # the blow-up comes at the 3rd check (iteration 30)
+        loose = SOLVERS["admm"](W, H, spec, **opts, diverge_factor=math.inf)
+        trace = loose.info["objective"]
+        assert loose.info["diverged"] == 0 and max(trace) > 100 * min(trace), "the unguarded run must blow up"
+        res = SOLVERS["admm"](W, H, spec, **opts)
+        assert res.info["diverged"] >= 1, "the guard must fire"
+        check_pattern(res, spec, W.shape)
+        assert torch.isfinite(res.U).all() and torch.isfinite(res.V).all()
+        obj = objective(W, H, res)
+        assert obj == pytest.approx(res.info["best_objective"], rel=1e-3)
+        assert obj < 0.9 * objective(W, H, loose)  # 0.69x (2:4) and 0.84x (u60) here
+        assert obj < objective(W, H, SOLVERS["prune+lr"](W, H, spec))
 
 
 # ---- low rank -------------------------------------------------------------------------------------------------------
@@ -292,21 +324,35 @@ def test_rpca_solver_honours_spec_exactly():
 # ---- internals ------------------------------------------------------------------------------------------------------
 
 
-def test_fast_projections_match_masks_module():
+def _sorted_mask(score: torch.Tensor, k: int, dim_groups: int | None = None) -> torch.Tensor:
+    """Reference support: the k first entries of a stable descending sort (ties -> lower index), whole matrix or per
+    group of ``dim_groups`` consecutive columns."""
+    g = score.reshape(score.shape[0], -1, dim_groups) if dim_groups else score.reshape(1, 1, -1)
+    idx = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True).reshape(score.shape)
+
+
+def test_masks_match_sort_reference_and_topk_ties_included():
     g = torch.Generator().manual_seed(0)
-    score = torch.rand(96, 64, generator=g) * torch.rand(64, generator=g) ** 3
-    for n, m in ((2, 4), (1, 4), (3, 8), (2, 8)):
-        assert torch.equal(nm_mask_small(score, n, m), nm_mask(score, n, m))
+    distinct = (torch.randperm(96 * 64, generator=g).float() / 6144).reshape(96, 64) ** 3
     ties = torch.randint(0, 3, (96, 64), generator=g).float()
-    for n, m in ((2, 4), (4, 8)):
-        assert (nm_mask_small(ties, n, m).reshape(96, -1, m).sum(-1) == n).all()
-    for k in (1, 100, 2500, 6143):
-        assert torch.equal(topk_mask(score, k), global_mask(score, k))
-        assert int(topk_mask(ties, k).sum()) == k
-    big = torch.rand(600, 500, generator=g) ** 4  # exercises the sampled band path
-    for frac in (0.05, 0.4, 0.5, 0.97):
-        k = int(big.numel() * frac)
-        assert torch.equal(topk_mask(big, k), global_mask(big, k))
+    for score in (distinct, ties):
+        for n, m in ((2, 4), (1, 4), (3, 8), (2, 8), (4, 16)):  # M <= 8 comparisons, M = 16 sort path
+            mask = nm_mask(score, n, m)
+            assert torch.equal(mask, _sorted_mask(score, n, m))
+            if score is distinct:  # no ties: the plain per-group top-k gives the same set
+                top = torch.topk(score.reshape(96, -1, m), n, dim=-1).indices
+                ref = torch.zeros(96, 64 // m, m, dtype=torch.bool).scatter_(-1, top, True).reshape(96, 64)
+                assert torch.equal(mask, ref)
+        for k in (0, 1, 100, 2500, 6143, 6144):
+            mask = global_mask(score, k)
+            assert int(mask.sum()) == k and torch.equal(mask, _sorted_mask(score, k))
+    big = torch.rand(600, 500, generator=g) ** 4  # exercises kth_largest's sampled band path
+    big_ties = torch.randint(0, 50, (600, 500), generator=g).float()
+    for score in (big, big_ties):
+        for frac in (0.05, 0.4, 0.5, 0.97):
+            k = int(score.numel() * frac)
+            assert torch.equal(global_mask(score, k), _sorted_mask(score, k))
 
 
 def test_masked_cg_matches_exact_row_solves():

@@ -36,7 +36,7 @@ import torch
 from ..spec import LayerSpec
 from .base import SolveResult, Timer, damp_hessian, register, validate_inputs
 from .lowrank import cached, range_svd, sketch, truncated_svd
-from .masks import nm_mask
+from .masks import select
 
 
 @dataclass
@@ -93,79 +93,6 @@ def scaled_hessian(H: torch.Tensor, percdamp: float = 0.005, diag_frac: float = 
     return cached(H, ("scaled", percdamp, diag_frac), lambda: ScaledHessian.build(H, percdamp, diag_frac))
 
 
-def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest entry of a 1-D tensor (1 <= k <= n), exact.
-
-    A strided sample brackets the answer in a narrow value band (lo, hi]; counting above hi and selecting within
-    the band replaces a full-size k-th-value selection (~5x faster on 1M entries). Falls back to the full
-    selection if the band misses.
-    """
-    n = flat.numel()
-    step = n // 16384
-    if step >= 8:
-        sample = flat[::step]
-        ns = sample.numel()
-        p = k / n
-        pos = ns * (1.0 - p)  # expected rank (from the bottom) of the answer inside the sample
-        margin = 5.0 * math.sqrt(ns * p * (1.0 - p)) + 16
-        lo = torch.kthvalue(sample, max(int(pos - margin), 1)).values
-        hi = torch.kthvalue(sample, min(int(pos + margin) + 1, ns)).values
-        above = int(torch.count_nonzero(flat > hi))
-        band = (flat > lo) & (flat <= hi)
-        if above < k <= above + int(torch.count_nonzero(band)):
-            vals = flat[band]
-            return torch.kthvalue(vals, vals.numel() - (k - above) + 1).values
-    return torch.kthvalue(flat, n - k + 1).values
-
-
-def topk_mask(score: torch.Tensor, kept: int) -> torch.Tensor:
-    """Exactly ``kept`` largest entries over the whole matrix (same set as masks.global_mask up to ties, faster).
-
-    Thresholds at the kept-th largest value; ties at the threshold are filled in index order.
-    """
-    n = score.numel()
-    if kept <= 0:
-        return torch.zeros_like(score, dtype=torch.bool)
-    if kept >= n:
-        return torch.ones_like(score, dtype=torch.bool)
-    flat = score.flatten()
-    thr = kth_largest(flat, kept)
-    mask = flat >= thr
-    extra = int(torch.count_nonzero(mask)) - kept
-    if extra > 0:  # ties at the threshold: keep the first ones in index order
-        mask[torch.nonzero(flat == thr).flatten()[-extra:]] = False
-    return mask.view_as(score)
-
-
-def nm_mask_small(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Same mask as masks.nm_mask (ties broken towards lower index), ~2x faster for small M.
-
-    Entry i of a group is kept iff fewer than n entries beat it, where j beats i if score_j > score_i, or equal
-    and j < i. Uses (m-1) comparisons per entry on strided column views instead of a top-k per group.
-    """
-    g = score.reshape(score.shape[0], -1, m)  # [d_out, d_in/m, m]
-    cols = [g[..., i] for i in range(m)]
-    keep = []
-    for i in range(m):
-        beaten = torch.zeros(cols[i].shape, dtype=torch.uint8)
-        for j in range(m):
-            if j != i:
-                beaten += (cols[j] >= cols[i]) if j < i else (cols[j] > cols[i])
-        keep.append(beaten < n)
-    return torch.stack(keep, -1).reshape(score.shape)
-
-
-def project_mask(score: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
-    """Support of P_S: N:M per group along the input dim, else whole-matrix top-k (3BASiL/ALPS convention).
-
-    Same supports as masks.select(score, spec, rowwise=False), with faster kernels for the ADMM inner loop.
-    """
-    if spec.nm is not None:
-        n, m = spec.nm
-        return nm_mask_small(score, n, m) if m <= 8 else nm_mask(score, n, m)
-    return topk_mask(score, spec.kept(*score.shape))
-
-
 def masked_cg(S0: torch.Tensor, mask: torch.Tensor, T: torch.Tensor, A: torch.Tensor, iters: int) -> torch.Tensor:
     """Backsolve S on a fixed support: min_S tr((T - S) A (T - S)^T) s.t. S = 0 outside ``mask``.
 
@@ -212,7 +139,6 @@ def admm(
     diag_frac: float = 0.005,
     diverge_factor: float = 10.0,
     dtype: torch.dtype = torch.float32,
-    **_,
 ) -> SolveResult:
     """3BASiL ADMM for S (pattern of ``spec``) + L (rank spec.rank), with the methods.md §7.3 fixes.
 
@@ -300,7 +226,7 @@ def admm(
 
     def start():
         with timer("projection"):
-            m = project_mask(B0.abs(), spec)
+            m = select(B0.abs(), spec, rowwise=False)
             Z = B0 * m
         return m, Z, torch.zeros_like(B0)
 
@@ -324,7 +250,7 @@ def admm(
             B = R.add_(Z, alpha=rho) @ G
         with timer("projection"):
             score = torch.add(B, Vd, alpha=1.0 / rho)
-            mask = project_mask(score.abs(), spec)
+            mask = select(score.abs(), spec, rowwise=False)
             Z = score.mul_(mask)
         with timer("B-update"):
             Vd.add_(B, alpha=rho).sub_(Z, alpha=rho)  # V += rho (B - Z)

@@ -27,7 +27,6 @@ def hassle(
     blocksize: int = 128,
     tol: float = 1e-4,
     patience: int = 3,
-    **_,
 ) -> SolveResult:
     """HASSLE-free alternating minimisation; returns the best iterate by the true (undamped) objective.
 

@@ -30,7 +30,6 @@ def joint(
     percdamp: float = 0.005,
     diag_frac: float = 0.005,
     whitener: Whitener | None = None,
-    **_,
 ) -> list[SolveResult]:
     """Shared right factor for a group; k = specs[0].rank. Every result holds the SAME V tensor object.
 

@@ -177,7 +177,6 @@ def lowrank(
     percdamp: float = 0.005,
     diag_frac: float = 0.005,
     whitener: Whitener | None = None,
-    **_,
 ) -> SolveResult:
     """Rank-only activation-aware SVD (SVD-LLM closed form): L = argmin_{rank <= spec.rank} ||X (W - L)^T||.
 
@@ -194,7 +193,7 @@ def lowrank(
 
 
 @register("svd", kind="rank", data_free=True)
-def svd(W: torch.Tensor, H: torch.Tensor | None, spec: LayerSpec, **_) -> SolveResult:
+def svd(W: torch.Tensor, H: torch.Tensor | None, spec: LayerSpec) -> SolveResult:
     """Plain truncated SVD of W (data-free; H is ignored). U = P diag(s), V = Rt (orthonormal rows)."""
     validate_inputs(W, None, LayerSpec(sparsity=1.0, rank=spec.rank))
     t = time.perf_counter()

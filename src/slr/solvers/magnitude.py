@@ -12,7 +12,7 @@ from .masks import select
 
 
 @register("magnitude", kind="sparse", data_free=True)
-def magnitude(W: torch.Tensor, H: torch.Tensor | None, spec: LayerSpec, **_) -> SolveResult:
+def magnitude(W: torch.Tensor, H: torch.Tensor | None, spec: LayerSpec) -> SolveResult:
     validate_inputs(W, H, spec)
     t = time.perf_counter()
     mask = select(W.abs().float(), spec)

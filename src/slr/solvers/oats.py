@@ -28,7 +28,6 @@ def oats(
     niter: int = 1,
     percdamp: float = 0.005,
     diag_frac: float = 0.005,
-    **_,
 ) -> SolveResult:
     """OATS with the paper's 80 alternations (``iters``).
 

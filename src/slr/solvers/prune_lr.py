@@ -39,7 +39,6 @@ def prune_lr(
     percdamp: float = 0.005,
     diag_frac: float = 0.005,
     blocksize: int = 128,
-    **_,
 ) -> SolveResult:
     """S = prune(W) with SparseGPT (default) or Wanda; L = whitened rank-r fit of W - S.
 

@@ -105,7 +105,6 @@ def rpca(
     lam: float | None = None,
     iters: int = 5,
     refit: bool = True,
-    **_,
 ) -> SolveResult:
     """RPCA cut to ``spec``: the top spec.rank singular directions of L and exactly spec.kept() sparse entries.
 

@@ -88,7 +88,7 @@ def sparsegpt_prune(
 
 @register("sparsegpt", kind="sparse")
 def sparsegpt(
-    W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, blocksize: int = 128, percdamp: float = 0.01, **_
+    W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, blocksize: int = 128, percdamp: float = 0.01
 ) -> SolveResult:
     validate_inputs(W, H, spec)
     t = time.perf_counter()

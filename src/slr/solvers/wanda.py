@@ -17,7 +17,7 @@ def wanda_score(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
 
 
 @register("wanda", kind="sparse")
-def wanda(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, **_) -> SolveResult:
+def wanda(W: torch.Tensor, H: torch.Tensor, spec: LayerSpec) -> SolveResult:
     validate_inputs(W, H, spec)
     t = time.perf_counter()
     mask = select(wanda_score(W, H), spec)
