@@ -510,12 +510,12 @@ def test_compress_ctrl_c_while_saving(capsys, tmp_path, monkeypatch, assets):
 
 
 def test_report_ctrl_c_has_no_resume_hint(capsys, tmp_path, monkeypatch):
-    import slr.report
+    import slr.cli
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(slr.report, "write_report", interrupted)
+    monkeypatch.setattr(slr.cli, "write_report", interrupted)
     code, _, err = run(capsys, "report", tmp_path, "--out", tmp_path / "r.html")
     assert_interrupted(code, err)
     assert "--resume" not in err  # `slr report --out` is not a compress run

@@ -204,7 +204,7 @@ def compress_request(a: argparse.Namespace) -> tuple[str, CompressConfig, RunOpt
         if flag == "opt":
             value = _opts(value)
         elif flag == "alloc_opt":
-            value = _opts(value, "--alloc-opt", "span=0.2")
+            value = _opts(value, "--alloc-opt", "pools=whitened")
         elif flag in ("no_save", "no_eval"):
             value = not value
         given.setdefault(table, {})[k] = value

@@ -147,7 +147,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
             os.replace(tmp, out)  # also replaces an empty directory
     except Exception as e:
         if is_disk_full(e):  # OSError ENOSPC, or safetensors' SafetensorError "... (os error 28)"
-            raise SLRError(f"no space left on device while writing {out}",
+            raise SLRError(f"no space left on device while writing {getattr(e, 'filename', None) or out}",
                            "free disk space or write to another disk") from None
         raise
     finally:
