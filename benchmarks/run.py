@@ -280,7 +280,7 @@ def write_report() -> None:
     lines += allocation_tables(recs)
     lines += zeroshot_table()
     # notes and the benchmark scripts' reports
-    for part in ("extra.md", "alloc_time.md", "inference.md", "onload.md", "torchrun.md"):
+    for part in ("extra.md", "alloc_time.md", "inference.md", "onload.md", "torchrun.md", "tuning.md"):
         if (HERE / part).exists():
             lines += [(HERE / part).read_text()]
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")

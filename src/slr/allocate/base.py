@@ -300,9 +300,8 @@ SPAN = 0.1  # the default trust region of knapsack and CAP (see check_span)
 def check_span(span, who: str) -> None:
     """A trust region ``span``: every matrix keeps a retained fraction within budget ± span (span=1 turns it off).
 
-    Why a default of 0.1: the per-matrix proxies (whitened tails, Fisher weights) order matrices well near the
-    uniform plan but mispredict the joint solvers far from it; measured with admm at g50 (BENCHMARKS.md), the
-    knapsack's plan lost to uniform without it (41.33 vs 35.28) and won with span=0.1 (33.44).
+    The per-matrix proxies (whitened tails, Fisher weights) order matrices near the uniform plan, not far from it;
+    the g50 runs behind the default of 0.1 are in BENCHMARKS.md ("Global allocation").
     """
     if isinstance(span, bool) or not (isinstance(span, (int, float)) and 0 < span <= 1):
         raise SLRError(f"{who} span {span!r} is not in (0, 1]", "use e.g. --alloc-opt span=0.1 (span=1 turns it off)")

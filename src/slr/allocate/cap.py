@@ -12,9 +12,8 @@ Stage 1, pools (per matrix; the RPCA pools are data-free):
       ||W - L_r0||_H^2 = Σ_{i>r0} σ_i^2 (the knapsack's "low rank, then the most salient entries" proxy). A sampled
       W(mask) is the kept directions' L with W itself on the kept entries' support (``Pools.build``). One SVD per
       matrix and one Cholesky per input group, much cheaper than RPCA. Why r0 and not p: entries of W - L_p have
-      had the energy of all p directions removed, so next to the directions they look cheap and the plan comes out
-      rank-heavy (measured on SmolLM2 with the RPCA pools, whose S holds only the outliers: mean ranks 24-140 with
-      S densities 0.08-0.26 at g50, ppl 169 vs 61 uniform).
+      had the energy of all p directions removed, so next to the directions they would look cheap and the plan would
+      come out rank-heavy (BENCHMARKS.md, "Tuning notes").
   Pure pruning has no directions (the candidates are the entries of W); rank-only methods have no sparse part (the
   directions of the whitened SVD of W, whatever ``pools`` says).
 
@@ -41,10 +40,9 @@ output-gradient sensitivity F̄, ``normalize="fisher"``, ``fisher_power``; data-
 Initialisation (``init``, not in the paper):
   "knapsack" (default): s0 centred on the knapsack allocator's plan with the same pricing, floor and span
       (``plan_init``: the plan's directions and entries above ½, the rest below, beta = ``init_temp`` = 2), so the
-      policy gradient refines the knapsack plan on the real calibration loss. Why: the per-candidate priors
-      split a matrix's budget between directions and entries badly. With "density" the plans came out rank-heavy
-      (mean rank 102 at g50, ppl 80.1 with admm vs 35.3 uniform), while the knapsack's per-matrix curves, which
-      re-fit the residual for every rank, choose the split well.
+      policy gradient refines the knapsack plan on the real calibration loss: the knapsack's per-matrix curves
+      re-fit the residual for every rank, so they split a matrix's budget between directions and entries better
+      than the per-candidate priors do (BENCHMARKS.md, "Tuning notes").
   "density": s0 = sigmoid(beta (log density - log tau)), where tau is the density at which the densest-first
       candidates fill the budget: the initial mean plan is the greedy fill by prior density.
   s0 is then projected.
@@ -55,8 +53,7 @@ the joint solvers use well (see the knapsack docstring). ``rank_floor=0`` makes 
 Trust region (``span``, default 0.1 as the knapsack's, ``base.check_span``; span=1 turns it off): every matrix keeps a
 retained fraction within budget ± span. In each matrix's s0 order (floor directions first), the candidates that
 fit in (budget - span) m n are kept outright and those past (budget + span) m n are never kept; only the band in
-between is sampled and projected. The pools' per-candidate priors mispredict the joint solvers far from the uniform
-plan (measured with admm at g50, BENCHMARKS.md).
+between is sampled and projected.
 Final plan: candidates in decreasing s (ties: higher prior density) are kept while they fit in K; a matrix's rank
 is its number of kept directions and its sparse count the entries of its kept chunks (then ``fit_budget``).
 """
@@ -138,8 +135,8 @@ class Pools:
 
         RPCA pools: the kept directions of L plus the kept entries of S (the paper's W ~= L + S). Residual pools
         (``on_support``; entries chosen and priced on W - L_r0, stored as W's own values): the kept directions
-        L_kept, with W itself on the kept entries' support. Adding the r0-residual's values to L_kept instead would
-        count the directions past r0 twice on the support (CAP's calibration loss of such plans was 13-15 nats).
+        L_kept, with W itself on the kept entries' support (adding the r0-residual's values to L_kept instead would
+        count the directions past r0 twice on the support).
         """
         d = torch.ones_like(self.sigma, dtype=torch.bool) if dirs is None else dirs
         W = (self.U[:, d] * self.sigma[d]) @ self.Vt[d] if bool(d.any()) else torch.zeros(m.d_out, m.d_in)

@@ -7,10 +7,8 @@ Proxy (approximate, documented). Each matrix is scored in its layer metric ||E||
       (what the whitened lowrank step and ADMM's L step reach); a residual entry e_ij is weighed by the OBS
       saliency e_ij^2 / [H^-1]_jj (its cost when the rest of the row compensates, as SparseGPT does).
   metric="diag": only d_j = sqrt(mean x_j^2) (Wanda / OATS scaling): A = W diag(d), entries weighed by d_j^2. This
-      ignores the cross-channel correlations of H and undervalues low rank: on SmolLM2 at g50 its admm plan dropped
-      almost every rank to 0. Measured (BENCHMARKS.md, g50): neither metric's plan beats uniform with admm (ppl
-      45.63 diag, 45.37 whitened, 35.16 uniform); with prune+lr the diag plan does (55.60 vs 61.47). The proxy
-      scores each matrix alone, so what it misses is how errors add up through the blocks (open problem).
+      ignores the cross-channel correlations of H and undervalues low rank. The proxy scores each matrix alone, so
+      what it misses is how errors add up through the blocks (BENCHMARKS.md, "Global allocation").
   Without calibration data both use the plain weights (d = 1). For a candidate (k kept values per row, rank r):
 
   loss(r, k) = ||W - L_r||_H^2 * (1 - captured_r(k))
@@ -30,21 +28,15 @@ against the others' (``base.loss_weight``).
   "fisher" (default with calibration data, ours): weight m n (F̄ ||A||^2 / m n)^fisher_power, where F̄ is the
       linear's mean squared per-token loss gradient at its output on ``fisher_samples`` windows (4; one forward and
       backward of the dense model, activation gradients only), the output factor of the diagonal Fisher / K-FAC
-      curvature. At power 1 the loss is the Fisher estimate ½ F̄ ||ΔW||_H^2 of the loss increase; F̄ spans about
-      seven decades over SmolLM2's blocks (early blocks and v_proj highest), and at power 1 the plan keeps blocks
-      0-10 almost dense and squeezes the later MLPs to 0.2, which a first-order estimate overrates. The default
-      power 0.25 tempers the dynamic range. Measured at g50 (BENCHMARKS.md): with admm and no trust region this
-      plan lost to uniform (41.33 vs 35.28; 45.37 with "size" and no rank floor): F̄ is smallest for q/k and the
-      last blocks, and the plan moved their budget to v_proj and the early blocks, where admm's errors were
-      already small. Within the default span of 0.1 the same pricing beats uniform (33.44).
+      curvature. At power 1 the loss is the Fisher estimate ½ F̄ ||ΔW||_H^2 of the loss increase; the default power
+      0.25 tempers F̄'s dynamic range (about seven decades over SmolLM2's blocks; BENCHMARKS.md, "Tuning notes").
   "size" (the default without data) = relative error times m n: equal relative errors cost the same per parameter
       everywhere, so identically shaped curves give the uniform plan; "relative" = plain sum of relative errors
       (favours keeping small matrices dense); "absolute" = metric energies ||ΔW||_H^2 (dominated by high-activation
       layers).
 Rank floor (``rank_floor``, S+LR only; default the run's --rank, 0 with N:M where the ranks are all that moves):
-every matrix keeps at least this rank. The proxy ("low rank first, then sparse", no joint fit) undervalues low
-rank against what ADMM-type solvers get from it: without a floor the Fisher plan cut the MLP ranks to 0-13.
-``rank_floor=0`` frees it.
+every matrix keeps at least this rank, since the proxy ("low rank first, then sparse", no joint fit) undervalues
+low rank against what ADMM-type solvers get from it. ``rank_floor=0`` frees it.
 
 Solver. Choose one candidate (cost c = d_out * k + r (d_out + d_in), loss l) per matrix to minimise Σ l subject to
 Σ c <= budget * Σ m n. Lagrangian relaxation: for a multiplier λ every matrix independently picks argmin l + λ c,
@@ -52,7 +44,7 @@ which equalises the marginal loss per parameter across matrices (the optimum of 
 curve's lower hull); the chosen cost falls as λ grows, so bisection on log λ finds the smallest λ whose plan fits.
 The leftover (at most about one hull step per matrix) is then spent greedily on the upgrade with the largest loss
 decrease per extra parameter, and ``fit_budget`` settles row rounding. Cost: one SVD per matrix, one Cholesky per input
-group and a dense forward pass over ``max_samples`` calibration windows (measured in BENCHMARKS.md).
+group and a dense forward pass over ``max_samples`` calibration windows (timed in BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -142,26 +142,22 @@ def admm(
 ) -> SolveResult:
     """3BASiL ADMM for S (pattern of ``spec``) + L (rank spec.rank), with the methods.md §7.3 fixes.
 
-    W: [d_out, d_in], H = X^T X [d_in, d_in]. Defaults and why (measured on SmolLM2-135M weights with real H):
-      max_iters=130, min_iters=40, check_every=10, rho0=0.1, rho_grow=(1.2, 1.1, 1.05): the reference runs up to
-        2000 iterations with x1.1/x1.05/x1.02 growth (~7% lower objective here, but ~2.5x the time). With this
-        faster growth the solver almost never stops before the cap, so the cap sets the time: on SmolLM2 blocks 0
-        and 2 at 2:4+r32, 130 iterations instead of 160 cost +0.7% / +1.3% mean objective (max +2.3% / +3.8%) for
-        ~15% less solve time, and 120 cost +1.8% / +2.2%; rho0=0.2 or x1.3 growth with 120 iterations cost
-        +5-13%. Pass rho_grow=(1.1, 1.05, 1.02), max_iters=2000 for the reference schedule.
-      init="weights": B0 = W~, L0 = 0 as in 3BASiL. "residual" (L0 = whitened rank-r SVD of W, B0 = W~ - L~0) and
-        "hybrid" (that L0, B0 = W~) are the §7.3 warm starts; both measured 4-25% worse after the same iterations
-        (the sparse part should grab the large entries first), so they are options, not the default.
-      lr_niter=0, lr_oversample=8: each L step is one block-power step of a randomized SVD warm-started from the
-        previous right subspace, so the subspace iteration converges together with the ADMM (niter=1 gave the
-        same objective at higher cost). The final refit uses an exact SVD.
-      polish_rounds=1, cg_iters=10: exact L refit against the projected S, then CG backsolve of S on its support;
-        each round is accepted only if it lowers the objective. On SmolLM2 block 2 the first round lowers the
-        objective by 0-0.3% and a second by under 0.1% for ~8% more solve time, so one round is the default.
-      percdamp=diag_frac=0.005: 3BASiL's README damping (percdamp of mean diag + hess_percdamp of diag).
-      dtype=float32 for the iteration (the eigendecomposition, objectives and polish are float64).
-      diverge_factor=10: a check whose objective is non-finite or 10x the best restores the best iterate, clears
-        the dual and multiplies rho by 10.
+    W: [d_out, d_in], H = X^T X [d_in, d_in]. Options (the tuning behind the defaults: BENCHMARKS.md, "Tuning notes"):
+      max_iters, min_iters, check_every: at most ``max_iters`` iterations, at least ``min_iters``; the objective is
+        checked every ``check_every``. rho0, rho_grow: the penalty starts at rho0 and grows by rho_grow (factors for
+        the early / middle / late iterations). ``rho_grow=(1.1, 1.05, 1.02), max_iters=2000`` is the reference
+        schedule of the 3BASiL code.
+      init="weights": B0 = W~, L0 = 0 as in 3BASiL; "residual" (L0 = whitened rank-r SVD of W, B0 = W~ - L~0) and
+        "hybrid" (that L0, B0 = W~) are the §7.3 warm starts.
+      lr_niter, lr_oversample: each L step is ``lr_niter`` + 1 block-power steps of a randomized SVD with
+        ``lr_oversample`` extra columns, warm-started from the previous right subspace; the final refit uses an exact
+        SVD.
+      polish_rounds, cg_iters: each polish round is an exact L refit against the projected S, then a CG backsolve
+        (``cg_iters`` steps) of S on its support; a round is kept only if it lowers the objective.
+      percdamp, diag_frac: 3BASiL's damping (percdamp of the mean diagonal + diag_frac of each diagonal entry).
+      dtype: of the iteration (the eigendecomposition, objectives and polish are float64).
+      diverge_factor: a check whose objective is non-finite or diverge_factor x the best restores the best iterate,
+        clears the dual and multiplies rho by 10 (``info["restarts"]``).
     info: objective (true undamped objective of the projected iterate (Z, L) at start and every check, then of each
     accepted polish round; the result is the best iterate, so its objective is min(objective)), best_objective,
     iterations, restarts, diverged, rho, seconds, time (seconds per step).

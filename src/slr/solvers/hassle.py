@@ -30,9 +30,8 @@ def hassle(
 ) -> SolveResult:
     """HASSLE-free alternating minimisation; returns the best iterate by the true (undamped) objective.
 
-    iters=12 (the paper uses 80, 3BASiL's README 40): each iteration is one SparseGPT sweep (0.1-0.35 s on SmolLM2
-    shapes with 2 cores) plus one exact whitened SVD, so 12 iterations keep the 210 SmolLM2 matrices at ~10 min
-    (measured ~20 s per block of 7 matrices); most of the gain comes in the first ~5-10 alternations.
+    iters=12 (the paper uses 80, 3BASiL's README 40; BENCHMARKS.md, "Tuning notes"): each iteration is one
+    SparseGPT sweep plus one exact whitened SVD.
     Stops early once the best objective has not improved by a relative ``tol`` for ``patience`` iterations (the
     alternation is not monotone: SparseGPT is greedy). Iteration 1 equals ``prune+lr`` (same damping), so the
     result is never worse than it. percdamp=diag_frac=0.005 as in 3BASiL/HASSLE-free's defaults.
