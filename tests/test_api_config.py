@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import make_hf_folder, run
+from test_cli import run
 
 import slr
 from slr.config import AllocConfig, CompressConfig, RefineConfig, RunOptions, load_toml
@@ -20,16 +20,6 @@ from slr.solvers import METHODS
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.fixture
-def tiny_src(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLR_CACHE", str(tmp_path / "cache"))
-    src = tmp_path / "tiny-llama"
-    make_hf_folder(src)
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{(7 * i) % 100}" for i in range(3000)) + "\n")
-    return src, text
-
-
 def readme_api_config() -> dict:
     """The CompressConfig keywords of the README's Python API example (so the test follows the README)."""
     block = README.read_text().split("```python", 1)[1].split("```", 1)[0]
@@ -38,9 +28,9 @@ def readme_api_config() -> dict:
     return eval(f"dict({m.group(1)})", {"slr": slr})  # noqa: S307  (our own README)
 
 
-def test_readme_api_plan_equals_cli_plan(capsys, tmp_path, tiny_src):
+def test_readme_api_plan_equals_cli_plan(capsys, tmp_path, tiny_folder):
     """slr.compress_ with the README's config (knapsack, budget 0.5) plans what `slr compress` plans."""
-    src, text = tiny_src
+    src, text = tiny_folder
     kw = readme_api_config()
     assert kw["alloc"].method == "knapsack" and kw["alloc"].budget == 0.5
     kw |= {"calib_samples": 8, "seqlen": 64, "solver": {"max_iters": 5, "min_iters": 5}}
@@ -79,9 +69,9 @@ def test_compress_runs_allocation_and_refine():
     assert len(report.refine) == 2 and all(s["steps"] > 0 for s in report.refine)
 
 
-def test_flags_equal_toml(capsys, tmp_path, tiny_src):
+def test_flags_equal_toml(capsys, tmp_path, tiny_folder):
     """Every compress flag lands where the TOML layout puts it; flags override the file."""
-    src, text = tiny_src
+    src, text = tiny_folder
     toml = tmp_path / "run.toml"
     toml.write_text(f'model = "{src}"\nmethod = "wanda"\nsparsity = 0.7\ncalib_samples = 4\nseqlen = 64\n'
                     '[run]\nevaluate = false\nsave = false\n')
@@ -114,8 +104,8 @@ def test_unknown_options_name_the_valid_ones(tmp_path):
         load_toml(bad)
 
 
-def test_cli_config_errors_are_one_line(capsys, tmp_path, tiny_src):
-    src, _ = tiny_src
+def test_cli_config_errors_are_one_line(capsys, tmp_path, tiny_folder):
+    src, _ = tiny_folder
     toml = tmp_path / "run.toml"
     toml.write_text('method = "wanda"\n[alloc]\nbudgett = 0.5\n')
     code, out, err = run(capsys, "compress", src, "--config", toml)

@@ -27,17 +27,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .allocate import allocator
 from .errors import SLRError
-from .options import jsonable, make_options
+from .options import fits, jsonable, make_options
 from .solvers import method as solver_method
 from .spec import LayerSpec, keep_per_row, parse_nm
 
 DTYPES = ("float32", "float16", "bfloat16")
+NESTED = ("solver", "alloc", "refine", "options")  # tables that build (and check) themselves
 
 
 @dataclass
@@ -214,31 +216,12 @@ def _build(cls, d, where: str):
     for k in d:
         if k not in names:
             raise SLRError(f"{k!r} is not a key of [{where}]", f"use one of: {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):  # types of plain fields (the nested tables check their own)
-        if f.name in d and f.name not in ("solver", "alloc", "refine", "options") and not _plain_fits(d[f.name], f):
+        if f.name in d and f.name not in NESTED and not fits(d[f.name], hints[f.name]):
             raise SLRError(f"[{where}] {f.name} = {d[f.name]!r} has the wrong type ({f.type})",
                            f"write e.g. {f.name} = {f.default!r}" if f.default is not None else "see --help")
     return cls(**d)
-
-
-def _plain_fits(v, f: dataclasses.Field) -> bool:
-    t = str(f.type)
-    if v is None:
-        return "None" in t
-    if isinstance(v, bool):
-        return "bool" in t
-    if isinstance(v, int):
-        return "int" in t or "float" in t
-    if isinstance(v, float):
-        return "float" in t
-    if isinstance(v, str):
-        return "str" in t
-    if isinstance(v, list):
-        return "list" in t
-    return True
-
-
-TOML_KEYS = ("model", "run")
 
 
 def load_toml(path: str | Path) -> tuple[str | None, dict, dict]:

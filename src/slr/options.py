@@ -43,13 +43,13 @@ def _hint(annotation, fn: Callable):
     return annotation
 
 
-def _fits(value, hint) -> bool:
+def fits(value, hint) -> bool:
     """Whether ``value`` (as parsed from JSON/TOML) is of type ``hint``; int is accepted for float, bool is not int."""
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
     if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in typing.get_args(hint))
+        return any(fits(value, a) for a in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -64,6 +64,8 @@ def _fits(value, hint) -> bool:
         return isinstance(value, list | tuple)
     if hint is dict or origin is dict:
         return isinstance(value, dict)
+    if hint is list or origin is list:
+        return isinstance(value, list)
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
@@ -89,7 +91,7 @@ def make_options(cls: type, values, *, flag: str, what: str):
         hint = hints.get(k, Any)
         if hint is torch.dtype and isinstance(v, str):  # "float32" (a TOML or results.json value)
             v = _dtype(v, flag, k)
-        if not _fits(v, hint):
+        if not fits(v, hint):
             d = fields[k].default
             raise SLRError(f"{flag} {k}={v} does not fit {what}'s option {k} (type {_name(hint)}, default {d})",
                            f"write e.g. {flag} {k}={d}" if isinstance(d, int | float | str) else

@@ -250,8 +250,8 @@ def compress_(
                       use=calib is not None and len(calib) > 0 and (not data_free or refiner is not None))
     report.add_time("capture", time.perf_counter() - t)
     try:
-        _compress_blocks(adapter, blocks, config, plan, inputs, report, materialize, refiner, progress, keep_results,
-                         checkpoints, onload, pristine, data_free, distributed.current())
+        _BlockLoop(adapter, blocks, config, plan, inputs, report, materialize, refiner, keep_results, checkpoints,
+                   onload, pristine, data_free, distributed.current()).run(progress)
     finally:
         if inputs is not None and isinstance(inputs.hidden, DiskActivations):
             inputs.hidden.cleanup()
@@ -288,69 +288,98 @@ def _capture(model, adapter, calib, batch_size, device, onload, offload_activati
     return capture(model, adapter, calib, batch_size, device, hidden=store)
 
 
-def _compress_blocks(adapter, blocks, config, plan, inputs, report, materialize, refine, progress, keep_results,
-                     checkpoints, onload, pristine, data_free, group) -> None:
-    """The block loop of ``compress_``."""
-    done = checkpoints.completed() if checkpoints is not None else 0
-    kill = _KillSwitch(_fault_after())
-    bar = tqdm(range(len(blocks)), desc=f"compress [{config.method}]", unit="block",
-               disable=not progress or not group.is_main)
-    for i in bar:
-        if onload is not None:
-            t = time.perf_counter()
-            blocks[i] = copy.deepcopy(pristine[i])
-            onload.load(i, blocks[i])
-            report.add_time("onload.load", time.perf_counter() - t)
-        block = blocks[i]
+@dataclass
+class _BlockLoop:
+    """The block loop of ``compress_``: what stays fixed over the blocks, and one method per kind of block."""
+
+    adapter: ArchAdapter
+    blocks: nn.ModuleList
+    config: CompressConfig
+    plan: Plan
+    inputs: BlockInputs | None
+    report: CompressReport
+    materialize: str
+    refiner: object | None
+    keep_results: bool
+    checkpoints: object | None
+    onload: object | None
+    pristine: list[nn.Module] | None
+    data_free: bool
+    group: object
+
+    def run(self, progress: bool) -> None:
+        done = self.checkpoints.completed() if self.checkpoints is not None else 0
+        kill = _KillSwitch(_fault_after())
+        bar = tqdm(range(len(self.blocks)), desc=f"compress [{self.config.method}]", unit="block",
+                   disable=not progress or not self.group.is_main)
+        for i in bar:
+            if self.onload is not None:
+                t = time.perf_counter()
+                self.blocks[i] = copy.deepcopy(self.pristine[i])
+                self.onload.load(i, self.blocks[i])
+                self.report.add_time("onload.load", time.perf_counter() - t)
+            if i < done:  # finished by an interrupted run: rebuild it exactly, then propagate as that run did
+                self._resume(i, self.blocks[i])
+                bar.set_postfix(resumed=i + 1)
+            else:
+                err = self._solve(i, self.blocks[i], kill)
+                if err is not None:
+                    bar.set_postfix(rel_err=f"{err:.4f}")
+            if self.onload is not None:
+                self.onload.release(self.blocks[i])
+            trim_heap()
+
+    def _resume(self, i: int, block: nn.Module) -> None:
+        report = self.report
+        results, recs, secs = _rebuild(block, self.adapter, i, self.checkpoints, self.materialize)
+        report.records += [MatrixRecord(**(r | {"shape": tuple(r["shape"])})) for r in recs]
+        for k, v in secs.items():
+            report.add_time(k, v)
+        if self.keep_results:
+            report.results.update({key(i, n): r for n, r in results.items()})
+        self._propagate(i, block, timed=False)
+
+    def _solve(self, i: int, block: nn.Module, kill: _KillSwitch) -> float | None:
+        """Collect H, solve, replace the linears, refine, checkpoint, propagate; returns the mean layer error."""
+        report, inputs, refiner = self.report, self.inputs, self.refiner
         before = dict(report.seconds)
-        if i < done:  # finished by an interrupted run: rebuild it exactly, then propagate as that run did
-            results, recs, secs = _rebuild(block, adapter, i, checkpoints, materialize)
-            report.records += [MatrixRecord(**(r | {"shape": tuple(r["shape"])})) for r in recs]
-            for k, v in secs.items():
-                report.add_time(k, v)
-            if keep_results:
-                report.results.update({key(i, n): r for n, r in results.items()})
-            if inputs is not None:
-                with torch.no_grad():
-                    inputs.hidden = map_hidden(inputs.hidden, lambda h, b=block, j=i: block_forward(b, inputs, j, h))
-            if onload is not None:
-                onload.release(block)
-            bar.set_postfix(resumed=i + 1)
-            continue
-        linears = adapter.linears(block)
-        groups = [g for g in adapter.groups if all(n in linears for n in g)]
+        linears = self.adapter.linears(block)
+        groups = [g for g in self.adapter.groups if all(n in linears for n in g)]
         Hs, targets = {}, None
         if inputs is not None:
             t = time.perf_counter()
-            Hs, targets = _collect(block, i, inputs, linears, groups, refine is not None, group)
+            Hs, targets = _collect(block, i, inputs, linears, groups, refiner is not None, self.group)
             report.add_time("hessian", time.perf_counter() - t)
         t = time.perf_counter()
-        results, records = _solve_block(i, linears, groups, Hs, config, plan, data_free, group, kill)
+        results, records = _solve_block(i, linears, groups, Hs, self.config, self.plan, self.data_free, self.group,
+                                        kill)
         report.records += records
         report.add_time("solve", time.perf_counter() - t)
-        _apply_results(block, adapter, results, materialize)
-        if keep_results:
+        _apply_results(block, self.adapter, results, self.materialize)
+        if self.keep_results:
             report.results.update({key(i, n): r for n, r in results.items()})
-        if refine is not None and inputs is not None:
+        if refiner is not None and inputs is not None:
             t = time.perf_counter()
-            refine(block, i, inputs, targets)
+            refiner(block, i, inputs, targets)
             report.add_time("refine", time.perf_counter() - t)
-        if checkpoints is not None and group.is_main:
+        if self.checkpoints is not None and self.group.is_main:
             secs = {k: v - before.get(k, 0.0) for k, v in report.seconds.items()}
-            recs = [json.loads(json.dumps(vars(r) | {"shape": list(r.shape)}, default=str))
-                    for r in report.records if r.block == i]
-            checkpoints.save(i, results, recs, secs, block.state_dict() if refine is not None else None)
-        if inputs is not None:
-            t = time.perf_counter()
-            with torch.no_grad():
-                inputs.hidden = map_hidden(inputs.hidden, lambda h, b=block, j=i: block_forward(b, inputs, j, h))
-            report.add_time("propagate", time.perf_counter() - t)
-        if onload is not None:
-            onload.release(block)
-        trim_heap()
-        errs = [r.rel_error for r in report.records if r.block == i and r.rel_error == r.rel_error]
-        if errs:
-            bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.4f}")
+            recs = [json.loads(json.dumps(vars(r) | {"shape": list(r.shape)}, default=str)) for r in records]
+            self.checkpoints.save(i, results, recs, secs, block.state_dict() if refiner is not None else None)
+        self._propagate(i, block, timed=True)
+        errs = [r.rel_error for r in records if r.rel_error == r.rel_error]
+        return sum(errs) / len(errs) if errs else None
+
+    def _propagate(self, i: int, block: nn.Module, timed: bool) -> None:
+        """The calibration inputs through the compressed block: the next block sees compressed-path inputs."""
+        inputs = self.inputs
+        if inputs is None:
+            return
+        t = time.perf_counter()
+        with torch.no_grad():
+            inputs.hidden = map_hidden(inputs.hidden, lambda h: block_forward(block, inputs, i, h))
+        if timed:
+            self.report.add_time("propagate", time.perf_counter() - t)
 
 
 def _collect(block, i: int, inputs: BlockInputs, linears, groups, keep_targets: bool, group):
