@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unstructured sparsity of S, in (0, 1) [default: 0.5 for methods with a sparse part]")
     g.add_argument("--pattern", default=D, metavar="N:M", help="N:M sparsity of S along the input dim, e.g. 2:4")
     c.add_argument("--rank", type=int, default=D, help="rank of the low-rank part per matrix [default: 0]")
+    c.add_argument("--bits", type=int, default=D, choices=[2, 3, 4, 8],
+                   help="bit width of S's values, quantized inside the solve (methods gptq, rtn, ...); with no "
+                   "--sparsity/--pattern S is dense [default: float storage]")
+    c.add_argument("--group-size", type=int, default=D, metavar="G",
+                   help="inputs per quantization group (fp16 scale each) [default: 64]")
+    c.add_argument("--asym", action="store_true", default=D,
+                   help="asymmetric grid (a zero point per group) instead of the symmetric one")
+    c.add_argument("--factor-bits", type=int, default=D, choices=[16, 8, 4],
+                   help="bit width of U and V [default: 16 = fp16]")
     c.add_argument("--out", default=D, metavar="DIR", help="artifact directory (written atomically)")
     c.add_argument("--overwrite", action="store_true", default=D, help="replace an existing --out directory")
     c.add_argument("--no-save", action="store_true", default=D, help="do not write the artifact (results.json only)")
@@ -182,6 +191,8 @@ def cmd_eval(a) -> int:
 _FLAGS = {
     "method": (None, "method"), "sparsity": (None, "sparsity"), "pattern": (None, "pattern"), "rank": (None, "rank"),
     "calib_samples": (None, "calib_samples"), "seed": (None, "seed"), "opt": (None, "solver"),
+    "bits": (None, "bits"), "group_size": (None, "group_size"), "asym": (None, "sym"),
+    "factor_bits": (None, "factor_bits"),
     "allocate": ("alloc", "method"), "budget": ("alloc", "budget"), "alloc_opt": ("alloc", "options"),
     "refine": ("refine", "method"), "tm_epochs": ("refine", "epochs"), "tm_samples": ("refine", "max_samples"),
     "out": ("run", "out"), "overwrite": ("run", "overwrite"), "no_save": ("run", "save"),
@@ -205,7 +216,7 @@ def compress_request(a: argparse.Namespace) -> tuple[str, CompressConfig, RunOpt
             value = _opts(value)
         elif flag == "alloc_opt":
             value = _opts(value, "--alloc-opt", "pools=whitened")
-        elif flag in ("no_save", "no_eval"):
+        elif flag in ("no_save", "no_eval", "asym"):
             value = not value
         given.setdefault(table, {})[k] = value
     if "refine" in given and "refine" not in tables and "method" not in given["refine"]:

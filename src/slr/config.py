@@ -35,6 +35,7 @@ from typing import Any
 from .allocate import allocator
 from .errors import SLRError
 from .options import fits, jsonable, make_options
+from .solvers import METHODS
 from .solvers import method as solver_method
 from .spec import LayerSpec, keep_per_row, parse_nm
 
@@ -104,6 +105,9 @@ class CompressConfig:
     method:   layer solver (``slr.solvers.METHODS``); its kind decides which of sparsity / pattern / rank apply.
     sparsity: unstructured sparsity of S (None = 0.5 for methods with a sparse part); ``pattern`` "N:M" instead.
     rank:     rank of U V (rank-only methods need one, or a budget that sets them).
+    bits, group_size, sym: S's values on a b-bit grid in groups of group_size inputs (methods that quantize
+              inside the solve: ``Method.bits``); with bits and no sparsity or pattern, S is dense (sparsity 0).
+    factor_bits: U and V at 16 (fp16), 8 or 4 bits.
     solver:   the method's typed options (a dict is converted).
     alloc:    ``AllocConfig``; refine: ``RefineConfig`` or None.
     """
@@ -112,6 +116,10 @@ class CompressConfig:
     sparsity: float | None = None
     pattern: str | None = None
     rank: int = 0
+    bits: int | None = None
+    group_size: int = 64
+    sym: bool = True
+    factor_bits: int = 16
     calib_samples: int = 128
     seqlen: int = 512
     seed: int = 0
@@ -137,6 +145,13 @@ class CompressConfig:
         stands in for the ranks the allocator sets."""
         m = solver_method(self.method)
         nm = parse_nm(self.pattern)
+        q = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "factor_bits": self.factor_bits}
+        if (self.bits is not None or self.factor_bits != 16) and not m.bits:
+            quantizers = ", ".join(sorted(n for n, x in METHODS.items() if x.bits)) or "none yet"
+            raise SLRError(f"{self.method} does not quantize inside the solve", f"use one of: {quantizers}, or drop "
+                           "--bits/--factor-bits")
+        if m.needs_bits and self.bits is None:
+            raise SLRError(f"{self.method} quantizes and needs a bit width", "pass --bits 4 (or 8, 3, 2)")
         if not m.takes_sparsity:
             if nm is not None or self.sparsity not in (None, 1.0):
                 raise SLRError(f"{self.method} keeps no sparse part", "drop --sparsity/--pattern, or pick an S+LR "
@@ -145,13 +160,14 @@ class CompressConfig:
             if rank == 0:
                 raise SLRError(f"{self.method} is rank-only and needs a rank or a budget",
                                "pass --rank R or --budget 0.5")
-            return _checked(LayerSpec(sparsity=1.0, rank=rank))
+            return _checked(LayerSpec(sparsity=1.0, rank=rank, **q))
         if not m.takes_rank and self.rank:
             raise SLRError(f"{self.method} has no low-rank part", "drop --rank, or pick an S+LR method such as admm")
-        sp = 0.5 if self.sparsity is None else self.sparsity
-        if nm is None and self.rank == 0 and not (0.0 < sp < 1.0):
+        sp = (0.0 if self.bits is not None else 0.5) if self.sparsity is None else self.sparsity
+        lowest = 0.0 if self.bits is not None else None  # a quantized S may be dense
+        if nm is None and self.rank == 0 and not (sp == lowest or 0.0 < sp < 1.0):
             raise SLRError(f"sparsity {sp} is outside (0, 1)", "pass e.g. --sparsity 0.5")
-        return _checked(LayerSpec(sparsity=sp, nm=nm, rank=self.rank))
+        return _checked(LayerSpec(sparsity=sp, nm=nm, rank=self.rank, **q))
 
     def to_dict(self) -> dict:
         """Plain JSON values (the shape of a TOML run file's tables)."""

@@ -33,16 +33,23 @@ class Plan:
         self.specs[key(block, name)] = spec
 
     def to_dict(self) -> dict:
-        out = {k: {"sparsity": s.sparsity, "nm": list(s.nm) if s.nm else None, "rank": s.rank}
-               for k, s in self.specs.items()}
+        out = {k: _spec_dict(s) for k, s in self.specs.items()}
         if self.default is not None:
-            d = self.default
-            out["*"] = {"sparsity": d.sparsity, "nm": list(d.nm) if d.nm else None, "rank": d.rank}
+            out["*"] = _spec_dict(self.default)
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
         def spec(v):
-            return LayerSpec(sparsity=v["sparsity"], nm=tuple(v["nm"]) if v["nm"] else None, rank=v["rank"])
+            return LayerSpec(**(v | {"nm": tuple(v["nm"]) if v["nm"] else None}))
 
         return cls(specs={k: spec(v) for k, v in d.items() if k != "*"}, default=spec(d["*"]) if "*" in d else None)
+
+
+def _spec_dict(s: LayerSpec) -> dict:
+    """The spec as plain values; the quantization fields only when S or the factors are quantized (so plans of
+    float runs read as they always have)."""
+    out = {"sparsity": s.sparsity, "nm": list(s.nm) if s.nm else None, "rank": s.rank}
+    if s.bits is not None or s.factor_bits != 16:
+        out |= {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, "factor_bits": s.factor_bits}
+    return out

@@ -26,6 +26,9 @@ class SolveResult:
     mask: [d_out, d_in] bool support of S (exact; kept values may themselves be 0.0).
     U:    [d_out, r] float32 or None.   V: [r, d_in] float32 or None.
     info: objective trace, iterations, seconds, ...
+    qparams: for each of "S", "U", "V" that is quantized (the spec's ``quant`` / ``factor_quant``), its grid's
+          (scale, zero) [rows, groups] float32; its values are exactly on that grid (``quant.quantize`` gives the
+          codes back).
     """
 
     S: torch.Tensor | None
@@ -33,6 +36,7 @@ class SolveResult:
     U: torch.Tensor | None = None
     V: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
+    qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -63,7 +67,8 @@ class Method:
     data_free: solves without calibration data (H may be None).
     group:     called once per input group with every matrix that reads it (``fn(Ws, H, specs, **opts) ->
                list[SolveResult]``; the results may share one V), instead of once per matrix (``fn(W, H, spec)``).
-    bits:      quantizes the values of S inside the solve (no method does yet).
+    bits:      quantizes the values of S (and the factors) inside the solve, on the spec's grids.
+    needs_bits: a pure quantizer (gptq, rtn): a bit width is required.
     options:   the dataclass of its keyword options (``slr.options.options_type``).
     """
 
@@ -73,6 +78,7 @@ class Method:
     data_free: bool = False
     group: bool = False
     bits: bool = False
+    needs_bits: bool = False
     options: type | None = None
 
     @property
@@ -87,13 +93,14 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, kind: str, data_free: bool = False, group: bool = False):
+def register(name: str, *, kind: str, data_free: bool = False, group: bool = False, bits: bool = False,
+             needs_bits: bool = False):
     """Decorator: register a layer solver under its CLI name (see ``Method`` for the flags)."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
 
     def deco(fn: Callable) -> Callable:
-        METHODS[name] = Method(name, fn, kind, data_free, group, options=options_type(name, fn))
+        METHODS[name] = Method(name, fn, kind, data_free, group, bits, needs_bits, options=options_type(name, fn))
         return fn
 
     return deco
