@@ -216,6 +216,8 @@ def compress_request(a: argparse.Namespace) -> tuple[str, CompressConfig, RunOpt
             value = _opts(value)
         elif flag == "alloc_opt":
             value = _opts(value, "--alloc-opt", "pools=whitened")
+        elif flag == "tasks":
+            value = [value]  # "piqa,arc_easy" or "all": the zero-shot checker splits it
         elif flag in ("no_save", "no_eval", "asym"):
             value = not value
         given.setdefault(table, {})[k] = value

@@ -104,6 +104,15 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, what: str = "the o
     check_writable_parent(out, what)
 
 
+def _final_name(e: BaseException, tmp: Path, out: Path) -> Path:
+    """The file an error names, as it would have been called in ``out`` (not in the temp folder); else ``out``."""
+    name = getattr(e, "filename", None)
+    if not name:
+        return out
+    p = Path(name).absolute()
+    return out / p.relative_to(tmp) if p.is_relative_to(tmp) else p
+
+
 def normalize_modes(root: str | os.PathLike) -> None:
     """Give every file under ``root`` 0o666 & ~umask and every folder (``root`` too) 0o777 & ~umask.
 
@@ -147,7 +156,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
             os.replace(tmp, out)  # also replaces an empty directory
     except Exception as e:
         if is_disk_full(e):  # OSError ENOSPC, or safetensors' SafetensorError "... (os error 28)"
-            raise SLRError(f"no space left on device while writing {getattr(e, 'filename', None) or out}",
+            raise SLRError(f"no space left on device while writing {_final_name(e, tmp, out)}",
                            "free disk space or write to another disk") from None
         raise
     finally:
