@@ -7,7 +7,8 @@ Usage:
   python benchmarks/run.py --only prune+lr:g50:knapsack:tm --tm-epochs 4   # METHOD:CONFIG[:ALLOCATE[:REFINE]]
   python benchmarks/run.py --report                 # only regenerate BENCHMARKS.md
 
-Every record: model, method, config, retained_fraction, ppl, ppl_windows, compress_s, eval_s, git_commit, ...
+Every record: model, method, config, retained_fraction, bpw, ppl, ppl_windows, compress_s, eval_s, git_commit, ...
+(bpw and artifact_bytes come from results.json's "bytes" when it has them; older records have none: "n/a").
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
     """One results.jsonl record from a results.json dict (as written by `slr compress`)."""
     calib_samples = r["calibration"]["samples"]
     c = flat_config(r["config"])
+    b = r.get("bytes") or {}
     return {
         "model": r["model"], "method": r["method"], "config": config_id or r["spec"],
         "allocate": c.get("allocate", "uniform"), "refine": c.get("refine"),
@@ -117,7 +119,9 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
         **({"allocate_s": round(r["seconds"]["allocate"], 1)} if "allocate" in r["seconds"] else {}),
         **({"alloc_opts": c["alloc_opts"]} if c.get("alloc_opts") else {}),
         **({"allocation": _alloc_summary(r["allocation"])} if r.get("allocation") else {}),
-        "retained_fraction": round(r["retained_fraction"], 6), "ppl": r["ppl"]["ppl"],
+        "retained_fraction": round(r["retained_fraction"], 6),
+        **({"bpw": b["bpw"]} if b.get("bpw") is not None else {}),
+        **({"artifact_bytes": b.get("on_disk", b["total"])} if "total" in b else {}), "ppl": r["ppl"]["ppl"],
         "ppl_windows": r["ppl"]["windows"], "ppl_text": r["ppl"]["text"], "dense_ppl": r["dense_ppl"]["ppl"],
         "mean_rel_error": r["mean_rel_error"], "calib_samples": calib_samples,
         "compress_s": round(r["seconds"]["compress"], 1), "eval_s": round(r["seconds"]["eval"], 1),
@@ -177,6 +181,10 @@ def _calib(r: dict) -> str:
     return str(r["calib_samples"]) if _read_calib(r) else "none"
 
 
+def _bpw(r: dict) -> str:
+    return "n/a" if r.get("bpw") is None else f"{r['bpw']:.3f}"
+
+
 def _err(r: dict) -> str:
     """Mean relative layer error; "(W)" marks the weight-space one of runs that collected no H (data-free)."""
     e = r["mean_rel_error"]
@@ -203,13 +211,14 @@ def allocation_tables(recs: list[dict]) -> list[str]:
            "and `cap` choose every matrix's sparsity and rank (`slr compress --budget 0.5 --allocate A`). Gap closed =",
            "(ppl_uniform - ppl) / (ppl_uniform - dense ppl), against the same solver's uniform run and against the",
            "best uniform run of any solver. allocate s = the allocator's own wall time (not part of compress s).", "",
-           "| method | allocate | refine | retained | ppl | gap closed vs same-solver uniform | vs best uniform | "
-           "allocate s | compress s | commit |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| method | allocate | refine | retained | bpw | ppl | gap closed vs same-solver uniform | "
+           "vs best uniform | allocate s | compress s | commit |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["method"], bool(r.get("refine")), r["ppl"])):
         win = r.get("tm_samples") or r["calib_samples"]
         tm = f"tm ({r.get('tm_epochs')} ep, {win} win)" if r.get("refine") else "-"
-        out.append(f"| {r['method']} | {alloc_label(r)} | {tm} | {r['retained_fraction']:.4f} | {r['ppl']:.3f} | "
+        out.append(f"| {r['method']} | {alloc_label(r)} | {tm} | {r['retained_fraction']:.4f} | {_bpw(r)} | "
+                   f"{r['ppl']:.3f} | "
                    f"{closed(r['ppl'], uni.get(r['method']))} | {closed(r['ppl'], best_uni)} | "
                    f"{r.get('allocate_s', 'n/a')} | {r['compress_s']} | {r['git_commit']} |")
     out.append("")
@@ -268,12 +277,12 @@ def write_report() -> None:
         if not rows:
             continue
         lines += [f"## {title}", "",
-                  "| model | config | method | retained | ppl | windows | dense ppl | mean rel. layer err | calib | "
-                  "compress s | eval s | commit |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| model | config | method | retained | bpw | ppl | windows | dense ppl | mean rel. layer err | "
+                  "calib | compress s | eval s | commit |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: (r["config"], r["ppl"])):
             lines.append(f"| {r['model'].split(' ')[0]} | {r['config']} | {r['method']} | "
-                         f"{r['retained_fraction']:.4f} | "
+                         f"{r['retained_fraction']:.4f} | {_bpw(r)} | "
                          f"{r['ppl']:.3f} | {r['ppl_windows']} | {r['dense_ppl']:.4f} | {_err(r)} | "
                          f"{_calib(r)} | {r['compress_s']} | {r['eval_s']} | {r['git_commit']} |")
         lines.append("")

@@ -182,7 +182,7 @@ def test_newer_format_version(llama_artifact, tmp_path):
     with pytest.raises(SLRError) as e:
         io.load(art)
     msg = str(e.value)
-    assert "\n" not in msg and "newer than this slr supports (1)" in msg and "upgrade slr" in msg
+    assert "\n" not in msg and f"newer than this slr supports ({io.FORMAT_VERSION})" in msg and "upgrade slr" in msg
 
 
 def test_overwrite_atomic_and_manifest(llama_artifact, tmp_path):

@@ -46,4 +46,20 @@ def test_tm_pairs_use_the_same_allocator_options(bench):
     text = "\n".join(bench.allocation_tables(recs))
     assert "| admm | g50 | knapsack | 41.000 | 41.100 |" in text
     assert "| admm | g50 | knapsack (span=0.1) | 33.400 | 33.300 |" in text
-    assert "| admm | knapsack (span=0.1) | - | 0.5000 | 33.400 | +10.7% |" in text  # (35 - 33.4) / (35 - 20)
+    assert "| admm | knapsack (span=0.1) | - | 0.5000 | n/a | 33.400 | +10.7% |" in text  # (35 - 33.4) / (35 - 20)
+
+
+def test_records_and_tables_carry_bpw(bench):
+    res = {"model": "m (q4)", "method": "gptq", "config": {"sparsity": 0.0, "pattern": None, "rank": 0},
+           "spec": "u0-q4g64", "calibration": {"samples": 8}, "seconds": {"compress": 1.0, "eval": 2.0},
+           "retained_fraction": 1.0, "ppl": {"ppl": 30.0, "windows": 64, "text": "t"}, "dense_ppl": {"ppl": 20.0},
+           "mean_rel_error": 0.01, "git_commit": "x", "seed": 0,
+           "bytes": {"bpw": 4.25, "total": 1000, "on_disk": 1200}}
+    r = bench.record(res, "u50")
+    assert r["bpw"] == 4.25 and r["artifact_bytes"] == 1200
+    old = bench.record({k: v for k, v in res.items() if k != "bytes"}, "u50")  # results.json from before bpw
+    assert "bpw" not in old and "artifact_bytes" not in old
+    unsaved = bench.record(res | {"bytes": {"bpw": 3.5, "compressed_layers_theory": 10}}, "u50")
+    assert unsaved["bpw"] == 3.5 and "artifact_bytes" not in unsaved
+    g50 = [rec("uniform", 35.0) | {"bpw": 6.5}]
+    assert "| admm | uniform | - | 0.5000 | 6.500 | 35.000 |" in "\n".join(bench.allocation_tables(g50))

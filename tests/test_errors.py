@@ -635,7 +635,8 @@ ARTIFACT_ERRORS = {
     "truncated-safetensors": (_truncate_art, ["checksum mismatch in model.safetensors: the file is corrupted"]),
     "missing-tensor-file": (_drop_file, ["artifact file model.safetensors is missing", "re-copy the complete"]),
     "missing-tensor": (_drop_tensor, ["artifact has no tensor for model.norm.weight"]),
-    "newer-format-version": (_manifest(_newer), ["artifact format version 2 is newer than this slr supports (1)",
+    "newer-format-version": (_manifest(_newer), [f"artifact format version {io.FORMAT_VERSION + 1} is newer than this "
+                                                 f"slr supports ({io.FORMAT_VERSION})",
                                                  "upgrade slr"]),
     "garbage-manifest": (_garbage_manifest, ["slr_config.json is unreadable"]),
 }

@@ -25,6 +25,9 @@ RUNS = {  # three solvers / allocators, so the report has something to compare
 }
 
 
+FIGS = ["ppl_vs_retained", "ppl_vs_bpw", "plan_heatmap", "layer_error", "time_breakdown"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from slr.cli import main
@@ -59,22 +62,47 @@ def test_report_files(capsys, runs):
     out = root / "out" / "report.html"
     code, stdout, err = run(capsys, "report", *dirs, "--out", out)
     assert code == 0, err
-    assert "4 figures" in stdout
+    assert "5 figures" in stdout
     page = out.read_text()
     md = out.with_suffix(".md").read_text()
     for name in RUNS:
         assert name in page and name in md
     res = json.loads((dirs[2] / "results.json").read_text())
     assert f"{res['retained_fraction']:.4f}" in md and f"{res['ppl']['ppl']:.3f}" in md
+    assert "| bpw |" in md and f"{res['bytes']['bpw']:.3f}" in md and res["bytes"]["bpw"] > 0
     assert not re.search(r"(src|href)=\"(https?:)?//", page)  # nothing fetched from a CDN or any URL
     imgs = re.findall(r'<img id="([a-z_]+)"[^>]*src="data:image/png;base64,([^"]+)"', page)
-    assert [i for i, _ in imgs] == ["ppl_vs_retained", "plan_heatmap", "layer_error", "time_breakdown"]
+    assert [i for i, _ in imgs] == FIGS
     for stem, b64 in imgs:
         png = base64.b64decode(b64)
         _png_ok(png)
         assert (root / "out" / "report_files" / f"{stem}.png").read_bytes() == png
         assert f"report_files/{stem}.png" in md
     assert not [p for p in (root / "out").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_ppl_panels_one_per_model_with_its_own_dense_line():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from slr.report import Run, fig_ppl_bpw
+
+    def fake(name, model, ppl, dense, bpw):
+        return Run(name, None, {"model": model, "method": "gptq", "ppl": {"ppl": ppl}, "dense_ppl": {"ppl": dense},
+                                "bytes": {"bpw": bpw}, "retained_fraction": 1.0, "matrices": []})
+
+    runs = [fake("a", "SmolLM2", 30.0, 20.0, 4.25), fake("b", "Qwen", 15.0, 12.0, 4.25),
+            fake("c", "SmolLM2", 40.0, 20.0, 3.25), fake("d", "Qwen", 20.0, 12.0, 3.25)]
+    fig = fig_ppl_bpw(runs, plt)
+    axes = fig.get_axes()
+    assert len(axes) == 2
+    for ax, dense in zip(axes, (20.0, 12.0)):
+        hlines = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+        assert len(hlines) == 1 and hlines[0].get_ydata()[0] == dense
+        assert len(ax.get_lines()) == 2  # the method's line and the dense line
+    plt.close(fig)
 
 
 def test_report_bad_input(capsys, runs, tmp_path):
@@ -136,6 +164,6 @@ def test_report_renders_in_headless_chromium(capsys, runs):
 
     check = json.loads(html.unescape(m.group(1)))
     assert check["errors"] == []
-    assert [i["id"] for i in check["images"]] == ["ppl_vs_retained", "plan_heatmap", "layer_error", "time_breakdown"]
+    assert [i["id"] for i in check["images"]] == FIGS
     for i in check["images"]:
         assert i["complete"] and i["w"] > 100 and i["h"] > 100, i

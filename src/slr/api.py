@@ -20,12 +20,13 @@ from .checkpoint import BlockCheckpoints, tensor_sha256
 from .config import CompressConfig, RunOptions
 from .data.calib import calibration_windows, tokenize_text
 from .data.corpora import load_text
+from .embeddings import round_embeddings_
 from .errors import SLRError
 from .estimate import check_fits, describe, estimate_run
 from .eval.ppl import perplexity
 from .eval.zeroshot import check_request as check_zeroshot_request
 from .eval.zeroshot import evaluate_zeroshot
-from .formats import MANIFEST
+from .formats import MANIFEST, model_bytes
 from .fsutil import atomic_dir, check_writable_parent, write_json_atomic
 from .models import load_model
 from .models.adapters import get_adapter
@@ -309,6 +310,7 @@ class _Run:
         report = self._timed("compress", self._compress, model, calib, plan, info, calib_label, source, rebuild)
         if not group.is_main:
             return CompressRun(results, None)
+        round_embeddings_(model, run.embed_bits)  # as the artifact stores them: the ppl below is the artifact's
         self.times.update({f"compress.{k}": v for k, v in report.seconds.items()})
         results.update({
             "retained_fraction": report.retained_fraction, "retained_params": report.retained_params,
@@ -357,6 +359,10 @@ class _Run:
     def _save(self, model, tok, info, spec, results, report) -> CompressRun:
         run, out_dir, partial = self.run, self.out_dir, self.partial
         if out_dir is None or not run.save:
+            b = model_bytes(model, values_dtype=STORAGE_DTYPES[run.values_dtype],
+                            factor_dtype=STORAGE_DTYPES[run.factor_dtype])
+            if b["bpw"] is not None:  # not saved: the compressed linears' bytes as io.save would write them
+                results["bytes"] = b | {"values_dtype": run.values_dtype, "factor_dtype": run.factor_dtype}
             if out_dir is not None:
                 write_json_atomic(out_dir / "results.json", results)
                 shutil.rmtree(partial, ignore_errors=True)
@@ -368,8 +374,11 @@ class _Run:
         with atomic_dir(out_dir, overwrite=True) as stage:  # run.overwrite was checked before any work
             byte_report = io.save(model, stage, tokenizer=tok, manifest=manifest,
                                   values_dtype=STORAGE_DTYPES[run.values_dtype],
-                                  factor_dtype=STORAGE_DTYPES[run.factor_dtype], blocks=report.blocks)
-            results["bytes"] = byte_report | {"values_dtype": run.values_dtype, "factor_dtype": run.factor_dtype}
+                                  factor_dtype=STORAGE_DTYPES[run.factor_dtype], embed_bits=run.embed_bits,
+                                  blocks=report.blocks)
+            on_disk = sum(f.stat().st_size for f in stage.rglob("*") if f.is_file())  # before results.json
+            results["bytes"] = byte_report | {"values_dtype": run.values_dtype, "factor_dtype": run.factor_dtype,
+                                              "on_disk": on_disk}
             self.times["save"] = time.perf_counter() - t
             results["peak_rss_mib"] = peak_rss_mib()  # again: a streamed save rebuilds the blocks only now
             write_json_atomic(stage / "results.json", results)
@@ -389,10 +398,12 @@ def summary_rows(results: dict) -> list[tuple[str, str]]:
     err = results["mean_rel_error"]
     kind = " (weight-space: data-free)" if results.get("rel_error_metric") == "frobenius" else ""
     rows.append(("mean rel. layer error", "n/a" if err is None else f"{err:.5f}{kind}"))
-    if "bytes" in results:
-        b = results["bytes"]
-        rows.append(("artifact bytes",
-                     f"{b.get('total', 0):,} ({b.get('compressed_layers', 0):,} in compressed layers)"))
+    b = results.get("bytes") or {}
+    if b.get("bpw") is not None:
+        rows.append(("bits per weight", f"{b['bpw']:.3f}  (compressed linears, PROTOCOL §5)"))
+    if "total" in b:
+        rows.append(("artifact bytes", f"{b.get('on_disk', b['total']):,} on disk ({b.get('compressed_layers', 0):,} "
+                     f"in compressed layers)"))
     if "zeroshot" in results:
         z = results["zeroshot"]
         docs = "all docs" if z["limit"] is None else f"limit {z['limit']}"

@@ -3,8 +3,9 @@
 Layout of a checkpoint directory (``DIR``'s staging folder, see api.run_compress):
 
   meta.json                 {"format": 1, "fingerprint": {...}}: what must match for --resume to be allowed
-  block_0003.safetensors    the block's solver results (S, mask, U, V per matrix; a V shared by a group once) and,
-                            after transformer matching, the block's whole state_dict (``state.<param>``)
+  block_0003.safetensors    the block's solver results (S, mask, U, V per matrix; a V shared by a group once; the
+                            (scale, zero) of quantized parts as ``<name>.q<part>.scale|zero``, their grids in the
+                            metadata) and, after transformer matching, the block's whole state_dict (``state.<param>``)
   block_0003.json           the block's MatrixRecords and seconds; written last, so it marks the block complete
 
 Every file is written to a temporary name and renamed. On resume the completed blocks are rebuilt from their files
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import SLRError
 from .fsutil import atomic_file, write_json_atomic, write_text_atomic
+from .qlinear import spec_dict, spec_from
 from .solvers import SolveResult
 
 FORMAT = 1
@@ -97,7 +99,13 @@ class BlockCheckpoints:
         tensors: dict[str, torch.Tensor] = {}
         shared: dict[str, str] = {}
         first_v: dict[int, str] = {}
+        grids: dict[str, dict] = {}
         for n, r in results.items():
+            for part, (scale, zero) in r.qparams.items():
+                tensors[f"{n}.q{part}.scale"] = scale.detach().cpu().float().clone()
+                tensors[f"{n}.q{part}.zero"] = zero.detach().cpu().float().clone()
+            if r.qspec:
+                grids[n] = {part: spec_dict(q) for part, q in r.qspec.items()}
             for field in ("S", "mask", "U"):
                 t = getattr(r, field)
                 if t is not None:
@@ -112,7 +120,8 @@ class BlockCheckpoints:
             tensors[f"state.{k}"] = v.detach().cpu().contiguous().clone()
         st, js = self._files(i)
         with atomic_file(st) as tmp:
-            save_file(tensors, str(tmp), metadata={"slr": json.dumps({"names": list(results), "shared_v": shared})})
+            save_file(tensors, str(tmp), metadata={"slr": json.dumps({"names": list(results), "shared_v": shared,
+                                                                        "qspec": grids})})
         write_text_atomic(js, json.dumps({"records": records, "seconds": seconds, "state": state is not None}))
 
     def load(self, i: int) -> tuple[dict[str, SolveResult], list[dict], dict[str, float], dict | None]:
@@ -122,14 +131,17 @@ class BlockCheckpoints:
             tensors = load_file(str(st))
             with safe_open(str(st), "pt") as f:
                 info = json.loads(f.metadata()["slr"])
-            names, shared = info["names"], info["shared_v"]
+            names, shared, grids = info["names"], info["shared_v"], info.get("qspec", {})
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, KeyError, TypeError):
             raise SLRError(f"checkpoint of block {i} in {self.path} is unreadable",
                            "pass --overwrite to start over") from None
         results = {}
         for n in names:
             results[n] = SolveResult(S=tensors.get(f"{n}.S"), mask=tensors.get(f"{n}.mask"), U=tensors.get(f"{n}.U"),
-                                     V=tensors.get(f"{n}.V"))
+                                     V=tensors.get(f"{n}.V"),
+                                     qparams={p: (tensors[f"{n}.q{p}.scale"], tensors[f"{n}.q{p}.zero"])
+                                              for p in ("S", "U", "V") if f"{n}.q{p}.scale" in tensors},
+                                     qspec={p: spec_from(d) for p, d in grids.get(n, {}).items()})
         for n, owner in shared.items():
             results[n].V = results[owner].V  # the same object again, so the group shares one projection
         state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")} if meta["state"] else None

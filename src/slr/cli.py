@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=D, metavar="N", help="first N documents per zero-shot task")
     c.add_argument("--values-dtype", default=D, choices=DTYPES, help="storage of S's values [default: float16]")
     c.add_argument("--factor-dtype", default=D, choices=DTYPES, help="storage of U and V [default: float16]")
+    c.add_argument("--embed-bits", type=int, default=D, metavar="16|8",
+                   help="storage of the embeddings (and an untied head): 16 = float16, 8 = int8 with an fp16 scale per "
+                   "row; counted in the artifact's bytes [default: 16]")
     c.add_argument("--batch-size", type=int, default=D, help="calibration windows per forward [default: 8]")
     c.add_argument("--allocate", default=D, choices=list(ALLOCATORS),
                    help="how the global budget is split over matrices [default: uniform]")
@@ -199,6 +202,7 @@ _FLAGS = {
     "calib_text": ("run", "calib_text"), "text": ("run", "eval_text"), "windows": ("run", "windows"),
     "no_eval": ("run", "evaluate"), "tasks": ("run", "tasks"), "limit": ("run", "limit"),
     "values_dtype": ("run", "values_dtype"), "factor_dtype": ("run", "factor_dtype"),
+    "embed_bits": ("run", "embed_bits"),
     "batch_size": ("run", "batch_size"), "resume": ("run", "resume"), "onload": ("run", "onload"),
     "offload_activations": ("run", "offload_activations"), "device": ("run", "device"),
 }

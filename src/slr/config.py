@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .allocate import allocator
+from .embeddings import check_embed_bits
 from .errors import SLRError
 from .options import fits, jsonable, make_options
 from .solvers import METHODS
@@ -196,6 +197,7 @@ class RunOptions:
     offload_activations: bool = False
     values_dtype: str = "float16"
     factor_dtype: str = "float16"
+    embed_bits: int = 16  # the embeddings (and an untied head) in the artifact: 16 = float16, 8 = int8 per row
     evaluate: bool = True
     eval_dense: bool = True
     windows: str | int = "64"
@@ -211,6 +213,7 @@ class RunOptions:
         for what, v in (("--values-dtype", self.values_dtype), ("--factor-dtype", self.factor_dtype)):
             if v not in DTYPES:
                 raise SLRError(f"{what} {v} is not a storage dtype", f"use one of: {', '.join(DTYPES)}")
+        check_embed_bits(self.embed_bits)
         if self.batch_size < 1:
             raise SLRError(f"--batch-size {self.batch_size} is invalid", "pass --batch-size N with N >= 1")
         if isinstance(self.tasks, str):

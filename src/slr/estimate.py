@@ -27,6 +27,7 @@ import os
 from torch import nn
 
 from .errors import SLRError
+from .models.adapters import get_adapter
 
 RUNTIME_MIB = 600
 CAP_BYTES_PER_PARAM = 40  # CAP's pools phase per linear parameter (see the module docstring)
@@ -59,8 +60,6 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
     the final phase holds every compressed block; otherwise the save streams them (one block + the packed shard).
     ``offload_activations``: two batches of activations in memory instead of all windows.
     """
-    from .models.adapters import get_adapter
-
     ad = get_adapter(model)
     block = ad.blocks(model)[0]
     lin = ad.linears(block)

@@ -5,11 +5,19 @@ manifest) and model.safetensors (or model-0000i-of-0000n.safetensors + model.saf
 Tensors of a compressed linear at module path P (safetensors only, no pickle):
 
     P.slr.values    N:M [d_out, d_in*N/M] | unstructured [nnz]     (values dtype, row-major support order)
+                    | dense [d_out*d_in]: format "dense", an S that keeps every entry, with no index
     P.slr.nm_index  uint8: ceil(log2 M) bits per kept value = its position inside its group of M, LSB first
     P.slr.bitmask   uint8: 1 bit per weight, row-major, LSB first    } unstructured: whichever of the
     P.slr.crow/col  int32|int64 row pointers / int16|int32 columns   } two is smaller
     P.slr.U [d_out, r], P.slr.V [r, d_in]                           (factor dtype; a shared V is stored
                                                                      once, by the first consumer)
+A quantized part (manifest record "quant": {"S"|"U"|"V": {"bits", "group_size", "sym"}}, slr.quant's grid) replaces
+its float tensor X (P.slr.values, P.slr.U or P.slr.V) by
+    X.codes   uint8: its b-bit codes, bit-packed LSB first (S: in CSR order; U, V: row-major)
+    X.scales  float16 [rows, groups]: one scale per group of group_size consecutive inputs of a row
+    X.zeros   uint8: the b-bit zero points [rows, groups], bit-packed (asymmetric grids only)
+With ``embed_bits`` 8 the input embedding (and an untied output head) E is stored as E.q8 (int8 [rows, cols]) and
+E.q8_scales (float16 [rows]), per-row symmetric (slr.embeddings); the manifest lists them under "embed".
 Everything else (embeddings, norms, head, biases, uncompressed linears) keeps its HF name and is stored
 once; tensors sharing storage (tied weights) are stored once and listed under "tied" in the manifest.
 """
@@ -25,9 +33,11 @@ import torch
 
 from .errors import SLRError, one_line
 from .nn import SLRLinear, nm_matches
+from .qlinear import spec_dict
+from .quant import QuantSpec
 
 FORMAT = "slr"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantized parts or 8-bit embeddings (artifacts without them still say 1)
 MANIFEST = "slr_config.json"
 
 # ---------------------------------------------------------------------------------------------------
@@ -43,6 +53,12 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in [1, 8], got {bits}")
     codes = codes.reshape(-1).to(torch.uint8)
+    if 8 % bits == 0 and bits > 1:  # whole codes per byte: the same stream, without a tensor of single bits
+        per = 8 // bits
+        pad = (-codes.numel()) % per
+        c = torch.cat([codes, codes.new_zeros(pad)]) if pad else codes
+        sh = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+        return (c.view(-1, per) << sh).sum(1, dtype=torch.int16).to(torch.uint8)
     shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
     stream = ((codes[:, None] >> shifts) & 1).reshape(-1)  # [n * bits] of 0/1
     pad = (-stream.numel()) % 8
@@ -57,6 +73,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if packed.numel() != math.ceil(n * bits / 8):
         raise SLRError(f"packed index has {packed.numel()} bytes, expected {math.ceil(n * bits / 8)}",
                        "the artifact is corrupted; re-run slr compress")
+    if 8 % bits == 0 and bits > 1:
+        sh = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.to(torch.uint8)[:, None] >> sh) & (2**bits - 1)).reshape(-1)[:n]
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     stream = ((packed.to(torch.uint8)[:, None] >> shifts) & 1).reshape(-1)[: n * bits]  # [n * bits]
     weights = torch.arange(bits, dtype=torch.uint8, device=packed.device)
@@ -129,40 +148,105 @@ def unpack_bitmask(packed: torch.Tensor, d_out: int, d_in: int, nnz: int):
 # ---------------------------------------------------------------------------------------------------
 # byte accounting
 # ---------------------------------------------------------------------------------------------------
+def quant_bytes(n: int, rows: int, groups: int, q: QuantSpec) -> dict[str, int]:
+    """Bytes of ``n`` b-bit codes and of their grid: an fp16 scale per group (+ b-bit zero points if asymmetric)."""
+    zb = 0 if q.sym else math.ceil(rows * groups * q.bits / 8)
+    return {"codes": math.ceil(n * q.bits / 8), "scales": rows * groups * 2 + zb}
+
+
+def _factor_bytes(rows: int, cols: int, q: QuantSpec | None, dtype: torch.dtype) -> int:
+    if q is None:
+        return rows * cols * dtype.itemsize
+    return sum(quant_bytes(rows * cols, rows, cols // q.group_size, q).values())
+
+
 def theoretical_bytes(d_out: int, d_in: int, nnz: int, rank: int, *, nm: tuple[int, int] | None = None,
                       values_dtype: torch.dtype = torch.float16, factor_dtype: torch.dtype = torch.float16,
-                      count_v: bool = True) -> dict[str, int]:
-    """Bytes a compressed matrix should take: values + index + factors.
+                      count_v: bool = True, quant: dict[str, QuantSpec] | None = None) -> dict[str, int]:
+    """Bytes a compressed matrix should take: values (+ their scales) + index + factors.
 
-    N:M: nnz * value bytes + ceil(nnz * ceil(log2 M) / 8); unstructured: min(bitmask, CSR) index;
-    factors: r * (d_out + d_in) * factor bytes (r * d_out when a shared V is counted elsewhere).
+    Values: nnz * value bytes, or for a quantized S (``quant["S"]``) ceil(nnz * b / 8) code bytes plus "scales": an
+    fp16 scale (and a b-bit zero point when asymmetric) per group of d_out x d_in / group_size. Index: N:M
+    ceil(nnz * ceil(log2 M) / 8); unstructured min(bitmask, CSR). Factors: r * (d_out + d_in) values at the factor
+    dtype, or b-bit codes with their scales for quantized U / V (r * d_out only when a shared V is counted elsewhere).
     """
-    vb = nnz * values_dtype.itemsize
-    if nnz == 0:
+    q = quant or {}
+    sb = 0
+    if "S" in q and nnz:
+        qb = quant_bytes(nnz, d_out, d_in // q["S"].group_size, q["S"])
+        vb, sb = qb["codes"], qb["scales"]
+    else:
+        vb = nnz * values_dtype.itemsize
+    if nnz == 0 or nnz == d_out * d_in:  # no S, or a dense one (format "dense"): no index
         ib = 0
     elif nm is not None:
         ib = math.ceil(nnz * nm_index_bits(nm[1]) / 8)
     else:
         ib = min(unstructured_index_bytes(d_out, d_in, nnz).values())
-    fb = rank * (d_out + (d_in if count_v else 0)) * factor_dtype.itemsize
-    return {"values": vb, "index": ib, "factors": fb, "total": vb + ib + fb}
+    fb = 0
+    if rank:
+        fb = _factor_bytes(d_out, rank, q.get("U"), factor_dtype)
+        fb += _factor_bytes(rank, d_in, q.get("V"), factor_dtype) if count_v else 0
+    return {"values": vb, "scales": sb, "index": ib, "factors": fb, "total": vb + sb + ib + fb}
+
+
+def layer_quant(lin: SLRLinear) -> dict[str, QuantSpec]:
+    """The grids of the layer's quantized parts (a quantized shared V included)."""
+    q = dict(getattr(lin, "qspecs", {}))
+    if lin.shared is not None and "V" in getattr(lin.shared, "qspecs", {}):
+        q["V"] = lin.shared.qspecs["V"]
+    return q
+
+
+def pack_quantized(key: str, codes: torch.Tensor, sbits: torch.Tensor, zero: torch.Tensor | None,
+                   q: QuantSpec) -> dict[str, torch.Tensor]:
+    """The artifact tensors of one quantized part (see the module docstring)."""
+    t = {f"{key}.codes": pack_bits(codes.detach().cpu(), q.bits),
+         f"{key}.scales": sbits.detach().cpu().contiguous().view(torch.float16)}
+    if zero is not None:
+        t[f"{key}.zeros"] = pack_bits(zero.detach().cpu(), q.bits)
+    return t
+
+
+def unpack_quantized(get, key: str, shape: tuple[int, ...], rows: int, q: QuantSpec, groups: int):
+    """(codes uint8 [shape], scale bits int16 [rows, groups], zero uint8 [rows, groups] or None) of one part;
+    ``get(name)`` reads an artifact tensor."""
+    codes = unpack_bits(get(f"{key}.codes"), q.bits, math.prod(shape)).view(shape)
+    scales = get(f"{key}.scales")
+    if scales.dtype != torch.float16 or tuple(scales.shape) != (rows, groups):
+        raise SLRError(f"{key}.scales is {scales.dtype} {tuple(scales.shape)}, expected float16 {(rows, groups)}",
+                       "the artifact is corrupted; re-run slr compress")
+    zero = None if q.sym else unpack_bits(get(f"{key}.zeros"), q.bits, rows * groups).view(rows, groups)
+    return codes, scales.contiguous().view(torch.int16), zero
+
+
+def _part(lin: SLRLinear, part: str):
+    """(codes, scale bits, zero) of a quantized part of ``lin`` (V from the shared projection when shared)."""
+    holder = lin.shared if part == "V" and lin.shared is not None else lin
+    return holder.qbuffers(part)
 
 
 def _pack_layer(name: str, lin: SLRLinear, owner: str | None, values_dtype, factor_dtype):
     """-> (tensors {name: tensor}, manifest record) for one SLRLinear."""
     d_out, d_in = lin.out_features, lin.in_features
+    q = layer_quant(lin)
     t: dict[str, torch.Tensor] = {}
     rec: dict = {"shape": [d_out, d_in], "nm": None, "rank": lin.rank, "nnz": lin.nnz,
                  "bias": lin.bias is not None}
+    if q:
+        rec["quant"] = {p: spec_dict(s) for p, s in q.items()}
     nm = lin.nm
-    if lin.values is None:
+    if "S" not in q and lin.values is None:
         rec["format"] = "none"
     else:
-        vals = lin.values.detach().cpu().to(values_dtype)
+        vals = lin.qS_codes.cpu() if "S" in q else lin.values.detach().cpu().to(values_dtype)
         crow, col = lin.crow.cpu(), lin.col.cpu()
         if nm is not None and not nm_matches(lin.mask().cpu(), nm):
             nm = None  # support no longer N:M (should not happen: the support is fixed)
-        if nm is not None:
+        if lin.nnz == d_out * d_in:  # a dense S (e.g. quantized, sparsity 0): row-major, no index
+            rec["format"] = "dense"
+            t[f"{name}.slr.values"] = vals
+        elif nm is not None:
             rec["format"], rec["nm"] = "nm", list(nm)
             t[f"{name}.slr.values"], t[f"{name}.slr.nm_index"] = pack_nm(vals, col, d_out, d_in, *nm)
         else:
@@ -174,20 +258,29 @@ def _pack_layer(name: str, lin: SLRLinear, owner: str | None, values_dtype, fact
             else:
                 crow_dt, col_dt = csr_dtypes(d_in, lin.nnz)
                 t[f"{name}.slr.crow"], t[f"{name}.slr.col"] = crow.to(crow_dt), col.to(col_dt)
+        if "S" in q:
+            del t[f"{name}.slr.values"]
+            t.update(pack_quantized(f"{name}.slr.values", *_part(lin, "S"), q["S"]))
     count_v = False
-    if lin.U is not None:
-        t[f"{name}.slr.U"] = lin.U.detach().cpu().to(factor_dtype)
+    if lin.rank:
+        factors = {"U": True}
         if lin.shared is None:
             rec["v"], count_v = "own", True
-            t[f"{name}.slr.V"] = lin.V.detach().cpu().to(factor_dtype)
         else:
             rec["v"], rec["v_from"] = "shared", owner
-            if owner == name:
-                count_v = True
-                t[f"{name}.slr.V"] = lin.shared.V.detach().cpu().to(factor_dtype)
+            count_v = owner == name
+        factors["V"] = count_v
+        for part, store in factors.items():
+            if not store:
+                continue
+            if part in q:
+                t.update(pack_quantized(f"{name}.slr.{part}", *_part(lin, part), q[part]))
+            else:
+                f = lin.weight_V if part == "V" else lin.U
+                t[f"{name}.slr.{part}"] = f.detach().cpu().to(factor_dtype)
     actual = sum(x.numel() * x.element_size() for x in t.values())
     theory = theoretical_bytes(d_out, d_in, lin.nnz, lin.rank, nm=nm, values_dtype=values_dtype,
-                               factor_dtype=factor_dtype, count_v=count_v)
+                               factor_dtype=factor_dtype, count_v=count_v, quant=q)
     rec["bytes"] = actual
     rec["theory_bytes"] = theory
     rec["dense_bytes"] = d_out * d_in * values_dtype.itemsize
@@ -208,6 +301,30 @@ def layer_bytes(lin: SLRLinear, *, values_dtype: torch.dtype = torch.float16,
     _, rec = _pack_layer("this", lin, owner, values_dtype, factor_dtype)
     return {"actual": rec["bytes"], "theory": rec["theory_bytes"], "dense": rec["dense_bytes"],
             "format": rec["format"], "bits_per_weight": rec["bits_per_weight"]}
+
+
+def model_bytes(model, *, values_dtype: torch.dtype = torch.float16,
+                factor_dtype: torch.dtype = torch.float16) -> dict:
+    """Theoretical bytes of every SLRLinear of an in-memory model (a shared V counted once) and their bits per weight
+    (PROTOCOL §5): what ``io.save`` would write for the compressed linears, without packing them."""
+    total = params = 0
+    seen: set[int] = set()
+    for m in model.modules():
+        if not isinstance(m, SLRLinear):
+            continue
+        count_v = m.shared is None or id(m.shared) not in seen
+        if m.shared is not None:
+            seen.add(id(m.shared))
+        total += theoretical_bytes(m.out_features, m.in_features, m.nnz, m.rank, nm=m.nm, values_dtype=values_dtype,
+                                   factor_dtype=factor_dtype, count_v=count_v and m.rank > 0,
+                                   quant=layer_quant(m))["total"]
+        params += m.out_features * m.in_features
+    return {"compressed_layers_theory": total, "compressed_params": params, "bpw": bpw(total, params)}
+
+
+def bpw(nbytes: int, params: int) -> float | None:
+    """Bits per weight: bytes x 8 / parameter count (PROTOCOL §5); None without parameters."""
+    return round(8 * nbytes / params, 4) if params else None
 
 
 def artifact_bytes(path: str | os.PathLike) -> dict:

@@ -18,24 +18,18 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .embeddings import check_embed_bits, dequantize_rows, embedding_names, stored
 from .errors import SLRError, one_line
-from .formats import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    _pack_layer,
-    read_manifest,
-    unpack_bitmask,
-    unpack_nm,
-)
+from .formats import FORMAT, FORMAT_VERSION, MANIFEST, _pack_layer, bpw, read_manifest
 from .fsutil import atomic_dir, check_output_dir, check_writable_parent, replace_file, write_text_atomic
+from .layerload import build_layer
 from .models.adapters import set_module
 from .models.zoo import sha256_file
 from .nn import SharedProjection, SLRLinear, _check_strategy
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_RESERVED = {"format", "format_version", "layers", "files", "bytes", "dtypes", "tied"}
+_RESERVED = {"format", "format_version", "layers", "files", "bytes", "dtypes", "tied", "embed"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 __all__ = ["FORMAT", "FORMAT_VERSION", "INDEX_FILE", "MANIFEST", "SINGLE_FILE", "check_writable_parent",
@@ -143,12 +137,14 @@ def _streamed_state(model: nn.Module, blocks, writer: _ShardWriter, layers: dict
 
 def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, manifest: dict | None = None,
          values_dtype: torch.dtype = torch.float16, factor_dtype: torch.dtype = torch.float16,
-         dense_dtype: torch.dtype | None = None, overwrite: bool = False,
+         dense_dtype: torch.dtype | None = None, embed_bits: int | None = None, overwrite: bool = False,
          max_shard_bytes: int = 4 << 30, blocks=None) -> dict:
     """Write the compressed artifact atomically; returns the byte report (also stored in the manifest).
 
     ``manifest`` supplies "source", "config", "plan" (and any other non-reserved keys) for slr_config.json.
-    ``dense_dtype`` converts the dense remainder (None keeps each tensor's dtype).
+    ``dense_dtype`` converts the dense remainder (None keeps each tensor's dtype). ``embed_bits`` stores the input
+    embedding and an untied output head at 16 (float16) or 8 bits (int8 per row, slr.embeddings); None leaves them
+    to ``dense_dtype``. The byte report's ``bpw`` is the compressed linears' bytes x 8 / their weights (PROTOCOL §5).
     ``blocks``: for an onloaded model whose blocks are still on the meta device, a ``pipeline.CompressedBlocks`` that
     rebuilds each compressed block in turn; it is packed and released before the next one is loaded. The files are
     the same as those of an in-memory save of the rebuilt model.
@@ -158,6 +154,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, manife
     for dt in (values_dtype, factor_dtype) + ((dense_dtype,) if dense_dtype is not None else ()):
         if dt not in _DTYPES.values():
             raise SLRError(f"unsupported storage dtype {dt}", "use torch.float32, torch.float16 or torch.bfloat16")
+    if embed_bits is not None:
+        check_embed_bits(embed_bits)
     slr, owners = _slr_layers(model) if blocks is None else ([], {})
 
     with atomic_dir(out_dir, overwrite) as tmp:
@@ -177,6 +175,10 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, manife
         else:
             state, names = _streamed_state(model, blocks, writer, layers, values_dtype, factor_dtype)
         dense, tied = _dense_items(state, names, dense_dtype)
+        plain = [v for v in dense.values() if v.is_floating_point()]  # before the embeddings change dtype
+        embeds = [n for n in embedding_names(model) if n in dense] if embed_bits is not None else []
+        dense = {n + sfx: t for n, v in dense.items()
+                 for sfx, t in (stored(v, embed_bits) if n in embeds else {"": v}).items()}
         dense_bytes = 0
         for k, v in dense.items():
             writer.add(k, v)
@@ -185,7 +187,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, manife
 
         comp = sum(r["bytes"] for r in layers.values())
         on_disk = sum((tmp / f).stat().st_size for f in files)
-        first_float = next((v.dtype for v in dense.values() if v.is_floating_point()), torch.float32)
+        first_float = next((v.dtype for v in plain), torch.float32)
+        params = sum(r["shape"][0] * r["shape"][1] for r in layers.values())
         report = {
             "compressed_layers": comp,
             "compressed_layers_theory": sum(r["theory_bytes"]["total"] for r in layers.values()),
@@ -193,14 +196,21 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, manife
             "dense_remainder": dense_bytes,
             "safetensors_overhead": on_disk - comp - dense_bytes,
             "total": on_disk,
+            "compressed_params": params,
+            "bpw": bpw(comp, params),
+            "embed_bits": embed_bits,
         }
-        man = {"format": FORMAT, "format_version": FORMAT_VERSION, "source": {}, "config": {}, "plan": {}}
+        quantized = embed_bits == 8 or any("quant" in r or r["format"] == "dense" for r in layers.values())
+        man = {"format": FORMAT, "format_version": FORMAT_VERSION if quantized else 1, "source": {}, "config": {},
+               "plan": {}}
         man.update({k: v for k, v in (manifest or {}).items() if k not in _RESERVED})
         man.update({
             "dtypes": {"values": _dtype_name(values_dtype), "factors": _dtype_name(factor_dtype),
-                       "dense": _dtype_name(first_float)},
+                       "dense": _dtype_name(first_float),
+                       **({"embed": {16: "float16", 8: "int8"}[embed_bits]} if embeds else {})},
             "layers": layers,
             "tied": tied,
+            "embed": {"bits": embed_bits, "tensors": embeds},
             "files": {f: _sha256(tmp / f) for f in files},
             "bytes": report,
         })
@@ -299,43 +309,6 @@ class _Tensors:
         return t
 
 
-def _build_layer(name: str, rec: dict, ts: _Tensors, shared: dict[str, SharedProjection], dtype, strategy):
-    d_out, d_in = rec["shape"]
-    fmt = rec["format"]
-    values = crow = col = None
-    nm = tuple(rec["nm"]) if rec.get("nm") else None
-    nnz = int(rec["nnz"])
-    if fmt == "nm":
-        values, crow, col = unpack_nm(ts.get(f"{name}.slr.values"), ts.get(f"{name}.slr.nm_index"), d_out, d_in, *nm)
-    elif fmt == "bitmask":
-        values = ts.get(f"{name}.slr.values")
-        crow, col = unpack_bitmask(ts.get(f"{name}.slr.bitmask"), d_out, d_in, nnz)
-    elif fmt == "csr":
-        values, crow, col = ts.get(f"{name}.slr.values"), ts.get(f"{name}.slr.crow"), ts.get(f"{name}.slr.col")
-        if crow.shape != (d_out + 1,) or col.numel() != nnz or (nnz and int(col.max()) >= d_in):
-            raise SLRError(f"CSR index of {name} is invalid", "the artifact is corrupted; re-run slr compress")
-    elif fmt != "none":
-        raise SLRError(f"unknown sparse format {fmt!r} for {name}", "upgrade slr")
-    if values is not None and values.numel() != nnz:
-        raise SLRError(f"{name} has {values.numel()} values, expected {nnz}", "re-run slr compress")
-    U = V = sp = None
-    if rec.get("rank", 0):
-        U = ts.get(f"{name}.slr.U").to(dtype)
-        if rec.get("v") == "shared":
-            owner = rec["v_from"]
-            if owner not in shared:
-                shared[owner] = SharedProjection(ts.get(f"{owner}.slr.V").to(dtype))
-            sp = shared[owner]
-        else:
-            V = ts.get(f"{name}.slr.V").to(dtype)
-    bias = ts.get(f"{name}.bias").to(dtype) if rec.get("bias") else None
-    try:
-        return SLRLinear(d_in, d_out, values=None if values is None else values.reshape(-1).to(dtype),
-                         crow=crow, col=col, U=U, V=V, shared=sp, bias=bias, nm=nm, strategy=strategy)
-    except ValueError as e:
-        raise SLRError(f"layer {name} is inconsistent ({one_line(e)})", "re-run slr compress") from None
-
-
 def _skeleton(p: Path, dtype: torch.dtype):
     """HF model from config.json with parameters on the meta device (buffers real)."""
     import transformers as T
@@ -388,11 +361,16 @@ def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch
         if not isinstance(old, nn.Linear) or [old.out_features, old.in_features] != list(rec["shape"]):
             raise SLRError(f"artifact layer {name} {rec['shape']} does not match the model built from config.json",
                            "re-copy config.json from the same artifact")
-        set_module(model, name, _build_layer(name, rec, ts, shared, dtype, strategy))
+        set_module(model, name, build_layer(name, rec, ts.get, shared, dtype, strategy))
 
     holders = _holders(model)
     slr_prefixes = tuple(f"{n}." for n in man["layers"])
     assigned: dict[str, torch.Tensor] = {}
+    for k in _embed_names(man):  # 8-bit embeddings: dequantized here
+        if k not in holders:
+            raise SLRError(f"artifact embedding {k} does not exist in the model built from config.json",
+                           "re-copy config.json from the same artifact")
+        assigned[k] = _assign(holders[k], dequantize_rows(ts.get(f"{k}.q8"), ts.get(f"{k}.q8_scales")), dtype)
     for k in ts.where:
         if k in ts.used or k.startswith(slr_prefixes):
             continue
@@ -416,6 +394,14 @@ def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch
         with contextlib.suppress(Exception):
             model.generation_config = GenerationConfig.from_pretrained(str(p), local_files_only=True)
     return model, _load_tokenizer(p)
+
+
+def _embed_names(man: dict) -> list[str]:
+    """The 8-bit embeddings listed by the manifest ("embed": {"bits": 8, "tensors": [...]}; absent before it)."""
+    e = man.get("embed") or {}
+    if not isinstance(e, dict) or not isinstance(e.get("tensors", []), list):
+        raise SLRError(f"{MANIFEST} has an invalid 'embed' entry", "re-run slr compress or re-copy the artifact")
+    return list(e.get("tensors", [])) if e.get("bits") == 8 else []
 
 
 def _assign(holder, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import SLRError
 from .models.adapters import set_module
+from .qlinear import QuantizedLinearMixin, QuantizedSharedMixin
 from .solvers.base import SolveResult
 
 STRATEGIES = ("auto", "dense-cached", "dense-onthefly", "sparse")
@@ -410,8 +411,17 @@ def set_strategy(model: nn.Module, strategy: str) -> int:
     return n
 
 
+class QSharedProjection(QuantizedSharedMixin, SharedProjection):
+    """A SharedProjection whose V is stored as codes + fp16 group scales (slr.qlinear)."""
+
+
+class QSLRLinear(QuantizedLinearMixin, SLRLinear):
+    """An SLRLinear whose quantized parts (S's values, U, V) are stored as codes + fp16 group scales (slr.qlinear)."""
+
+
 def compress_block_(block: nn.Module, adapter, results: dict[str, SolveResult], strategy: str = "auto") -> None:
-    """Replace the block's linears named in ``results`` by SLRLinear (in place).
+    """Replace the block's linears named in ``results`` by SLRLinear (in place); a result with ``qparams`` gives a
+    QSLRLinear that stores its quantized parts as codes (their grids from ``res.qspec``).
 
     Results of one adapter group that hold the *same* V object (``is``) get one SharedProjection.
     """
@@ -430,8 +440,11 @@ def compress_block_(block: nn.Module, adapter, results: dict[str, SolveResult], 
         shared_for: dict[str, SharedProjection] = {}
         for members in by_v.values():
             if len(members) > 1:
-                lin = linears[members[0]]
-                sp = SharedProjection(results[members[0]].V.to(lin.weight.device, lin.weight.dtype))
+                lin, r0 = linears[members[0]], results[members[0]]
+                if "V" in r0.qparams:
+                    sp = _to_like(QSharedProjection.from_result(r0), lin.weight)
+                else:
+                    sp = SharedProjection(r0.V.to(lin.weight.device, lin.weight.dtype))
                 for n in members:
                     shared_for[n] = sp
         for n in names:
@@ -441,19 +454,18 @@ def compress_block_(block: nn.Module, adapter, results: dict[str, SolveResult], 
                 raise SLRError(f"result for {n} has shape {tuple(res.S.shape)}, the linear is "
                                f"{(lin.out_features, lin.in_features)}", "solve the right matrix")
             bias = None if lin.bias is None else lin.bias.detach()
-            new = SLRLinear.from_result(res, bias, shared_for.get(n), strategy)
-            new = _to_like(new, lin.weight, keep=shared_for.get(n))
+            cls = QSLRLinear if res.qparams else SLRLinear
+            new = _to_like(cls.from_result(res, bias, shared_for.get(n), strategy), lin.weight)
             set_module(block, n, new)
 
 
-def _to_like(mod: SLRLinear, ref: torch.Tensor, keep: SharedProjection | None) -> SLRLinear:
-    """Move the module's float params to ref's device/dtype (a shared projection is already there)."""
-    for name in ("values", "U", "V", "bias"):
-        p = getattr(mod, name)
+def _to_like(mod: nn.Module, ref: torch.Tensor) -> nn.Module:
+    """Move the module's own float params (and float buffers) to ref's device/dtype, its other buffers to ref's
+    device (a shared projection, a submodule, is already there)."""
+    for name, p in list(mod._parameters.items()):
         if p is not None and (p.dtype != ref.dtype or p.device != ref.device):
-            setattr(mod, name, nn.Parameter(p.detach().to(ref.device, ref.dtype), requires_grad=p.requires_grad))
-    for name in ("crow", "col"):
-        b = getattr(mod, name)
-        if b is not None and b.device != ref.device:
-            setattr(mod, name, b.to(ref.device))
+            mod._parameters[name] = nn.Parameter(p.detach().to(ref.device, ref.dtype), requires_grad=p.requires_grad)
+    for name, b in list(mod._buffers.items()):
+        if b is not None:
+            mod._buffers[name] = b.to(ref.device, ref.dtype) if b.is_floating_point() else b.to(ref.device)
     return mod

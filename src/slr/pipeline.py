@@ -42,6 +42,7 @@ from .models.adapters import ArchAdapter, get_adapter
 from .nn import compress_block_
 from .options import as_kwargs
 from .plan import Plan, key
+from .qlinear import grids
 from .refine import make_refiner
 from .solvers import SolveResult, method, relative_error
 from .solvers.base import check_finite
@@ -449,6 +450,8 @@ def _solve_block(i: int, linears, groups, Hs: dict, config: CompressConfig, plan
         solved, dt = solved_tasks[k]
         for n, res in solved.items():
             W = Ws[n]
+            if res.qparams and not res.qspec:  # the grids of the quantized parts, for storage
+                res.qspec = grids(specs[n], res)
             shared_counted = any(res.V is not None and res.V is r.V for r in results.values())
             records.append(MatrixRecord(
                 block=i, name=n, shape=tuple(W.shape), spec=specs[n].label,

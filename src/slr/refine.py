@@ -3,9 +3,10 @@
 After a block's linears are replaced, minimise Σ ||block_c(x) - target||^2 over the block's parameters, where x are
 the compressed-path inputs of the block and target = dense_block(x) (the "memory-efficient" targets: no second
 activation cache). Trained: SLRLinear ``values`` (the support is fixed by construction), ``U``, ``V`` / shared
-``V``, biases, norm weights and any plain nn.Linear weight. A plain nn.Linear pruned in place (pure pruning with
-materialize="dense") keeps its zeros: its gradient is multiplied by (W != 0) and the weight is re-masked after every
-step (the released code forgot this for non-LoRA layers).
+``V``, biases, norm weights and any plain nn.Linear weight (quantized parts of a QSLRLinear are codes, not
+Parameters: they keep their grid values and only the layer's float parts train). A plain nn.Linear pruned in place
+(pure pruning with materialize="dense") keeps its zeros: its gradient is multiplied by (W != 0) and the weight is
+re-masked after every step (the released code forgot this for non-LoRA layers).
 
 Schedule: epoch 0 only measures the loss (the reference), then epochs 1..E-1 take Adam steps with a cosine schedule
 from lr to lr * final_lr_frac over all steps. A step sees ``batch_size`` windows: the pipeline's batches are split
@@ -42,14 +43,15 @@ def _trainable(block: nn.Module,
     for mod in block.modules():
         if isinstance(mod, SLRLinear):
             for p in (mod.values, mod.U, mod.V):
-                if p is not None:
+                if isinstance(p, nn.Parameter):  # quantized parts are codes (buffers): they stay on their grid
                     params[id(p)] = p
             if mod.bias is not None and cfg.train_biases:
                 params[id(mod.bias)] = mod.bias
             handled.update(id(p) for p in mod.parameters(recurse=False))
         elif isinstance(mod, SharedProjection):
-            params[id(mod.V)] = mod.V
-            handled.add(id(mod.V))
+            if isinstance(mod.V, nn.Parameter):
+                params[id(mod.V)] = mod.V
+                handled.add(id(mod.V))
         elif isinstance(mod, nn.Linear):
             params[id(mod.weight)] = mod.weight
             keep = mod.weight.detach() != 0

@@ -4,8 +4,9 @@
 
   out            HTML: the run table and four matplotlib figures embedded as data: URIs (works offline, one file)
   out.md         markdown: the same table, linking the figures
-  <out>_files/   the figures as PNG: ppl vs retained fraction per method, per-layer per-matrix rank and kept
-                 fraction heatmaps, per-layer reconstruction error, time breakdown by stage
+  <out>_files/   the figures as PNG: ppl vs retained fraction and ppl vs bits per weight per method (one panel and one
+                 dense line per model), per-layer per-matrix rank and kept fraction heatmaps, per-layer reconstruction
+                 error, time breakdown by stage
 """
 
 from __future__ import annotations
@@ -84,15 +85,15 @@ def _fmt(v, spec: str) -> str:
 
 def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the comparison table."""
-    head = ["run", "method", "spec", "allocate", "refine", "retained", "bytes", "ppl", "dense ppl",
+    head = ["run", "method", "spec", "allocate", "refine", "retained", "bpw", "bytes", "ppl", "dense ppl",
             "zero-shot avg", "compress s"]
     rows = []
     for r in runs:
-        total = r.get("bytes", "total")
+        total = r.get("bytes", "on_disk", default=r.get("bytes", "total"))
         zs = r.get("zeroshot", "average")
         rows.append([r.name, r.get("method"), str(r.get("spec", default="")),
                      r.get("config", "allocate", default="uniform"), r.get("config", "refine") or "-",
-                     _fmt(r.get("retained_fraction"), ".4f"),
+                     _fmt(r.get("retained_fraction"), ".4f"), _fmt(r.get("bytes", "bpw"), ".3f"),
                      "not saved" if total is None else f"{total / 2**20:.1f} MiB", _fmt(r.get("ppl", "ppl"), ".3f"),
                      _fmt(r.get("dense_ppl", "ppl"), ".3f"), _fmt(zs, ".4f"),
                      _fmt(r.get("seconds", "compress"), ".1f")])
@@ -114,24 +115,49 @@ def _short(name: str) -> str:
     return name.split(".")[-1].replace("_proj", "")
 
 
-def fig_ppl(runs: list[Run], plt):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_method: dict[str, list[Run]] = {}
+def _by_model(runs: list[Run], x) -> dict[str, list[Run]]:
+    """Runs with a ppl and an x value, grouped by model (first-seen order)."""
+    out: dict[str, list[Run]] = {}
     for r in runs:
-        if r.get("ppl", "ppl") is not None and r.get("retained_fraction") is not None:
+        if r.get("ppl", "ppl") is not None and x(r) is not None:
+            out.setdefault(str(r.get("model", default="?")), []).append(r)
+    return out
+
+
+def _ppl_panels(runs: list[Run], plt, x, xlabel: str, title: str):
+    """ppl against ``x(run)``: one panel per model, a line per method, and that model's own dense ppl."""
+    models = _by_model(runs, x)
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(7 * max(len(models), 1), 4.5), squeeze=False)
+    if not models:
+        axes[0][0].text(0.5, 0.5, "no run has both a ppl and this value", ha="center", va="center")
+        axes[0][0].set_title(title)
+        return fig
+    for ax, (model, mruns) in zip(axes[0], models.items()):
+        by_method: dict[str, list[Run]] = {}
+        for r in mruns:
             by_method.setdefault(r.get("method"), []).append(r)
-    for method, rs in sorted(by_method.items()):
-        rs = sorted(rs, key=lambda r: r.get("retained_fraction"))
-        xs = [r.get("retained_fraction") for r in rs]
-        ys = [r.get("ppl", "ppl") for r in rs]
-        ax.plot(xs, ys, marker="o", label=method)
-        for r, x, y in zip(rs, xs, ys):
-            ax.annotate(r.name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    dense = [r.get("dense_ppl", "ppl") for r in runs if r.get("dense_ppl", "ppl") is not None]
-    if dense:
-        ax.axhline(dense[0], color="gray", ls="--", lw=1, label=f"dense ({dense[0]:.2f})")
-    return _log_axes(fig, ax, "retained fraction of the compressed linears", "perplexity (log scale)",
-                     "Perplexity vs retained fraction")
+        for method, rs in sorted(by_method.items()):
+            rs = sorted(rs, key=x)
+            xs, ys = [x(r) for r in rs], [r.get("ppl", "ppl") for r in rs]
+            ax.plot(xs, ys, marker="o", label=method)
+            for r, xv, yv in zip(rs, xs, ys):
+                ax.annotate(r.name, (xv, yv), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        dense = [r.get("dense_ppl", "ppl") for r in mruns if r.get("dense_ppl", "ppl") is not None]
+        if dense:
+            ax.axhline(dense[0], color="gray", ls="--", lw=1, label=f"dense ({dense[0]:.2f})")
+        _log_axes(fig, ax, xlabel, "perplexity (log scale)", f"{title}: {model}" if len(models) > 1 else title)
+    fig.tight_layout()
+    return fig
+
+
+def fig_ppl(runs: list[Run], plt):
+    return _ppl_panels(runs, plt, lambda r: r.get("retained_fraction"), "retained fraction of the compressed linears",
+                       "Perplexity vs retained fraction")
+
+
+def fig_ppl_bpw(runs: list[Run], plt):
+    return _ppl_panels(runs, plt, lambda r: r.get("bytes", "bpw"), "bits per weight of the compressed linears",
+                       "Perplexity vs bits per weight")
 
 
 def _grid(r: Run, names: list[str], field: str):
@@ -212,6 +238,7 @@ def fig_times(runs: list[Run], plt):
 
 
 FIGURES = (("ppl_vs_retained", "Perplexity vs retained fraction", fig_ppl),
+           ("ppl_vs_bpw", "Perplexity vs bits per weight", fig_ppl_bpw),
            ("plan_heatmap", "Per-layer, per-matrix rank and kept fraction", fig_heatmaps),
            ("layer_error", "Per-layer reconstruction error", fig_errors),
            ("time_breakdown", "Time by stage", fig_times))

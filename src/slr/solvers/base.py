@@ -15,6 +15,7 @@ import torch
 
 from ..errors import SLRError
 from ..options import options_type
+from ..quant import QuantSpec
 from ..spec import LayerSpec
 
 
@@ -29,6 +30,8 @@ class SolveResult:
     qparams: for each of "S", "U", "V" that is quantized (the spec's ``quant`` / ``factor_quant``), its grid's
           (scale, zero) [rows, groups] float32; its values are exactly on that grid (``quant.quantize`` gives the
           codes back).
+    qspec: the ``quant.QuantSpec`` of each part in ``qparams`` (the grid that storage packs the codes on); the
+          pipeline fills it from the matrix's LayerSpec (``qlinear.grids``) when the solver leaves it empty.
     """
 
     S: torch.Tensor | None
@@ -37,6 +40,7 @@ class SolveResult:
     V: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
     qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    qspec: dict[str, QuantSpec] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
