@@ -13,7 +13,7 @@ from ..spec import LayerSpec
 from .base import SolveResult, Timer, damp_hessian, layer_objective, register, validate_inputs
 from .lowrank import whitened_lowrank, whitener_for
 from .masks import select
-from .sparsegpt import sparsegpt_prune
+from .obs import prune_quantize
 from .wanda import wanda_score
 
 
@@ -23,7 +23,7 @@ def prune(
     """(S, mask) from SparseGPT on the damped Hd, or Wanda (row-wise / N:M, no weight update)."""
     if pruner == "sparsegpt":
         # Hd already carries the damping, so SparseGPT adds none of its own
-        return sparsegpt_prune(W, Hd, spec, blocksize=blocksize, percdamp=0.0)
+        return prune_quantize(W, Hd, spec, blocksize=blocksize, percdamp=0.0)[:2]
     if pruner == "wanda":
         mask = select(wanda_score(W, H), spec)
         return W.float() * mask, mask
