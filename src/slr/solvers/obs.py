@@ -6,8 +6,9 @@ e C_{j, j:} from the rest of the block at once and from the later blocks lazily 
 
 Projection (``Projector``): the support is SparseGPT's (w^2 / [H^-1]_jj^2, smallest pruned: per block for an
 unstructured budget, per group of M for N:M), the values GPTQ's (each kept value rounded to its group's grid; the
-group's scale is fitted on the *current, updated* kept entries when the sweep enters the group). Pruning and
-quantizing in one sweep is SparseGPT's joint mode; with no pruning it is plain GPTQ.
+group's scale is fitted on the *current, updated* kept entries when the sweep enters the group; for N:M, whose masks
+are chosen later, M-group by M-group, on the entries the N:M rule would keep at that moment). Pruning and quantizing
+in one sweep is SparseGPT's joint mode; with no pruning it is plain GPTQ.
 """
 
 from __future__ import annotations
@@ -83,10 +84,8 @@ class Projector:
         self.mask = fixed_mask.clone() if self.fixed else torch.zeros(d_out, d_in, dtype=torch.bool)
         self.d_in = d_in
         self.total_prune = d_out * d_in - spec.kept(d_out, d_in)  # split over blocks in proportion to width
-        # N:M masks are chosen over `span` columns: one group of M, or (quantizing) every M-group of a quant group,
-        # so that a group's scale is fitted on its kept entries
         m = spec.nm[1] if spec.nm is not None else 1
-        self.span = m if quant is None else math.lcm(m, quant.group_size)
+        self.unit = m if quant is None else math.lcm(m, quant.group_size)  # no M-group or quant group straddles blocks
         if quant is not None:
             groups = d_in // quant.group_size
             self.static = static is not None
@@ -94,8 +93,8 @@ class Projector:
                                                                        torch.zeros(d_out, groups))
 
     def align(self, blocksize: int) -> int:
-        """The smallest multiple of the span (and of the quant group) >= blocksize: no group straddles two blocks."""
-        unit = 1 if (self.fixed and self.quant is None) else self.span  # a fixed support has no N:M step
+        """The smallest multiple of M (and of the quant group) >= blocksize: no group straddles two blocks."""
+        unit = 1 if (self.fixed and self.quant is None) else self.unit  # a fixed support has no N:M step
         return -(-blocksize // unit) * unit
 
     def __call__(self, i1: int, i: int, W1: torch.Tensor, Hinv1: torch.Tensor) -> torch.Tensor:
@@ -109,7 +108,10 @@ class Projector:
             return q
         g = self.quant.group_size
         if not self.static and j % g == 0:  # entering a group: its grid from the current kept values
-            s, z = fit_params(W1[:, i:i + g], self.quant, self.mask[:, j:j + g])
+            keep_g = self.mask[:, j:j + g]
+            if self.spec.nm is not None and not self.fixed:  # N:M not chosen yet: what the rule keeps now
+                keep_g = self._nm_keep(W1[:, i:i + g], torch.diagonal(Hinv1)[i:i + g])
+            s, z = fit_params(W1[:, i:i + g], self.quant, keep_g)
             self.scale[:, j // g], self.zero[:, j // g] = s[:, 0], z[:, 0]
         k = (j if self.order is None else int(self.order[j])) // g
         return quantize_column(q, self.scale[:, k], self.zero[:, k], self.quant).to(q.dtype) * keep
@@ -127,14 +129,16 @@ class Projector:
                     keep1.view(-1)[idx] = False
                 self.mask[:, i1:i2] = keep1
             return
-        n, m = spec.nm
-        if i % self.span:
-            return
-        for a in range(i, min(i + self.span, W1.shape[1]), m):
-            tmp = W1[:, a:a + m] ** 2 / (torch.diagonal(Hinv1)[a:a + m][None, :] ** 2)
-            drop = torch.topk(tmp, m - n, dim=1, largest=False).indices
-            keep = torch.ones_like(tmp, dtype=torch.bool).scatter_(1, drop, False)
-            self.mask[:, i1 + a:i1 + a + m] = keep
+        m = spec.nm[1]
+        if i % m == 0:
+            self.mask[:, i1 + i:i1 + i + m] = self._nm_keep(W1[:, i:i + m], torch.diagonal(Hinv1)[i:i + m])
+
+    def _nm_keep(self, Wc: torch.Tensor, hdiag: torch.Tensor) -> torch.Tensor:
+        """N:M support [d_out, c] of the columns Wc [d_out, c] (c a multiple of M), hdiag [c] their [H^-1]_jj."""
+        n, m = self.spec.nm
+        tmp = (Wc**2 / hdiag[None, :] ** 2).reshape(Wc.shape[0], -1, m)  # [d_out, c / M, M]
+        drop = torch.topk(tmp, m - n, dim=2, largest=False).indices
+        return torch.ones_like(tmp, dtype=torch.bool).scatter_(2, drop, False).reshape(Wc.shape)
 
 
 def prune_quantize(

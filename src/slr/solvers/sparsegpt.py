@@ -3,8 +3,8 @@
 Mask chosen adaptively per block of ``blocksize`` columns by w^2 / [H^-1]_jj^2; N:M chosen per group of M columns
 as the sweep reaches it. Pruning error is propagated to the not-yet-visited columns. With ``spec.bits`` the kept
 values are quantized in the same sweep (the paper's joint mode): each group's grid is fitted on its kept entries when
-the sweep enters it (N:M masks are then chosen a whole quant group at a time), and the rounding error is compensated
-like the pruning error.
+the sweep enters it (for N:M, on the entries the N:M rule would keep at that moment; the masks themselves are still
+chosen M-group by M-group), and the rounding error is compensated like the pruning error.
 """
 
 from __future__ import annotations
