@@ -1,6 +1,7 @@
 """Quantizing inside the solve vs quantizing the float solution afterwards, on real SmolLM2 (W, H) pairs.
 
   python benchmarks/quant_layers.py [--model smollm2-135m] [--calib-samples 16] [--blocks 0 14] [--admm-iters 130]
+  python benchmarks/quant_layers.py --render     (rewrite the .md from the .json)
 
 Pairs: q_proj, o_proj and down_proj of the given blocks, H = X^T X of the *dense* model's inputs on the calibration
 windows (512 tokens each; slr.calibration.dense_block_hessians). For every pair and configuration, at 1 thread:
@@ -9,7 +10,8 @@ windows (512 tokens each; slr.calibration.dense_block_hessians). For every pair 
 * after:  that float solution rounded afterwards (S's kept values to its grid fitted on them, U and V by RTN),
 * inside: the solver run with the bits (quantizing inside the solve),
 
-and the seconds of both solves. For gptq/rtn the float solution is W itself, so "after" is RTN. Writes
+and the seconds of both solves. For gptq/rtn the float solution is W itself, so "after" is RTN. "kept" =
+(inside - float) / (after - float): the share of the rounding damage that quantizing inside still pays. Writes
 benchmarks/quant_layers.json and benchmarks/quant_layers.md.
 """
 
@@ -83,7 +85,12 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--blocks", type=int, nargs="+", default=[0, 14])
     ap.add_argument("--admm-iters", type=int, default=130, help="admm's max_iters (both arms)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     a = ap.parse_args()
+    if a.render:
+        d = json.loads((HERE / "quant_layers.json").read_text())
+        (HERE / "quant_layers.md").write_text(markdown(d["meta"], d["rows"]))
+        return
     commit = _start_commit()
 
     import torch
@@ -128,6 +135,12 @@ def main() -> None:
     print(f"wrote benchmarks/quant_layers.json and .md ({total:.0f} s)")
 
 
+def kept(r: dict) -> str:
+    """(inside - float) / (after - float), or a dash when rounding afterwards costs nothing (rtn)."""
+    d = r["after"] - r["float"]
+    return f"{(r['inside'] - r['float']) / d:.2f}" if d > 0 and r["inside"] != r["after"] else "–"
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     out = [
         "## Quantizing inside the solve vs rounding the float solution (real SmolLM2 layers)\n",
@@ -136,10 +149,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"admm max_iters {meta['admm_iters']}, commit {meta['commit']}. Relative layer error "
         "||X (W − Ŵ)ᵀ||² / ||X Wᵀ||²: *float* = the solve without bits, *after* = that solution rounded afterwards "
         "(S's kept values to their group grid, U and V by RTN), *inside* = the solver with the bits. For gptq/rtn "
-        "the float solution is W, so *after* is RTN. Group size 64, symmetric; f8 = 8-bit factors.\n",
+        "the float solution is W, so *after* is RTN. *kept* = (inside − float) / (after − float), the share of the "
+        "rounding damage that quantizing inside still pays. Group size 64, symmetric; f8 = 8-bit factors.\n",
         "### Mean over the pairs\n",
-        "| config | float | after (RTN) | inside | inside / after | s inside | s float |",
-        "|---|---|---|---|---|---|---|",
+        "| config | float | after (RTN) | inside | inside / after | kept | s inside | s float |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     labels = list(dict.fromkeys(r["config"] for r in rows))
     for lab in labels:
@@ -147,13 +161,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         mean = {k: sum(r[k] for r in rs) / len(rs) for k in ("float", "after", "inside", "seconds_inside",
                                                              "seconds_float")}
         out.append(f"| {lab} | {mean['float']:.5f} | {mean['after']:.5f} | {mean['inside']:.5f} | "
-                   f"{mean['inside'] / mean['after']:.2f} | {mean['seconds_inside']:.1f} | "
+                   f"{mean['inside'] / mean['after']:.2f} | {kept(mean)} | {mean['seconds_inside']:.1f} | "
                    f"{mean['seconds_float']:.1f} |")
-    out += ["", "### Per pair\n", "| config | pair | float | after (RTN) | inside | inside / after | s inside |",
-            "|---|---|---|---|---|---|---|"]
+    out += ["", "### Per pair\n", "| config | pair | float | after (RTN) | inside | inside / after | kept | s inside |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['config']} | {r['pair']} | {r['float']:.5f} | {r['after']:.5f} | {r['inside']:.5f} | "
-                   f"{r['inside'] / max(r['after'], 1e-30):.2f} | {r['seconds_inside']:.1f} |")
+                   f"{r['inside'] / max(r['after'], 1e-30):.2f} | {kept(r)} | {r['seconds_inside']:.1f} |")
     return "\n".join(out) + "\n"
 
 
