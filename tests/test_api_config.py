@@ -119,7 +119,9 @@ def test_registry_says_what_a_method_does():
     assert METHODS["admm"].kind == "slr" and METHODS["admm"].takes_rank and METHODS["admm"].takes_sparsity
     assert METHODS["joint"].group and METHODS["joint"].data_free and not METHODS["joint"].takes_sparsity
     assert METHODS["sparsegpt"].kind == "sparse" and not METHODS["sparsegpt"].takes_rank
-    assert not any(m.bits for m in METHODS.values())
+    assert {n for n, m in METHODS.items() if m.bits} == {"gptq", "rtn", "sparsegpt", "wanda", "magnitude", "prune+lr",
+                                                          "admm"}
+    assert {n for n, m in METHODS.items() if m.needs_bits} == {"gptq", "rtn"} and METHODS["rtn"].data_free
     # the spec follows the kind: rank-only methods keep no sparse part, a budget stands in for their rank
     assert CompressConfig(method="lowrank", rank=8).layer_spec().sparsity == 1.0
     assert CompressConfig(method="svd", alloc=AllocConfig(budget=0.5)).layer_spec().rank == 1

@@ -17,6 +17,12 @@ iterate (Z, L) is tracked at every check and the best iterate is kept; divergenc
 objective) restores the best iterate and raises rho; after the loop L is refit exactly against the projected S
 and S is backsolved on its fixed support given L (batched conjugate gradient), alternated ``polish_rounds`` times.
 
+Quantized S (``spec.bits``): the projection keeps the same support (top-k / N:M of |.|) and rounds the kept values to
+S's grid, each group's scale fitted on its kept entries (in unscaled coordinates: the grid is S's, not S~'s). The
+polish keeps S on the grid: after the L refit, S is either kept as is or replaced by a GPTQ sweep on the fixed support
+(of the CG backsolve, or of the target W - L itself), whichever has the lowest objective, and only if it lowers it.
+With ``spec.factor_bits`` < 16 the factors are then quantized with their own compensation (``factors``).
+
 Speed: one iteration costs a single [d_out, d_in] x [d_in, d_in] float32 product, B = R (Ĥ + rho I)^-1, where
 R = W~ Ĥ - U (V~ Ĥ) - V + rho Z needs only thin products (W~ Ĥ is fixed, V~ Ĥ [r, d_in] comes out of the L step), plus
 the projection plus a warm-started randomized SVD of (W~ - B) Ĥ^1/2 done with thin products. (Ĥ + rho I)^-1 is
@@ -33,10 +39,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..quant import dequantize, quantize
+from ..quant import rtn as round_to_grid
 from ..spec import LayerSpec
-from .base import SolveResult, Timer, damp_hessian, register, validate_inputs
+from .base import SolveResult, Timer, damp_hessian, layer_objective, register, validate_inputs
+from .factors import quantize_factors
 from .lowrank import cached, range_svd, sketch, truncated_svd
 from .masks import select
+from .obs import prune_quantize
 
 
 @dataclass
@@ -117,7 +127,7 @@ def masked_cg(S0: torch.Tensor, mask: torch.Tensor, T: torch.Tensor, A: torch.Te
     return X
 
 
-@register("admm", kind="slr")
+@register("admm", kind="slr", bits=True)
 def admm(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -158,9 +168,11 @@ def admm(
       dtype: of the iteration (the eigendecomposition, objectives and polish are float64).
       diverge_factor: a check whose objective is non-finite or diverge_factor x the best restores the best iterate,
         clears the dual and multiplies rho by 10 (``info["restarts"]``).
+    spec.bits / factor_bits: S (and U, V) on their grids (module docstring); ``qparams`` holds their (scale, zero).
     info: objective (true undamped objective of the projected iterate (Z, L) at start and every check, then of each
-    accepted polish round; the result is the best iterate, so its objective is min(objective)), best_objective,
-    iterations, restarts, diverged, rho, seconds, time (seconds per step).
+    accepted polish round, then of the result with quantized factors; the result is the best iterate, so without
+    factor quantization its objective is min(objective)), best_objective (the result's), iterations, restarts,
+    diverged, rho, seconds, time (seconds per step).
     """
     validate_inputs(W, H, spec)
     t_start = time.perf_counter()
@@ -176,6 +188,13 @@ def admm(
     Wt = Wt64.to(dtype)
     WH = Wt @ Hh  # W~ Ĥ, the fixed part of every B step's right-hand side
     c64 = sh.c
+    quant = spec.quant
+    d_it = sh.d.to(dtype)
+
+    def on_grid(Zt: torch.Tensor, m: torch.Tensor):
+        """(Z~ with its kept values rounded to S's grid, fitted on the kept entries of each group; (scale, zero))."""
+        Sq, scale, zero = round_to_grid(Zt / d_it, quant, m)
+        return Sq.to(dtype) * d_it, (scale, zero)
 
     # L~ = U Rt Ĥ^-1/2 is kept as (U [d_out, r], Rt [r, d_in]: right singular vectors of the whitened fit) plus
     # VH = Rt Ĥ^1/2 = V~ Ĥ [r, d_in], the only right factor the B step needs
@@ -224,14 +243,17 @@ def admm(
         with timer("projection"):
             m = select(B0.abs(), spec, rowwise=False)
             Z = B0 * m
-        return m, Z, torch.zeros_like(B0)
+            g = None
+            if quant is not None:
+                Z, g = on_grid(Z, m)
+        return m, Z, torch.zeros_like(B0), g
 
-    mask, Z, Vd = start()  # Vd: dual variable (scaled coordinates)
+    mask, Z, Vd, grid = start()  # Vd: dual variable (scaled coordinates); grid: S's (scale, zero) or None
     kept = max(int(mask.sum()), 1)
     with timer("objective"):
         obj = objective(Z, U, Rt)
     trace = [obj]
-    best = (obj, mask, Z, U, Rt, VH)
+    best = (obj, mask, Z, U, Rt, VH, grid)
     prev_mask = mask
     rho, grown = rho0, False
     restarts = diverged = 0
@@ -248,6 +270,8 @@ def admm(
             score = torch.add(B, Vd, alpha=1.0 / rho)
             mask = select(score.abs(), spec, rowwise=False)
             Z = score.mul_(mask)
+            if quant is not None:
+                Z, grid = on_grid(Z, mask)
         with timer("B-update"):
             Vd.add_(B, alpha=rho).sub_(Z, alpha=rho)  # V += rho (B - Z)
         if r > 0:
@@ -261,14 +285,14 @@ def admm(
         if not math.isfinite(obj) or obj > diverge_factor * best[0]:
             # divergence guard: back to the best iterate with a clean dual and a much larger rho
             diverged += 1
-            _, mask, Z, U, Rt, VH = best
+            _, mask, Z, U, Rt, VH, grid = best
             Vd = torch.zeros_like(Vd)
             rho, grown, prev_mask = min(rho * 10, rho_max), True, mask
             if diverged > 5:
                 break
             continue
         if obj < best[0]:
-            best = (obj, mask, Z, U, Rt, VH)
+            best = (obj, mask, Z, U, Rt, VH, grid)
         delta = float((mask ^ prev_mask).sum()) / kept
         prev_mask = mask
         if delta > 0.1:
@@ -281,7 +305,7 @@ def admm(
             else:  # rho0 froze the support too early: shrink and restart B, Z, V
                 rho /= 5
                 restarts += 1
-                mask, Z, Vd = start()
+                mask, Z, Vd, grid = start()
                 prev_mask = mask
         elif grown:
             break
@@ -291,32 +315,68 @@ def admm(
         if it >= min_iters and delta < stop_delta:
             break
 
-    _, mask, Z, U, Rt, _ = best
+    _, mask, Z, U, Rt, _, grid = best
     St = Z.double()
     U, Vt = U.double(), (Rt @ Sqi).double()
+    Hd = damp_hessian(H, percdamp, diag_frac) if quant is not None or spec.factor_bits != 16 else None
+
+    def refit(St: torch.Tensor):
+        """Exact whitened rank-r fit (U [d_out, r], V~ [r, d_in]) of W~ - S~."""
+        P, s, Rt = truncated_svd(((Wt64 - St) @ sh.Q) * sh.lam.sqrt(), r, "exact")
+        return P * s, (Rt / sh.lam.sqrt()) @ sh.Q.T
+
+    def requantize(X: torch.Tensor):
+        """GPTQ of the scaled X [d_out, d_in] on S's support and grid (the damped metric), back in scaled coords."""
+        Sq, _, g = prune_quantize(X / sh.d, Hd, spec, quant, percdamp=0.0, fixed_mask=mask)
+        return Sq.double() * sh.d, g
+
     with timer("objective"):
         obj = sh.objective(Wt64 - St - U @ Vt)  # exact float64 value of the best iterate
     for _ in range(polish_rounds):
         if r > 0:
             with timer("refit"):  # exact whitened fit of L against the PROJECTED S
-                P, s, Rt = truncated_svd(((Wt64 - St) @ sh.Q) * sh.lam.sqrt(), r, "exact")
-                U2, Vt2 = P * s, (Rt / sh.lam.sqrt()) @ sh.Q.T
+                U2, Vt2 = refit(St)
         else:
             U2, Vt2 = U, Vt
-        S2 = St
+        cands = [(St, grid)]  # (S~, its grid): candidates for S given the refit L
         if backsolve:
             with timer("backsolve"):
                 T = Wt64 - U2 @ Vt2
                 S2 = masked_cg(St, mask, T, sh.Hh, cg_iters)
+            cands = [(S2, None)]
+            if quant is not None:  # back onto the grid: GPTQ of the backsolve, or S as it was
+                with timer("requantize"):
+                    cands = [(St, grid), requantize(S2)]
         with timer("objective"):
-            obj2 = sh.objective(Wt64 - S2 - U2 @ Vt2)
+            obj2, S2, grid2 = min(((sh.objective(Wt64 - c - U2 @ Vt2), c, g) for c, g in cands), key=lambda x: x[0])
         if not obj2 < obj:
             break
         trace.append(obj2)
-        obj, St, U, Vt = obj2, S2, U2, Vt2
+        obj, St, U, Vt, grid = obj2, S2, U2, Vt2, grid2
+    if quant is not None and r > 0:  # S moved on its grid after the last L refit: refit L once more
+        with timer("refit"):
+            U2, Vt2 = refit(St)
+            obj2 = sh.objective(Wt64 - St - U2 @ Vt2)
+        if obj2 < obj:
+            trace.append(obj2)
+            obj, U, Vt = obj2, U2, Vt2
 
     S = (St / sh.d).float() * mask
     V = (Vt / sh.d).float()
+    U = U.float().contiguous() if r > 0 else None
+    V = V if r > 0 else None
+    qparams = {}
+    if quant is not None:  # exactly on the grid (S~ / d is, up to the rounding of the scaling)
+        S = dequantize(quantize(S, *grid, quant), *grid, quant) * mask
+        qparams["S"] = grid
+    if r > 0 and spec.factor_bits != 16:
+        with timer("factor-quant"):
+            U, V, qf = quantize_factors(W.float() - S, U, Hd, spec)
+        qparams |= qf
+    if qparams:
+        with timer("objective"):
+            obj = layer_objective(W, H, S + U @ V if r > 0 else S)
+        trace.append(obj)
     info = {
         "objective": trace,
         "best_objective": obj,
@@ -327,4 +387,4 @@ def admm(
         "seconds": time.perf_counter() - t_start,
         "time": timer.s,
     }
-    return SolveResult(S=S, mask=mask, U=U.float().contiguous() if r > 0 else None, V=V if r > 0 else None, info=info)
+    return SolveResult(S=S, mask=mask, U=U, V=V, info=info, qparams=qparams)

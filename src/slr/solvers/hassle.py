@@ -49,7 +49,7 @@ def hassle(
     stall = 0
     for _ in range(iters):
         with timer("S-step"):
-            S, mask = prune(W32 - L, H, spec, pruner, Hd, blocksize)
+            S, mask, _ = prune(W32 - L, H, spec, pruner, Hd, blocksize)
         if spec.rank > 0:
             with timer("L-step"):
                 U, V = whitened_lowrank(W32 - S, None, spec.rank, whitener=wh)
