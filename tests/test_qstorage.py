@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers as T
 from safetensors import safe_open
-from test_cli import assert_one_line_error, run
+from test_cli import assert_no_output, assert_one_line_error, run
 
 from slr import formats, io
 from slr.api import summary_rows
@@ -332,3 +332,31 @@ def test_summary_rows_show_bpw():
     rows = dict(summary_rows(res))
     assert rows["bits per weight"].startswith("4.250") and rows["artifact bytes"].startswith("1,500 on disk")
     assert "bits per weight" not in dict(summary_rows(res | {"bytes": {}}))
+
+
+def test_cli_gptq_end_to_end(capsys, tmp_path, tiny_folder):
+    """`slr compress --method gptq --bits 4` writes a packed artifact at 4 + 16/g bits per weight that `slr eval`
+    reads back to the same perplexity; bad bit widths and group sizes are one-line errors that leave nothing."""
+    src, text = tiny_folder
+    out = tmp_path / "q4"
+    common = ["--calib-samples", 4, "--calib-text", text, "--text", text, "--windows", 2, "--device", "cpu"]
+    code, stdout, err = run(capsys, "compress", src, "--method", "gptq", "--bits", 4, "--group-size", 16,
+                            "--out", out, *common)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["spec"] == "u0-q4g16" and res["bytes"]["bpw"] == pytest.approx(4 + 16 / 16)
+    assert "bits per weight" in stdout
+    code, _, err = run(capsys, "eval", out, "--text", text, "--windows", 2, "--device", "cpu", "--json",
+                       tmp_path / "ev.json")
+    assert code == 0, err
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["ppl"] == pytest.approx(res["ppl"]["ppl"], rel=1e-4)
+    for argv, words in ((["--bits", 5], "bit width 5 is not one of 2, 3, 4, 8"),
+                        (["--bits", 4, "--group-size", 48], "group size 48 does not divide"),
+                        (["--bits", 4, "--factor-bits", 6], "factor bit width 6"),
+                        (["--method", "admm", "--rank", 2, "--bits", 4, "--embed-bits", 4], "embed")):
+        bad = tmp_path / "bad"
+        argv = ["--method", "gptq", *argv] if "--method" not in argv else argv
+        code, _, err = run(capsys, "compress", src, *argv, "--out", bad, *common)
+        assert_one_line_error(code, err, words)
+        assert_no_output(tmp_path, bad)

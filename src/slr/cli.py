@@ -74,14 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unstructured sparsity of S, in (0, 1) [default: 0.5 for methods with a sparse part]")
     g.add_argument("--pattern", default=D, metavar="N:M", help="N:M sparsity of S along the input dim, e.g. 2:4")
     c.add_argument("--rank", type=int, default=D, help="rank of the low-rank part per matrix [default: 0]")
-    c.add_argument("--bits", type=int, default=D, choices=[2, 3, 4, 8],
+    c.add_argument("--bits", type=int, default=D, metavar="8|4|3|2",
                    help="bit width of S's values, quantized inside the solve (methods gptq, rtn, ...); with no "
                    "--sparsity/--pattern S is dense [default: float storage]")
     c.add_argument("--group-size", type=int, default=D, metavar="G",
                    help="inputs per quantization group (fp16 scale each) [default: 64]")
     c.add_argument("--asym", action="store_true", default=D,
                    help="asymmetric grid (a zero point per group) instead of the symmetric one")
-    c.add_argument("--factor-bits", type=int, default=D, choices=[16, 8, 4],
+    c.add_argument("--factor-bits", type=int, default=D, metavar="16|8|4",
                    help="bit width of U and V [default: 16 = fp16]")
     c.add_argument("--out", default=D, metavar="DIR", help="artifact directory (written atomically)")
     c.add_argument("--overwrite", action="store_true", default=D, help="replace an existing --out directory")
