@@ -99,7 +99,13 @@ def calibration_data(tok, config: CompressConfig, text: str | None = None,
     ``load_model``'s info says so)."""
     if config.calib_samples == 0:
         return None
-    src, _ = load_text(text, "calibration")
+    return _calibration_windows(tok, config, load_text(text, "calibration")[0], bos_per_window)
+
+
+def _calibration_windows(tok, config: CompressConfig, src: str, bos_per_window: bool) -> torch.Tensor | None:
+    """``calibration_data`` of a text already read."""
+    if config.calib_samples == 0:
+        return None
     torch.manual_seed(config.seed)
     bos = tok.bos_token_id if bos_per_window else None
     return calibration_windows(tokenize_text(tok, src), config.calib_samples, config.seqlen, config.seed, bos_id=bos)
@@ -272,7 +278,7 @@ class _Run:
         self._check_output()
         evaluate = run.evaluate
         eval_src, eval_label = load_text(run.eval_text, "test") if evaluate else (None, None)
-        calib_label = load_text(run.calib_text, "calibration")[1]  # read before loading: a bad file fails fast
+        calib_src, calib_label = load_text(run.calib_text, "calibration")  # before loading: a bad file fails fast
         source = None
         if run.onload:
             model, tok, info, source = self._timed("load", open_onloaded, self.model_name)
@@ -303,7 +309,7 @@ class _Run:
                             cached_only=run.onload)
             if d is not None:
                 results["dense_ppl"] = d | {"text": eval_label}
-        calib = calibration_data(tok, config, run.calib_text, info["bos_per_window"])
+        calib = _calibration_windows(tok, config, calib_src, info["bos_per_window"])
         plan, alloc_info = self._timed("allocate", plan_for, model, config, calib, device)
         if alloc_info is not None:
             results["allocation"] = alloc_info
