@@ -290,7 +290,8 @@ class _Run:
         rebuild = bool(evaluate or self.tasks)
         est = estimate_run(model, config.calib_samples, config.seqlen, onload=run.onload,
                            offload_activations=run.offload_activations, batch_size=run.batch_size, rebuild=rebuild,
-                           allocate=config.alloc.method)
+                           allocate=config.alloc.method, refine=config.refine and config.refine.method,
+                           tm_samples=config.refine and config.refine.max_samples)
         check_fits(est)  # before printing it, so a refusal stays one line
         if self.progress:
             print(f"slr: {describe(est)}", file=sys.stderr)

@@ -1,22 +1,39 @@
 """Memory estimate of a compression run, printed before it starts; a run that will not fit is refused.
 
-Peak = the model in memory (its parameters at their dtype) + one block in flight:
-  block weights as fp32 copies for the solver, one fp64 H per input group (d_in^2 * 8), the calibration activations
-  entering and leaving the block (2 * windows * seqlen * d_model * 4), the solver workspace (about eight fp32
-  [d_out, d_in] buffers of the largest linear plus three fp64 [d_in, d_in] eigen-matrices) and the forward
-  workspace of one calibration batch (eager attention scores and probabilities, batch * heads * seqlen^2 * 4 each,
-  and three [batch, seqlen, d_ff] fp32 MLP intermediates)
-+ the compressed blocks' sparse and low-rank factors (at most the dense size of the linears again)
-+ a fixed runtime overhead (Python, torch, transformers: ~600 MiB measured on an idle import).
-CAP allocation (``allocate="cap"``) runs before the block loop and holds every matrix's candidate pools (fp32
-residual values, int32 indices, the directions' factors: ~10 B per linear parameter) and a copy of the original
-weights (4 B), plus per-matrix SVD and sort buffers that the process does not hand back. The term is 40 B per linear
-parameter: on SmolLM2 at g50 (106 M linear parameters, admm, whitened pools) the run's peak RSS was 4812 MiB, in the
-CAP phase, 3699 MiB above the model and the runtime, i.e. 37 B per parameter. The peak is the larger of that phase
-and the block loop. The other allocators hold one block's statistics at a time.
-With onloading the model term is only the non-block weights, and the compressed blocks are never all resident: the
-save streams them from the checkpoints, so its phase holds one rebuilt block plus the packed shard being written
-(at most the linears at fp16, or the shard size).
+The estimate is the largest of the run's phases, each = a fixed runtime overhead (Python, torch, transformers: ~600
+MiB; 410-420 MiB measured after loading SmolLM2) + the weights resident then + that phase's working set:
+
+* capture (in memory, with calibration data): the first calibration batch runs through the whole model, LM head
+  included (its kwargs are recorded on a full forward), so the batch's fp32 logits (batch * seqlen * vocab * 4) and
+  one forward's workspace are alive. On SmolLM2 at batch 8 that is +990 MiB over the loaded model (logits 768 MiB).
+* blocks (the block loop): the compressed blocks (at most the dense size of the linears again) + one block in
+  flight: its weights as fp32 copies, one fp64 H per input group (d_in^2 * 8), the calibration activations
+  entering and leaving the block (2 * windows * seqlen * d_model * 4), the solver workspace (admm's, the largest:
+  ``block_memory_bytes``; it does not depend on the iteration count) and the forward
+  workspace of one calibration batch (attention scores and probabilities, batch * heads * seqlen^2 * 4 each, and
+  three [batch, seqlen, d_ff] fp32 MLP intermediates).
+  With transformer matching (``refine="tm"``) the block also holds its dense targets for every calibration window
+  (windows * seqlen * d_model * 4, in memory even with offloaded activations), the autograd graph of one training
+  chunk (min(8, batch, tm_samples) windows; ``backward_bytes``) and eight fp32 copies of the block's linears (Adam's
+  two moments, the original and snapshot parameters, gradients, the dense weights SLRLinear builds for autograd).
+* allocate (``allocate="knapsack"`` or ``"cap"``, with calibration data): the dense model's Fisher pass, a forward
+  and backward of the whole model on 2 windows at a time (``fisher_bytes``: five fp32 copies of the logits-sized
+  head tensors plus every block's autograd graph; +2357 MiB on SmolLM2 at seqlen 512), which also bounds the
+  whitened statistics' forward on 4 windows. CAP holds every matrix's candidate pools meanwhile
+  (``CAP_POOL_BYTES_PER_PARAM`` per linear parameter) and then a copy of the original weights while its loss runs
+  the model on 4 windows (eval-like head).
+* evaluate (``rebuild``: an in-memory perplexity follows the compression; slr.api passes evaluate or tasks): the
+  forward of 4 windows of 512 tokens with three logits-sized fp32 tensors alive (logits, their shifted fp32 copy,
+  log-softmax: +1207 MiB on SmolLM2) on top of what the block loop leaves: the source weights are memory-mapped
+  from the safetensors file and its pages stay resident while any of its tensors lives (the embeddings), so the
+  replaced dense linears still count next to the compressed ones, plus the solvers' cached eigen-decompositions of
+  the last block and about one copy of the activations left in the allocator's arenas. Measured: 2797 MiB at 32
+  windows (admm 2:4+r32), the run's peak.
+
+With onloading the resident weights are only the non-block ones; there is no full-model capture (the blocks are
+stubbed), the compressed blocks are never all resident during the loop, and the final phase either rebuilds every
+block for the evaluation (``rebuild``) or streams them from the checkpoints into the save (one rebuilt block + the
+packed shard: at most the linears at fp16, or the shard size). Allocators other than uniform need the whole model.
 benchmarks/scaling.py uses the same block model to extrapolate to bigger models.
 """
 
@@ -30,7 +47,12 @@ from .errors import SLRError
 from .models.adapters import get_adapter
 
 RUNTIME_MIB = 600
-CAP_BYTES_PER_PARAM = 40  # CAP's pools phase per linear parameter (see the module docstring)
+CAP_POOL_BYTES_PER_PARAM = 16  # CAP's candidate pools per linear parameter (see the module docstring)
+EVAL_BATCH, EVAL_SEQLEN = 4, 512  # slr.api's perplexity
+FISHER_BATCH = 2  # allocate.base.output_grad_sq: windows per forward + backward
+ALLOC_BATCH = 4  # allocate.base.dense_block_hessians / CAP's loss: windows per forward
+TM_BATCH = 8  # refine.TMConfig.batch_size
+TM_STATE_COPIES = 8  # fp32 copies of the block's linears while TM trains it
 
 
 def block_memory_bytes(linears: list[tuple[int, int]], group_din: list[int], d_model: int, tokens: int) -> dict:
@@ -41,59 +63,128 @@ def block_memory_bytes(linears: list[tuple[int, int]], group_din: list[int], d_m
         "block weights (fp32)": sum(m * n for m, n in linears) * 4,
         "H per group (fp64)": sum(8 * n * n for n in group_din),
         "calibration activations in + out (fp32)": 2 * tokens * d_model * 4,
-        "solver workspace (~8 [m, n] fp32 + eig fp64)": 8 * big * 4 + 3 * 8 * n_max * n_max,
+        # admm, the largest: its eigen-caches (fp64 Ĥ, Q and four fp32 roots per group, 32 d_in^2), the eigh of the
+        # widest group (~5 fp64 [d_in, d_in]), the block's results (fp32 S + bool mask) and ~10 fp64 [m, n]
+        # temporaries of the largest linear; 290 MiB on a SmolLM2 block (measured rise of the solve: 269-289 MiB,
+        # the same at 5 and 130 iterations)
+        "solver workspace (admm)": 32 * sum(n * n for n in group_din) + 5 * 8 * n_max * n_max
+        + 5 * sum(m * n for m, n in linears) + 10 * 8 * big,
     }
 
 
 def forward_workspace_bytes(batch: int, seqlen: int, heads: int, d_ff: int) -> int:
-    """Transient memory of one block forward on a calibration batch (eager attention, gated MLP), fp32."""
+    """Transient memory of one block forward on a calibration batch (attention scores, gated MLP), fp32."""
     return 2 * batch * heads * seqlen * seqlen * 4 + 3 * batch * seqlen * d_ff * 4
+
+
+def backward_bytes(tokens: int, d_model: int, d_ff: int) -> int:
+    """Autograd graph of one block's forward + backward over ``tokens`` tokens, fp32.
+
+    (12 d_model + 4 d_ff) * 4 bytes a token: 52 KB on SmolLM2, where the Fisher pass measured 44.6-47.7 KiB a token
+    and block (the difference between 1, 15 and 30 blocks)."""
+    return tokens * (12 * d_model + 4 * d_ff) * 4
+
+
+def head_bytes(tokens: int, vocab: int, copies: float) -> int:
+    """``copies`` fp32 [tokens, vocab] tensors of the LM head (logits, their fp32 copy, log-softmax, gradients)."""
+    return int(copies * tokens * vocab * 4)
+
+
+def fisher_bytes(seqlen: int, vocab: int, d_model: int, d_ff: int, n_blocks: int, windows: int = FISHER_BATCH) -> int:
+    """Forward + backward of the whole model on ``windows`` windows (allocate.base.output_grad_sq).
+
+    Measured on SmolLM2 (2 windows of 512, vocab 49152): +1016 MiB with 1 block, +1641 with 15, +2357 with 30, i.e.
+    ~5.2 logits-sized fp32 tensors for the head plus every block's graph (``backward_bytes``); modelled with 5.5."""
+    tokens = windows * seqlen
+    return head_bytes(tokens, vocab, 5.5) + n_blocks * backward_bytes(tokens, d_model, d_ff)
 
 
 def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = False,
                  offload_activations: bool = False, batch_size: int = 8, rebuild: bool = True,
-                 max_shard_bytes: int = 4 << 30, allocate: str = "uniform") -> dict:
-    """{"model", "block", "compressed", "runtime", "total"} in bytes for compressing ``model``.
+                 max_shard_bytes: int = 4 << 30, allocate: str = "uniform", refine: str | None = None,
+                 tm_samples: int | None = None) -> dict:
+    """{"model", "block", "compressed", "runtime", "phases", "total", ...} in bytes for compressing ``model``.
 
-    ``onload``: only the non-block parameters and one block's fp32 weights are resident (slr.onload); the peak is
-    the larger of the block loop and the final phase. ``rebuild`` (onloading followed by an in-memory evaluation):
-    the final phase holds every compressed block; otherwise the save streams them (one block + the packed shard).
-    ``offload_activations``: two batches of activations in memory instead of all windows.
+    ``total`` is the largest of ``phases`` (capture, blocks, allocate, evaluate / final; see the module docstring).
+    ``onload``: only the non-block parameters and one block's fp32 weights are resident (slr.onload).
+    ``rebuild``: an in-memory evaluation follows (with onloading: every compressed block is rebuilt for it; without
+    it the save streams them). ``offload_activations``: two batches of activations in memory instead of all windows.
+    ``allocate``: "knapsack" and "cap" add their allocation phase (with calibration data; CAP also without).
+    ``refine="tm"``: transformer matching's targets, autograd graph and optimizer state join the block loop;
+    ``tm_samples``: the windows it trains on (None = all; only the chunk size depends on it, the targets are kept
+    for every window).
     """
     ad = get_adapter(model)
-    block = ad.blocks(model)[0]
+    blocks = ad.blocks(model)
+    block = blocks[0]
     lin = ad.linears(block)
     shapes = [(int(m.weight.shape[0]), int(m.weight.shape[1])) for m in lin.values()]
     gdin = [int(lin[g[0]].weight.shape[1]) for g in ad.groups if all(n in lin for n in g)]
     d_model = int(model.get_input_embeddings().weight.shape[1])
-    tokens = min(windows, batch_size) * seqlen if offload_activations else windows * seqlen
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = int((out_emb if out_emb is not None else model.get_input_embeddings()).weight.shape[0])
+    d_ff = max(max(m, n) for m, n in shapes)
+    data = windows > 0
+    batch = max(min(windows, batch_size), 1)
+    tokens = batch * seqlen if offload_activations else windows * seqlen
     parts = block_memory_bytes(shapes, gdin, d_model, tokens)
     cfg = getattr(model, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     heads = int(getattr(cfg, "num_attention_heads", 0) or max(d_model // 64, 1))
-    parts["forward workspace (one batch)"] = forward_workspace_bytes(min(windows, batch_size), seqlen, heads,
-                                                                    max(m for m, _ in shapes))
+    parts["forward workspace (one batch)"] = forward_workspace_bytes(batch, seqlen, heads, d_ff)
+    block_lin_b = sum(m * n for m, n in shapes) * 4
+    if refine == "tm" and data:
+        chunk = max(min(TM_BATCH, batch, tm_samples or windows, windows), 1)
+        parts["TM targets (every window, fp32)"] = windows * seqlen * d_model * 4
+        parts["TM autograd graph (one chunk)"] = backward_bytes(chunk * seqlen, d_model, d_ff)
+        parts["TM optimizer state and copies"] = TM_STATE_COPIES * block_lin_b
     model_b = sum(p.numel() * p.element_size() for p in model.parameters())
-    linear_b = sum(m.weight.numel() * m.weight.element_size() for b in ad.blocks(model) for m in ad.linears(b).values())
+    linear_n = sum(m.weight.numel() for b in blocks for m in ad.linears(b).values())
+    linear_b = sum(m.weight.numel() * m.weight.element_size() for b in blocks for m in ad.linears(b).values())
+    runtime = RUNTIME_MIB * 2**20
+    eval_ws = head_bytes(EVAL_BATCH * EVAL_SEQLEN, vocab, 3) + forward_workspace_bytes(EVAL_BATCH, EVAL_SEQLEN,
+                                                                                    heads, d_ff)
+    # what the block loop leaves behind: the solvers' eigen-caches of the last block (slr.solvers.lowrank.cached)
+    # and about one copy of the activations in the allocator's arenas
+    leftover = 32 * sum(n * n for n in gdin) + tokens * d_model * 4
+    phases: dict[str, int] = {}
     if onload:
-        blocks_b = sum(p.numel() * p.element_size() for b in ad.blocks(model) for p in b.parameters())
+        blocks_b = sum(p.numel() * p.element_size() for b in blocks for p in b.parameters())
         rest = model_b - blocks_b  # embeddings, final norm, untied head
         # solving: the rest + one block in flight (its weights are in parts); then either every compressed block
-        # rebuilt in memory (bounded by the dense linears) or the streamed save (one block + the packed shard)
-        block_b = linear_b // len(ad.blocks(model))
+        # rebuilt in memory (bounded by the dense linears) and evaluated, or the streamed save (one block + the
+        # packed shard)
+        block_b = linear_b // len(blocks)
         final = linear_b if rebuild else block_b + min(max_shard_bytes, linear_b // 2)
-        out = {"model": rest, "block": sum(parts.values()), "compressed": 0, "runtime": RUNTIME_MIB * 2**20}
-        out["total"] = rest + max(out["block"], final) + out["runtime"]
+        out = {"model": rest, "block": sum(parts.values()), "compressed": 0, "runtime": runtime}
+        phases["blocks"] = rest + runtime + out["block"]
+        phases["final"] = rest + runtime + final + (leftover + eval_ws if rebuild else 0)
         out["rebuilt"] = final
         out["streamed"] = not rebuild
     else:
-        out = {"model": model_b, "block": sum(parts.values()), "compressed": linear_b, "runtime": RUNTIME_MIB * 2**20}
-        out["total"] = sum(out.values())
-    if allocate == "cap":  # the pools' phase: whole model + pools + original weights + one calibration forward
-        linear_n = sum(m.weight.numel() for b in ad.blocks(model) for m in ad.linears(b).values())
-        out["allocate"] = CAP_BYTES_PER_PARAM * linear_n
-        out["total"] = max(out["total"], model_b + out["allocate"] + parts["forward workspace (one batch)"]
-                           + out["runtime"])
+        out = {"model": model_b, "block": sum(parts.values()), "compressed": linear_b, "runtime": runtime}
+        phases["blocks"] = model_b + runtime + linear_b + out["block"]
+        if data:  # the first batch's full forward, LM head included
+            phases["capture"] = model_b + runtime + head_bytes(batch * seqlen, vocab, 1) + parts[
+                "forward workspace (one batch)"]
+        if rebuild:  # the source file's pages stay mapped (see the module docstring): dense + compressed linears
+            phases["evaluate"] = model_b + runtime + linear_b + leftover + eval_ws
+    n_blocks = len(blocks)
+    fisher = 0
+    if allocate in ("knapsack", "cap") and data:
+        a_batch = min(ALLOC_BATCH, windows)
+        stats = head_bytes(a_batch * seqlen, vocab, 1) + forward_workspace_bytes(a_batch, seqlen, heads, d_ff)
+        fisher = max(fisher_bytes(seqlen, vocab, d_model, d_ff, n_blocks, min(FISHER_BATCH, windows)), stats)
+        out["allocate"] = fisher
+    if allocate == "cap":
+        pools = CAP_POOL_BYTES_PER_PARAM * linear_n
+        loss = 4 * linear_n + (head_bytes(min(ALLOC_BATCH, windows) * seqlen, vocab, 3) if data else 0)
+        out["pools"] = pools
+        out["allocate"] = pools + max(fisher, loss)
+    if "allocate" in out:
+        phases["allocate"] = model_b + runtime + out["allocate"]
+    out["phases"] = phases
+    out["total"] = max(phases.values())
     out["block_parts"] = parts
     return out
 
@@ -121,18 +212,25 @@ def check_fits(est: dict) -> None:
                        "use fewer --calib-samples, a machine with more memory, or torchrun on more hosts")
 
 
+_PHASE_NAMES = {"capture": "the first calibration forward", "blocks": "the block loop",
+                "allocate": "the allocation", "evaluate": "the evaluation", "final": "the final phase"}
+
+
 def describe(est: dict) -> str:
     g = 2**20
+    phase = max(est["phases"], key=est["phases"].get)
+    others = ", ".join(f"{k} {v / g:,.0f}" for k, v in est["phases"].items() if k != phase)
+    tail = f"; peak in {_PHASE_NAMES[phase]}" + (f"; other phases: {others}" if others else "") + ")"
     if "rebuilt" in est:
         final = "streamed save <=" if est.get("streamed") else "rebuilt compressed layers <="
         return (f"estimated peak memory {est['total'] / g:,.0f} MiB with onloading (non-block weights "
                 f"{est['model'] / g:,.0f} + max(one block in flight {est['block'] / g:,.0f}, {final} "
-                f"{est['rebuilt'] / g:,.0f}) + runtime {est['runtime'] / g:,.0f})")
-    if "allocate" in est:
+                f"{est['rebuilt'] / g:,.0f}) + runtime {est['runtime'] / g:,.0f}" + tail)
+    if "pools" in est:
         return (f"estimated peak memory {est['total'] / g:,.0f} MiB (the larger of the CAP pools' phase, pools "
-                f"{est['allocate'] / g:,.0f} + model {est['model'] / g:,.0f}, and the block loop, one block in flight "
-                f"{est['block'] / g:,.0f} + compressed layers <= {est['compressed'] / g:,.0f}; runtime "
-                f"{est['runtime'] / g:,.0f})")
+                f"{est['pools'] / g:,.0f} + Fisher pass / loss {(est['allocate'] - est['pools']) / g:,.0f} + model "
+                f"{est['model'] / g:,.0f}, and the block loop, one block in flight {est['block'] / g:,.0f} + "
+                f"compressed layers <= {est['compressed'] / g:,.0f}; runtime {est['runtime'] / g:,.0f}" + tail)
     return (f"estimated peak memory {est['total'] / g:,.0f} MiB (model {est['model'] / g:,.0f} + one block in flight "
             f"{est['block'] / g:,.0f} + compressed layers <= {est['compressed'] / g:,.0f} + runtime "
-            f"{est['runtime'] / g:,.0f})")
+            f"{est['runtime'] / g:,.0f}" + tail)
