@@ -289,8 +289,8 @@ def write_report() -> None:
     lines += allocation_tables(recs)
     lines += zeroshot_table()
     # notes and the benchmark scripts' reports
-    for part in ("extra.md", "alloc_time.md", "inference.md", "onload.md", "torchrun.md", "quant_layers.md",
-                 "tuning.md"):
+    for part in ("extra.md", "alloc_time.md", "inference.md", "onload.md", "memory.md", "torchrun.md",
+                 "quant_layers.md", "tuning.md"):
         if (HERE / part).exists():
             lines += [(HERE / part).read_text()]
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
