@@ -47,7 +47,13 @@ CONFIGS = {
     # S+LR at a global retained fraction of exactly 0.50 (issue 5): the allocator sets every matrix's sparsity and
     # rank; uniform keeps rank 32 everywhere and scales the sparsity to the budget
     "g50": dict(sparsity=0.6, pattern=None, rank=32, budget=0.5),
+    # quantized (issue 20): S dense on a symmetric b-bit grid in groups of 64 (gptq, rtn: plain Q), + a rank-r
+    # correction with 8-bit factors (Q + L)
+    **{f"q{b}g64": dict(sparsity=None, pattern=None, rank=0, bits=b, group_size=64) for b in (4, 3, 2)},
+    **{f"q{b}g64r{r}f8": dict(sparsity=None, pattern=None, rank=r, bits=b, group_size=64, factor_bits=8)
+       for b, r in ((3, 32), (3, 40), (2, 40), (2, 8))},
 }
+QUANT_KEYS = {"bits": None, "group_size": 64, "sym": True, "factor_bits": 16}  # CompressConfig's defaults
 SUITES = {
     "pruning": [(m, c) for c in ("u50", "nm24") for m in ("magnitude", "wanda", "sparsegpt")],
     "slr": [(m, c) for c in ("nm24r32", "u60r32") for m in ("prune+lr", "oats", "hassle", "admm")],
@@ -58,13 +64,14 @@ SUITES = {
 
 def run_one(model: str, method: str, config_id: str, calib_samples: int, windows: int,
             save_dir: str | None = None, allocate: str = "uniform", refine: str | None = None,
-            tm_epochs: int = 20, tm_samples: int | None = None, alloc_opts: dict | None = None) -> dict:
+            tm_epochs: int = 20, tm_samples: int | None = None, alloc_opts: dict | None = None,
+            solver_opts: dict | None = None) -> dict:
     from slr.api import run_compress
     from slr.config import AllocConfig, CompressConfig, RefineConfig, RunOptions
 
     c = dict(CONFIGS[config_id])
     budget = c.pop("budget", None)
-    cfg = CompressConfig(method=method, calib_samples=calib_samples, **c,
+    cfg = CompressConfig(method=method, calib_samples=calib_samples, **c, solver=dict(solver_opts or {}),
                          alloc=AllocConfig(method=allocate, budget=budget, options=dict(alloc_opts or {})),
                          refine=RefineConfig(epochs=tm_epochs, max_samples=tm_samples) if refine == "tm" else None)
     t = time.perf_counter()
@@ -92,6 +99,11 @@ def flat_config(cfg: dict) -> dict:
     out.update(allocate=a["method"], budget=a["budget"],
                alloc_opts={k: v for k, v in (a.get("options") or {}).items() if defaults.get(k) != v},
                refine=ref["method"] if ref else None)
+    if cfg.get("solver"):
+        from slr.solvers import METHODS
+
+        sdef = asdict(METHODS[cfg["method"]].options())
+        out["solver_opts"] = {k: v for k, v in cfg["solver"].items() if sdef.get(k) != v}
     if ref:
         out.update(tm_epochs=ref["epochs"], tm_samples=ref["max_samples"])
     return out
@@ -102,9 +114,16 @@ def config_id_of(cfg: dict) -> str | None:
     for cid, c in CONFIGS.items():
         if (cfg.get("sparsity") if c["pattern"] is None else None) == c["sparsity"] and \
                 cfg.get("pattern") == c["pattern"] and cfg.get("rank") == c["rank"] and \
-                cfg.get("budget") == c.get("budget"):
+                cfg.get("budget") == c.get("budget") and \
+                all(cfg.get(k, d) == c.get(k, d) for k, d in QUANT_KEYS.items()):
             return cid
     return None
+
+
+def _method(r: dict) -> str:
+    """The method and its non-default solver options, e.g. "gptq (actorder=True)"."""
+    o = r.get("solver_opts")
+    return r["method"] + (" (" + ", ".join(f"{k}={v}" for k, v in o.items()) + ")" if o else "")
 
 
 def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
@@ -118,6 +137,7 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
         **({"tm_epochs": c["tm_epochs"], "tm_samples": c.get("tm_samples")} if c.get("refine") else {}),
         **({"allocate_s": round(r["seconds"]["allocate"], 1)} if "allocate" in r["seconds"] else {}),
         **({"alloc_opts": c["alloc_opts"]} if c.get("alloc_opts") else {}),
+        **({"solver_opts": c["solver_opts"]} if c.get("solver_opts") else {}),
         **({"allocation": _alloc_summary(r["allocation"])} if r.get("allocation") else {}),
         "retained_fraction": round(r["retained_fraction"], 6),
         **({"bpw": b["bpw"]} if b.get("bpw") is not None else {}),
@@ -281,7 +301,7 @@ def write_report() -> None:
                   "calib | compress s | eval s | commit |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: (r["config"], r["ppl"])):
-            lines.append(f"| {r['model'].split(' ')[0]} | {r['config']} | {r['method']} | "
+            lines.append(f"| {r['model'].split(' ')[0]} | {r['config']} | {_method(r)} | "
                          f"{r['retained_fraction']:.4f} | {_bpw(r)} | "
                          f"{r['ppl']:.3f} | {r['ppl_windows']} | {r['dense_ppl']:.4f} | {_err(r)} | "
                          f"{_calib(r)} | {r['compress_s']} | {r['eval_s']} | {r['git_commit']} |")
@@ -307,6 +327,8 @@ def main() -> int:
     ap.add_argument("--tm-samples", type=int, default=None, help="windows TM trains on (default: all)")
     ap.add_argument("--alloc-opt", action="append", default=[], metavar="KEY=VALUE",
                     help="allocator option for every job, as `slr compress --alloc-opt` (e.g. pools=whitened)")
+    ap.add_argument("--solver-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="solver option for every job, as `slr compress --opt` (e.g. actorder=true)")
     ap.add_argument("--save-dir", metavar="DIR", help="also save artifacts to DIR/<model>-<method>-<config>")
     ap.add_argument("--report", action="store_true", help="only regenerate BENCHMARKS.md")
     ap.add_argument("--from-results", action="append", default=[], metavar="DIR",
@@ -324,13 +346,14 @@ def main() -> int:
     from slr.cli import _opts
 
     alloc_opts = _opts(a.alloc_opt, "--alloc-opt", "pools=whitened")
+    solver_opts = _opts(a.solver_opt, "--solver-opt", "actorder=true")
     jobs = list(SUITES.get(a.suite, [])) + [tuple(o.split(":")) for o in a.only]
     for job in jobs:
         method, cfg, allocate, refine = (tuple(job) + (None, None))[:4]
         allocate = allocate or "uniform"
         print(f"== {method} {cfg} {allocate} {refine or ''}", flush=True)
         rec = run_one(a.model, method, cfg, a.calib_samples, a.windows, a.save_dir, allocate, refine or None,
-                      a.tm_epochs, a.tm_samples, alloc_opts)
+                      a.tm_epochs, a.tm_samples, alloc_opts, solver_opts)
         print(json.dumps(rec), flush=True)
         with RESULTS.open("a") as f:
             f.write(json.dumps(rec) + "\n")
