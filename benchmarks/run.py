@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from frontier import frontier_section  # benchmarks/frontier.py (the script folder is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.jsonl"
 _COMMIT: str | None = None  # the commit whose code this process imported (taken once, at start)
@@ -307,6 +309,7 @@ def write_report() -> None:
                          f"{_calib(r)} | {r['compress_s']} | {r['eval_s']} | {r['git_commit']} |")
         lines.append("")
     lines += allocation_tables(recs)
+    lines += frontier_section(recs, CONFIGS, lambda r: _method(r), HERE / "frontier.png")
     lines += zeroshot_table()
     # notes and the benchmark scripts' reports
     for part in ("extra.md", "alloc_time.md", "inference.md", "onload.md", "memory.md", "torchrun.md",

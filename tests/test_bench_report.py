@@ -63,3 +63,26 @@ def test_records_and_tables_carry_bpw(bench):
     assert unsaved["bpw"] == 3.5 and "artifact_bytes" not in unsaved
     g50 = [rec("uniform", 35.0) | {"bpw": 6.5}]
     assert "| admm | uniform | - | 0.5000 | 6.500 | 35.000 |" in "\n".join(bench.allocation_tables(g50))
+
+
+def test_frontier_marks_the_frontier_and_judges_each_budget_against_gptq(bench, tmp_path):
+    def q(method, config, bpw, ppl):
+        return {"model": "SmolLM2 x", "method": method, "config": config, "allocate": "uniform", "bpw": bpw,
+                "ppl": ppl, "dense_ppl": 20.0, "git_commit": "c"}
+
+    recs = [q("gptq", "q4g64", 4.25, 22.0), q("rtn", "q4g64", 4.25, 23.0), q("gptq", "q3g64", 3.25, 30.0),
+            q("prune+lr", "q3g64r40f8", 4.21, 21.2), q("prune+lr", "q2g64r40f8", 3.21, 26.0),
+            q("gptq", "q2g64", 2.25, 500.0)]
+    png = tmp_path / "f.png"
+    text = "\n".join(bench.frontier_section(recs, bench.CONFIGS, bench._method, png))
+    assert png.stat().st_size > 1000
+    assert "| 5.000 | 20.000 | source GGUF (Q4_1) |" in text
+    assert "| 4.210 | 21.200 | prune+lr | q3g64r40f8 | Q + L | uniform | yes | c |" in text
+    assert "| 4.250 | 23.000 | rtn | q4g64 | Q | uniform |  | c |" in text  # gptq has a lower ppl at 4.25
+    # 4.25: (21.2 - 20) / (22 - 20) = 0.6 <= 0.7; 3.25: (26 - 20) / (30 - 20) = 0.6 > 0.5; 2.5: 500 > 100
+    assert "| 4.25 | q4g64, 22.000 | prune+lr q3g64r40f8 (4.210, 21.200) | Q + L | 0.60 | gap ratio <= 0.7 | yes |" \
+        in text
+    assert "| 3.25 | q3g64, 30.000 | prune+lr q2g64r40f8 (3.210, 26.000) | Q + L | 0.60 | gap ratio <= 0.5 | **no** |" \
+        in text
+    assert "| 2.5 | q2g64, 500.000 | gptq q2g64 (2.250, 500.000) | Q | 1.00 | ppl <= 100 | **no** |" in text
+    assert bench.frontier_section([r | {"bpw": None} for r in recs], bench.CONFIGS, bench._method, png) == []
