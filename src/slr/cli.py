@@ -16,7 +16,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from .allocate import ALLOCATORS  # noqa: E402
 from .api import open_model, resolve_device, run_compress, run_eval, summary_rows  # noqa: E402
-from .config import DTYPES, CompressConfig, RunOptions, load_toml, merge  # noqa: E402
+from .config import DTYPES, TM_PRESETS, CompressConfig, RunOptions, load_toml, merge  # noqa: E402
 from .errors import SLRError, is_disk_full  # noqa: E402
 from .eval.zeroshot import TASKS as ZS_TASKS  # noqa: E402
 from .eval.zeroshot import format_table  # noqa: E402
@@ -107,7 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--refine", default=D, choices=["tm"], help="tm = transformer matching per block")
     c.add_argument("--tm-epochs", type=int, default=D, help="transformer-matching epochs [default: 20]")
     c.add_argument("--tm-samples", type=int, default=D, metavar="N",
-                   help="calibration windows transformer matching trains on [default: all]")
+                   help="calibration windows transformer matching trains on [default: all but the held-out ones]")
+    c.add_argument("--tm-heldout", type=int, default=D, metavar="N",
+                   help="the last N calibration windows are never trained on, only used to judge TM: the best "
+                   "parameters on them are kept, the original ones restored if TM does not lower their loss; 0 = "
+                   "judge on the training windows [default: max(1, windows // 8), 0 for one window]")
+    c.add_argument("--tm-preset", default=D, choices=list(TM_PRESETS),
+                   help="paper = 3BASiL-TM's schedule: 20 epochs, 128 windows, Adam lr 2e-5 cosine to lr / 5, 8 "
+                   "windows a step; --tm-* flags override it")
     c.add_argument("--resume", action="store_true", default=D,
                    help="continue an interrupted run of the same command from its last finished block (the "
                    "checkpoints live in .slr-partial-<OUT> beside --out)")
@@ -198,6 +205,7 @@ _FLAGS = {
     "factor_bits": (None, "factor_bits"),
     "allocate": ("alloc", "method"), "budget": ("alloc", "budget"), "alloc_opt": ("alloc", "options"),
     "refine": ("refine", "method"), "tm_epochs": ("refine", "epochs"), "tm_samples": ("refine", "max_samples"),
+    "tm_heldout": ("refine", "heldout"), "tm_preset": ("refine", "preset"),
     "out": ("run", "out"), "overwrite": ("run", "overwrite"), "no_save": ("run", "save"),
     "calib_text": ("run", "calib_text"), "text": ("run", "eval_text"), "windows": ("run", "windows"),
     "no_eval": ("run", "evaluate"), "tasks": ("run", "tasks"), "limit": ("run", "limit"),
@@ -226,7 +234,8 @@ def compress_request(a: argparse.Namespace) -> tuple[str, CompressConfig, RunOpt
             value = not value
         given.setdefault(table, {})[k] = value
     if "refine" in given and "refine" not in tables and "method" not in given["refine"]:
-        raise SLRError("--tm-epochs/--tm-samples set transformer matching's schedule", "add --refine tm")
+        raise SLRError("--tm-epochs/--tm-samples/--tm-heldout/--tm-preset set transformer matching's schedule",
+                       "add --refine tm")
     tables = merge(merge(tables, {k: v for k, v in given.get(None, {}).items()}),
                    {t: v for t, v in given.items() if t not in (None, "run")})
     run = merge(run, given.get("run", {}))

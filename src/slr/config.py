@@ -18,6 +18,7 @@ A TOML run file::
     [refine]            # transformer matching
     epochs = 3
     max_samples = 16
+    heldout = 2         # windows TM only judges on (preset = "paper": 3BASiL-TM's schedule)
     [run]               # RunOptions
     out = "runs/smollm2-admm"
 """
@@ -74,12 +75,22 @@ class AllocConfig:
         return self.method == "uniform" and self.budget is None
 
 
+# 3BASiL-TM's schedule (Adam is TM's only optimizer): 20 epochs on 128 windows, lr 2e-5 cosine to lr / 5, 8 a step
+TM_PRESETS = {"paper": {"lr": 2e-5, "final_lr_frac": 0.2, "epochs": 20, "batch_size": 8, "max_samples": 128}}
+
+
 @dataclass
 class RefineConfig:
     """Transformer matching (3BASiL-TM) of each compressed block to the dense block's outputs.
 
     Adam at ``lr``, cosine to ``lr * final_lr_frac`` over ``epochs`` (epoch 0 measures only), ``batch_size`` windows
-    a step, on the first ``max_samples`` calibration windows (None = all).
+    a step, on the first ``max_samples`` calibration windows (None = all but the held-out ones).
+    heldout: windows TM never trains on, used only to judge it (keep the best parameters or restore the original);
+             the last ``heldout`` windows of the block's calibration windows (of each process under torchrun). None =
+             max(1, n // 8) of n windows when n >= 2, else 0; 0 = judge on the training windows. When max_samples
+             plus heldout exceed n, TM trains on the n - heldout windows before the held-out ones.
+    ``RefineConfig.preset("paper", **overrides)`` (``[refine] preset = "paper"``, ``--tm-preset paper``) starts
+    from ``TM_PRESETS["paper"]``; keys given explicitly win.
     """
 
     method: str = "tm"
@@ -90,6 +101,7 @@ class RefineConfig:
     train_norms: bool = True
     train_biases: bool = True
     max_samples: int | None = None
+    heldout: int | None = None
 
     def __post_init__(self):
         if self.method != "tm":
@@ -97,6 +109,31 @@ class RefineConfig:
         if self.epochs < 0 or self.batch_size < 1 or (self.max_samples is not None and self.max_samples < 1):
             raise SLRError("transformer matching needs epochs >= 0, batch_size >= 1 and max_samples >= 1",
                            "fix --tm-epochs / --tm-samples")
+        if self.heldout is not None and self.heldout < 0:
+            raise SLRError(f"--tm-heldout {self.heldout} is negative",
+                           "pass --tm-heldout N with N >= 0 (0 = judge on the training windows)")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> RefineConfig:
+        """The preset ``name`` of ``TM_PRESETS`` with ``overrides`` on top."""
+        return cls.from_dict({"preset": name, **overrides})
+
+    @classmethod
+    def paper(cls, **overrides) -> RefineConfig:
+        """3BASiL-TM's settings (``TM_PRESETS["paper"]``) with ``overrides`` on top."""
+        return cls.preset("paper", **overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RefineConfig:
+        """A [refine] table; ``preset = NAME`` supplies the values of the keys the table does not set."""
+        if isinstance(d, dict) and "preset" in d:
+            d = dict(d)
+            name = d.pop("preset")
+            if not isinstance(name, str) or name not in TM_PRESETS:
+                raise SLRError(f"unknown transformer-matching preset {name!r}",
+                               f"use one of: {', '.join(TM_PRESETS)}")
+            d = TM_PRESETS[name] | d
+        return _build(cls, d, "refine")
 
 
 @dataclass
@@ -134,11 +171,16 @@ class CompressConfig:
         if isinstance(self.alloc, dict):
             self.alloc = _build(AllocConfig, self.alloc, "alloc")
         if isinstance(self.refine, dict):
-            self.refine = _build(RefineConfig, self.refine, "refine")
+            self.refine = RefineConfig.from_dict(self.refine)
         if self.calib_samples < 0:
             raise SLRError(f"--calib-samples {self.calib_samples} is negative", "pass --calib-samples N with N >= 0")
         if self.rank < 0:
             raise SLRError(f"rank {self.rank} is negative", "pass --rank 0 or a positive integer")
+        h = self.refine.heldout if self.refine is not None else None
+        if h and self.calib_samples and h >= self.calib_samples:
+            raise SLRError(f"--tm-heldout {h} leaves none of the {self.calib_samples} calibration windows for "
+                           "transformer matching to train on", "pass --tm-heldout below --calib-samples (0 = judge "
+                           "on the training windows)")
         self.layer_spec()  # every other check, before any heavy work
 
     def layer_spec(self) -> LayerSpec:
@@ -267,5 +309,5 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-__all__ = ["AllocConfig", "CompressConfig", "LayerSpec", "RefineConfig", "RunOptions", "keep_per_row", "load_toml",
-           "merge", "parse_nm"]
+__all__ = ["TM_PRESETS", "AllocConfig", "CompressConfig", "LayerSpec", "RefineConfig", "RunOptions", "keep_per_row",
+           "load_toml", "merge", "parse_nm"]

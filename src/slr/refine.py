@@ -8,14 +8,26 @@ Parameters: they keep their grid values and only the layer's float parts train).
 (pure pruning with materialize="dense") keeps its zeros: its gradient is multiplied by (W != 0) and the weight is
 re-masked after every step (the released code forgot this for non-LoRA layers).
 
+Windows: of the block's n calibration windows (per process under torchrun), the last h are held out (h =
+``cfg.heldout``; None = max(1, n // 8) when n >= 2, else 0) and TM trains on the first min(max_samples, n - h)
+(max_samples None = n - h): held-out windows are never trained on, and when max_samples + h <= n they are windows
+training would not have used anyway. h >= n (with n > 0) is an SLRError.
+
 Schedule: epoch 0 only measures the loss (the reference), then epochs 1..E-1 take Adam steps with a cosine schedule
 from lr to lr * final_lr_frac over all steps. A step sees ``batch_size`` windows: the pipeline's batches are split
 into chunks of at most ``batch_size`` windows (kwargs depend on the batch size: the ones recorded for that size,
 else the batch's kwargs sliced along the batch dimension) and gradients are accumulated over smaller batches.
 Training runs in fp32 (a lower-precision block is cast to fp32 and back).
-The parameters with the lowest loss are kept: the loss of epoch e (measured on the fly, before each step) is
-attributed to the snapshot taken at its start, the final parameters are evaluated exactly, and when TM did not
-improve on the reference the original parameters are restored.
+
+Judging (restore-if-worse), with held-out windows: their loss is measured exactly before training and after every
+epoch's steps; the parameters with the lowest held-out loss are kept if it is below the original's, else the
+original parameters are restored bit for bit. This catches overfitting as well as divergence. Without held-out
+windows (h = 0) the training windows judge: the loss of epoch e (measured on the fly, before each step) is attributed
+to the snapshot taken at its start, the final parameters are evaluated exactly, the best of them is kept and the
+original restored when TM did not improve on the reference. Stats: ``windows`` (training), ``heldout_windows``,
+``loss_before``/``loss_after`` (training windows, of the kept parameters), ``heldout_loss_before``/``_after`` (None
+when h = 0), ``epoch_losses``, ``heldout_losses``, ``restored``, ``kept_epoch`` (E = the last parameters, e = those
+at the start of epoch e, 0 = the original).
 """
 
 from __future__ import annotations
@@ -114,20 +126,30 @@ def _kw(inputs: BlockInputs, index: int, x: torch.Tensor, s: slice) -> dict:
     return _slice_kw(inputs.kw(index, x), x.shape[0], s)
 
 
-def _batches(inputs: BlockInputs, index: int, targets: list[torch.Tensor], cfg: RefineConfig):
-    """[(x, target, kwargs)] chunks of at most cfg.batch_size windows (first cfg.max_samples windows)."""
-    out = []
-    seen = 0
-    for x, y in zip(inputs.hidden, targets):
-        n = x.shape[0]
-        if cfg.max_samples is not None:
-            n = min(n, cfg.max_samples - seen)
-            if n <= 0:
-                break
-        seen += n
-        for s in range(0, n, cfg.batch_size):
-            sl = slice(s, min(n, s + cfg.batch_size))
-            out.append((x[sl], y[sl], _kw(inputs, index, x, sl)))
+def _split(n: int, cfg: RefineConfig) -> tuple[int, int]:
+    """(training windows, held-out windows) of a block with ``n`` calibration windows (on this process)."""
+    h = cfg.heldout if cfg.heldout is not None else (max(1, n // 8) if n >= 2 else 0)
+    h = min(h, n)
+    train = n - h if cfg.max_samples is None else min(cfg.max_samples, n - h)
+    return train, h
+
+
+def _batches(inputs: BlockInputs, index: int, targets: list[torch.Tensor], ranges, batch_size: int):
+    """Per (lo, hi) window range (calibration order): [(x, target, kwargs)] chunks of at most ``batch_size`` windows
+    within one of the pipeline's batches; a batch outside every range is not read (it may be on disk)."""
+    out: list[list] = [[] for _ in ranges]
+    start = 0
+    for b, y in enumerate(targets):
+        n, x = y.shape[0], None
+        for chunks, (lo, hi) in zip(out, ranges):
+            a, z = max(lo - start, 0), min(hi - start, n)
+            if a >= z:
+                continue
+            x = inputs.hidden[b] if x is None else x
+            for s in range(a, z, batch_size):
+                sl = slice(s, min(z, s + batch_size))
+                chunks.append((x[sl], y[sl], _kw(inputs, index, x, sl)))
+        start += n
     return out
 
 
@@ -179,11 +201,17 @@ def transformer_match_(block: nn.Module, index: int, inputs: BlockInputs, target
 def _match(block, index, inputs, targets, cfg, device, t0, progress) -> dict:
     params, masks = _trainable(block, cfg)
     dev = next(iter(params)).device if params else torch.device(device or "cpu")
-    chunks = []
-    for x, y, kw in _batches(inputs, index, targets, cfg):
-        chunks.append((_normal(x.to(dev)), _normal(y.to(dev)), _normal(kw)))
+    n = sum(int(y.shape[0]) for y in targets)
+    n_train, n_held = _split(n, cfg)
+    if distributed.current().max_int(int(n > 0 and n_train == 0)):  # every process refuses alike
+        raise SLRError(f"--tm-heldout {cfg.heldout} leaves no window for transformer matching to train on (block "
+                       f"{index} has {n} calibration windows{' on a process' if distributed.current().active else ''})",
+                       "pass a smaller --tm-heldout, more --calib-samples, or --tm-heldout 0")
+    parts = _batches(inputs, index, targets, [(0, n_train), (n - n_held, n)], cfg.batch_size)
+    chunks, held = [[(_normal(x.to(dev)), _normal(y.to(dev)), _normal(kw)) for x, y, kw in p] for p in parts]
     stats = {"block": index, "loss_before": float("nan"), "loss_after": float("nan"), "steps": 0, "seconds": 0.0,
-             "restored": False, "params": sum(p.numel() for p in params), "windows": sum(c[0].shape[0] for c in chunks)}
+             "restored": False, "params": sum(p.numel() for p in params), "windows": n_train,
+             "heldout_windows": n_held, "heldout_loss_before": None, "heldout_loss_after": None}
     if not params or not chunks or cfg.epochs < 1:
         stats["seconds"] = time.perf_counter() - t0
         return stats
@@ -202,7 +230,7 @@ def _match(block, index, inputs, targets, cfg, device, t0, progress) -> dict:
     try:
         for p in every:  # frozen parameters get no gradients at all
             p.requires_grad_(id(p) in train_ids)
-        stats.update(_train(block, index, chunks, params, masks, cfg, cast, original, progress))
+        stats.update(_train(block, index, chunks, held, params, masks, cfg, cast, original, progress))
     finally:
         for p, f in zip(every, flags):
             p.requires_grad_(f)
@@ -216,8 +244,9 @@ def _match(block, index, inputs, targets, cfg, device, t0, progress) -> dict:
     return stats
 
 
-def _train(block, index, chunks, params, masks, cfg, cast, original, progress) -> dict:
+def _train(block, index, chunks, held, params, masks, cfg, cast, original, progress) -> dict:
     group = distributed.current()
+    judge = group.max_int(len(held)) > 0  # held-out windows judge (on every process alike); else the training ones
     steps = _steps(chunks, cfg.batch_size)
     if group.active:  # data-parallel: every rank takes the same number of steps (a rank out of data adds zeros)
         steps += [[] for _ in range(group.max_int(len(steps)) - len(steps))]
@@ -225,13 +254,13 @@ def _train(block, index, chunks, params, masks, cfg, cast, original, progress) -
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.lr * cfg.final_lr_frac)
     n_elem = group.sum_float(float(sum(c[1].numel() for c in chunks)))
-    best = (math.inf, None, -1)  # (epoch loss, snapshot, epoch)
+    best = (math.inf, None, -1)  # (judged loss, snapshot or None for the live parameters, kept epoch)
     loss_before = math.nan
-    history = []
+    history, heldout = [], ([_eval_loss(block, held, cast)] if judge else [])
     done = 0
     bar = tqdm(range(cfg.epochs), desc=f"TM block {index}", leave=False, position=1, disable=not progress)
     for epoch in bar:
-        snapshot = [p.detach().clone() for p in params] if epoch > 0 else None
+        snapshot = [p.detach().clone() for p in params] if epoch > 0 and not judge else None
         tot = 0.0
         for step in steps:
             windows = sum(chunks[i][0].shape[0] for i in step)
@@ -265,10 +294,19 @@ def _train(block, index, chunks, params, masks, cfg, cast, original, progress) -
         history.append(loss)
         if epoch == 0:
             loss_before = loss
+        elif judge:  # the parameters after this epoch's steps, on the held-out windows (exact)
+            heldout.append(_eval_loss(block, held, cast))
+            if heldout[-1] < best[0]:
+                live = epoch == cfg.epochs - 1
+                best = (heldout[-1], None if live else [p.detach().clone() for p in params], epoch + 1)
         elif loss < best[0]:
             best = (loss, snapshot, epoch)
-        bar.set_postfix(loss=f"{loss:.3e}", ref=f"{loss_before:.3e}")
+        bar.set_postfix(loss=f"{loss:.3e}", ref=f"{loss_before:.3e}", **({"heldout": f"{heldout[-1]:.3e}"}
+                                                                           if judge else {}))
     bar.close()
+    out = {"steps": done, "epoch_losses": history, "heldout_losses": heldout}
+    if judge:
+        return out | _judge_heldout(block, chunks, params, masks, cast, original, best, heldout[0], loss_before)
     final = _eval_loss(block, chunks, cast)
     restored, kept_epoch = False, cfg.epochs
     if best[1] is not None and best[0] < final:  # an earlier snapshot looks better (by its epoch-loss estimate)
@@ -282,8 +320,19 @@ def _train(block, index, chunks, params, masks, cfg, cast, original, progress) -
     if not final < loss_before:  # TM did not help: restore the original parameters
         _load(params, original, masks)
         final, restored, kept_epoch = loss_before, True, 0
-    return {"loss_before": loss_before, "loss_after": final, "steps": done, "restored": restored,
-            "kept_epoch": kept_epoch, "epoch_losses": history}
+    return out | {"loss_before": loss_before, "loss_after": final, "restored": restored, "kept_epoch": kept_epoch}
+
+
+def _judge_heldout(block, chunks, params, masks, cast, original, best, heldout_before, loss_before) -> dict:
+    """Keep the parameters with the lowest held-out loss if it is below the original's, else restore the original."""
+    if not best[0] < heldout_before:
+        _load(params, original, masks)
+        return {"loss_before": loss_before, "loss_after": loss_before, "restored": True, "kept_epoch": 0,
+                "heldout_loss_before": heldout_before, "heldout_loss_after": heldout_before}
+    if best[1] is not None:
+        _load(params, best[1], masks)
+    return {"loss_before": loss_before, "loss_after": _eval_loss(block, chunks, cast), "restored": False,
+            "kept_epoch": best[2], "heldout_loss_before": heldout_before, "heldout_loss_after": best[0]}
 
 
 def _load(params, values, masks) -> None:
