@@ -169,3 +169,12 @@ def test_allocated_plans_keep_the_runs_grids():
     plan, info = make_plan(model, cfg, None)
     assert {(s.bits, s.group_size, s.factor_bits) for s in plan.specs.values()} == {(4, 64, 8)}
     assert {v["bits"] for v in info["per_matrix"].values()} == {4}
+
+
+def test_knapsack_with_ranks_respects_the_floor():
+    model = tiny_model("llama")
+    cfg = CompressConfig(method="prune+lr", bits=4, rank=8,
+                         alloc=AllocConfig("knapsack", budget_bits=5.0, options={"rank_floor": 4}))
+    plan, info = make_plan(model, cfg, None)
+    assert min(s.rank for s in plan.specs.values()) >= 4
+    assert info["achieved_bpw"] == pytest.approx(plan_bits(model, plan)) and info["achieved_bpw"] <= 5.0

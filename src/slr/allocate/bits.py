@@ -147,7 +147,7 @@ def _candidates(m: Matrix, mode: str, nm, base: LayerSpec, floor: int, extra: in
     ranks = [0]
     if mode == "slr" and base.rank > 0:
         lo = min(floor, m.d_out, m.d_in)
-        ranks = sorted({r for r in rank_grid(m, base.rank) if r >= lo} | {lo, extra})
+        ranks = sorted({r for r in {*rank_grid(m, base.rank), extra} if r >= lo} | {lo})
     return [Choice(_k_row(m, base, nm), r, b) for b in BIT_WIDTHS for r in ranks]
 
 
@@ -249,10 +249,10 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     sel, lam = solve_knapsack(costs, losses, float(budget_bits * total))
     choices = [cands[i][k] for i, k in enumerate(sel)]
     proxy = sum(float(losses[i][k]) for i, k in enumerate(sel))
-    uniform_proxy = None
-    if unis is not None:
-        uniform_proxy = sum(float(lo[[i for i, c in enumerate(ch) if c.bits == u.bits and c.rank == u.rank][0]])
-                            for u, ch, lo in zip(unis, cands, losses))
+    uniform_proxy = 0.0 if unis is not None else None  # None: the uniform plan does not fit, or is off the grids
+    for u, ch, lo in zip(unis or [], cands, losses):
+        hit = [i for i, c in enumerate(ch) if c.bits == u.bits and c.rank == u.rank]
+        uniform_proxy = uniform_proxy + float(lo[hit[0]]) if hit and uniform_proxy is not None else None
     used = "whitened" if whitened else ("diag" if norms is not None else "weights")
     fisher = {"fisher_windows": min(len(calib), fisher_samples or len(calib)), "fisher_power": fisher_power} \
         if sens is not None else {}
