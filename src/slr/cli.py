@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the global budget is split over matrices [default: uniform]")
     c.add_argument("--budget", type=float, default=D,
                    help="global retained fraction in (0, 1) (PROTOCOL §5); default: that of the uniform spec")
+    c.add_argument("--budget-bits", type=float, default=D, metavar="B",
+                   help="instead of --budget: B bits per weight on average over the compressed linears (their bytes "
+                   "x 8 / weights); --allocate knapsack or uniform then picks each matrix's bit width of S in 2, 3, 4, "
+                   "8 (and rank). Needs --bits")
     c.add_argument("--refine", default=D, choices=["tm"], help="tm = transformer matching per block")
     c.add_argument("--tm-epochs", type=int, default=D, help="transformer-matching epochs [default: 20]")
     c.add_argument("--tm-samples", type=int, default=D, metavar="N",
@@ -203,7 +207,8 @@ _FLAGS = {
     "calib_samples": (None, "calib_samples"), "seed": (None, "seed"), "opt": (None, "solver"),
     "bits": (None, "bits"), "group_size": (None, "group_size"), "asym": (None, "sym"),
     "factor_bits": (None, "factor_bits"),
-    "allocate": ("alloc", "method"), "budget": ("alloc", "budget"), "alloc_opt": ("alloc", "options"),
+    "allocate": ("alloc", "method"), "budget": ("alloc", "budget"), "budget_bits": ("alloc", "budget_bits"),
+    "alloc_opt": ("alloc", "options"),
     "refine": ("refine", "method"), "tm_epochs": ("refine", "epochs"), "tm_samples": ("refine", "max_samples"),
     "tm_heldout": ("refine", "heldout"), "tm_preset": ("refine", "preset"),
     "out": ("run", "out"), "overwrite": ("run", "overwrite"), "no_save": ("run", "save"),

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .allocate import allocator
+from .allocate.bits import BITS_ALLOCATORS
 from .embeddings import check_embed_bits
 from .errors import SLRError
 from .options import fits, jsonable, make_options
@@ -52,11 +53,16 @@ class AllocConfig:
     method:  uniform | owl | knapsack | cap (``slr.allocate.ALLOCATORS``).
     budget:  global retained fraction in (0, 1) (PROTOCOL §5); None = that of the uniform layer spec.
     options: the allocator's typed options (a dict is converted; unknown keys are an error naming the valid ones).
+    budget_bits: instead of ``budget``, an average of bits per weight over the compressed linears (their bytes as
+             ``slr.formats.theoretical_bytes`` counts them x 8 / their weights); the allocator then picks each
+             matrix's bit width of S (and rank). uniform and knapsack only; needs a run with --bits
+             (``slr.allocate.bits``).
     """
 
     method: str = "uniform"
     budget: float | None = None
     options: Any = None
+    budget_bits: float | None = None
 
     def __post_init__(self):
         a = allocator(self.method)
@@ -65,6 +71,18 @@ class AllocConfig:
             if isinstance(b, bool) or not isinstance(b, int | float) or math.isnan(b) or not 0.0 < b < 1.0:
                 raise SLRError(f"budget {b} is outside (0, 1)", "pass a retained fraction such as --budget 0.5")
             self.budget = float(b)
+        if self.budget_bits is not None:
+            b = self.budget_bits
+            if self.budget is not None:
+                raise SLRError("--budget and --budget-bits are two budgets for one run",
+                               "pass one of them: a retained fraction (--budget) or bits per weight (--budget-bits)")
+            if isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b) or b <= 0:
+                raise SLRError(f"--budget-bits {b} is not a positive number of bits per weight",
+                               "pass e.g. --budget-bits 3.25")
+            if self.method not in BITS_ALLOCATORS:
+                raise SLRError(f"{self.method} does not take --budget-bits yet",
+                               f"use --allocate {' or '.join(BITS_ALLOCATORS)}")
+            self.budget_bits = float(b)
         self.options = make_options(a.options, self.options, flag="--alloc-opt", what=f"the {self.method} allocator")
         if a.check is not None:
             a.check(self.options)
@@ -72,7 +90,7 @@ class AllocConfig:
     @property
     def is_uniform(self) -> bool:
         """The uniform spec everywhere, with no budget to fit: no allocation runs."""
-        return self.method == "uniform" and self.budget is None
+        return self.method == "uniform" and self.budget is None and self.budget_bits is None
 
 
 # 3BASiL-TM's schedule (Adam is TM's only optimizer): 20 epochs on 128 windows, lr 2e-5 cosine to lr / 5, 8 a step
@@ -181,6 +199,9 @@ class CompressConfig:
             raise SLRError(f"--tm-heldout {h} leaves none of the {self.calib_samples} calibration windows for "
                            "transformer matching to train on", "pass --tm-heldout below --calib-samples (0 = judge "
                            "on the training windows)")
+        if self.alloc.budget_bits is not None and self.bits is None:
+            raise SLRError("--budget-bits needs --bits and a method that quantizes, e.g. gptq or prune+lr",
+                           "add --bits 4 (S's grid; the allocator then picks each matrix's width), or pass --budget")
         self.layer_spec()  # every other check, before any heavy work
 
     def layer_spec(self) -> LayerSpec:

@@ -12,7 +12,10 @@ compressed linears (PROTOCOL §5); without it, the fraction of the uniform confi
 the budget to within one row of the narrowest matrix (never above it). What the plan controls depends on the method
 (``mode``): pruning methods get sparsities, rank-only methods ranks, S+LR methods both (with --pattern N:M only
 the ranks).
-info always holds {"allocator", "budget", "achieved_fraction", "seconds", "per_matrix": {key: {"sparsity", "rank"}}}.
+info always holds {"allocator", "budget", "achieved_fraction", "seconds", "per_matrix": {key: {"sparsity", "rank"}}}
+(and "bits" per matrix when S is quantized). A budget in bits instead (config.alloc.budget_bits, uniform and knapsack
+only): S's bit width and the rank per matrix under an average of bits per weight (``bits``); info then has
+"budget_bits" and "achieved_bpw", and "budget" is None.
 Allocator options (``config.alloc.options``, typed from each module's ``allocate`` keywords) are documented there.
 """
 

@@ -64,10 +64,12 @@ class Matrix:
 
 @dataclass
 class Choice:
-    """Per-matrix decision: k_row kept values per row (None with N:M or rank-only) and rank."""
+    """Per-matrix decision: k_row kept values per row (None with N:M or rank-only), rank, and S's bit width (None =
+    the run's, ``config.bits``; set by the bits allocator)."""
 
     k_row: int | None
     rank: int = 0
+    bits: int | None = None
 
 
 def matrices(model: nn.Module) -> list[Matrix]:
@@ -150,7 +152,7 @@ def fit_budget(mats: list[Matrix], choices: list[Choice], target: int, mode: str
     sparse parts; ranks only when there is no free sparse part (N:M or rank-only). A matrix never drops below
     ``min_params`` retained parameters. The total never exceeds ``target``.
     """
-    choices = [Choice(c.k_row, c.rank) for c in choices]
+    choices = [Choice(c.k_row, c.rank, c.bits) for c in choices]
     use_rows = mode != "rank" and nm is None
 
     def unit(m: Matrix) -> int:
@@ -219,31 +221,39 @@ def fit_budget(mats: list[Matrix], choices: list[Choice], target: int, mode: str
     return choices
 
 
-def to_spec(m: Matrix, c: Choice, mode: str, nm: tuple[int, int] | None) -> LayerSpec:
+def to_spec(m: Matrix, c: Choice, mode: str, nm: tuple[int, int] | None, base: LayerSpec | None = None) -> LayerSpec:
+    """The spec of a choice; the grids (bits, group_size, sym, factor_bits) are ``base``'s (the run's uniform spec),
+    with S's bit width the choice's when it sets one."""
+    q = {} if base is None else {"bits": base.bits, "group_size": base.group_size, "sym": base.sym,
+                                 "factor_bits": base.factor_bits}
+    if c.bits is not None:
+        q["bits"] = c.bits
     if mode == "rank":
-        return LayerSpec(sparsity=1.0, rank=c.rank)
+        return LayerSpec(sparsity=1.0, rank=c.rank, **q)
     if nm is not None:
-        return LayerSpec(nm=nm, rank=c.rank)
+        return LayerSpec(nm=nm, rank=c.rank, **q)
     k = int(c.k_row)
     sparsity = 1.0 - k / m.d_in
     if keep_per_row(m.d_in, sparsity) != k:  # guard the float round trip of the rounding rule
         raise AssertionError(f"sparsity round trip failed for {m.key}: {k} of {m.d_in}")
-    return LayerSpec(sparsity=sparsity, rank=c.rank)
+    return LayerSpec(sparsity=sparsity, rank=c.rank, **q)
 
 
 def finish(allocator: str, mats: list[Matrix], choices: list[Choice], mode: str, nm: tuple[int, int] | None,
-           budget: float, t0: float, extra: dict | None = None) -> tuple[Plan, dict]:
-    """Plan with an explicit spec for every matrix, plus the common info dict."""
+           budget: float | None, t0: float, extra: dict | None = None,
+           base: LayerSpec | None = None) -> tuple[Plan, dict]:
+    """Plan with an explicit spec for every matrix (on ``base``'s grids, see ``to_spec``), plus the common info dict
+    (per matrix: sparsity, rank, and bits when S is quantized)."""
     plan = Plan()
     per = {}
     kept = 0
     for m, c in zip(mats, choices):
-        spec = to_spec(m, c, mode, nm)
+        spec = to_spec(m, c, mode, nm, base)
         spec.validate(m.d_out, m.d_in)
         plan.specs[m.key] = spec
         kept += spec.kept(m.d_out, m.d_in) * (mode != "rank") + spec.rank * m.lr_unit
         per[m.key] = {"sparsity": spec.sparsity if spec.nm is None else None, "rank": spec.rank,
-                      **({"nm": list(spec.nm)} if spec.nm else {})}
+                      **({"nm": list(spec.nm)} if spec.nm else {}), **({"bits": spec.bits} if spec.bits else {})}
     total = sum(m.numel for m in mats)
     info = {"allocator": allocator, "budget": budget, "achieved_fraction": kept / total, "retained_params": kept,
             "dense_params": total, "mode": mode, "seconds": time.perf_counter() - t0, "per_matrix": per}

@@ -460,4 +460,4 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              "lr": lr, "baseline_window": baseline_window, "chunks": chunks, "candidates": int(cost.numel()),
              "init": {"name": init, **init_info, "projected": True, "loss": init_loss},
              "final_loss": final_loss, "trace": trace, "loss_evals": loss_fn.evals, "seconds_pools": t_pools}
-    return finish("cap", mats, choices, mode, nm, budget, t0, extra)
+    return finish("cap", mats, choices, mode, nm, budget, t0, extra, base=config.layer_spec())

@@ -49,7 +49,6 @@ group and a dense forward pass over ``max_samples`` calibration windows (timed i
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -62,7 +61,7 @@ from ..errors import SLRError
 from ..plan import Plan
 from ..solvers.masks import nm_mask
 from ..spec import keep_per_row
-from . import uniform
+from . import bits, uniform
 from .base import (
     SPAN,
     Choice,
@@ -80,20 +79,10 @@ from .base import (
     scales,
     whitened_metrics,
 )
+from .mckp import rank_grid, solve_knapsack
 
 if TYPE_CHECKING:
     from ..config import CompressConfig
-
-RANK_FRACS = (1 / 64, 1 / 32, 1 / 16, 3 / 32, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2)
-
-
-def rank_grid(m: Matrix, extra: int = 0) -> list[int]:
-    """0 and fractions (up to 1/2) of the largest useful rank r_max = m n / (m + n) (factors as costly as W)."""
-    rmax = min(m.d_out, m.d_in, m.numel // m.lr_unit)
-    grid = {0} | {max(1, int(round(f * rmax))) for f in RANK_FRACS}
-    if 0 < extra <= rmax:
-        grid.add(extra)
-    return sorted(grid)
 
 
 def keep_grid(d_in: int, points: int, extra: int | None = None) -> list[int]:
@@ -222,63 +211,6 @@ def matrix_curve(m: Matrix, metric: Metric, mode: str, nm: tuple[int, int] | Non
     return [choices[i] for i in keep_idx], costs[keep], loss[keep]
 
 
-def solve_knapsack(costs: list[torch.Tensor], losses: list[torch.Tensor], budget: float,
-                   max_upgrades: int = 100000) -> tuple[list[int], float]:
-    """Multiple-choice knapsack by Lagrangian bisection + greedy leftover upgrades. Returns (choice per item, λ)."""
-    n = len(costs)
-    width = max(len(c) for c in costs)
-    C = torch.full((n, width), math.inf, dtype=torch.float64)
-    L = torch.full((n, width), math.inf, dtype=torch.float64)
-    for i, (c, loss) in enumerate(zip(costs, losses)):
-        C[i, : len(c)] = c
-        L[i, : len(c)] = loss
-    rows = torch.arange(n)
-    min_cost = float(C.min(1).values.sum())
-    if min_cost > budget:
-        raise SLRError(f"even the cheapest candidates need {min_cost:.0f} > {budget:.0f} parameters",
-                       "raise the budget")
-
-    Cz = torch.where(torch.isinf(C), torch.zeros_like(C), C)
-    tie = 1e-12 * Cz / float(Cz.max().clamp_min(1.0))  # ties -> the cheaper candidate
-
-    def pick(lam: float) -> torch.Tensor:
-        return (L + lam * Cz + tie).argmin(1)  # padding has L = inf
-
-    def total(sel: torch.Tensor) -> float:
-        return float(C[rows, sel].sum())
-
-    lo, hi = -60.0, 60.0  # log10 λ
-    sel = pick(0.0)
-    lam = 0.0
-    if total(sel) > budget:
-        if total(pick(10.0 ** hi)) > budget:  # λ not large enough: fall back to the cheapest candidates
-            sel = C.argmin(1)
-        else:
-            for _ in range(200):
-                mid = 0.5 * (lo + hi)
-                if total(pick(10.0 ** mid)) > budget:
-                    lo = mid
-                else:
-                    hi = mid
-            lam = 10.0 ** hi
-            sel = pick(lam)
-    left = budget - total(sel)
-    for _ in range(max_upgrades):
-        cur_c = C[rows, sel][:, None]
-        cur_l = L[rows, sel][:, None]
-        dc = C - cur_c
-        dl = cur_l - L  # loss decrease
-        ok = (dc > 0) & (dc <= left) & (dl > 0) & ~torch.isinf(C)
-        if not bool(ok.any()):
-            break
-        gain = torch.where(ok, dl / dc.clamp_min(1e-300), torch.full_like(dl, -1.0))
-        flat = int(gain.argmax())
-        i, j = divmod(flat, width)
-        left -= float(dc[i, j])
-        sel[i] = j
-    return sel.tolist(), lam
-
-
 def check_opts(options) -> None:
     """Values of the knapsack's metric and span options (their types are checked by slr.options)."""
     if options.metric not in ("whitened", "diag"):
@@ -296,8 +228,13 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     ``metric``: "whitened" (full dense-model H per input group, streamed block by block) or "diag" (mean x^2 only);
     both fall back to the plain weights without calibration data. ``span``: every matrix keeps a retained
     fraction within budget ± span (a trust region around the uniform plan, like OWL's λ; 1 = off). ``norms``
-    (key -> mean x^2 [d_in]) may be passed to skip the calibration forward pass of the diag metric.
+    (key -> mean x^2 [d_in]) may be passed to skip the calibration forward pass of the diag metric. With
+    config.alloc.budget_bits the plan is ``bits.allocate``'s (S's bit width and the rank per matrix).
     """
+    if config.alloc.budget_bits is not None:  # a budget in bits: S's width (and the rank) per matrix
+        return bits.allocate(model, config, calib, device, max_samples=max_samples, normalize=normalize, metric=metric,
+                             norms=norms, fisher_samples=fisher_samples, fisher_power=fisher_power,
+                             rank_floor=rank_floor, mode=mode)
     t0 = time.perf_counter()
     mode = alloc_mode(config, mode)
     nm = nm_of(config)
@@ -373,4 +310,4 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              "calib_windows": min(len(calib), max_samples or len(calib)) if data else 0, "lambda": lam,
              "proxy_loss": proxy, "uniform_proxy_loss": uniform_proxy, "candidates": sum(len(c) for c in cands),
              "seconds_stats": t1 - t0, "seconds_curves": t2 - t1, "seconds_solve": time.perf_counter() - t2}
-    return finish("knapsack", mats, choices, mode, nm, budget, t0, extra)
+    return finish("knapsack", mats, choices, mode, nm, budget, t0, extra, base=config.layer_spec())

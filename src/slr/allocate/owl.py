@@ -108,4 +108,4 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     choices = fit_budget(mats, choices, int(budget * total), mode, nm)
     extra = {"M": M, "lambda": lam, "data_free": norms is None, "outlier_ratio": ratios,
              "block_sparsity": [1.0 - float(x) for x in dens], "mean_sparsity": 1.0 - mean_density}
-    return finish("owl", mats, choices, mode, nm, budget, t0, extra)
+    return finish("owl", mats, choices, mode, nm, budget, t0, extra, base=config.layer_spec())

@@ -6,7 +6,7 @@ Without config.alloc.budget this is config.layer_spec() everywhere. With a budge
   rank:   every matrix gets the rank whose r (m + n) is the budget fraction of its m n.
   joint:  every input group (q,k,v; gate,up; ...) gets the shared rank k whose k (n + sum m_i) is the budget
           fraction of its sum m_i n (the shared V is paid once), rounded down, so the plan never exceeds the budget.
-Row rounding residuals are then spread by ``fit_budget``.
+Row rounding residuals are then spread by ``fit_budget``. With config.alloc.budget_bits: ``bits.uniform_plan``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ..models.adapters import get_adapter
 from ..plan import Plan, key
 from ..solvers.base import method
 from ..spec import LayerSpec, keep_per_row
+from . import bits
 from .base import (
     Choice,
     alloc_mode,
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
              mode: str | None = None) -> tuple[Plan, dict]:
+    if config.alloc.budget_bits is not None:
+        return bits.uniform_plan(model, config, mode)
     t0 = time.perf_counter()
     if method(config.method).group:
         return _joint_ranks(model, config, t0)
@@ -67,7 +70,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
                                "raise --budget or lower --rank")
             choices = [Choice(keep_per_row(m.d_in, 1.0 - density), c.rank) for m, c in zip(mats, choices)]
         choices = fit_budget(mats, choices, target, mode, nm)
-    return finish("uniform", mats, choices, mode, nm, budget, t0)
+    return finish("uniform", mats, choices, mode, nm, budget, t0, base=config.layer_spec())
 
 
 def _joint_ranks(model: nn.Module, config: CompressConfig, t0: float) -> tuple[Plan, dict]:
