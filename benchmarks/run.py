@@ -54,6 +54,12 @@ CONFIGS = {
     **{f"q{b}g64": dict(sparsity=None, pattern=None, rank=0, bits=b, group_size=64) for b in (4, 3, 2)},
     **{f"q{b}g64r{r}f8": dict(sparsity=None, pattern=None, rank=r, bits=b, group_size=64, factor_bits=8)
        for b, r in ((3, 32), (3, 40), (2, 40), (2, 8))},
+    # budgets in bits (--budget-bits B): the allocator picks each matrix's bit width (and rank from the grid when
+    # the method has a low-rank part); bits= is the uniform starting grid
+    **{f"b{str(B).replace('.', '')}q": dict(sparsity=None, pattern=None, rank=0, bits=4, group_size=64, budget_bits=B)
+       for B in (4.25, 3.25, 2.5)},
+    **{f"b{str(B).replace('.', '')}qr": dict(sparsity=None, pattern=None, rank=16, bits=3, group_size=64,
+                                            factor_bits=8, budget_bits=B) for B in (4.25, 3.25, 2.5)},
 }
 QUANT_KEYS = {"bits": None, "group_size": 64, "sym": True, "factor_bits": 16}  # CompressConfig's defaults
 SUITES = {
@@ -72,9 +78,10 @@ def run_one(model: str, method: str, config_id: str, calib_samples: int, windows
     from slr.config import AllocConfig, CompressConfig, RefineConfig, RunOptions
 
     c = dict(CONFIGS[config_id])
-    budget = c.pop("budget", None)
+    budget, budget_bits = c.pop("budget", None), c.pop("budget_bits", None)
     cfg = CompressConfig(method=method, calib_samples=calib_samples, **c, solver=dict(solver_opts or {}),
-                         alloc=AllocConfig(method=allocate, budget=budget, options=dict(alloc_opts or {})),
+                         alloc=AllocConfig(method=allocate, budget=budget, budget_bits=budget_bits,
+                                           options=dict(alloc_opts or {})),
                          refine=RefineConfig(epochs=tm_epochs, max_samples=tm_samples) if refine == "tm" else None)
     t = time.perf_counter()
     parts = [model, method, config_id] + ([allocate] if allocate != "uniform" else []) + ([refine] if refine else [])
@@ -98,7 +105,7 @@ def flat_config(cfg: dict) -> dict:
     a, ref = cfg["alloc"], cfg.get("refine")
     defaults = asdict(allocator(a["method"]).options())
     out = {k: v for k, v in cfg.items() if k not in ("alloc", "refine", "solver")}
-    out.update(allocate=a["method"], budget=a["budget"],
+    out.update(allocate=a["method"], budget=a["budget"], budget_bits=a.get("budget_bits"),
                alloc_opts={k: v for k, v in (a.get("options") or {}).items() if defaults.get(k) != v},
                refine=ref["method"] if ref else None)
     if cfg.get("solver"):
@@ -116,7 +123,7 @@ def config_id_of(cfg: dict) -> str | None:
     for cid, c in CONFIGS.items():
         if (cfg.get("sparsity") if c["pattern"] is None else None) == c["sparsity"] and \
                 cfg.get("pattern") == c["pattern"] and cfg.get("rank") == c["rank"] and \
-                cfg.get("budget") == c.get("budget") and \
+                cfg.get("budget") == c.get("budget") and cfg.get("budget_bits") == c.get("budget_bits") and \
                 all(cfg.get(k, d) == c.get(k, d) for k, d in QUANT_KEYS.items()):
             return cid
     return None
