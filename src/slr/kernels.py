@@ -13,9 +13,10 @@ slr's grid reads w = s (code - z) (z = 8 on a symmetric 4-bit grid): that is (co
 holds scale = s and zero = s (8 - z). In float32 both are exact (s is an fp16 value, 8 - z a small integer), so
 the kernel's weights equal the dequantized ones bit for bit and only the summation order differs.
 
-Only the bfloat16 path of the op is vectorized; float32 and float16 run a scalar loop (torch 2.13, x86, 1 thread,
-1536x576, against a dense fp32 F.linear: float32 kernel ~21x at 1 token, ~36x at 7; bfloat16 ~0.75x and ~0.55x;
-today's dequantize-and-matmul path ~57x and ~15x). Hence the settings (``set_kernel`` / ``use_kernel``):
+Only the bfloat16 path of the op is vectorized; float32 and float16 run a scalar loop. Time against a dense fp32
+F.linear (torch 2.13, x86, 1 thread of a loaded 2-core box, 1536x576, 1 | 7 tokens per call): float32 kernel ~21x |
+~36x, bfloat16 kernel ~0.75x | ~0.55x, today's dequantize-and-matmul path ~57x | ~15x. Hence the settings
+(``set_kernel`` / ``use_kernel``):
 
     auto   the kernel in the activations' own precision: bfloat16 activations always; float32 / float16 ones (computed
            in float32) for at most AUTO_FP32_MAX_TOKENS tokens per call, where it still beats the torch path.
