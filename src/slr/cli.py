@@ -22,6 +22,7 @@ from .eval.zeroshot import TASKS as ZS_TASKS  # noqa: E402
 from .eval.zeroshot import format_table  # noqa: E402
 from .fsutil import check_writable_parent  # noqa: E402
 from .io import export_dense  # noqa: E402
+from .kernels import KERNELS, use_kernel  # noqa: E402
 from .models.zoo import DEFAULTS, cache_dir, is_cached, is_installed  # noqa: E402
 from .report import write_report  # noqa: E402
 from .solvers import METHODS  # noqa: E402
@@ -31,6 +32,13 @@ EPILOG_MODEL = "MODEL is a default's name (smollm2-135m, gemma3-270m), a local H
 
 def _device(p):
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda  [default: auto]")
+
+
+def _kernel(p):
+    p.add_argument("--kernel", default="auto", choices=KERNELS,
+                   help="a dense 4-bit S on CPU: auto = torch's int4 kernel where it keeps the numbers (bfloat16 "
+                   "activations; float32 ones at decode), bf16 = also float32 activations in bfloat16 (fastest), "
+                   "torch = dequantize and matmul  [default: auto]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8, help="sequences per forward [default: 8]")
     e.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     _device(e)
+    _kernel(e)
 
     c = sub.add_parser("compress", help="compress a model and write an artifact + results.json", epilog=EPILOG_MODEL
                        + " With --config FILE.toml the run is read from a TOML file that maps 1:1 onto CompressConfig "
@@ -154,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=int, default=40)
     _device(gen)
+    _kernel(gen)
     return ap
 
 
@@ -189,8 +199,9 @@ def cmd_eval(a) -> int:
         check_writable_parent(a.json, "--json")
     splits = [s.strip() for s in a.split.split(",")] if a.split else None
     tasks = [a.tasks] if a.tasks else None
-    r = run_eval(a.model, text_file=a.text, split=splits, windows=a.windows, batch_size=a.batch_size,
-                 device=a.device, json_path=a.json, tasks=tasks, limit=a.limit, ppl=not a.no_ppl)
+    with use_kernel(a.kernel):
+        r = run_eval(a.model, text_file=a.text, split=splits, windows=a.windows, batch_size=a.batch_size,
+                     device=a.device, json_path=a.json, tasks=tasks, limit=a.limit, ppl=not a.no_ppl)
     for p in r["perplexity"]:
         print(f"{r['model']} | {p['split']} | ppl {p['ppl']:.4f} | {p['protocol']} | {p['tokens']} tokens | "
               f"{p['seconds']:.1f} s")
@@ -278,7 +289,7 @@ def cmd_generate(a) -> int:
     device = resolve_device(a.device)
     model, tok, _ = open_model(a.model, device)
     ids = tok(a.prompt, return_tensors="pt").input_ids.to(device)
-    with torch.inference_mode():
+    with torch.inference_mode(), use_kernel(a.kernel):
         out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False)
     print(tok.decode(out[0], skip_special_tokens=True))
     return 0

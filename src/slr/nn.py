@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SLRError
+from .kernels import int4_s
 from .models.adapters import set_module
 from .qlinear import QuantizedLinearMixin, QuantizedSharedMixin
 from .solvers.base import SolveResult
@@ -136,6 +137,9 @@ class SLRLinear(nn.Module):
     - ``auto``: ``sparse`` for <= AUTO_SPARSE_MAX_TOKENS tokens per call, ``dense-onthefly`` above (and
       whenever gradients are needed) -- the fastest option that keeps the memory saving.
 
+    A dense 4-bit S (a QSLRLinear from e.g. gptq at sparsity 0) runs as torch's CPU int4 weight-only GEMM under any
+    strategy but ``dense-cached``, when ``slr.kernels``' setting and the layer's shapes allow it.
+
     Measured (torch 2.13 CPU/MKL, 1 thread of a shared 2-core box, fp32, no_grad, best of 30, microseconds;
     d_out=1536, d_in=576, rank 32; 576x1536 gives the same picture):
 
@@ -209,6 +213,7 @@ class SLRLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self._k_cache = None  # (crow version, nnz per row or None)
         self._w_cache = None  # (key, dense W) for dense-cached
+        self._i4_cache = None  # (key, slr.kernels.Int4Pack or None) for a dense 4-bit S
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -314,17 +319,17 @@ class SLRLinear(nn.Module):
 
     # ---- execution ----------------------------------------------------------------------------
     def clear_cache(self) -> None:
-        self._w_cache = None
+        self._w_cache = self._i4_cache = None
         if self.shared is not None:
             self.shared.clear_cache()
 
     def train(self, mode: bool = True):
-        self._w_cache = None
+        self._w_cache = self._i4_cache = None
         return super().train(mode)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_w_cache"] = None
+        state["_w_cache"] = state["_i4_cache"] = None
         return state
 
     def _params(self):
@@ -353,7 +358,8 @@ class SLRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // max(self.in_features, 1)
-        how = self._pick(tokens)
+        y = int4_s(self, x, tokens)  # a dense 4-bit S by torch's int4 kernel (slr.kernels), else None
+        how = "int4" if y is not None else self._pick(tokens)
         if how == "dense-cached":
             return F.linear(x, self._cached_weight(), self.bias)
         if (how == "dense-onthefly" and self.shared is None and self.values is not None
@@ -362,8 +368,7 @@ class SLRLinear(nn.Module):
             # thin products per token (T (m + n) r) and a pass over y: on SmolLM2 calibration batches (4096 tokens)
             # this halves q/o/gate/up's time. Rank-only layers (no S) keep the thin products, which are cheaper.
             return F.linear(x, self.to_dense(), self.bias)
-        y = None
-        if self.values is not None:
+        if y is None and self.values is not None:
             if how == "sparse":
                 x2 = x.reshape(-1, self.in_features)  # [T, d_in]
                 S = torch.sparse_csr_tensor(self.crow.to(torch.int32), self.col.to(torch.int32), self.values,
