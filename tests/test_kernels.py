@@ -1,6 +1,7 @@
 """slr.kernels: a dense 4-bit S runs as torch's CPU int4 GEMM with the torch path's numbers, when and only when it
 should, with its pack cached like the dense weight; a gptq 4-bit tiny model keeps its logits and the kernel across
-io.save -> io.load, and `slr generate --kernel` selects it."""
+io.save -> io.load, and `slr generate --kernel` selects it. slr's own C++ kernel (which "auto" prefers at decode) is
+switched off here, except where a test says so; tests/test_cpp_kernel.py tests it."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ SMOL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # (d_in, d_out
 
 
 @pytest.fixture(autouse=True)
-def _auto():
+def _auto(monkeypatch):
+    monkeypatch.setattr(kernels, "AUTO_CPP_MAX_TOKENS", 0)  # torch's kernel, not slr's C++ one
     with kernels.use_kernel("auto"):
         kernels.CALLS.clear()
         yield
@@ -198,8 +200,12 @@ def test_gptq_tiny_llama_same_logits_and_kernel_after_save_load(tmp_path, monkey
         assert calls() == 14
 
 
-def test_cli_generate_kernel_flag(capsys, tmp_path):
-    """`slr generate DIR --kernel auto|torch`: same greedy text; decode steps use the kernel only under auto."""
+@pytest.mark.parametrize("cpp", [False, True])
+def test_cli_generate_kernel_flag(capsys, tmp_path, monkeypatch, cpp):
+    """`slr generate DIR --kernel auto|torch`: same greedy text; decode steps use a kernel only under auto (torch's,
+    or slr's C++ one where it is built)."""
+    if cpp:
+        monkeypatch.setattr(kernels, "AUTO_CPP_MAX_TOKENS", 4)
     from test_cli import make_hf_folder
 
     make_hf_folder(tmp_path / "src")

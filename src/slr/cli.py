@@ -36,9 +36,9 @@ def _device(p):
 
 def _kernel(p):
     p.add_argument("--kernel", default="auto", choices=KERNELS,
-                   help="a dense 4-bit S on CPU: auto = torch's int4 kernel where it keeps the numbers (bfloat16 "
-                   "activations; float32 ones at decode), bf16 = also float32 activations in bfloat16 (fastest), "
-                   "torch = dequantize and matmul  [default: auto]")
+                   help="a dense 4-bit S on CPU: auto = an int4 kernel where it keeps the numbers (slr's C++ kernel "
+                   "for float32 activations at decode, torch's for bfloat16 ones), bf16 = also float32 activations "
+                   "through torch's kernel in bfloat16, torch = dequantize and matmul  [default: auto]")
 
 
 def build_parser() -> argparse.ArgumentParser:

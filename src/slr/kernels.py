@@ -1,4 +1,11 @@
-"""Packed-weight matmuls for SLRLinear: a dense 4-bit S runs as torch's CPU int4 weight-only GEMM.
+"""Packed-weight matmuls for SLRLinear: a dense 4-bit S runs as slr's C++ kernel or torch's CPU int4 GEMM.
+
+slr's C++ kernel (slr.csrc, src/slr/csrc/int4_gemv.cpp; built by ``python -m slr.csrc --build`` at install): float32
+activations, AVX2 + FMA, OpenMP over output rows, for a few tokens per call (decode). It reads S as packed nibbles
+(``nibble_pack``: uint8 [N, K/2] in blocks of 32 codes, float32 scales and scale * zero [N, K/g]; any N, groups a
+multiple of 32) and sums in float32: the same numbers as the torch path up to summation order. Against a dense fp32
+F.linear at 1 token (1 thread of a loaded 2-core box; benchmarks/kernels.md): ~0.75x the time with the weights in
+cache, ~0.25x when they stream from memory as in a whole model's decode step.
 
 torch's CPU int4 ops (probed on torch 2.13):
 
@@ -18,14 +25,15 @@ F.linear (torch 2.13, x86, 1 thread of a loaded 2-core box, 1536x576, 1 | 7 toke
 ~36x, bfloat16 kernel ~0.75x | ~0.55x, today's dequantize-and-matmul path ~57x | ~15x. Hence the settings
 (``set_kernel`` / ``use_kernel``):
 
-    auto   the kernel in the activations' own precision: bfloat16 activations always; float32 / float16 ones (computed
-           in float32) for at most AUTO_FP32_MAX_TOKENS tokens per call, where it still beats the torch path.
-           Same numbers as the torch path up to summation order.
-    bf16   also float32 / float16 activations run through the bfloat16 kernel (cast in and out), at any token count:
+    auto   float32 / float16 activations (computed in float32): slr's C++ kernel for at most AUTO_CPP_MAX_TOKENS
+           tokens per call; where it is not built (one line on stderr says so, once), torch's float32 int4 kernel for
+           at most AUTO_FP32_MAX_TOKENS, where that still beats the torch path. bfloat16 activations: torch's kernel
+           in bfloat16, always. Same numbers as the torch path up to summation order.
+    bf16   float32 / float16 activations run through torch's bfloat16 kernel (cast in and out), at any token count:
            faster than a dense float32 GEMM at decode, at bfloat16 accuracy (~3e-3 of max|y|).
     torch  never: S is dequantized and multiplied in pure torch (SLRLinear's strategies).
 
-A layer takes the kernel when S is quantized at 4 bits and dense (sparsity 0), the shapes suit the op, the layer's
+A layer takes a kernel when S is quantized at 4 bits and dense (sparsity 0), the shapes suit it, the layer's
 strategy is not ``dense-cached``, x is on the CPU and needs no gradient. Anything else falls back silently.
 """
 
@@ -38,6 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import csrc
 from .errors import SLRError
 from .qlinear import scale_values, zero_of
 
@@ -45,12 +54,17 @@ KERNELS = ("auto", "bf16", "torch")
 GROUP_SIZES = (32, 64, 128, 256)
 N_ALIGN = 16
 AUTO_FP32_MAX_TOKENS = 2  # float32 kernel vs the torch path on a dense 4-bit S: ~2.6x faster at 1 token, slower at 7
+AUTO_CPP_MAX_TOKENS = 4  # slr's C++ kernel: decode (1 token per sequence) for up to 4 sequences per call
+CPP_GROUP_ALIGN = 32  # its blocks of codes: the group size (and so d_in) must be a multiple
 HAVE_INT4 = all(hasattr(torch.ops.aten, op) for op in
                 ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"))
-CALLS: collections.Counter = collections.Counter()  # kernel calls by compute dtype ("int4-float32", "int4-bfloat16")
+# kernel calls: "cpp-float32" (slr's C++ kernel), "int4-float32" / "int4-bfloat16" (torch's, by compute dtype)
+CALLS: collections.Counter = collections.Counter()
 
+_CPP_DTYPES = (torch.float32, torch.float16)
 _MODE = "auto"
 _WARNED = False
+_CPP_WARNED = False
 
 
 def _check(mode: str) -> None:
@@ -85,7 +99,7 @@ def use_kernel(mode: str):
 
 @dataclass
 class Int4Pack:
-    """A dense 4-bit S in the op's layout: ``weight`` uint8 [N, K/2], ``sz`` float32 [K/g, N, 2] (scale, zero)."""
+    """A dense 4-bit S in torch's op's layout: ``weight`` uint8 [N, K/2], ``sz`` float32 [K/g, N, 2] (scale, zero)."""
 
     weight: torch.Tensor
     group_size: int
@@ -100,6 +114,23 @@ class Int4Pack:
         if dtype not in self._sz:
             self._sz[dtype] = self.sz.to(dtype).contiguous()
         return self._sz[dtype]
+
+
+@dataclass
+class NibblePack:
+    """A dense 4-bit S in slr's C++ kernel's layout (int4_gemv.cpp): ``weight`` uint8 [N, K/2], ``scale`` and ``sz``
+    (scale * zero) float32 [N, K/g], contiguous CPU tensors that the pack owns (``ptrs``: their data pointers)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    sz: torch.Tensor
+    group_size: int
+    in_features: int
+    out_features: int
+    ptrs: tuple = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.ptrs = (self.weight.data_ptr(), self.scale.data_ptr(), self.sz.data_ptr())
 
 
 def _version(t: torch.Tensor) -> int:
@@ -117,9 +148,9 @@ def _is_dense(layer) -> bool:
     return bool((layer.col.view(d_out, d_in) == torch.arange(d_in, device=layer.col.device)).all())
 
 
-def _build(layer, spec, codes, sbits, zero) -> Int4Pack | None:
+def _build_torch(layer, spec, codes, sbits, zero) -> Int4Pack | None:
     d_out, d_in, g = layer.out_features, layer.in_features, spec.group_size
-    if (g not in GROUP_SIZES or d_in % g or d_out % N_ALIGN or codes.device.type != "cpu"
+    if (not HAVE_INT4 or g not in GROUP_SIZES or d_in % g or d_out % N_ALIGN or codes.device.type != "cpu"
             or not _is_dense(layer)):
         return None
     scale = scale_values(sbits)  # [d_out, G] float32
@@ -132,22 +163,100 @@ def _build(layer, spec, codes, sbits, zero) -> Int4Pack | None:
     return Int4Pack(w, g, d_in, d_out, sz)
 
 
-def int4_pack(layer) -> Int4Pack | None:
-    """The layer's S packed for the int4 kernel (built once, cached on the layer under ``_i4_cache`` and rebuilt when
-    its code, scale, zero or index buffers change; ``clear_cache`` drops it), or None when S is not a dense 4-bit one
-    the op takes."""
-    spec = getattr(layer, "qspecs", {}).get("S")
-    if spec is None or spec.bits != 4 or not HAVE_INT4:
+def nibble_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (uint8, < 16; K a multiple of 32) -> int4_gemv.cpp's bytes [N, K/2]: in each block of 32 codes,
+    byte 2 i holds codes 8 j + i for j = 0, 1 (low, high nibble) and byte 2 i + 1 those for j = 2, 3, so the
+    little-endian word i holds code 8 j + i in its bits 4 j .. 4 j + 3."""
+    N, K = codes.shape
+    c = codes.reshape(N, K // 32, 4, 8)  # [N, block, j, i]
+    lo, hi = c[:, :, 0] | (c[:, :, 1] << 4), c[:, :, 2] | (c[:, :, 3] << 4)  # [N, block, i]
+    return torch.stack([lo, hi], -1).reshape(N, K // 2).contiguous()
+
+
+def _build_cpp(layer, spec, codes, sbits, zero) -> NibblePack | None:
+    d_out, d_in, g = layer.out_features, layer.in_features, spec.group_size
+    if g % CPP_GROUP_ALIGN or d_in % g or codes.device.type != "cpu" or not _is_dense(layer):
         return None
-    codes, sbits, zero = layer.qbuffers("S")
-    key = (spec, *((_version(t), t.data_ptr(), t.device) for t in (codes, sbits, zero, layer.crow, layer.col)
-                   if t is not None))
+    scale = scale_values(sbits).contiguous()  # [d_out, G] float32
+    sz = (scale * zero_of(zero, spec)).contiguous()  # exact: an fp16 value times an integer below 16
+    return NibblePack(nibble_codes(codes.view(d_out, d_in).to(torch.uint8)), scale, sz, g, d_in, d_out)
+
+
+_BUILDERS = {"torch": _build_torch, "cpp": _build_cpp}
+
+
+_KEY_BUFFERS = ("qS_codes", "qS_scale", "qS_zero", "crow", "col")
+
+
+def _pack(layer, kind: str):
+    """The layer's S packed for a kernel (``kind``: "torch" or "cpp"), built on first use and cached on the layer
+    under ``_i4_cache`` = (key, {kind: pack or None}); the key changes with S's code, scale, zero or index buffers
+    (version, storage or device), which drops every pack (``clear_cache`` too). None when S is not a dense 4-bit one
+    that kernel takes. Called on every forward: the key reads the buffers straight from ``_buffers``."""
+    spec = getattr(layer, "qspecs", {}).get("S")
+    if spec is None or spec.bits != 4:
+        return None
+    bufs = layer._buffers
+    key = [spec]
+    for name in _KEY_BUFFERS:
+        t = bufs.get(name)
+        if t is not None:
+            key += (_version(t), t.data_ptr(), t.is_cpu)
+    key = tuple(key)
     cache = layer.__dict__.get("_i4_cache")
     if cache is None or cache[0] != key:
+        cache = layer._i4_cache = (key, {})
+    packs = cache[1]
+    if kind not in packs:
         with torch.inference_mode(False), torch.no_grad():  # normal tensors even when first built in inference_mode
-            cache = (key, _build(layer, spec, codes, sbits, zero))
-        layer._i4_cache = cache
-    return cache[1]
+            packs[kind] = _BUILDERS[kind](layer, spec, *layer.qbuffers("S"))
+    return packs[kind]
+
+
+def int4_pack(layer) -> Int4Pack | None:
+    """The layer's S packed for torch's int4 kernel, or None when S is not a dense 4-bit one the op takes."""
+    return _pack(layer, "torch") if HAVE_INT4 else None
+
+
+def nibble_pack(layer) -> NibblePack | None:
+    """The layer's S packed for slr's C++ kernel, or None when S is not a dense 4-bit one with groups of 32k."""
+    return _pack(layer, "cpp")
+
+
+def cpp_ready() -> bool:
+    """slr's C++ kernel is built and runs here; the first time it is not, one line on stderr says why."""
+    global _CPP_WARNED
+    if csrc.load() is not None:
+        return True
+    if not _CPP_WARNED:
+        _CPP_WARNED = True
+        instead = "torch's float32 int4 kernel (1-2 tokens) or the torch path" if HAVE_INT4 else "the torch path"
+        print(f"slr: the C++ int4 kernel is unavailable ({csrc.reason()}); a dense 4-bit S runs {instead}",
+              file=sys.stderr)
+    return False
+
+
+def cpp_linear(x: torch.Tensor, pack: NibblePack) -> torch.Tensor:
+    """x [..., K] @ S^T -> [..., N] in x's dtype, computed by slr's C++ kernel in float32 (which must be loaded:
+    ``cpp_ready()``). Every torch call it can skip it skips: at decode this Python is a fair part of the time."""
+    K, N = pack.in_features, pack.out_features
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, S takes {K}")
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)  # [T, K]
+    if x2.dtype is not torch.float32:
+        x2 = x2.float()
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    T = x2.shape[0]
+    y = torch.empty(T, N)
+    rc = csrc.load().slr_int4_mm(x2.data_ptr(), T, K, *pack.ptrs, pack.group_size, N, y.data_ptr(),
+                                 torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"slr's C++ int4 kernel refused the call: {csrc.ERRORS.get(rc, rc)}")
+    CALLS["cpp-float32"] += 1
+    if x.dtype is not torch.float32:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
 def int4_linear(x: torch.Tensor, pack: Int4Pack, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -174,11 +283,20 @@ def _compute_dtype(x: torch.Tensor, tokens: int) -> torch.dtype | None:
 
 
 def int4_s(layer, x: torch.Tensor, tokens: int) -> torch.Tensor | None:
-    """S's output x S^T [..., d_out] by the int4 kernel when the setting, the layer and this call allow it (see the
-    module docstring), else None (the caller runs the torch path)."""
-    if _MODE == "torch" or not HAVE_INT4 or layer.strategy == "dense-cached" or x.device.type != "cpu":
+    """S's output x S^T [..., d_out] by a kernel when the setting, the layer and this call allow it (see the module
+    docstring), else None (the caller runs the torch path)."""
+    if _MODE == "torch" or not x.is_cpu or layer.strategy == "dense-cached":
         return None
-    if torch.is_grad_enabled() and x.requires_grad:  # the op has no backward
+    if x.requires_grad and torch.is_grad_enabled():  # the kernels have no backward
+        return None
+    spec = getattr(layer, "qspecs", {}).get("S")
+    if spec is None or spec.bits != 4:
+        return None
+    if (_MODE == "auto" and 0 < tokens <= AUTO_CPP_MAX_TOKENS and x.dtype in _CPP_DTYPES and cpp_ready()):
+        pack = nibble_pack(layer)
+        if pack is not None:
+            return cpp_linear(x, pack)
+    if not HAVE_INT4:
         return None
     dt = _compute_dtype(x, tokens)
     if dt is None:

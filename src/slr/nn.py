@@ -137,8 +137,9 @@ class SLRLinear(nn.Module):
     - ``auto``: ``sparse`` for <= AUTO_SPARSE_MAX_TOKENS tokens per call, ``dense-onthefly`` above (and
       whenever gradients are needed) -- the fastest option that keeps the memory saving.
 
-    A dense 4-bit S (a QSLRLinear from e.g. gptq at sparsity 0) runs as torch's CPU int4 weight-only GEMM under any
-    strategy but ``dense-cached``, when ``slr.kernels``' setting and the layer's shapes allow it.
+    A dense 4-bit S (a QSLRLinear from e.g. gptq at sparsity 0) runs as slr's C++ int4 kernel (decode, float32) or
+    torch's CPU int4 weight-only GEMM under any strategy but ``dense-cached``, when ``slr.kernels``' setting and the
+    layer's shapes allow it.
 
     Measured (torch 2.13 CPU/MKL, 1 thread of a shared 2-core box, fp32, no_grad, best of 30, microseconds;
     d_out=1536, d_in=576, rank 32; 576x1536 gives the same picture):
@@ -213,7 +214,7 @@ class SLRLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self._k_cache = None  # (crow version, nnz per row or None)
         self._w_cache = None  # (key, dense W) for dense-cached
-        self._i4_cache = None  # (key, slr.kernels.Int4Pack or None) for a dense 4-bit S
+        self._i4_cache = None  # (key, {kernel: slr.kernels' pack or None}) for a dense 4-bit S
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -358,7 +359,7 @@ class SLRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // max(self.in_features, 1)
-        y = int4_s(self, x, tokens)  # a dense 4-bit S by torch's int4 kernel (slr.kernels), else None
+        y = int4_s(self, x, tokens)  # a dense 4-bit S by an int4 kernel (slr.kernels), else None
         how = "int4" if y is not None else self._pick(tokens)
         if how == "dense-cached":
             return F.linear(x, self._cached_weight(), self.bias)

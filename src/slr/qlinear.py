@@ -160,14 +160,15 @@ class _QuantizedParts:
     @contextlib.contextmanager
     def dq_scope(self):
         """Dequantize each part at most once inside this block."""
-        outer = self.__dict__.get("_dq") is not None
+        d = self.__dict__  # a plain attribute: set without nn.Module.__setattr__'s checks (it runs on every forward)
+        outer = d.get("_dq") is not None
         if not outer:
-            self._dq = {}
+            d["_dq"] = {}
         try:
             yield
         finally:
             if not outer:
-                self._dq = None
+                d["_dq"] = None
 
     def dequantized(self, part: str) -> torch.Tensor:
         cache = self.__dict__.get("_dq")
@@ -284,8 +285,14 @@ class QuantizedLinearMixin(_QuantizedParts):
             return super().to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self.dq_scope():
+        d = self.__dict__  # dq_scope() inlined: at decode its overhead is a fair part of a small layer's time
+        if d.get("_dq") is not None:
             return super().forward(x)
+        d["_dq"] = {}
+        try:
+            return super().forward(x)
+        finally:
+            d["_dq"] = None
 
     def extra_repr(self) -> str:
         with self.dq_scope():

@@ -1,0 +1,132 @@
+"""slr's compiled kernel (int4_gemv.cpp beside this file): build it once, load it lazily, call it.
+
+The kernel is a plain C ABI shared library, compiled by the system C++ compiler (``$CXX``, else ``c++`` / ``g++``)
+with OpenMP, and called through ctypes on torch tensors' data pointers: no torch headers, no ninja, about a second
+to build. ``python -m slr.csrc --build`` (run by scripts/install.sh) compiles it into the cache folder
+``$SLR_KERNEL_DIR``, by default ``build/`` beside this file, under a name that carries a hash of the source and the
+flags, so a changed source is never served by a stale library. Nothing is compiled at run time: without the
+library (no compiler at install, not rebuilt since the source changed), ``load()`` returns None, ``reason()`` says
+why, and slr.kernels runs the torch path. ``import slr`` does not load it; the first kernel call does.
+
+Its OpenMP runtime is torch's: torch loads its libgomp.so.1 first, and the library's libgomp.so.1 resolves to it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "int4_gemv.cpp"
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
+ABI = 1  # slr_int4_abi() of the source this module speaks to
+ERRORS = {-1: "shapes it does not take", -2: "this CPU has no AVX2 + FMA"}
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_reason = ""
+
+
+def compiler() -> str | None:
+    for cand in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if cand and shutil.which(cand):
+            return cand
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLR_KERNEL_DIR") or HERE / "build")
+
+
+def library_path() -> Path:
+    """Where the library built from today's source and flags lives (it may not exist)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return cache_dir() / f"int4_gemv-{digest}.so"
+
+
+def build(quiet: bool = False) -> Path | None:
+    """Compile the library (a no-op when it is there); the path, or None after one line on stderr saying why not."""
+    out = library_path()
+    if out.exists():
+        return out
+    cxx = compiler()
+    why = "no C++ compiler found (set CXX)" if cxx is None else ""
+    if cxx is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+            os.close(fd)
+            proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(tmp, out)  # atomic: a concurrent loader sees no library or a whole one
+                return out
+            os.unlink(tmp)
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            why = f"{cxx} failed: {lines[0] if lines else f'exit {proc.returncode}'}"
+        except OSError as e:
+            why = f"cannot write {out.parent}: {e}"
+    if not quiet:
+        print(f"slr: the C++ int4 kernel was not built ({why}); slr will use the torch path", file=sys.stderr)
+    return None
+
+
+def load() -> ctypes.CDLL | None:
+    """The library, loaded on first call (None when it is missing or unusable; see ``reason()``)."""
+    global _lib, _tried, _reason
+    if _tried:
+        return _lib
+    _tried = True
+    path = library_path()
+    if not path.exists():
+        _reason = "not built (run `python -m slr.csrc --build`)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        _reason = f"cannot load {path.name}: {e}"
+        return None
+    lib.slr_int4_abi.restype = lib.slr_int4_cpu_ok.restype = lib.slr_int4_mm.restype = ctypes.c_int
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.slr_int4_mm.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int]
+    if lib.slr_int4_abi() != ABI:
+        _reason = f"{path.name} speaks another ABI (rebuild: `python -m slr.csrc --build`)"
+    elif not lib.slr_int4_cpu_ok():
+        _reason = "this CPU has no AVX2 + FMA"
+    else:
+        _lib = lib
+    return _lib
+
+
+def reason() -> str:
+    """Why ``load()`` gave None ("" before the first ``load()`` or when it succeeded)."""
+    return _reason
+
+
+def int4_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, sz: torch.Tensor, group_size: int,
+            threads: int | None = None) -> torch.Tensor:
+    """x [M, K] float32 -> x W^T [M, N] float32, W given as int4_gemv.cpp's layout (``weight`` uint8 [N, K/2],
+    ``scale``, ``sz`` = scale * zero float32 [N, K/g], all contiguous CPU tensors). Threads: torch's by default.
+    Raises RuntimeError when the library is not loaded or refuses the call."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"slr's C++ int4 kernel is unavailable: {_reason}")
+    M, K = x.shape
+    N = weight.shape[0]
+    if (x.dtype != torch.float32 or not x.is_contiguous() or weight.shape[1] * 2 != K
+            or scale.shape != sz.shape or scale.shape != (N, K // group_size)):
+        raise ValueError(f"int4_mm: bad operands x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)}, "
+                         f"scale {tuple(scale.shape)}, sz {tuple(sz.shape)}, group size {group_size}")
+    y = torch.empty(M, N, dtype=torch.float32)
+    rc = lib.slr_int4_mm(x.data_ptr(), M, K, weight.data_ptr(), scale.data_ptr(), sz.data_ptr(), group_size, N,
+                         y.data_ptr(), torch.get_num_threads() if threads is None else threads)
+    if rc:
+        raise RuntimeError(f"slr's C++ int4 kernel refused the call: {ERRORS.get(rc, rc)}")
+    return y
