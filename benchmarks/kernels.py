@@ -13,10 +13,12 @@ interleaved, and its best round is kept ("hot": one layer, called again and agai
   int4 fp32       SLRLinear forward, kernel "auto" with the C++ kernel off (torch's int4 kernel in float32)
   int4 bf16       SLRLinear forward, kernel "bf16" (x cast to bfloat16, the kernel's vectorized path, cast back)
   torch path      SLRLinear forward, kernel "torch" (S dequantized every call, then the CSR/dense matmul)
+  cpp 2:4         the same layer with a 2:4 S (half the inputs of each row kept), kernel "auto": slr's 2:4 kernel
+  2:4 torch path  that layer, kernel "torch" (what a 2:4 S ran before: MKL's CSR mat-vec at 1 token)
 Ratios are time / dense fp32 time (< 1 = faster than dense). Also max |y - torch path| / max |y|.
 "Streamed" times one call each of a ring of distinct layers of one shape holding --stream-mb of dense fp32 weights
 (more than the caches), as a whole model's decode step reads its weights from memory: dense fp32 F.linear vs cpp
-raw and cpp fp32.
+raw, cpp fp32 and cpp 2:4.
 Writes benchmarks/kernels.json and benchmarks/kernels.md.
 """
 
@@ -44,14 +46,19 @@ ROUNDS = 5
 GS = 64
 
 
-def layer(d_in: int, d_out: int, gs: int = GS) -> tuple[QSLRLinear, torch.Tensor]:
+def layer(d_in: int, d_out: int, gs: int = GS, nm24: bool = False) -> tuple[QSLRLinear, torch.Tensor]:
+    """A QSLRLinear with a 4-bit S (dense, or 2:4 with ``nm24``) and S as a dense float32 matrix."""
     g = torch.Generator().manual_seed(d_in * 7 + d_out)
     spec = QuantSpec(4, gs, True)
     codes = torch.randint(0, 16, (d_out, d_in), generator=g, dtype=torch.uint8)
     scale = (torch.rand(d_out, d_in // gs, generator=g) * 0.02 + 1e-3).half().float()
     zero = torch.full_like(scale, 8.0)
-    S = dequantize(codes, scale, zero, spec)
-    res = SolveResult(S=S, mask=torch.ones_like(S, dtype=torch.bool), qparams={"S": (scale, zero)}, qspec={"S": spec})
+    mask = torch.ones(d_out, d_in, dtype=torch.bool)
+    if nm24:
+        r = torch.rand(d_out, d_in // 4, 4, generator=g)
+        mask = torch.zeros_like(r, dtype=torch.bool).scatter_(2, r.topk(2, dim=2).indices, True).view(d_out, d_in)
+    S = dequantize(codes, scale, zero, spec) * mask
+    res = SolveResult(S=S, mask=mask, qparams={"S": (scale, zero)}, qspec={"S": spec})
     return QSLRLinear.from_result(res), S
 
 
@@ -95,7 +102,8 @@ def best_times(fns: dict, seconds: float, modes: dict | None = None) -> dict:
     return best
 
 
-def variants(lin: QSLRLinear, W: torch.Tensor, x: torch.Tensor, cpp: bool) -> tuple[dict, dict]:
+def variants(lin: QSLRLinear, W: torch.Tensor, x: torch.Tensor, cpp: bool,
+             lin24: QSLRLinear | None = None) -> tuple[dict, dict]:
     """(name -> function, name -> (kernel setting, AUTO_CPP_MAX_TOKENS)) of the hot variants."""
     Wb, xb = W.bfloat16(), x.bfloat16()
     fns = {"dense fp32": lambda: F.linear(x, W), "dense bf16": lambda: F.linear(xb, Wb)}
@@ -108,27 +116,34 @@ def variants(lin: QSLRLinear, W: torch.Tensor, x: torch.Tensor, cpp: bool) -> tu
         fns["int4 fp32"], modes["int4 fp32"] = (lambda: lin(x)), ("auto", 0)
         fns["int4 bf16"], modes["int4 bf16"] = (lambda: lin(x)), ("bf16", 0)
     fns["torch path"], modes["torch path"] = (lambda: lin(x)), ("torch", 0)
+    if cpp and lin24 is not None:
+        fns["cpp 2:4"], modes["cpp 2:4"] = (lambda: lin24(x)), ("auto", kernels.AUTO_CPP_MAX_TOKENS)
+        fns["2:4 torch path"], modes["2:4 torch path"] = (lambda: lin24(x)), ("torch", 0)
     return fns, modes
 
 
 def measure(d_in: int, d_out: int, seconds: float, cpp: bool) -> dict:
     lin, W = layer(d_in, d_out)
+    lin24 = layer(d_in, d_out, nm24=True)[0] if d_in % 64 == 0 else None
     x = torch.randn(1, d_in, generator=torch.Generator().manual_seed(0))
-    fns, modes = variants(lin, W, x, cpp)
+    fns, modes = variants(lin, W, x, cpp, lin24)
     with torch.inference_mode():
         with kernels.use_kernel("torch"):
             ref = lin(x)
+            ref24 = None if lin24 is None else lin24(x)
         err, calls = {}, {}
         for k, f in fns.items():
+            r = ref24 if "2:4" in k else ref
             kernels.CALLS.clear()
             with kernels.use_kernel(modes.get(k, ("auto", 0))[0]):
                 prev, kernels.AUTO_CPP_MAX_TOKENS = kernels.AUTO_CPP_MAX_TOKENS, modes.get(k, ("auto", 0))[1]
                 try:
-                    err[k] = float((f().float() - ref).abs().max() / ref.abs().max())
+                    err[k] = float((f().float() - r).abs().max() / r.abs().max())
                 finally:
                     kernels.AUTO_CPP_MAX_TOKENS = prev
             calls[k] = dict(kernels.CALLS)
-        want = {"cpp fp32": {"cpp-float32": 1}, "int4 fp32": {"int4-float32": 1}, "int4 bf16": {"int4-bfloat16": 1}}
+        want = {"cpp fp32": {"cpp-float32": 1}, "int4 fp32": {"int4-float32": 1}, "int4 bf16": {"int4-bfloat16": 1},
+                "cpp 2:4": {"cpp-2:4-float32": 1}}
         assert all(calls[k] == v for k, v in want.items() if k in calls), calls
         best = best_times(fns, seconds, modes)
     base = best["dense fp32"]
@@ -144,6 +159,10 @@ def streamed(d_in: int, d_out: int, mb: float) -> dict:
     ring = [(W.clone(), copy.deepcopy(lin)) for _ in range(n)]
     x = torch.randn(1, d_in, generator=torch.Generator().manual_seed(0))
     packs = [kernels.nibble_pack(m) for _, m in ring]  # built once, before timing
+    lin24 = layer(d_in, d_out, nm24=True)[0] if d_in % 64 == 0 else None
+    ring24 = [copy.deepcopy(lin24) for _ in range(n)] if lin24 is not None else []
+    for m in ring24:
+        kernels.nibble_pack(m)
 
     def dense():
         for w, _ in ring:
@@ -157,8 +176,14 @@ def streamed(d_in: int, d_out: int, mb: float) -> dict:
         for _, m in ring:
             m(x)
 
+    def layers24():
+        for m in ring24:
+            m(x)
+
     with torch.inference_mode():
         fns = {"dense fp32": dense, "cpp raw": raw, "cpp fp32": layers}
+        if ring24:
+            fns["cpp 2:4"] = layers24
         best = {k: v / n for k, v in best_times(fns, 0.0).items()}
     return {"d_in": d_in, "d_out": d_out, "layers": n, "us": best,
             "ratio": {k: v / best["dense fp32"] for k, v in best.items()}}
@@ -199,14 +224,16 @@ def markdown(runs: list[dict]) -> str:
         for row in r["rows"]:
             err = row["rel_err_vs_torch_path"]
             lines.append(f"| {row['d_in']} x {row['d_out']} | {row['us']['dense fp32']:.0f} | "
-                         + " | ".join(f"{row['ratio'][k]:.2f}" for k in keys)
+                         + " | ".join(f"{row['ratio'].get(k, float('nan')):.2f}" for k in keys)
                          + f" | {err.get('cpp fp32', float('nan')):.1e} / {err.get('int4 bf16', float('nan')):.1e} |")
         if r["streamed"]:
             lines += ["", f"Streamed (a ring of distinct layers, {r['stream_mb']:.0f} MB of dense fp32 weights, one "
                       "call each, as in a whole model's decode step):", "",
-                      "| d_in x d_out | layers | dense fp32 (us) | cpp raw | cpp fp32 |", "|---|---|---|---|---|"]
+                      "| d_in x d_out | layers | dense fp32 (us) | cpp raw | cpp fp32 | cpp 2:4 |",
+                      "|---|---|---|---|---|---|"]
             lines += [f"| {s['d_in']} x {s['d_out']} | {s['layers']} | {s['us']['dense fp32']:.0f} | "
-                      f"{s['ratio']['cpp raw']:.2f} | {s['ratio']['cpp fp32']:.2f} |" for s in r["streamed"]]
+                      f"{s['ratio']['cpp raw']:.2f} | {s['ratio']['cpp fp32']:.2f} | "
+                      f"{s['ratio'].get('cpp 2:4', float('nan')):.2f} |" for s in r["streamed"]]
         lines.append("")
     return "\n".join(lines)
 

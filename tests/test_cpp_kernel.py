@@ -85,6 +85,63 @@ def test_kernel_equals_torch_path_on_smollm2_shapes(d_in, d_out):
             assert err <= 1e-4 * float(ref.abs().max()), (gs, sym, shape, err)
 
 
+def mask24(d_out: int, d_in: int, seed: int = 0) -> torch.Tensor:
+    """A random 2:4 mask: two kept inputs in every group of four."""
+    r = torch.rand(d_out, d_in // 4, 4, generator=torch.Generator().manual_seed(seed))
+    return torch.zeros_like(r, dtype=torch.bool).scatter_(2, r.topk(2, dim=2).indices, True).view(d_out, d_in)
+
+
+def test_nm24_index_layout():
+    """nm24_index is the layout int4_gemv.cpp reads: byte i of block b holds kept value 8 j + i's position in bits
+    2 j."""
+    col = mask24(3, 128).nonzero()[:, 1].view(3, 64)
+    b = kernels.nm24_index(col).view(3, 2, 8).to(torch.int32)  # [n, block, i]
+    back = torch.stack([(b >> (2 * j)) & 3 for j in range(4)], 2)  # [n, block, j, i]
+    assert torch.equal(back.reshape(3, 64), (col % 4).to(torch.int32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("N,K,gs", [(37, 64, 16), (64, 256, 32), (130, 576, 64)])
+def test_int4_nm24_mm_matches_float64(N, K, gs):
+    """The raw 2:4 kernel against float64 x W^T: 1..9 rows of x, 1 and 2 threads, asymmetric zeros."""
+    g = torch.Generator().manual_seed(N)
+    col = mask24(N, K, seed=N).nonzero()[:, 1].view(N, K // 2)
+    codes = torch.randint(0, 16, (N, K // 2), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(N, K // gs, generator=g) * 0.02 + 1e-3).half().float()
+    zero = torch.randint(0, 16, scale.shape, generator=g).float()
+    gi = col // gs
+    W = torch.zeros(N, K, dtype=torch.float64).scatter_(
+        1, col, (codes.double() - zero.double().gather(1, gi)) * scale.double().gather(1, gi))
+    vals, idx, sz = kernels.nibble_codes(codes), kernels.nm24_index(col), (scale * zero).contiguous()
+    for M in range(1, 10):
+        x = torch.randn(M, K, generator=g)
+        ref = x.double() @ W.t()
+        for threads in (1, 2):
+            y = csrc.int4_nm24_mm(x, vals, idx, scale, sz, gs, threads=threads)
+            assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), (M, threads)
+
+
+@needs_kernel
+@pytest.mark.parametrize("d_in,d_out", SMOL_SHAPES)
+def test_nm24_kernel_equals_torch_path_on_smollm2_shapes(d_in, d_out):
+    """A 2:4 S with 4-bit values: as the dense test, through the 2:4 kernel."""
+    groups = [gs for gs in (32, 64, 128) if d_in % gs == 0]
+    for k, (gs, sym) in enumerate((gs, sym) for gs in groups for sym in (True, False)):
+        lin = qlayer(d_in, d_out, gs, sym, rank=8, seed=k, mask=mask24(d_out, d_in, seed=k))
+        assert lin.nm == (2, 4) and kernels.nibble_pack(lin).index is not None
+        for shape in ((1, d_in), (3, d_in), (1, 3, d_in)):
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(k))
+            with torch.no_grad():
+                n = kernels.CALLS["cpp-2:4-float32"]
+                y = lin(x)
+                assert kernels.CALLS["cpp-2:4-float32"] == n + 1, "the 2:4 kernel was not used"
+                with kernels.use_kernel("torch"):
+                    ref = lin(x)
+            assert set(kernels.CALLS) == {"cpp-2:4-float32"}, dict(kernels.CALLS)
+            err = float((y - ref).abs().max())
+            assert err <= 1e-4 * float(ref.abs().max()), (gs, sym, shape, err)
+
+
 @needs_kernel
 def test_when_auto_takes_the_cpp_kernel():
     """auto: float32 and float16 activations at 1..AUTO_CPP_MAX_TOKENS tokens; not at more, not for bfloat16 ones
@@ -101,9 +158,11 @@ def test_when_auto_takes_the_cpp_kernel():
                 lin(torch.randn(1, 128))
         assert cpp_calls() == kernels.AUTO_CPP_MAX_TOKENS
         half = torch.rand(64, 128, generator=torch.Generator().manual_seed(1)) < 0.5
-        for other in (qlayer(128, 64, 32, mask=half), qlayer(128, 64, 32, bits=8), qlayer(128, 64, 16)):
+        m24 = mask24(64, 96)  # 2:4, but d_in not a multiple of 64
+        for other in (qlayer(128, 64, 32, mask=half), qlayer(128, 64, 32, bits=8), qlayer(128, 64, 16),
+                      qlayer(96, 64, 32, mask=m24)):
             assert kernels.nibble_pack(other) is None
-            other(torch.randn(1, 128))
+            other(torch.randn(1, other.in_features))
         assert cpp_calls() == kernels.AUTO_CPP_MAX_TOKENS
         set_strategy(lin, "dense-cached")
         lin(torch.randn(1, 128))
@@ -128,10 +187,13 @@ def test_when_auto_takes_the_cpp_kernel():
 
 
 @needs_kernel
-def test_gptq_tiny_llama_same_logits_under_auto_and_torch():
+@pytest.mark.parametrize("pattern,key", [(None, "cpp-float32"), ("2:4", "cpp-2:4-float32")])
+def test_gptq_tiny_llama_same_logits_under_auto_and_torch(pattern, key):
+    """A gptq 4-bit tiny llama (dense S, or 2:4): every linear runs the C++ kernel at decode, same logits."""
     model = tiny_model("llama")
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    slr.compress_(model, slr.CompressConfig(method="gptq", bits=4, group_size=32), calib, progress=False)
+    cfg = slr.CompressConfig(method="gptq", bits=4, group_size=32, pattern=pattern)
+    slr.compress_(model, cfg, calib, progress=False)
     lins = [m for m in model.modules() if isinstance(m, QSLRLinear)]
     assert len(lins) == 14 and all(kernels.nibble_pack(m) is not None for m in lins)
     ids = torch.randint(3, 103, (2, 1), generator=torch.Generator().manual_seed(1))  # two sequences, one token
@@ -140,7 +202,7 @@ def test_gptq_tiny_llama_same_logits_under_auto_and_torch():
             ref = model(ids).logits
         assert not kernels.CALLS
         out = model(ids).logits
-    assert kernels.CALLS == {"cpp-float32": 14}
+    assert kernels.CALLS == {key: 14}
     assert float((out - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
 
 

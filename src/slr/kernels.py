@@ -1,11 +1,14 @@
-"""Packed-weight matmuls for SLRLinear: a dense 4-bit S runs as slr's C++ kernel or torch's CPU int4 GEMM.
+"""Packed-weight matmuls for SLRLinear: a 4-bit S runs as slr's C++ kernels or torch's CPU int4 GEMM.
 
-slr's C++ kernel (slr.csrc, src/slr/csrc/int4_gemv.cpp; built by ``python -m slr.csrc --build`` at install): float32
-activations, AVX2 + FMA, OpenMP over output rows, for a few tokens per call (decode). It reads S as packed nibbles
-(``nibble_pack``: uint8 [N, K/2] in blocks of 32 codes, float32 scales and scale * zero [N, K/g]; any N, groups a
-multiple of 32) and sums in float32: the same numbers as the torch path up to summation order. Against a dense fp32
-F.linear at 1 token (1 thread of a loaded 2-core box; benchmarks/kernels.md): ~0.75x the time with the weights in
-cache, ~0.25x when they stream from memory as in a whole model's decode step.
+slr's C++ kernels (slr.csrc, src/slr/csrc/int4_gemv.cpp; built by ``python -m slr.csrc --build`` at install): float32
+activations, AVX2 + FMA, OpenMP over output rows, for a few tokens per call (decode), on a dense 4-bit S or a 2:4 one
+with 4-bit values. They read S packed (``nibble_pack``): dense, uint8 [N, K/2] of nibbles in blocks of 32 codes (any
+N, groups a multiple of 32); 2:4, the kept values' nibbles [N, K/4] and their 2-bit positions [N, K/8] (groups a
+multiple of 16, K of 64); both with float32 scales and scale * zero [N, K/g]. They sum in float32: the same numbers
+as the torch path up to summation order. Against a dense fp32 F.linear of the same (dense) shape at 1 token (1 thread
+of a loaded 2-core box; benchmarks/kernels.md): ~0.8-1.0x the time with the weights in cache (the kernel alone; the
+layer's Python adds ~6 us a call), ~0.2-0.3x when they stream from memory as in a whole model's decode step; a 2:4
+S about the same (torch's CSR path at 1 token: ~2x dense).
 
 torch's CPU int4 ops (probed on torch 2.13):
 
@@ -25,16 +28,17 @@ F.linear (torch 2.13, x86, 1 thread of a loaded 2-core box, 1536x576, 1 | 7 toke
 ~36x, bfloat16 kernel ~0.75x | ~0.55x, today's dequantize-and-matmul path ~57x | ~15x. Hence the settings
 (``set_kernel`` / ``use_kernel``):
 
-    auto   float32 / float16 activations (computed in float32): slr's C++ kernel for at most AUTO_CPP_MAX_TOKENS
-           tokens per call; where it is not built (one line on stderr says so, once), torch's float32 int4 kernel for
-           at most AUTO_FP32_MAX_TOKENS, where that still beats the torch path. bfloat16 activations: torch's kernel
-           in bfloat16, always. Same numbers as the torch path up to summation order.
+    auto   float32 / float16 activations (computed in float32): slr's C++ kernels for at most AUTO_CPP_MAX_TOKENS
+           tokens per call; where they are not built (one line on stderr says so, once), torch's float32 int4 kernel
+           (dense S only) for at most AUTO_FP32_MAX_TOKENS, where that still beats the torch path. bfloat16
+           activations: torch's kernel in bfloat16, always. Same numbers as the torch path up to summation order.
     bf16   float32 / float16 activations run through torch's bfloat16 kernel (cast in and out), at any token count:
            faster than a dense float32 GEMM at decode, at bfloat16 accuracy (~3e-3 of max|y|).
     torch  never: S is dequantized and multiplied in pure torch (SLRLinear's strategies).
 
-A layer takes a kernel when S is quantized at 4 bits and dense (sparsity 0), the shapes suit it, the layer's
-strategy is not ``dense-cached``, x is on the CPU and needs no gradient. Anything else falls back silently.
+A layer takes a kernel when S is quantized at 4 bits and dense (sparsity 0; or 2:4 for slr's kernels), the shapes
+suit it, the layer's strategy is not ``dense-cached``, x is on the CPU and needs no gradient. Anything else falls back
+silently.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ AUTO_CPP_MAX_TOKENS = 4  # slr's C++ kernel: decode (1 token per sequence) for u
 CPP_GROUP_ALIGN = 32  # its blocks of codes: the group size (and so d_in) must be a multiple
 HAVE_INT4 = all(hasattr(torch.ops.aten, op) for op in
                 ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"))
-# kernel calls: "cpp-float32" (slr's C++ kernel), "int4-float32" / "int4-bfloat16" (torch's, by compute dtype)
+# kernel calls: "cpp-float32" / "cpp-2:4-float32" (slr's C++ kernels, dense / 2:4 S), "int4-float32" /
+# "int4-bfloat16" (torch's, by compute dtype)
 CALLS: collections.Counter = collections.Counter()
 
 _CPP_DTYPES = (torch.float32, torch.float16)
@@ -118,8 +123,10 @@ class Int4Pack:
 
 @dataclass
 class NibblePack:
-    """A dense 4-bit S in slr's C++ kernel's layout (int4_gemv.cpp): ``weight`` uint8 [N, K/2], ``scale`` and ``sz``
-    (scale * zero) float32 [N, K/g], contiguous CPU tensors that the pack owns (``ptrs``: their data pointers)."""
+    """A 4-bit S in slr's C++ kernels' layout (int4_gemv.cpp), dense or 2:4: ``weight`` uint8 [N, K/2] (dense) or
+    [N, K/4] (the kept values of a 2:4 S), ``index`` None or uint8 [N, K/8] (2:4: each kept value's position in its
+    group of four), ``scale`` and ``sz`` (scale * zero) float32 [N, K/g]; contiguous CPU tensors that the pack owns
+    (``ptrs``: their data pointers, in the kernel's argument order)."""
 
     weight: torch.Tensor
     scale: torch.Tensor
@@ -127,10 +134,13 @@ class NibblePack:
     group_size: int
     in_features: int
     out_features: int
+    index: torch.Tensor | None = None
     ptrs: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.ptrs = (self.weight.data_ptr(), self.scale.data_ptr(), self.sz.data_ptr())
+        parts = (self.weight, self.scale, self.sz) if self.index is None else (
+            self.weight, self.index, self.scale, self.sz)
+        self.ptrs = tuple(t.data_ptr() for t in parts)
 
 
 def _version(t: torch.Tensor) -> int:
@@ -173,13 +183,38 @@ def nibble_codes(codes: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], -1).reshape(N, K // 2).contiguous()
 
 
+def nm24_index(col: torch.Tensor) -> torch.Tensor:
+    """Columns [N, K/2] of a 2:4 S's kept values -> int4_gemv.cpp's positions [N, K/8]: in each block of 32 kept
+    values, byte i holds in bits 2 j .. 2 j + 1 the position (col % 4) of kept value 8 j + i."""
+    N, H = col.shape
+    p = (col % 4).to(torch.uint8).reshape(N, H // 32, 4, 8)  # [N, block, j, i]
+    return (p[:, :, 0] | (p[:, :, 1] << 2) | (p[:, :, 2] << 4) | (p[:, :, 3] << 6)).reshape(N, H // 4).contiguous()
+
+
+def _is_nm24(layer) -> bool:
+    """S keeps exactly two of every four inputs of a row, in column order: CSR row r holds K/2 values whose columns
+    fall two by two in groups 0, 0, 1, 1, 2, 2, ..."""
+    d_out, d_in = layer.out_features, layer.in_features
+    if layer.crow is None or d_in % 4 or layer.nnz * 2 != d_out * d_in or layer._per_row() != d_in // 2:
+        return False
+    col = layer.col.view(d_out, d_in // 2).long()
+    quad = torch.arange(d_in // 2, device=col.device) // 2
+    return bool((col // 4 == quad).all() and (col[:, 0::2] < col[:, 1::2]).all())
+
+
 def _build_cpp(layer, spec, codes, sbits, zero) -> NibblePack | None:
     d_out, d_in, g = layer.out_features, layer.in_features, spec.group_size
-    if g % CPP_GROUP_ALIGN or d_in % g or codes.device.type != "cpu" or not _is_dense(layer):
+    if codes.device.type != "cpu" or d_in % g:
         return None
     scale = scale_values(sbits).contiguous()  # [d_out, G] float32
     sz = (scale * zero_of(zero, spec)).contiguous()  # exact: an fp16 value times an integer below 16
-    return NibblePack(nibble_codes(codes.view(d_out, d_in).to(torch.uint8)), scale, sz, g, d_in, d_out)
+    if g % CPP_GROUP_ALIGN == 0 and _is_dense(layer):
+        return NibblePack(nibble_codes(codes.view(d_out, d_in).to(torch.uint8)), scale, sz, g, d_in, d_out)
+    if g % 16 == 0 and d_in % 64 == 0 and _is_nm24(layer):
+        col = layer.col.view(d_out, d_in // 2)
+        return NibblePack(nibble_codes(codes.view(d_out, d_in // 2).to(torch.uint8)), scale, sz, g, d_in, d_out,
+                          index=nm24_index(col))
+    return None
 
 
 _BUILDERS = {"torch": _build_torch, "cpp": _build_cpp}
@@ -219,7 +254,8 @@ def int4_pack(layer) -> Int4Pack | None:
 
 
 def nibble_pack(layer) -> NibblePack | None:
-    """The layer's S packed for slr's C++ kernel, or None when S is not a dense 4-bit one with groups of 32k."""
+    """The layer's S packed for slr's C++ kernels, or None when S is not a 4-bit one they take: dense with groups of
+    32k inputs, or 2:4 with groups of 16k and d_in a multiple of 64."""
     return _pack(layer, "cpp")
 
 
@@ -230,8 +266,8 @@ def cpp_ready() -> bool:
         return True
     if not _CPP_WARNED:
         _CPP_WARNED = True
-        instead = "torch's float32 int4 kernel (1-2 tokens) or the torch path" if HAVE_INT4 else "the torch path"
-        print(f"slr: the C++ int4 kernel is unavailable ({csrc.reason()}); a dense 4-bit S runs {instead}",
+        instead = "torch's float32 int4 kernel (dense, 1-2 tokens) or the torch path" if HAVE_INT4 else "the torch path"
+        print(f"slr: the C++ int4 kernel is unavailable ({csrc.reason()}); a 4-bit S runs {instead}",
               file=sys.stderr)
     return False
 
@@ -249,11 +285,12 @@ def cpp_linear(x: torch.Tensor, pack: NibblePack) -> torch.Tensor:
         x2 = x2.contiguous()
     T = x2.shape[0]
     y = torch.empty(T, N)
-    rc = csrc.load().slr_int4_mm(x2.data_ptr(), T, K, *pack.ptrs, pack.group_size, N, y.data_ptr(),
-                                 torch.get_num_threads())
+    lib = csrc.load()
+    fn = lib.slr_int4_mm if pack.index is None else lib.slr_int4_nm24_mm
+    rc = fn(x2.data_ptr(), T, K, *pack.ptrs, pack.group_size, N, y.data_ptr(), torch.get_num_threads())
     if rc:
         raise RuntimeError(f"slr's C++ int4 kernel refused the call: {csrc.ERRORS.get(rc, rc)}")
-    CALLS["cpp-float32"] += 1
+    CALLS["cpp-float32" if pack.index is None else "cpp-2:4-float32"] += 1
     if x.dtype is not torch.float32:
         y = y.to(x.dtype)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)

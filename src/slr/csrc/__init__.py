@@ -1,4 +1,4 @@
-"""slr's compiled kernel (int4_gemv.cpp beside this file): build it once, load it lazily, call it.
+"""slr's compiled kernels (int4_gemv.cpp beside this file): build them once, load them lazily, call them.
 
 The kernel is a plain C ABI shared library, compiled by the system C++ compiler (``$CXX``, else ``c++`` / ``g++``)
 with OpenMP, and called through ctypes on torch tensors' data pointers: no torch headers, no ninja, about a second
@@ -27,7 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "int4_gemv.cpp"
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
-ABI = 1  # slr_int4_abi() of the source this module speaks to
+ABI = 2  # slr_int4_abi() of the source this module speaks to
 ERRORS = {-1: "shapes it does not take", -2: "this CPU has no AVX2 + FMA"}
 
 _lib: ctypes.CDLL | None = None
@@ -67,6 +67,9 @@ def build(quiet: bool = False) -> Path | None:
             proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
             if proc.returncode == 0:
                 os.replace(tmp, out)  # atomic: a concurrent loader sees no library or a whole one
+                for old in out.parent.glob("int4_gemv-*.so"):  # builds of older sources
+                    if old != out:
+                        old.unlink(missing_ok=True)
                 return out
             os.unlink(tmp)
             lines = (proc.stderr or proc.stdout).strip().splitlines()
@@ -93,14 +96,16 @@ def load() -> ctypes.CDLL | None:
     except OSError as e:
         _reason = f"cannot load {path.name}: {e}"
         return None
-    lib.slr_int4_abi.restype = lib.slr_int4_cpu_ok.restype = lib.slr_int4_mm.restype = ctypes.c_int
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.slr_int4_mm.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int]
+    lib.slr_int4_abi.restype = lib.slr_int4_cpu_ok.restype = ctypes.c_int
     if lib.slr_int4_abi() != ABI:
         _reason = f"{path.name} speaks another ABI (rebuild: `python -m slr.csrc --build`)"
     elif not lib.slr_int4_cpu_ok():
         _reason = "this CPU has no AVX2 + FMA"
     else:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.slr_int4_mm.restype = lib.slr_int4_nm24_mm.restype = ctypes.c_int
+        lib.slr_int4_mm.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int]
+        lib.slr_int4_nm24_mm.argtypes = [p, i64, i64, p, p, p, p, i64, i64, p, ctypes.c_int]
         _lib = lib
     return _lib
 
@@ -110,23 +115,42 @@ def reason() -> str:
     return _reason
 
 
-def int4_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, sz: torch.Tensor, group_size: int,
-            threads: int | None = None) -> torch.Tensor:
-    """x [M, K] float32 -> x W^T [M, N] float32, W given as int4_gemv.cpp's layout (``weight`` uint8 [N, K/2],
-    ``scale``, ``sz`` = scale * zero float32 [N, K/g], all contiguous CPU tensors). Threads: torch's by default.
-    Raises RuntimeError when the library is not loaded or refuses the call."""
+def _call(name: str, x: torch.Tensor, packed: list[torch.Tensor], scale: torch.Tensor, sz: torch.Tensor,
+          group_size: int, N: int, threads: int | None) -> torch.Tensor:
     lib = load()
     if lib is None:
         raise RuntimeError(f"slr's C++ int4 kernel is unavailable: {_reason}")
     M, K = x.shape
-    N = weight.shape[0]
-    if (x.dtype != torch.float32 or not x.is_contiguous() or weight.shape[1] * 2 != K
-            or scale.shape != sz.shape or scale.shape != (N, K // group_size)):
-        raise ValueError(f"int4_mm: bad operands x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)}, "
-                         f"scale {tuple(scale.shape)}, sz {tuple(sz.shape)}, group size {group_size}")
+    ok = x.dtype == torch.float32 and x.is_contiguous() and scale.shape == sz.shape == (N, K // group_size)
+    ok = ok and all(t.dtype == torch.uint8 and t.is_contiguous() for t in packed)
+    if not ok or not all(t.dtype == torch.float32 and t.is_contiguous() for t in (scale, sz)):
+        raise ValueError(f"{name}: bad operands x {tuple(x.shape)} {x.dtype}, packed "
+                         f"{[tuple(t.shape) for t in packed]}, scale {tuple(scale.shape)}, sz {tuple(sz.shape)}, "
+                         f"group size {group_size}")
     y = torch.empty(M, N, dtype=torch.float32)
-    rc = lib.slr_int4_mm(x.data_ptr(), M, K, weight.data_ptr(), scale.data_ptr(), sz.data_ptr(), group_size, N,
-                         y.data_ptr(), torch.get_num_threads() if threads is None else threads)
+    rc = getattr(lib, f"slr_{name}")(x.data_ptr(), M, K, *(t.data_ptr() for t in packed), scale.data_ptr(),
+                                     sz.data_ptr(), group_size, N, y.data_ptr(),
+                                     torch.get_num_threads() if threads is None else threads)
     if rc:
         raise RuntimeError(f"slr's C++ int4 kernel refused the call: {ERRORS.get(rc, rc)}")
     return y
+
+
+def int4_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, sz: torch.Tensor, group_size: int,
+            threads: int | None = None) -> torch.Tensor:
+    """x [M, K] float32 -> x W^T [M, N] float32 for a dense W in int4_gemv.cpp's layout (``weight`` uint8 [N, K/2],
+    ``scale``, ``sz`` = scale * zero float32 [N, K/g], all contiguous CPU tensors). Threads: torch's by default.
+    Checks its operands; raises RuntimeError when the library is not loaded or refuses the call."""
+    if weight.shape[1] * 2 != x.shape[1]:
+        raise ValueError(f"int4_mm: weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}")
+    return _call("int4_mm", x, [weight], scale, sz, group_size, weight.shape[0], threads)
+
+
+def int4_nm24_mm(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, sz: torch.Tensor,
+                 group_size: int, threads: int | None = None) -> torch.Tensor:
+    """The same for a 2:4 sparse W (``values`` uint8 [N, K/4], ``index`` uint8 [N, K/8]; int4_gemv.cpp's 2:4
+    section)."""
+    if values.shape[1] * 4 != x.shape[1] or index.shape != (values.shape[0], x.shape[1] // 8):
+        raise ValueError(f"int4_nm24_mm: values {tuple(values.shape)}, index {tuple(index.shape)} do not fit x "
+                         f"{tuple(x.shape)}")
+    return _call("int4_nm24_mm", x, [values, index], scale, sz, group_size, values.shape[0], threads)

@@ -1,4 +1,5 @@
-// slr's C++ kernel: y[M, N] = x[M, K] W^T for a dense 4-bit grouped-quantized W, float32 activations, AVX2 + FMA.
+// slr's C++ kernels: y[M, N] = x[M, K] W^T for a 4-bit grouped-quantized W, dense or 2:4 sparse, float32
+// activations, AVX2 + FMA. Dense first; the 2:4 kernel (slr_int4_nm24_mm) is described further down.
 //
 //   W[n, k] = scale[n, k / g] * (code[n, k] - zero[n, k / g])          (slr.quant's grid; symmetric: zero = 8)
 //
@@ -185,12 +186,110 @@ SLR_AVX2 void run(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
     }
 }
 
+// ---- 2:4 sparse W: two kept weights in every group of four inputs ---------------------------------------------------
+//
+//   vals   uint8 [N, K / 4]   the 4-bit codes of the K / 2 kept weights of each row (in column order), in the dense
+//                             kernel's layout: blocks of 32 kept weights (64 inputs, 16 bytes), word i nibble j =
+//                             kept weight 8 j + i of the block
+//   idx    uint8 [N, K / 8]   each kept weight's position (0..3) in its group of four inputs, 2 bits: block b's
+//                             8 bytes, byte i bits 2 j .. 2 j + 1 = kept weight 8 j + i (slr.kernels.nm24_pack)
+//   scale, sz as above, groups of g inputs of the dense row (g a multiple of 16, K a multiple of 64)
+//
+// Kept weights 8 j .. 8 j + 7 of a block read inputs 16 j .. 16 j + 15: lanes 0-3 from the first 8 (two groups of
+// four), lanes 4-7 from the next 8, each picked by a lane permute with index 4 ((lane >> 1) & 1) + position. Each
+// weight is rebuilt as fma(code, scale, -sz), exact, so again only the summation order differs.
+
+// One output row n for M rows of x; group[c] = the group of inputs 16 c .. 16 c + 15 (no division in the loop).
+template <int M>
+SLR_AVX2 __attribute__((noinline)) void nm24_row(const float* x, int64_t K, const uint8_t* vals, const uint8_t* idx,
+                                                 const float* scale, const float* sz, const int32_t* group,
+                                                 int64_t G, int64_t N, float* y, int64_t n) {
+    const int64_t nb = K / 64;
+    const uint8_t* vr = vals + n * (K / 4);
+    const uint8_t* ir = idx + n * (K / 8);
+    const float* sr = scale + n * G;
+    const float* zr = sz + n * G;
+    const __m256i three = _mm256_set1_epi32(3), base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+    __m256 acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        if ((b & 3) == 0 && n + 2 < N) {
+            _mm_prefetch(reinterpret_cast<const char*>(vr + 2 * (K / 4) + 16 * b), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(ir + 2 * (K / 8) + 8 * b), _MM_HINT_T0);
+        }
+        const __m256i v = load_block(vr + 16 * b);
+        const __m256i ix = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ir + 8 * b)));
+#define SLR_NM_STEP(J)                                                                                      \
+    {                                                                                                       \
+        const int64_t g = group[4 * b + J];                                                                 \
+        const __m256 wv = _mm256_fmadd_ps(codes<J>(v), _mm256_set1_ps(sr[g]), _mm256_set1_ps(-zr[g]));     \
+        const __m256i p = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(ix, 2 * J), three), base);     \
+        for (int m = 0; m < M; ++m) {                                                                       \
+            const float* xj = x + m * K + 64 * b + 16 * J;                                                  \
+            const __m256 xg = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xj), p),             \
+                                              _mm256_permutevar8x32_ps(_mm256_loadu_ps(xj + 8), p), 0xF0);  \
+            acc[m][J & 1] = _mm256_fmadd_ps(wv, xg, acc[m][J & 1]);                                         \
+        }                                                                                                   \
+    }
+        SLR_NM_STEP(0) SLR_NM_STEP(1) SLR_NM_STEP(2) SLR_NM_STEP(3)
+#undef SLR_NM_STEP
+    }
+    for (int m = 0; m < M; ++m) y[m * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+}
+
+SLR_AVX2 void nm24_run(const float* x, int64_t M, int64_t K, const uint8_t* vals, const uint8_t* idx,
+                       const float* scale, const float* sz, int64_t gs, int64_t N, float* y, int64_t n0, int64_t n1) {
+    std::vector<int32_t> group(K / 16);
+    for (int64_t c = 0; c < K / 16; ++c) group[c] = static_cast<int32_t>(16 * c / gs);
+    const int32_t* gp = group.data();
+    const int64_t G = K / gs;
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+        const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
+        const float* xm = x + m0 * K;
+        float* ym = y + m0 * N;
+        for (int64_t n = n0; n < n1; ++n) switch (mm) {
+                case 1: nm24_row<1>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
+                case 2: nm24_row<2>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
+                case 3: nm24_row<3>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
+                default: nm24_row<4>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
+            }
+    }
+}
+
+// Threads for N rows of K inputs: at most `threads`, one per WEIGHTS_PER_THREAD weights and per two rows.
+int64_t thread_count(int threads, int64_t N, int64_t K) {
+    int64_t nt = threads < 1 ? 1 : threads;
+    const int64_t by_work = N * K / WEIGHTS_PER_THREAD, by_rows = N / 2;
+    if (nt > by_work) nt = by_work;
+    if (nt > by_rows) nt = by_rows;
+    return nt < 1 ? 1 : nt;
+}
+
+// Calls f(n0, n1) on contiguous chunks of an even number of rows, on nt OpenMP threads (or inline for one).
+template <class F>
+void parallel_rows(int64_t nt, int64_t N, F f) {
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(static_cast<int>(nt))
+        {
+            const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+            const int64_t chunk = (N / 2 + T - 1) / T * 2;
+            const int64_t n0 = t * chunk < N ? t * chunk : N, n1 = n0 + chunk < N ? n0 + chunk : N;
+            f(n0, n1);
+        }
+        return;
+    }
+#endif
+    (void)nt;
+    f(0, N);
+}
+
 }  // namespace
 
 extern "C" {
 
 // The calling convention and the weight layout; bumped whenever either changes.
-int slr_int4_abi(void) { return 1; }
+int slr_int4_abi(void) { return 2; }
 
 // 1 when this CPU has AVX2 and FMA (the kernel runs), 0 otherwise.
 int slr_int4_cpu_ok(void) {
@@ -205,23 +304,20 @@ int slr_int4_mm(const float* x, int64_t M, int64_t K, const uint8_t* w, const fl
     if (M < 0 || N < 0 || K <= 0 || gs <= 0 || K % 32 || gs % 32 || K % gs) return -1;
     if (!slr_int4_cpu_ok()) return -2;
     if (M == 0 || N == 0) return 0;
-    int64_t nt = threads < 1 ? 1 : threads;
-    const int64_t by_work = N * K / WEIGHTS_PER_THREAD, by_rows = N / 2;
-    if (nt > by_work) nt = by_work;
-    if (nt > by_rows) nt = by_rows;
-#ifdef _OPENMP
-    if (nt > 1) {
-#pragma omp parallel num_threads(static_cast<int>(nt))
-        {
-            const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-            const int64_t chunk = (N / 2 + T - 1) / T * 2;  // an even number of rows per thread
-            const int64_t n0 = t * chunk < N ? t * chunk : N, n1 = n0 + chunk < N ? n0 + chunk : N;
-            run(x, M, K, w, scale, sz, gs, N, y, n0, n1);
-        }
-        return 0;
-    }
-#endif
-    run(x, M, K, w, scale, sz, gs, N, y, 0, N);
+    parallel_rows(thread_count(threads, N, K), N,
+                  [&](int64_t n0, int64_t n1) { run(x, M, K, w, scale, sz, gs, N, y, n0, n1); });
+    return 0;
+}
+
+// y = x W^T for a 2:4 W (see the 2:4 section above). Returns 0; -1 for shapes it does not take (K not a multiple
+// of 64, g not a multiple of 16 or not dividing K, a negative size); -2 on a CPU without AVX2 + FMA.
+int slr_int4_nm24_mm(const float* x, int64_t M, int64_t K, const uint8_t* vals, const uint8_t* idx,
+                     const float* scale, const float* sz, int64_t gs, int64_t N, float* y, int threads) {
+    if (M < 0 || N < 0 || K <= 0 || gs <= 0 || K % 64 || gs % 16 || K % gs) return -1;
+    if (!slr_int4_cpu_ok()) return -2;
+    if (M == 0 || N == 0) return 0;
+    parallel_rows(thread_count(threads, N, K / 2), N,
+                  [&](int64_t n0, int64_t n1) { nm24_run(x, M, K, vals, idx, scale, sz, gs, N, y, n0, n1); });
     return 0;
 }
 
