@@ -6,9 +6,9 @@ with 4-bit values. They read S packed (``nibble_pack``): dense, uint8 [N, K/2] o
 N, groups a multiple of 32); 2:4, the kept values' nibbles [N, K/4] and their 2-bit positions [N, K/8] (groups a
 multiple of 16, K of 64); both with float32 scales and scale * zero [N, K/g]. They sum in float32: the same numbers
 as the torch path up to summation order. Against a dense fp32 F.linear of the same (dense) shape at 1 token (1 thread
-of a loaded 2-core box; benchmarks/kernels.md): ~0.8-1.0x the time with the weights in cache (the kernel alone; the
+of a loaded 2-core box; benchmarks/kernels.md): ~0.85-1.0x the time with the weights in cache (the kernel alone; the
 layer's Python adds ~6 us a call), ~0.2-0.3x when they stream from memory as in a whole model's decode step; a 2:4
-S about the same (torch's CSR path at 1 token: ~2x dense).
+S through its kernel ~1.15-1.35x | ~0.3-0.37x (through the torch path, which dequantizes it every call: ~23x).
 
 torch's CPU int4 ops (probed on torch 2.13):
 
