@@ -138,8 +138,8 @@ class SLRLinear(nn.Module):
       whenever gradients are needed) -- the fastest option that keeps the memory saving.
 
     A dense 4-bit S (a QSLRLinear from e.g. gptq at sparsity 0) runs as slr's C++ int4 kernel (decode, float32) or
-    torch's CPU int4 weight-only GEMM under any strategy but ``dense-cached``, when ``slr.kernels``' setting and the
-    layer's shapes allow it.
+    torch's CPU int4 weight-only GEMM, a 2:4 one with 4-bit values as slr's 2:4 kernel, under any strategy but
+    ``dense-cached``, when ``slr.kernels``' setting and the layer's shapes allow it.
 
     Measured (torch 2.13 CPU/MKL, 1 thread of a shared 2-core box, fp32, no_grad, best of 30, microseconds;
     d_out=1536, d_in=576, rank 32; 576x1536 gives the same picture):

@@ -8,7 +8,7 @@
 //   w      uint8   [N, K / 2]   codes in blocks of 32 (16 bytes): in block b of row n, the little-endian uint16
 //                               word i (i = 0..7) holds in its bits 4 j .. 4 j + 3 (j = 0..3) code[n, 32 b + 8 j + i],
 //                               so that widening the 8 words to int32 lanes and shifting by 4 j yields 8 consecutive
-//                               codes, lane for lane next to 8 consecutive inputs (slr.kernels.nibble_pack)
+//                               codes, lane for lane next to 8 consecutive inputs (slr.kernels.nibble_codes)
 //   scale  float32 [N, K / g]
 //   sz     float32 [N, K / g]   scale * zero (exact in float32: an fp16 value times an integer below 16)
 //   y      float32 [M, N]       written, not accumulated into
@@ -192,7 +192,7 @@ SLR_AVX2 void run(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
 //                             kernel's layout: blocks of 32 kept weights (64 inputs, 16 bytes), word i nibble j =
 //                             kept weight 8 j + i of the block
 //   idx    uint8 [N, K / 8]   each kept weight's position (0..3) in its group of four inputs, 2 bits: block b's
-//                             8 bytes, byte i bits 2 j .. 2 j + 1 = kept weight 8 j + i (slr.kernels.nm24_pack)
+//                             8 bytes, byte i bits 2 j .. 2 j + 1 = kept weight 8 j + i (slr.kernels.nm24_index)
 //   scale, sz as above, groups of g inputs of the dense row (g a multiple of 16, K a multiple of 64)
 //
 // Kept weights 8 j .. 8 j + 7 of a block read inputs 16 j .. 16 j + 15: lanes 0-3 from the first 8 (two groups of
