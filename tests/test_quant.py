@@ -51,3 +51,21 @@ def test_more_bits_less_error():
 def test_bad_spec(spec, msg):
     with pytest.raises(SLRError, match=msg):
         spec.validate(64)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clipping_search_never_rounds_worse(sym):
+    """fit_params(clip=True) keeps each group's |w - ŵ|^2.4 at or below the full-range grid's, and lowers it on
+    heavy-tailed weights (an outlier per group makes the full range too coarse for the rest)."""
+    torch.manual_seed(0)
+    q = QuantSpec(3, 32, sym)
+    W = torch.randn(16, 128)
+    W[:, ::32] *= 8  # one outlier per group
+    def err(s, z):
+        return (dequantize(quantize(W, s, z, q), s, z, q) - W).abs().pow(2.4).reshape(16, 4, 32).sum(-1)
+    full, clipped = err(*fit_params(W, q)), err(*fit_params(W, q, clip=True))
+    assert bool((clipped <= full * (1 + 1e-5)).all())
+    assert float(clipped.sum()) < 0.9 * float(full.sum())
+    mask = torch.rand(16, 128) < 0.5
+    s, z = fit_params(W, q, mask, clip=True)
+    assert s.shape == z.shape == (16, 4)

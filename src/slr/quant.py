@@ -51,8 +51,18 @@ def _groups(W: torch.Tensor, g: int) -> torch.Tensor:
     return W.reshape(d_out, d_in // g, g)  # [d_out, n_groups, g]
 
 
-def fit_params(W: torch.Tensor, q: QuantSpec, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero), each [d_out, d_in / g] float32, for ``W`` [d_out, d_in] (only the ``mask`` entries count)."""
+CLIP_GRID = torch.arange(100, 19, -1) / 100  # shrink factors of the clipping search: 1.00, 0.99, ..., 0.20
+CLIP_NORM = 2.4  # the error norm the search minimises (GPTQ's reference code)
+
+
+def fit_params(W: torch.Tensor, q: QuantSpec, mask: torch.Tensor | None = None,
+               clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero), each [d_out, d_in / g] float32, for ``W`` [d_out, d_in] (only the ``mask`` entries count).
+
+    The grid spans each group's range [min, max] (with 0 in it); ``clip``: each group's range shrunk by the factor of
+    ``CLIP_GRID`` whose rounding error sum |w - ŵ|^2.4 over the group is the smallest (range 1.0 included, so never
+    worse in that norm than no clipping).
+    """
     Wg = _groups(W.float(), q.group_size)
     if mask is not None:
         m = _groups(mask, q.group_size)
@@ -61,6 +71,25 @@ def fit_params(W: torch.Tensor, q: QuantSpec, mask: torch.Tensor | None = None) 
     else:
         hi, lo = Wg.amax(-1), Wg.amin(-1)
     hi, lo = hi.clamp_min(0), lo.clamp_max(0)  # the grid always holds 0 (pruned entries, padding)
+    if not clip:
+        return _grid(hi, lo, q)
+    keep = torch.ones_like(Wg, dtype=torch.bool) if mask is None else m
+    best, best_err = None, None
+    for p in CLIP_GRID.tolist():
+        scale, zero = _grid(p * hi, p * lo, q)  # [d_out, groups]
+        codes = (torch.round(Wg / scale[..., None]) + zero[..., None]).clamp(0, q.maxq)
+        err = (((codes - zero[..., None]) * scale[..., None] - Wg).abs().pow(CLIP_NORM) * keep).sum(-1)
+        if best is None:
+            best, best_err = (scale, zero), err
+            continue
+        better = err < best_err
+        best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
+        best_err = torch.minimum(err, best_err)
+    return best
+
+
+def _grid(hi: torch.Tensor, lo: torch.Tensor, q: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of the b-bit grid over [lo, hi] (lo <= 0 <= hi), the scale rounded to fp16 as stored."""
     if q.sym:
         amax = torch.maximum(hi, -lo)
         scale = 2 * amax / q.maxq

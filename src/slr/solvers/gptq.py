@@ -38,17 +38,19 @@ def gptq(
     percdamp: float = 0.01,
     actorder: bool = False,
     static_groups: bool = False,
+    clip: bool = False,
 ) -> SolveResult:
     """GPTQ of W [d_out, d_in] on spec's grid (pruned in the same sweep when spec is sparse).
 
     static_groups: fit every group's grid on W before the sweep (llm-compressor) rather than on entry.
     actorder: sweep the inputs by decreasing H_jj, with static groups; dense S only.
+    clip: each group's grid range shrunk to minimise its rounding error (``quant.fit_params``, GPTQ's "mse" grid).
     """
     validate_inputs(W, H, spec)
     q = needs_grid(spec, "gptq")
     t = time.perf_counter()
     S, mask, qp = prune_quantize(W, H, spec, q, blocksize, percdamp, actorder=actorder,
-                                 static_groups=static_groups)
+                                 static_groups=static_groups, clip=clip)
     return SolveResult(S=S, mask=mask, info={"seconds": time.perf_counter() - t}, qparams={"S": qp})
 
 

@@ -77,8 +77,9 @@ class Projector:
 
     def __init__(self, spec: LayerSpec, shape: tuple[int, int], quant: QuantSpec | None = None,
                  fixed_mask: torch.Tensor | None = None, static: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 order: torch.Tensor | None = None):
+                 order: torch.Tensor | None = None, clip: bool = False):
         d_out, d_in = shape
+        self.clip = clip
         self.spec, self.quant, self.order = spec, quant, order
         self.fixed = fixed_mask is not None
         self.mask = fixed_mask.clone() if self.fixed else torch.zeros(d_out, d_in, dtype=torch.bool)
@@ -111,7 +112,7 @@ class Projector:
             keep_g = self.mask[:, j:j + g]
             if self.spec.nm is not None and not self.fixed:  # N:M not chosen yet: what the rule keeps now
                 keep_g = self._nm_keep(W1[:, i:i + g], torch.diagonal(Hinv1)[i:i + g])
-            s, z = fit_params(W1[:, i:i + g], self.quant, keep_g)
+            s, z = fit_params(W1[:, i:i + g], self.quant, keep_g, clip=self.clip)
             self.scale[:, j // g], self.zero[:, j // g] = s[:, 0], z[:, 0]
         k = (j if self.order is None else int(self.order[j])) // g
         return quantize_column(q, self.scale[:, k], self.zero[:, k], self.quant).to(q.dtype) * keep
@@ -151,6 +152,7 @@ def prune_quantize(
     fixed_mask: torch.Tensor | None = None,
     actorder: bool = False,
     static_groups: bool = False,
+    clip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """One OBS sweep: (S [d_out, d_in] float32 on the support and, with ``quant``, on the grid; mask; (scale, zero)
     [d_out, d_in / g] or None).
@@ -159,7 +161,7 @@ def prune_quantize(
     update on that support). static_groups: every group's grid is fitted on the (dead-zeroed) W before the sweep, as
     llm-compressor's GPTQ does, instead of on the updated weights when the sweep enters the group. actorder: sweep the
     inputs by decreasing H_jj (GPTQ's act-order) with static groups (groups stay the original consecutive inputs); a
-    dense S only. Dead inputs (H_jj = 0) are zeroed.
+    dense S only. clip: each group's grid range is searched (``quant.fit_params``). Dead inputs (H_jj = 0) are zeroed.
     """
     W = W.double().clone()  # [d_out, d_in]
     d_out, d_in = W.shape
@@ -173,10 +175,10 @@ def prune_quantize(
             raise SLRError("actorder quantizes a dense S only", "drop actorder, or pass sparsity 0 and no pattern")
         order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
     if quant is not None and (actorder or static_groups):
-        static = fit_params(W, quant)  # the original consecutive inputs' groups, fitted before the sweep
+        static = fit_params(W, quant, clip=clip)  # the original consecutive inputs' groups, fitted before the sweep
     if order is not None:
         W, H = W[:, order], H[order][:, order]
-    proj = Projector(spec, (d_out, d_in), quant, fixed_mask, static, order)
+    proj = Projector(spec, (d_out, d_in), quant, fixed_mask, static, order, clip)
     Q = obs_sweep(W, hinv_upper(H, percdamp), proj, proj.align(blocksize))
     mask = proj.mask
     if order is not None:
