@@ -171,6 +171,22 @@ def test_gptq_clipping_search_lowers_the_layer_error(bits):
     assert max(ratios) < 1.02 and sum(ratios) / len(ratios) < 0.97, ratios
 
 
+def test_prune_lr_passes_actorder_and_clip_to_its_gptq_sweep():
+    """Q + L (dense S): the options reach the sweep (a different, on-grid S with a lower layer error on average)."""
+    spec = LayerSpec(sparsity=0.0, rank=8, bits=3, group_size=G)
+    ratios = []
+    for seed in range(3):
+        W, H = make_problem(*SHAPE, seed=seed)
+        plain = solve("prune+lr", W, H, spec)
+        tuned = solve("prune+lr", W, H, spec, actorder=True, clip=True)
+        check_result(tuned, spec)
+        assert not torch.equal(plain.S, tuned.S)
+        ratios.append(obj(W, H, tuned.dense()) / obj(W, H, plain.dense()))
+    assert sum(ratios) / len(ratios) < 0.97, ratios
+    with pytest.raises(SLRError, match="actorder quantizes a dense S only"):
+        solve("prune+lr", W, H, LayerSpec(nm=(2, 4), rank=8, bits=4, group_size=G), actorder=True)
+
+
 # ---- quantizing inside beats rounding afterwards ----------------------------------------------------------------
 
 

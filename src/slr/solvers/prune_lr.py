@@ -25,13 +25,14 @@ from .wanda import wanda_score
 
 def prune(
     W: torch.Tensor, H: torch.Tensor, spec: LayerSpec, pruner: str, Hd: torch.Tensor, blocksize: int = 128,
-    quant: QuantSpec | None = None,
+    quant: QuantSpec | None = None, actorder: bool = False, clip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """(S, mask, (scale, zero) or None) from SparseGPT on the damped Hd, or Wanda (row-wise / N:M, no weight update);
-    with ``quant`` S's kept values are on that grid (SparseGPT: quantized inside the sweep; Wanda: rounded)."""
+    with ``quant`` S's kept values are on that grid (SparseGPT: quantized inside the sweep, with GPTQ's ``actorder``
+    and ``clip`` options, ``obs.prune_quantize``; Wanda: rounded)."""
     if pruner == "sparsegpt":
         # Hd already carries the damping, so SparseGPT adds none of its own
-        return prune_quantize(W, Hd, spec, quant, blocksize=blocksize, percdamp=0.0)
+        return prune_quantize(W, Hd, spec, quant, blocksize=blocksize, percdamp=0.0, actorder=actorder, clip=clip)
     if pruner == "wanda":
         mask = select(wanda_score(W, H), spec)
         if quant is None:
@@ -50,18 +51,21 @@ def prune_lr(
     percdamp: float = 0.005,
     diag_frac: float = 0.005,
     blocksize: int = 128,
+    actorder: bool = False,
+    clip: bool = False,
 ) -> SolveResult:
     """S = prune(W) with SparseGPT (default) or Wanda; L = whitened rank-r fit of W - S.
 
     Damping percdamp=diag_frac=0.005 (3BASiL defaults) is shared by the pruner and the L fit, so this is exactly the
-    first iterate of ``hassle``. With spec.bits / factor_bits: S, then L, on their grids (module docstring).
+    first iterate of ``hassle``. With spec.bits / factor_bits: S, then L, on their grids (module docstring);
+    ``actorder`` (dense S only) and ``clip`` as in ``gptq``.
     """
     validate_inputs(W, H, spec)
     t0 = time.perf_counter()
     timer = Timer()
     with timer("prune"):
         Hd = damp_hessian(H, percdamp, diag_frac)
-        S, mask, qs = prune(W, H, spec, pruner, Hd, blocksize, spec.quant)
+        S, mask, qs = prune(W, H, spec, pruner, Hd, blocksize, spec.quant, actorder, clip)
     qparams = {"S": qs} if qs is not None else {}
     U = V = None
     if spec.rank > 0:
