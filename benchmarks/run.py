@@ -54,6 +54,8 @@ CONFIGS = {
     **{f"q{b}g64": dict(sparsity=None, pattern=None, rank=0, bits=b, group_size=64) for b in (4, 3, 2)},
     **{f"q{b}g64r{r}f8": dict(sparsity=None, pattern=None, rank=r, bits=b, group_size=64, factor_bits=8)
        for b, r in ((3, 32), (3, 40), (2, 40), (2, 8))},
+    # asymmetric 4-bit in groups of 96 (divides 576 and 1536): 4 + (16 + 4) / 96 = 4.21 bpw
+    "q4g96a": dict(sparsity=None, pattern=None, rank=0, bits=4, group_size=96, sym=False),
     # budgets in bits (--budget-bits B): the allocator picks each matrix's bit width (and rank from the grid when
     # the method has a low-rank part); bits= is the uniform starting grid
     **{f"b{str(B).replace('.', '')}q": dict(sparsity=None, pattern=None, rank=0, bits=4, group_size=64, budget_bits=B)
