@@ -72,7 +72,7 @@ def test_frontier_marks_the_frontier_and_judges_each_budget_against_gptq(bench, 
 
     recs = [q("gptq", "q4g64", 4.25, 22.0), q("rtn", "q4g64", 4.25, 23.0), q("gptq", "q3g64", 3.25, 30.0),
             q("prune+lr", "q3g64r40f8", 4.21, 21.2), q("prune+lr", "q2g64r40f8", 3.21, 26.0),
-            q("gptq", "q2g64", 2.25, 500.0)]
+            q("gptq", "q2g64", 2.25, 500.0), q("gptq", "q4g64", 4.25, 21.5) | {"solver_opts": {"clip": True}}]
     png = tmp_path / "f.png"
     text = "\n".join(bench.frontier_section(recs, bench.CONFIGS, bench._method, png))
     assert png.stat().st_size > 1000
@@ -81,7 +81,8 @@ def test_frontier_marks_the_frontier_and_judges_each_budget_against_gptq(bench, 
     assert "| 4.250 | 23.000 | rtn | q4g64 | Q | uniform |  | c |" in text  # gptq has a lower ppl at 4.25
     # 4.25: (21.2 - 20) / (22 - 20) = 0.6 <= 0.7; 3.25: (26 - 20) / (30 - 20) = 0.6 > 0.5; 2.5: 500 > 100
     assert "| 4.25 | q4g64, 22.000 | prune+lr q3g64r40f8 (4.210, 21.200) | Q + L | 0.60 | gap ratio <= 0.7 | yes |" \
-        in text
+        in text  # the clipped gptq row (slr's option) is not the production baseline
+    assert "| 4.250 | 21.500 | gptq (clip=True) | q4g64 | Q | uniform |  | c |" in text
     assert "| 3.25 | q3g64, 30.000 | prune+lr q2g64r40f8 (3.210, 26.000) | Q + L | 0.60 | gap ratio <= 0.5 | **no** |" \
         in text
     assert "| 2.5 | q2g64, 500.000 | gptq q2g64 (2.250, 500.000) | Q | 1.00 | ppl <= 100 | **no** |" in text
