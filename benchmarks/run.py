@@ -132,8 +132,8 @@ def config_id_of(cfg: dict) -> str | None:
 
 
 def _method(r: dict) -> str:
-    """The method and its non-default solver options, e.g. "gptq (actorder=True)"."""
-    o = r.get("solver_opts")
+    """The method, its non-default solver options and embedding bits, e.g. "gptq (actorder=True, embed_bits=8)"."""
+    o = dict(r.get("solver_opts") or {}) | ({"embed_bits": r["embed_bits"]} if r.get("embed_bits") else {})
     return r["method"] + (" (" + ", ".join(f"{k}={v}" for k, v in o.items()) + ")" if o else "")
 
 
@@ -152,6 +152,7 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
         **({"allocation": _alloc_summary(r["allocation"])} if r.get("allocation") else {}),
         "retained_fraction": round(r["retained_fraction"], 6),
         **({"bpw": b["bpw"]} if b.get("bpw") is not None else {}),
+        **({"embed_bits": b["embed_bits"]} if b.get("embed_bits", 16) != 16 else {}),
         **({"artifact_bytes": b.get("on_disk", b["total"])} if "total" in b else {}), "ppl": r["ppl"]["ppl"],
         "ppl_windows": r["ppl"]["windows"], "ppl_text": r["ppl"]["text"], "dense_ppl": r["dense_ppl"]["ppl"],
         "mean_rel_error": r["mean_rel_error"], "calib_samples": calib_samples,
@@ -199,7 +200,7 @@ def latest(records: list[dict]) -> list[dict]:
     """Keep the newest record per (model, method, config, allocator with its options, refine, calib_samples)."""
     out: dict[tuple, dict] = {}
     for r in records:
-        out[(r["model"], r["method"], r["config"], alloc_label(r), r.get("refine"), r.get("calib_samples"))] = r
+        out[(r["model"], _method(r), r["config"], alloc_label(r), r.get("refine"), r.get("calib_samples"))] = r
     return list(out.values())
 
 
