@@ -757,20 +757,3 @@ def test_compress_will_not_fit_in_memory(capsys, tmp_path, assets, monkeypatch):
     assert "estimated peak memory" in err
     est = json.loads((out / "results.json").read_text())["memory_estimate_mib"]
     assert est > 600  # model + one block + runtime
-
-
-def test_memory_estimate_counts_the_cap_pools():
-    """CAP's pools phase (40 B per linear parameter, measured) is part of the estimate; other allocators add none."""
-    from slr.estimate import describe, estimate_run
-    from slr.models.adapters import get_adapter
-    from slr.models.tiny import tiny_model
-
-    model = tiny_model("llama")
-    ad = get_adapter(model)
-    lin = [m.weight for b in ad.blocks(model) for m in ad.linears(b).values()]
-    plain = estimate_run(model, 4, 16)
-    cap = estimate_run(model, 4, 16, allocate="cap")
-    assert "allocate" not in plain and estimate_run(model, 4, 16, allocate="knapsack")["total"] == plain["total"]
-    assert cap["allocate"] == 40 * sum(w.numel() for w in lin)
-    assert cap["total"] >= max(plain["total"], cap["model"] + cap["allocate"] + cap["runtime"])
-    assert "CAP pools" in describe(cap)
