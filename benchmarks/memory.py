@@ -2,9 +2,10 @@
 
   python benchmarks/memory.py
 
-Reads the records of benchmarks/results.jsonl that carry ``peak_rss_mib`` (evaluated runs, in memory: uniform,
-knapsack, CAP, TM) and the rows of benchmarks/onload.json (no evaluation; in memory, onloading, activations on
-disk), recomputes the estimate each run's settings give now, and writes benchmarks/memory.json and memory.md.
+Reads the records of benchmarks/results.jsonl that carry their own ``peak_rss_mib`` (evaluated runs, in memory:
+uniform, knapsack, CAP, TM; not a later job of a multi-job run.py process, whose ru_maxrss includes the jobs
+before) and the rows of benchmarks/onload.json (no evaluation; in memory, onloading, activations on disk),
+recomputes the estimate each run's settings give now, and writes benchmarks/memory.json and memory.md.
 A measured peak comes from the commit its record names; the estimate from this one. Nothing is run but the
 estimate, so it takes seconds.
 """
@@ -24,10 +25,15 @@ SEQLEN = 512  # every benchmark run uses the protocol's calibration length
 
 
 def rows() -> list[dict]:
-    out = []
+    out, prev = [], None
     for line in (HERE / "results.jsonl").read_text().splitlines():
         r = json.loads(line)
-        if r.get("peak_rss_mib") is None:
+        # a later job of one run.py process reports the process's peak so far (ru_maxrss), not its own: records say
+        # so since peak_rss_inherited; older ones are told by the same peak and commit as the record before them
+        inherited = r.get("peak_rss_inherited") or (prev is not None and r.get("peak_rss_mib") is not None and (
+            r["peak_rss_mib"], r["git_commit"]) == (prev.get("peak_rss_mib"), prev["git_commit"]))
+        prev = r
+        if r.get("peak_rss_mib") is None or inherited:
             continue
         mode = r["allocate"] + (" + " + r["refine"] if r.get("refine") else "")
         out.append({"run": f"{r['method']} {r['config']} ({mode}), evaluated", "commit": r["git_commit"],

@@ -361,12 +361,14 @@ def main() -> int:
     alloc_opts = _opts(a.alloc_opt, "--alloc-opt", "pools=whitened")
     solver_opts = _opts(a.solver_opt, "--solver-opt", "actorder=true")
     jobs = list(SUITES.get(a.suite, [])) + [tuple(o.split(":")) for o in a.only]
-    for job in jobs:
+    for n, job in enumerate(jobs):
         method, cfg, allocate, refine = (tuple(job) + (None, None))[:4]
         allocate = allocate or "uniform"
         print(f"== {method} {cfg} {allocate} {refine or ''}", flush=True)
         rec = run_one(a.model, method, cfg, a.calib_samples, a.windows, a.save_dir, allocate, refine or None,
                       a.tm_epochs, a.tm_samples, alloc_opts, solver_opts)
+        if n:  # ru_maxrss only grows: a later job in this process reports the largest peak so far, not its own
+            rec["peak_rss_inherited"] = True
         print(json.dumps(rec), flush=True)
         with RESULTS.open("a") as f:
             f.write(json.dumps(rec) + "\n")
