@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Command 1: install, then compress SmolLM2-135M with the best configuration measured at <= 4.25 bits per weight
-# (BENCHMARKS.md, "Accuracy per byte") and print the results table.
+# Command 1: install, then compress SmolLM2-135M with the best uniform configuration measured at <= 4.25 bits per
+# weight (BENCHMARKS.md, "Accuracy per byte") and print the results table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
