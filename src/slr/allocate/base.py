@@ -317,6 +317,18 @@ def check_span(span, who: str) -> None:
         raise SLRError(f"{who} span {span!r} is not in (0, 1]", "use e.g. --alloc-opt span=0.1 (span=1 turns it off)")
 
 
+def resolve_normalize(normalize: str | None, data: bool) -> str:
+    """The knapsack allocators' ``normalize`` option: None = "fisher" with calibration data, "size" without; one-line
+    errors for an unknown name and for "fisher" without data."""
+    if normalize is None:
+        normalize = "fisher" if data else "size"
+    if normalize not in ("fisher", "size", "relative", "absolute"):
+        raise SLRError(f"unknown normalize={normalize!r}", "use 'fisher', 'size', 'relative' or 'absolute'")
+    if normalize == "fisher" and not data:
+        raise SLRError("normalize='fisher' needs calibration data", "use --alloc-opt normalize=size when data-free")
+    return normalize
+
+
 def loss_weight(numel: int, energy: float, sens: float | None, power: float = 1.0) -> float:
     """What one unit of a matrix's *relative* error ||ΔA||^2 / ||A||^2 costs in the allocators' common loss.
 

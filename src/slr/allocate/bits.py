@@ -57,6 +57,7 @@ from .base import (
     matrices,
     nm_of,
     output_grad_sq,
+    resolve_normalize,
     scales,
     to_spec,
     whitened_metrics,
@@ -208,12 +209,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     mats = matrices(model)
     total = sum(m.numel for m in mats)
     data = calib is not None and len(calib) > 0
-    if normalize is None:
-        normalize = "fisher" if data else "size"
-    if normalize not in ("fisher", "size", "relative", "absolute"):
-        raise SLRError(f"unknown normalize={normalize!r}", "use 'fisher', 'size', 'relative' or 'absolute'")
-    if normalize == "fisher" and not data:
-        raise SLRError("normalize='fisher' needs calibration data", "use --alloc-opt normalize=size when data-free")
+    normalize = resolve_normalize(normalize, data)
     floor = 0 if rank_floor is None else int(rank_floor)
     try:  # the uniform plan at the same budget, for comparison (its ranks join the grids)
         unis = uniform_ranks(mats, mode, nm, base, budget_bits)

@@ -76,6 +76,7 @@ from .base import (
     nm_of,
     output_grad_sq,
     resolve_budget,
+    resolve_normalize,
     scales,
     whitened_metrics,
 )
@@ -247,12 +248,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     mats = matrices(model)
     budget = resolve_budget(config, mats, mode)
     data = calib is not None and len(calib) > 0
-    if normalize is None:
-        normalize = "fisher" if data else "size"
-    if normalize not in ("fisher", "size", "relative", "absolute"):  # checked before any heavy work
-        raise SLRError(f"unknown normalize={normalize!r}", "use 'fisher', 'size', 'relative' or 'absolute'")
-    if normalize == "fisher" and not data:
-        raise SLRError("normalize='fisher' needs calibration data", "use --alloc-opt normalize=size when data-free")
+    normalize = resolve_normalize(normalize, data)  # checked before any heavy work
     whitened = metric == "whitened" and data and norms is None
     if not whitened and norms is None:
         norms = input_sq_norms(model, calib, device, max_samples)
