@@ -14,6 +14,7 @@ Per (model, strategy), in a fresh subprocess (``--_child``) so that memory figur
     dense model's safetensors are memory-mapped, so its weights count only once touched: compare "end" peaks).
     The parent never imports torch: Linux keeps ru_maxrss across exec(), so a big parent would leak its peak
     into the children's figures (VmHWM from /proc/self/status is recorded as a cross-check);
+    the peak RSS while decoding: VmHWM reset (5 > /proc/self/clear_refs) before the timed generate calls, read after;
   * prefill tokens/s: one forward of ``--prefill`` tokens (batch 1, KV cache on, logits of the last position
     only -- what ``generate`` does for a prompt), after one warm-up forward; best of ``--repeats``;
   * decode tokens/s: ``model.generate(max_new_tokens=D, min_new_tokens=D, do_sample=False)`` from a
@@ -52,6 +53,15 @@ def _peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _reset_peak() -> bool:
+    """Reset this process's VmHWM (Linux: 5 > /proc/self/clear_refs), so that it reads the peak of what follows."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def _status_mib(key: str) -> float | None:
@@ -166,9 +176,11 @@ def measure(target: dict, strategy: str | None, ids, *, prefill: int = 512, deco
     rec.update({k: v for k, v in info.items() if k != "path"})
     if target["kind"] == "artifact":
         from slr.nn import SLRLinear
+        from slr.packed import PackedLinear
 
         rec["bytes"] = artifact_byte_report(target["path"])
-        rec["slr_layers"] = sum(isinstance(m, SLRLinear) for m in model.modules())
+        rec["slr_layers"] = sum(isinstance(m, (SLRLinear, PackedLinear)) for m in model.modules())
+        rec["packed_layers"] = sum(isinstance(m, PackedLinear) for m in model.modules())
     else:
         rec["bytes"] = dense_layer_bytes(model)
 
@@ -195,7 +207,10 @@ def measure(target: dict, strategy: str | None, ids, *, prefill: int = 512, deco
         pre = _timed(run_prefill, repeats)
         run_decode(min(4, decode))  # warm-up
         n_new.clear()
+        peak_before = _peak_rss_mib()  # the reset below also resets ru_maxrss
+        decode_peak_reset = _reset_peak()
         dec = _timed(run_decode, repeats)
+    rec["rss_decode_peak_mib"] = _status_mib("VmHWM") if decode_peak_reset else None
     if any(n != decode for n in n_new):
         raise RuntimeError(f"generate produced {n_new} new tokens, expected {decode}")
     rec.update({
@@ -203,7 +218,7 @@ def measure(target: dict, strategy: str | None, ids, *, prefill: int = 512, deco
         "prefill_tok_s_median": prefill / statistics.median(pre),
         "decode_s": min(dec), "decode_s_all": dec, "decode_tok_s": decode / min(dec),
         "decode_tok_s_median": decode / statistics.median(dec),
-        "peak_rss_end_mib": _peak_rss_mib(), "rss_end_mib": _status_mib("VmRSS"),
+        "peak_rss_end_mib": max(peak_before, _peak_rss_mib()), "rss_end_mib": _status_mib("VmRSS"),
         "vmhwm_end_mib": _status_mib("VmHWM"),
     })
     return rec
@@ -291,8 +306,10 @@ def _prep_main(spec_file: str, out_file: str) -> None:
     Path(out_file).write_text(json.dumps({"machine": machine_info(spec["threads"]), "ids_files": files}))
 
 
-def _spawn(flag: str, spec: dict, tmp: Path, threads: int, timeout: float) -> tuple[dict | None, str | None]:
-    """Run this script with ``flag SPEC --_out OUT`` in a fresh process -> (output JSON or None, error or None).
+def _spawn(flag: str, spec: dict, tmp: Path, threads: int, timeout: float,
+           script: str | os.PathLike | None = None) -> tuple[dict | None, str | None]:
+    """Run this script (or ``script``) with ``flag SPEC --_out OUT`` in a fresh process -> (output JSON or None,
+    error or None).
 
     The parent never imports torch: on Linux ru_maxrss survives exec(), so a child spawned by a big parent
     would start with the parent's peak.
@@ -303,8 +320,9 @@ def _spawn(flag: str, spec: dict, tmp: Path, threads: int, timeout: float) -> tu
     out_file = spec_file[:-5] + ".out.json"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    script = str(Path(script or __file__).resolve())
     try:
-        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), flag, spec_file, "--_out", out_file],
+        p = subprocess.run([sys.executable, script, flag, spec_file, "--_out", out_file],
                            capture_output=True, text=True, env=env, timeout=timeout)
         err = None if p.returncode == 0 else (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
     except subprocess.TimeoutExpired:
@@ -341,9 +359,11 @@ def add_ratios(records: list[dict]) -> None:
     dense = next((r for r in records if r["kind"] == "dense" and "error" not in r), None)
     for r in records:
         if dense is None or "error" in r:
-            r["decode_vs_dense"] = r["prefill_vs_dense"] = None
+            r["decode_vs_dense"] = r["prefill_vs_dense"] = r["rss_decode_vs_dense"] = None
             continue
         r["decode_vs_dense"] = r["decode_tok_s"] / dense["decode_tok_s"]
+        a, b = r.get("rss_decode_peak_mib"), dense.get("rss_decode_peak_mib")
+        r["rss_decode_vs_dense"] = a / b if a and b else None
         r["prefill_vs_dense"] = r["prefill_tok_s"] / dense["prefill_tok_s"]
 
 
@@ -364,8 +384,8 @@ def markdown(records: list[dict], machine: dict, args) -> str:
         "peak RSS = ru_maxrss right after load / after the timing runs.",
         "",
         "| model | strategy | layer bytes | vs theory | vs dense fp16 | artifact total | peak RSS load / end (MiB) "
-        "| prefill tok/s | decode tok/s | decode vs dense fp32 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak RSS decoding (MiB) | vs dense | prefill tok/s | vs dense | decode tok/s | decode vs dense fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         b = r.get("bytes", {})
@@ -376,12 +396,14 @@ def markdown(records: list[dict], machine: dict, args) -> str:
                 b.get("total")
         if "error" in r:
             lines.append(f"| {r['label']} | {r['strategy']} | {_mb(lb)} | {_f(vt, '.3f')} | {_f(vd, '.3f')} | "
-                         f"{_mb(tot)} | error: {r['error'][:80]} | | | |")
+                         f"{_mb(tot)} | error: {r['error'][:80]} | | | | | | |")
             continue
         lines.append(
             f"| {r['label']} | {r['strategy']} | {_mb(lb)} | {_f(vt, '.3f')} | {_f(vd, '.3f')} | {_mb(tot)} | "
-            f"{r['peak_rss_load_mib']:.0f} / {r['peak_rss_end_mib']:.0f} | {r['prefill_tok_s']:.1f} | "
-            f"{r['decode_tok_s']:.2f} | {_f(r.get('decode_vs_dense'), '.3f')} |")
+            f"{r['peak_rss_load_mib']:.0f} / {r['peak_rss_end_mib']:.0f} | {_f(r.get('rss_decode_peak_mib'), '.0f')} | "
+            f"{_f(r.get('rss_decode_vs_dense'), '.3f')} | {r['prefill_tok_s']:.1f} | "
+            f"{_f(r.get('prefill_vs_dense'), '.3f')} | {r['decode_tok_s']:.2f} | "
+            f"{_f(r.get('decode_vs_dense'), '.3f')} |")
     lines += ["", "### Observations", "", observations(records), ""]
     return "\n".join(lines)
 
@@ -474,14 +496,9 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    if args._child:
-        _child_main(args._child, args._out)
-        return []
-    if args._prep:
-        _prep_main(args._prep, args._out)
-        return []
+def targets_of(args) -> list[dict]:
+    """The models to measure from --dense / --artifact (exits with one line when there are none or one is not an
+    artifact)."""
     targets = []
     if args.dense and args.dense.lower() != "none":
         targets.append({"kind": "dense", "path": args.dense, "label": args.dense_label or args.dense})
@@ -491,6 +508,18 @@ def main(argv=None) -> list[dict]:
     for t in targets:
         if t["kind"] == "artifact" and not (Path(t["path"]) / "slr_config.json").is_file():
             raise SystemExit(f"{t['path']} is not an slr artifact (no slr_config.json)")
+    return targets
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args._child:
+        _child_main(args._child, args._out)
+        return []
+    if args._prep:
+        _prep_main(args._prep, args._out)
+        return []
+    targets = targets_of(args)
     n_ids = max(args.prefill, args.decode_prompt)
     records = []
     with tempfile.TemporaryDirectory(prefix="slr-inference-") as tmpd:

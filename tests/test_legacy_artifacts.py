@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import slr
 import slr.formats
 from slr.nn import SLRLinear
+from slr.packed import PackedLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 
@@ -43,15 +44,16 @@ def test_legacy_artifact_loads(name, reference, tmp_path):
     assert man["format_version"] == 1
     assert {r["format"] for r in man["layers"].values()} == FORMATS[name]
 
-    model, tok = slr.load(art)
-    assert sum(isinstance(m, SLRLinear) for m in model.modules()) == len(man["layers"])
+    model, tok = slr.load(art)  # packed where a layer has a C++ kernel (float16 2:4 here)
+    assert sum(isinstance(m, (SLRLinear, PackedLinear)) for m in model.modules()) == len(man["layers"])
     x, want = reference[f"{name}.input_ids"], reference[f"{name}.logits"]
     got = _logits(model, x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     if name == "llama_nm24_r4":
         assert tok is not None and tok("w1 w2").input_ids == [1, 2]
     if name == "qwen3_joint_r4":
-        shared = {id(m.shared) for m in model.modules() if isinstance(m, SLRLinear) and m.shared is not None}
+        shared = {id(m.shared) for m in model.modules()
+                  if isinstance(m, (SLRLinear, PackedLinear)) and m.shared is not None}
         assert 0 < len(shared) < len(man["layers"])
 
     dense = slr.export_dense(art, tmp_path / "dense")

@@ -248,8 +248,9 @@ def test_quantized_artifact_roundtrip(family, tmp_path):
         rep = io.save(model, out, embed_bits=bits)
         assert rep["compressed_layers"] == rep["compressed_layers_theory"]  # packed tensors = theoretical bytes
         assert rep["bpw"] == round(8 * rep["compressed_layers"] / rep["compressed_params"], 4)
-        m2, _ = io.load(out)
+        m2, _ = io.load(out, packed=False)
         torch.testing.assert_close(_logits(m2, x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_logits(io.load(out)[0], x), want, atol=1e-5, rtol=1e-5)  # packed where it can
         man = json.loads((out / io.MANIFEST).read_text())
         assert man["format_version"] == io.FORMAT_VERSION and man["embed"]["bits"] == bits
         assert {r["format"] for r in man["layers"].values()} >= {"nm", "dense"}

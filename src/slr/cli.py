@@ -36,9 +36,11 @@ def _device(p):
 
 def _kernel(p):
     p.add_argument("--kernel", default="auto", choices=KERNELS,
-                   help="a dense 4-bit S on CPU: auto = an int4 kernel where it keeps the numbers (slr's C++ kernel "
-                   "for float32 activations at decode, torch's for bfloat16 ones), bf16 = also float32 activations "
-                   "through torch's kernel in bfloat16, torch = dequantize and matmul  [default: auto]")
+                   help="CPU kernels: auto = an artifact loads packed (slr.packed: a 2-4 bit or 2:4 S, and an int8 or "
+                   "float16 head, stay at their stored width and run slr's C++ kernels at decode; one GEMM per layer "
+                   "at prefill) and an in-memory 4-bit S runs an int4 kernel where it keeps the numbers; bf16 = also "
+                   "float32 activations through torch's int4 kernel in bfloat16; torch = the pure-torch path "
+                   "(dequantize and matmul)  [default: auto]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,10 +289,11 @@ def cmd_report(a) -> int:
 
 def cmd_generate(a) -> int:
     device = resolve_device(a.device)
-    model, tok, _ = open_model(a.model, device)
-    ids = tok(a.prompt, return_tensors="pt").input_ids.to(device)
-    with torch.inference_mode(), use_kernel(a.kernel):
-        out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False)
+    with use_kernel(a.kernel):  # under "torch" an artifact loads unpacked
+        model, tok, _ = open_model(a.model, device)
+        ids = tok(a.prompt, return_tensors="pt").input_ids.to(device)
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False)
     print(tok.decode(out[0], skip_special_tokens=True))
     return 0
 

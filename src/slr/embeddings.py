@@ -42,12 +42,17 @@ def quantize_rows(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale.half()
 
 
-def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """float32 [rows, cols] = codes x the row's scale."""
+def check_rows(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``codes`` after checking that they are int8 [rows, cols] with one scale per row."""
     if codes.dtype != torch.int8 or scales.dim() != 1 or codes.dim() != 2 or scales.shape[0] != codes.shape[0]:
         raise SLRError(f"8-bit embedding tensors are {codes.dtype} {tuple(codes.shape)} / {tuple(scales.shape)}",
                        "the artifact is corrupted; re-run slr compress")
-    return codes.float() * scales.float()[:, None]
+    return codes
+
+
+def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 [rows, cols] = codes x the row's scale."""
+    return check_rows(codes, scales).float() * scales.float()[:, None]
 
 
 def stored(t: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:

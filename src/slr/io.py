@@ -18,10 +18,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .embeddings import check_embed_bits, dequantize_rows, embedding_names, stored
+from . import packed as packing
+from .embeddings import check_embed_bits, check_rows, dequantize_rows, embedding_names, stored
 from .errors import SLRError, one_line
 from .formats import FORMAT, FORMAT_VERSION, MANIFEST, _pack_layer, bpw, read_manifest
 from .fsutil import atomic_dir, check_output_dir, check_writable_parent, replace_file, write_text_atomic
+from .heap import trim_heap
 from .layerload import build_layer
 from .models.adapters import set_module
 from .models.zoo import sha256_file
@@ -156,6 +158,9 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, manife
             raise SLRError(f"unsupported storage dtype {dt}", "use torch.float32, torch.float16 or torch.bfloat16")
     if embed_bits is not None:
         check_embed_bits(embed_bits)
+    if any(isinstance(m, packing.PACKED_TYPES) for m in model.modules()):
+        raise SLRError("this model was loaded packed, for inference only",
+                       "load the artifact with slr.load(DIR, packed=False) to re-save it")
     slr, owners = _slr_layers(model) if blocks is None else ([], {})
 
     with atomic_dir(out_dir, overwrite) as tmp:
@@ -339,8 +344,13 @@ def _holders(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
 
 
 def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32, verify: bool = True):
-    """Load an artifact -> (model with SLRLinear layers, tokenizer or None). Never touches the network."""
+         dtype: torch.dtype = torch.float32, verify: bool = True, packed: bool | None = None):
+    """Load an artifact -> (model with SLRLinear layers, tokenizer or None). Never touches the network.
+
+    ``packed`` (default: when slr's C++ kernels are built and allowed, on the CPU in float32; see slr.packed) keeps
+    the packed bytes in memory for inference: the layers whose S has a kernel become PackedLinear, and an int8 or
+    float16 embedding and output head stay at that width. Pass ``packed=False`` for a model to fine-tune or re-save.
+    """
     _check_strategy(strategy)
     p = Path(path)
     man = read_manifest(p)
@@ -348,6 +358,8 @@ def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch
         _verify_files(p, man)
     ts = _Tensors(p, list(man["files"]))
     model = _skeleton(p, dtype)
+    if packed is None:
+        packed = packing.enabled(device, dtype) and strategy == "auto"
 
     shared: dict[str, SharedProjection] = {}
     # owners of a shared V first, so that they register as consumer 0 again (num_params counts V there)
@@ -361,23 +373,35 @@ def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch
         if not isinstance(old, nn.Linear) or [old.out_features, old.in_features] != list(rec["shape"]):
             raise SLRError(f"artifact layer {name} {rec['shape']} does not match the model built from config.json",
                            "re-copy config.json from the same artifact")
-        set_module(model, name, build_layer(name, rec, ts.get, shared, dtype, strategy))
+        lin = build_layer(name, rec, ts.get, shared, dtype, strategy)
+        set_module(model, name, (packing.pack_layer(lin, man["dtypes"]) if packed else None) or lin)
 
     holders = _holders(model)
     slr_prefixes = tuple(f"{n}." for n in man["layers"])
     assigned: dict[str, torch.Tensor] = {}
-    for k in _embed_names(man):  # 8-bit embeddings: dequantized here
+    rows = {}  # packed: embedding name -> (int8 rows, scales) or (float16 rows, None), kept at that width
+    embeds = _embedding_weights(model, holders) if packed else set()
+    for k in _embed_names(man):  # 8-bit embeddings: dequantized here unless packed
         if k not in holders:
             raise SLRError(f"artifact embedding {k} does not exist in the model built from config.json",
                            "re-copy config.json from the same artifact")
-        assigned[k] = _assign(holders[k], dequantize_rows(ts.get(f"{k}.q8"), ts.get(f"{k}.q8_scales")), dtype)
+        codes, scales = ts.get(f"{k}.q8"), ts.get(f"{k}.q8_scales")
+        if k in embeds:
+            rows[k] = (check_rows(codes, scales), scales)
+        else:
+            assigned[k] = _assign(holders[k], dequantize_rows(codes, scales), dtype)
     for k in ts.where:
         if k in ts.used or k.startswith(slr_prefixes):
             continue
         if k not in holders:
             raise SLRError(f"artifact tensor {k} does not exist in the model built from config.json",
                            "re-copy config.json from the same artifact")
-        assigned[k] = _assign(holders[k], ts.get(k), dtype)
+        t = ts.get(k)
+        if k in embeds and t.dtype == torch.float16 and tuple(t.shape) == tuple(getattr(*holders[k][:2]).shape):
+            rows[k] = (t, None)
+        else:
+            assigned[k] = _assign(holders[k], t, dtype)
+    _pack_rows(model, holders, rows, man["tied"])
     for alias, src in man["tied"].items():
         if alias in holders and src in assigned:
             mod, leaf, is_param = holders[alias]
@@ -387,6 +411,8 @@ def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch
             raise SLRError(f"artifact has no tensor for {n}", "re-run slr compress or re-copy the artifact")
 
     model = model.to(device).eval()
+    del ts
+    trim_heap()  # each layer's unpacked form (and, packed, its CSR index) is freed: hand it back
     gen_file = p / "generation_config.json"
     if gen_file.is_file():
         from transformers import GenerationConfig
@@ -394,6 +420,23 @@ def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch
         with contextlib.suppress(Exception):
             model.generation_config = GenerationConfig.from_pretrained(str(p), local_files_only=True)
     return model, _load_tokenizer(p)
+
+
+def _embedding_weights(model: nn.Module, holders: dict) -> set[str]:
+    """Names of the input embedding's and output head's weights (aliases included)."""
+    mods = [getattr(model, g)() for g in ("get_input_embeddings", "get_output_embeddings") if hasattr(model, g)]
+    return {n for n, (mod, leaf, _) in holders.items() if leaf == "weight" and any(mod is m for m in mods if m)}
+
+
+def _pack_rows(model: nn.Module, holders: dict, rows: dict, tied: dict) -> None:
+    """Embeddings and heads over the rows kept at their stored width (``load(packed=True)``)."""
+    for name, src in [(k, k) for k in rows] + [(a, s) for a, s in tied.items() if s in rows and a in holders]:
+        mod = holders[name][0]
+        if isinstance(mod, nn.Embedding):
+            packing.as_rows_embedding_(mod, *rows[src])
+        elif isinstance(mod, nn.Linear):
+            bias = None if mod.bias is None or mod.bias.device.type == "meta" else mod.bias.detach()
+            set_module(model, name.rsplit(".", 1)[0], packing.PackedHead(*rows[src], bias))
 
 
 def _embed_names(man: dict) -> list[str]:
@@ -442,7 +485,7 @@ def export_dense(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: 
     check_output_dir(Path(out_dir).absolute(), overwrite)
     if dtype is None:
         dtype = _DTYPES.get(man["dtypes"].get("dense"), torch.float32)
-    model, tok = load(path, dtype=torch.float32, strategy="dense-onthefly")
+    model, tok = load(path, dtype=torch.float32, strategy="dense-onthefly", packed=False)
     with torch.no_grad():
         for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, SLRLinear)]:
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")

@@ -1,14 +1,12 @@
-"""Packed-weight matmuls for SLRLinear: a 4-bit S runs as slr's C++ kernels or torch's CPU int4 GEMM.
+"""Packed-weight matmuls for SLRLinear: a 2-4 bit S runs as slr's C++ kernels or torch's CPU int4 GEMM.
 
 slr's C++ kernels (slr.csrc, src/slr/csrc/int4_gemv.cpp; built by ``python -m slr.csrc --build`` at install): float32
-activations, AVX2 + FMA, OpenMP over output rows, for a few tokens per call (decode), on a dense 4-bit S or a 2:4 one
-with 4-bit values. They read S packed (``nibble_pack``): dense, uint8 [N, K/2] of nibbles in blocks of 32 codes (any
-N, groups a multiple of 32); 2:4, the kept values' nibbles [N, K/4] and their 2-bit positions [N, K/8] (groups a
+activations, AVX2 + FMA, OpenMP over output rows, for a few tokens per call (decode), on a dense S with codes below 16
+(2-4 bits) or a 2:4 one. They read S packed (``nibble_pack``): dense, uint8 [N, K/2] of nibbles in blocks of 32 codes
+(any N, groups a multiple of 32); 2:4, the kept values' nibbles [N, K/4] and their 2-bit positions [N, K/8] (groups a
 multiple of 16, K of 64); both with float32 scales and scale * zero [N, K/g]. They sum in float32: the same numbers
-as the torch path up to summation order. Against a dense fp32 F.linear of the same (dense) shape at 1 token (1 thread
-of a loaded 2-core box; benchmarks/kernels.md): ~0.85-1.0x the time with the weights in cache (the kernel alone; the
-layer's Python adds ~6 us a call), ~0.2-0.3x when they stream from memory as in a whole model's decode step; a 2:4
-S through its kernel ~1.15-1.35x | ~0.3-0.37x (through the torch path, which dequantizes it every call: ~23x).
+as the torch path up to summation order. Loaded artifacts use them through slr.packed (which keeps only the packed
+bytes); an in-memory QSLRLinear through ``int4_s`` below. Timings: benchmarks/kernels.md, benchmarks/inference.md.
 
 torch's CPU int4 ops (probed on torch 2.13):
 
@@ -23,10 +21,8 @@ slr's grid reads w = s (code - z) (z = 8 on a symmetric 4-bit grid): that is (co
 holds scale = s and zero = s (8 - z). In float32 both are exact (s is an fp16 value, 8 - z a small integer), so
 the kernel's weights equal the dequantized ones bit for bit and only the summation order differs.
 
-Only the bfloat16 path of the op is vectorized; float32 and float16 run a scalar loop. Time against a dense fp32
-F.linear (torch 2.13, x86, 1 thread of a loaded 2-core box, 1536x576, 1 | 7 tokens per call): float32 kernel ~21x |
-~36x, bfloat16 kernel ~0.75x | ~0.55x, today's dequantize-and-matmul path ~57x | ~15x. Hence the settings
-(``set_kernel`` / ``use_kernel``):
+Only the bfloat16 path of the op is vectorized (float32 and float16 run a scalar loop, many times slower than a dense
+GEMM; benchmarks/kernels.md). Hence the settings (``set_kernel`` / ``use_kernel``):
 
     auto   float32 / float16 activations (computed in float32): slr's C++ kernels for at most AUTO_CPP_MAX_TOKENS
            tokens per call; where they are not built (one line on stderr says so, once), torch's float32 int4 kernel
@@ -34,9 +30,10 @@ F.linear (torch 2.13, x86, 1 thread of a loaded 2-core box, 1536x576, 1 | 7 toke
            activations: torch's kernel in bfloat16, always. Same numbers as the torch path up to summation order.
     bf16   float32 / float16 activations run through torch's bfloat16 kernel (cast in and out), at any token count:
            faster than a dense float32 GEMM at decode, at bfloat16 accuracy (~3e-3 of max|y|).
-    torch  never: S is dequantized and multiplied in pure torch (SLRLinear's strategies).
+    torch  never: S is dequantized and multiplied in pure torch (SLRLinear's strategies; slr.packed's layers unpack
+           their bytes in pure torch). ``io.load`` does not pack under this setting.
 
-A layer takes a kernel when S is quantized at 4 bits and dense (sparsity 0; or 2:4 for slr's kernels), the shapes
+A layer takes a kernel when S is quantized at 2-4 bits and dense (sparsity 0; or 2:4 for slr's kernels), the shapes
 suit it, the layer's strategy is not ``dense-cached``, x is on the CPU and needs no gradient. Anything else falls back
 silently.
 """
@@ -191,7 +188,7 @@ def nm24_index(col: torch.Tensor) -> torch.Tensor:
     return (p[:, :, 0] | (p[:, :, 1] << 2) | (p[:, :, 2] << 4) | (p[:, :, 3] << 6)).reshape(N, H // 4).contiguous()
 
 
-def _is_nm24(layer) -> bool:
+def is_nm24(layer) -> bool:
     """S keeps exactly two of every four inputs of a row, in column order: CSR row r holds K/2 values whose columns
     fall two by two in groups 0, 0, 1, 1, 2, 2, ..."""
     d_out, d_in = layer.out_features, layer.in_features
@@ -202,7 +199,8 @@ def _is_nm24(layer) -> bool:
     return bool((col // 4 == quad).all() and (col[:, 0::2] < col[:, 1::2]).all())
 
 
-def _build_cpp(layer, spec, codes, sbits, zero) -> NibblePack | None:
+def cpp_pack(layer, spec, codes, sbits, zero) -> NibblePack | None:
+    """S (codes below 16: 2-4 bits) packed for slr's C++ kernels, or None when its layout has no kernel."""
     d_out, d_in, g = layer.out_features, layer.in_features, spec.group_size
     if codes.device.type != "cpu" or d_in % g:
         return None
@@ -210,14 +208,14 @@ def _build_cpp(layer, spec, codes, sbits, zero) -> NibblePack | None:
     sz = (scale * zero_of(zero, spec)).contiguous()  # exact: an fp16 value times an integer below 16
     if g % CPP_GROUP_ALIGN == 0 and _is_dense(layer):
         return NibblePack(nibble_codes(codes.view(d_out, d_in).to(torch.uint8)), scale, sz, g, d_in, d_out)
-    if g % 16 == 0 and d_in % 64 == 0 and _is_nm24(layer):
+    if g % 16 == 0 and d_in % 64 == 0 and is_nm24(layer):
         col = layer.col.view(d_out, d_in // 2)
         return NibblePack(nibble_codes(codes.view(d_out, d_in // 2).to(torch.uint8)), scale, sz, g, d_in, d_out,
                           index=nm24_index(col))
     return None
 
 
-_BUILDERS = {"torch": _build_torch, "cpp": _build_cpp}
+_BUILDERS = {"torch": _build_torch, "cpp": cpp_pack}
 
 
 _KEY_BUFFERS = ("qS_codes", "qS_scale", "qS_zero", "crow", "col")
@@ -229,7 +227,7 @@ def _pack(layer, kind: str):
     (version, storage or device), which drops every pack (``clear_cache`` too). None when S is not a dense 4-bit one
     that kernel takes. Called on every forward: the key reads the buffers straight from ``_buffers``."""
     spec = getattr(layer, "qspecs", {}).get("S")
-    if spec is None or spec.bits != 4:
+    if spec is None or spec.bits > 4:
         return None
     bufs = layer._buffers
     key = [spec]
@@ -327,7 +325,7 @@ def int4_s(layer, x: torch.Tensor, tokens: int) -> torch.Tensor | None:
     if x.requires_grad and torch.is_grad_enabled():  # the kernels have no backward
         return None
     spec = getattr(layer, "qspecs", {}).get("S")
-    if spec is None or spec.bits != 4:
+    if spec is None or spec.bits > 4:
         return None
     if (_MODE == "auto" and 0 < tokens <= AUTO_CPP_MAX_TOKENS and x.dtype in _CPP_DTYPES and cpp_ready()):
         pack = nibble_pack(layer)

@@ -10,8 +10,6 @@ plus its H's.
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import json
 import os
 import signal
@@ -38,6 +36,7 @@ from .calibration import (
 from .config import CompressConfig
 from .distributed import bin_pack
 from .errors import SLRError
+from .heap import trim_heap
 from .models.adapters import ArchAdapter, get_adapter
 from .nn import compress_block_
 from .options import as_kwargs
@@ -46,27 +45,6 @@ from .qlinear import grids
 from .refine import make_refiner
 from .solvers import SolveResult, method, relative_error
 from .solvers.base import check_finite
-
-_LIBC = None
-
-
-def trim_heap() -> None:
-    """Hand freed memory back to the OS after a block (glibc only; elsewhere a no-op).
-
-    Each block frees hundreds of MB of activations, H's and solver buffers; glibc keeps much of that in its arenas,
-    so without this the resident size creeps up block after block (SmolLM2 with --onload, 32 windows: 1.94 GiB at
-    the last block without the trim, 1.45 GiB with it).
-    """
-    global _LIBC
-    gc.collect()
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 (raises AttributeError on a libc without it)
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
 
 
 def _fault_after() -> int | None:

@@ -27,8 +27,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "int4_gemv.cpp"
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
-ABI = 2  # slr_int4_abi() of the source this module speaks to
-ERRORS = {-1: "shapes it does not take", -2: "this CPU has no AVX2 + FMA"}
+ABI = 4  # slr_int4_abi() of the source this module speaks to
+ERRORS = {-1: "shapes it does not take", -2: "this CPU has no AVX2 + FMA + F16C"}
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -100,12 +100,17 @@ def load() -> ctypes.CDLL | None:
     if lib.slr_int4_abi() != ABI:
         _reason = f"{path.name} speaks another ABI (rebuild: `python -m slr.csrc --build`)"
     elif not lib.slr_int4_cpu_ok():
-        _reason = "this CPU has no AVX2 + FMA"
+        _reason = "this CPU has no AVX2 + FMA + F16C"
     else:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.slr_int4_mm.restype = lib.slr_int4_nm24_mm.restype = ctypes.c_int
         lib.slr_int4_mm.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int]
         lib.slr_int4_nm24_mm.argtypes = [p, i64, i64, p, p, p, p, i64, i64, p, ctypes.c_int]
+        for f in (lib.slr_f16_nm24_mm, lib.slr_rows_mm, lib.slr_unpack):
+            f.restype = ctypes.c_int
+        lib.slr_f16_nm24_mm.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
+        lib.slr_rows_mm.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int, ctypes.c_int]
+        lib.slr_unpack.argtypes = [i64, p, p, p, p, p, i64, i64, p, ctypes.c_int]
         _lib = lib
     return _lib
 
@@ -154,3 +159,81 @@ def int4_nm24_mm(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, sca
         raise ValueError(f"int4_nm24_mm: values {tuple(values.shape)}, index {tuple(index.shape)} do not fit x "
                          f"{tuple(x.shape)}")
     return _call("int4_nm24_mm", x, [values, index], scale, sz, group_size, values.shape[0], threads)
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"slr's C++ kernels are unavailable: {_reason}")
+    return lib
+
+
+def _check(name: str, x: torch.Tensor, *parts: tuple[torch.Tensor | None, torch.dtype]) -> None:
+    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"{name}: x must be a contiguous float32 [M, K] tensor, got {x.dtype} {tuple(x.shape)}")
+    for t, dt in parts:
+        if t is not None and (t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu"):
+            raise ValueError(f"{name}: an operand is {t.dtype} {tuple(t.shape)}, expected contiguous CPU {dt}")
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _run(name: str, *args) -> None:
+    rc = getattr(_lib_or_raise(), f"slr_{name}")(*args)
+    if rc:
+        raise RuntimeError(f"slr's C++ kernel {name} refused the call: {ERRORS.get(rc, rc)}")
+
+
+def f16_nm24_mm(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """x [M, K] float32 -> x W^T [M, N] float32 for a 2:4 W with float16 ``values`` [N, K/2] (kept weights in column
+    order) and int4_gemv.cpp's 2-bit positions ``index`` uint8 [N, K/8] (slr.kernels.nm24_index)."""
+    _check("f16_nm24_mm", x, (values, torch.float16), (index, torch.uint8))
+    M, K = x.shape
+    N = values.shape[0]
+    if values.shape != (N, K // 2) or index.shape != (N, K // 8):
+        raise ValueError(f"f16_nm24_mm: values {tuple(values.shape)}, index {tuple(index.shape)} do not fit x "
+                         f"{tuple(x.shape)}")
+    y = torch.empty(M, N)
+    _run("f16_nm24_mm", x.data_ptr(), M, K, values.data_ptr(), index.data_ptr(), N, y.data_ptr(),
+         torch.get_num_threads() if threads is None else threads)
+    return y
+
+
+ROWS_KINDS = {torch.float16: 0, torch.int8: 1, torch.float32: 2}  # int4_gemv.cpp's RowsKind
+
+
+def rows_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+            threads: int | None = None) -> torch.Tensor:
+    """x [M, K] float32 -> x W^T [M, N] float32 for W = ``weight`` float16 or float32 [N, K], or int8 [N, K] times the
+    float32 row ``scale`` [N]: the output head read at the width the artifact stores it, the low-rank factors."""
+    i8 = weight.dtype == torch.int8
+    if weight.dtype not in ROWS_KINDS:
+        raise ValueError(f"rows_mm: weight dtype {weight.dtype} is not one of {list(ROWS_KINDS)}")
+    _check("rows_mm", x, (weight, weight.dtype), (scale, torch.float32))
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape != (N, K) or (scale is None) == i8 or (i8 and scale.shape != (N,)):
+        raise ValueError(f"rows_mm: weight {weight.dtype} {tuple(weight.shape)} with scale "
+                         f"{None if scale is None else tuple(scale.shape)} does not fit x {tuple(x.shape)}")
+    y = torch.empty(M, N)
+    _run("rows_mm", x.data_ptr(), M, K, weight.data_ptr(), _ptr(scale), N, y.data_ptr(),
+         torch.get_num_threads() if threads is None else threads, ROWS_KINDS[weight.dtype])
+    return y
+
+
+def unpack(N: int, K: int, *, values: torch.Tensor, index: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None, sz: torch.Tensor | None = None, group_size: int = 0,
+           threads: int | None = None) -> torch.Tensor:
+    """The dense float32 W [N, K] of a pack: 4-bit ``values`` (uint8, dense or with a 2:4 ``index``) with ``scale``
+    and ``sz``, or float16 2:4 ``values`` with their ``index``."""
+    half = values.dtype == torch.float16
+    _check("unpack", torch.empty(0, 0), (values, torch.float16 if half else torch.uint8), (index, torch.uint8),
+           (scale, torch.float32), (sz, torch.float32))
+    if half and index is None or (not half and (scale is None or sz is None)):
+        raise ValueError("unpack: float16 values need an index; 4-bit ones a scale and sz")
+    out = torch.empty(N, K)
+    _run("unpack", K, None if half else values.data_ptr(), values.data_ptr() if half else None, _ptr(index),
+         _ptr(scale), _ptr(sz), group_size, N, out.data_ptr(), torch.get_num_threads() if threads is None else threads)
+    return out

@@ -34,6 +34,7 @@
 namespace {
 
 #define SLR_AVX2 __attribute__((target("avx2,fma")))
+#define SLR_F16 __attribute__((target("avx2,fma,f16c")))
 
 constexpr int64_t MAX_M = 4;              // rows of x per pass over the weights
 constexpr int64_t WEIGHTS_PER_THREAD = 1 << 16;  // below this much work a thread costs more than it saves
@@ -199,6 +200,19 @@ SLR_AVX2 void run(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
 // four), lanes 4-7 from the next 8, each picked by a lane permute with index 4 ((lane >> 1) & 1) + position. Each
 // weight is rebuilt as fma(code, scale, -sz), exact, so again only the summation order differs.
 
+// acc[m][J & 1] += wv * the inputs that kept weights 8 J .. 8 J + 7 of block b read (positions in ix, 2 bits each).
+template <int M, int J>
+SLR_AVX2 inline void nm24_fma(const float* x, int64_t K, int64_t b, __m256i ix, __m256 wv, __m256 (*acc)[2]) {
+    const __m256i p = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(ix, 2 * J), _mm256_set1_epi32(3)),
+                                      _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4));
+    for (int m = 0; m < M; ++m) {
+        const float* xj = x + m * K + 64 * b + 16 * J;
+        const __m256 xg = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xj), p),
+                                          _mm256_permutevar8x32_ps(_mm256_loadu_ps(xj + 8), p), 0xF0);
+        acc[m][J & 1] = _mm256_fmadd_ps(wv, xg, acc[m][J & 1]);
+    }
+}
+
 // One output row n for M rows of x; group[c] = the group of inputs 16 c .. 16 c + 15 (no division in the loop).
 template <int M>
 SLR_AVX2 __attribute__((noinline)) void nm24_row(const float* x, int64_t K, const uint8_t* vals, const uint8_t* idx,
@@ -209,7 +223,6 @@ SLR_AVX2 __attribute__((noinline)) void nm24_row(const float* x, int64_t K, cons
     const uint8_t* ir = idx + n * (K / 8);
     const float* sr = scale + n * G;
     const float* zr = sz + n * G;
-    const __m256i three = _mm256_set1_epi32(3), base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
     __m256 acc[M][2];
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
@@ -222,14 +235,7 @@ SLR_AVX2 __attribute__((noinline)) void nm24_row(const float* x, int64_t K, cons
 #define SLR_NM_STEP(J)                                                                                      \
     {                                                                                                       \
         const int64_t g = group[4 * b + J];                                                                 \
-        const __m256 wv = _mm256_fmadd_ps(codes<J>(v), _mm256_set1_ps(sr[g]), _mm256_set1_ps(-zr[g]));     \
-        const __m256i p = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(ix, 2 * J), three), base);     \
-        for (int m = 0; m < M; ++m) {                                                                       \
-            const float* xj = x + m * K + 64 * b + 16 * J;                                                  \
-            const __m256 xg = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xj), p),             \
-                                              _mm256_permutevar8x32_ps(_mm256_loadu_ps(xj + 8), p), 0xF0);  \
-            acc[m][J & 1] = _mm256_fmadd_ps(wv, xg, acc[m][J & 1]);                                         \
-        }                                                                                                   \
+        nm24_fma<M, J>(x, K, b, ix, _mm256_fmadd_ps(codes<J>(v), _mm256_set1_ps(sr[g]), _mm256_set1_ps(-zr[g])), acc); \
     }
         SLR_NM_STEP(0) SLR_NM_STEP(1) SLR_NM_STEP(2) SLR_NM_STEP(3)
 #undef SLR_NM_STEP
@@ -253,6 +259,160 @@ SLR_AVX2 void nm24_run(const float* x, int64_t M, int64_t K, const uint8_t* vals
                 case 3: nm24_row<3>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
                 default: nm24_row<4>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
             }
+    }
+}
+
+// ---- 2:4 sparse W with float16 values ------------------------------------------------------------------------------
+//
+//   vals   uint16 [N, K / 2]  the kept weights of each row as IEEE half floats, in column order
+//   idx    uint8  [N, K / 8]  positions as in the 4-bit 2:4 kernel: kept weights 8 j .. 8 j + 7 of block b (32 kept
+//                             weights, 64 inputs) are vals[32 b + 8 j ..] and read inputs 64 b + 16 j .. + 15
+//
+// Same lane permute as the 4-bit 2:4 kernel; a half converts to float exactly, so only the summation order differs
+// from a dense float32 matmul of the same matrix.
+template <int M>
+SLR_F16 __attribute__((noinline)) void nm24_f16_row(const float* x, int64_t K, const uint16_t* vals,
+                                                    const uint8_t* idx, int64_t N, float* y, int64_t n) {
+    const int64_t nb = K / 64;
+    const uint16_t* vr = vals + n * (K / 2);
+    const uint8_t* ir = idx + n * (K / 8);
+    __m256 acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        if ((b & 1) == 0 && n + 2 < N) {
+            _mm_prefetch(reinterpret_cast<const char*>(vr + 2 * (K / 2) + 32 * b), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(ir + 2 * (K / 8) + 8 * b), _MM_HINT_T0);
+        }
+        const __m256i ix = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ir + 8 * b)));
+#define SLR_NMH_STEP(J) \
+    nm24_fma<M, J>(x, K, b, ix, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + 32 * b + 8 * J))), acc);
+        SLR_NMH_STEP(0) SLR_NMH_STEP(1) SLR_NMH_STEP(2) SLR_NMH_STEP(3)
+#undef SLR_NMH_STEP
+    }
+    for (int m = 0; m < M; ++m) y[m * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+}
+
+SLR_F16 void nm24_f16_run(const float* x, int64_t M, int64_t K, const uint16_t* vals, const uint8_t* idx, int64_t N,
+                          float* y, int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+        const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
+        const float* xm = x + m0 * K;
+        float* ym = y + m0 * N;
+        for (int64_t n = n0; n < n1; ++n) switch (mm) {
+                case 1: nm24_f16_row<1>(xm, K, vals, idx, N, ym, n); break;
+                case 2: nm24_f16_row<2>(xm, K, vals, idx, N, ym, n); break;
+                case 3: nm24_f16_row<3>(xm, K, vals, idx, N, ym, n); break;
+                default: nm24_f16_row<4>(xm, K, vals, idx, N, ym, n); break;
+            }
+    }
+}
+
+// ---- dense rows of int8 (with one float32 scale per row), float16 or float32: the output head, the factors -----------
+//
+//   w      ROWS_I8: int8 [N, K] with scale float32 [N] (y[m, n] = scale[n] * sum_k w[n, k] x[m, k]; slr.embeddings'
+//          8-bit rows); ROWS_F16: uint16 [N, K] of half floats; ROWS_F32: float32 [N, K]; any K (a scalar tail)
+enum RowsKind { ROWS_F16 = 0, ROWS_I8 = 1, ROWS_F32 = 2 };
+
+template <int M, int KIND>
+SLR_F16 __attribute__((noinline)) void dense_row(const float* x, int64_t K, const void* w, const float* scale,
+                                                 int64_t N, float* y, int64_t n) {
+    const int8_t* w8 = static_cast<const int8_t*>(w) + n * K;
+    const uint16_t* wh = static_cast<const uint16_t*>(w) + n * K;
+    const float* wf = static_cast<const float*>(w) + n * K;
+    __m256 acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 w0, w1;
+        if (KIND == ROWS_I8) {
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w8 + k));
+            w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+            w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+            if ((k & 63) == 0 && n + 2 < N) _mm_prefetch(reinterpret_cast<const char*>(w8 + 2 * K + k), _MM_HINT_T0);
+        } else if (KIND == ROWS_F16) {
+            w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wh + k)));
+            w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wh + k + 8)));
+            if ((k & 31) == 0 && n + 2 < N) _mm_prefetch(reinterpret_cast<const char*>(wh + 2 * K + k), _MM_HINT_T0);
+        } else {
+            w0 = _mm256_loadu_ps(wf + k);
+            w1 = _mm256_loadu_ps(wf + k + 8);
+        }
+        for (int m = 0; m < M; ++m) {
+            acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[m][1]);
+        }
+    }
+    for (int m = 0; m < M; ++m) {
+        float s = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+        for (int64_t kk = k; kk < K; ++kk)
+            s += (KIND == ROWS_I8 ? static_cast<float>(w8[kk]) : KIND == ROWS_F16 ? _cvtsh_ss(wh[kk]) : wf[kk]) *
+                 x[m * K + kk];
+        y[m * N + n] = KIND == ROWS_I8 ? s * scale[n] : s;
+    }
+}
+
+template <int KIND>
+SLR_F16 void dense_run(const float* x, int64_t M, int64_t K, const void* w, const float* scale, int64_t N, float* y,
+                       int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+        const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
+        const float* xm = x + m0 * K;
+        float* ym = y + m0 * N;
+        for (int64_t n = n0; n < n1; ++n) switch (mm) {
+                case 1: dense_row<1, KIND>(xm, K, w, scale, N, ym, n); break;
+                case 2: dense_row<2, KIND>(xm, K, w, scale, N, ym, n); break;
+                case 3: dense_row<3, KIND>(xm, K, w, scale, N, ym, n); break;
+                default: dense_row<4, KIND>(xm, K, w, scale, N, ym, n); break;
+            }
+    }
+}
+
+// ---- unpacking to a dense float32 matrix (prefill: one dense GEMM beats the kernels at many tokens) ------------------
+SLR_AVX2 void unpack_int4_rows(int64_t K, const uint8_t* w, const float* scale, const float* sz, int64_t gs,
+                               float* out, int64_t n0, int64_t n1) {
+    const int64_t G = K / gs, per_group = gs / 32;
+    for (int64_t n = n0; n < n1; ++n)
+        for (int64_t g = 0; g < G; ++g) {
+            const __m256 s = _mm256_set1_ps(scale[n * G + g]), nz = _mm256_set1_ps(-sz[n * G + g]);
+            for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+                const __m256i v = load_block(w + n * (K / 2) + 16 * b);
+                float* o = out + n * K + 32 * b;
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(codes<0>(v), s, nz));
+                _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(codes<1>(v), s, nz));
+                _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(codes<2>(v), s, nz));
+                _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(codes<3>(v), s, nz));
+            }
+        }
+}
+
+// 2:4, 4-bit codes (vals non-null with scale, sz) or half floats (hvals): kept weight 8 j + i of block b goes to
+// input 64 b + 16 j + 4 (i / 2) + position; the other inputs are zero.
+SLR_F16 void unpack_nm24_rows(int64_t K, const uint8_t* vals, const uint16_t* hvals, const uint8_t* idx,
+                              const float* scale, const float* sz, int64_t gs, float* out, int64_t n0, int64_t n1) {
+    const int64_t nb = K / 64, G = gs > 0 ? K / gs : 0;
+    alignas(32) float wv[32];
+    for (int64_t n = n0; n < n1; ++n) {
+        float* o = out + n * K;
+        for (int64_t k = 0; k < K; ++k) o[k] = 0.f;
+        for (int64_t b = 0; b < nb; ++b) {
+            if (hvals) {
+                for (int j = 0; j < 4; ++j)
+                    _mm256_store_ps(wv + 8 * j, _mm256_cvtph_ps(_mm_loadu_si128(
+                                                    reinterpret_cast<const __m128i*>(hvals + n * (K / 2) + 32 * b + 8 * j))));
+            } else {
+                const __m256i v = load_block(vals + n * (K / 4) + 16 * b);
+                const __m256 c[4] = {codes<0>(v), codes<1>(v), codes<2>(v), codes<3>(v)};
+                for (int j = 0; j < 4; ++j) {
+                    const int64_t g = (64 * b + 16 * j) / gs;
+                    _mm256_store_ps(wv + 8 * j, _mm256_fmadd_ps(c[j], _mm256_set1_ps(scale[n * G + g]),
+                                                                _mm256_set1_ps(-sz[n * G + g])));
+                }
+            }
+            const uint8_t* ib = idx + n * (K / 8) + 8 * b;
+            for (int j = 0; j < 4; ++j)
+                for (int i = 0; i < 8; ++i)
+                    o[64 * b + 16 * j + 4 * (i / 2) + ((ib[i] >> (2 * j)) & 3)] = wv[8 * j + i];
+        }
     }
 }
 
@@ -289,12 +449,12 @@ void parallel_rows(int64_t nt, int64_t N, F f) {
 extern "C" {
 
 // The calling convention and the weight layout; bumped whenever either changes.
-int slr_int4_abi(void) { return 2; }
+int slr_int4_abi(void) { return 4; }
 
-// 1 when this CPU has AVX2 and FMA (the kernel runs), 0 otherwise.
+// 1 when this CPU has AVX2, FMA and F16C (the kernel runs), 0 otherwise.
 int slr_int4_cpu_ok(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") ? 1 : 0;
 }
 
 // y = x W^T (see the top of this file) on up to `threads` threads. Returns 0; -1 for shapes it does not take
@@ -318,6 +478,47 @@ int slr_int4_nm24_mm(const float* x, int64_t M, int64_t K, const uint8_t* vals, 
     if (M == 0 || N == 0) return 0;
     parallel_rows(thread_count(threads, N, K / 2), N,
                   [&](int64_t n0, int64_t n1) { nm24_run(x, M, K, vals, idx, scale, sz, gs, N, y, n0, n1); });
+    return 0;
+}
+
+// y = x W^T for a 2:4 W with half-float values (the float16 2:4 section). Returns 0; -1 for shapes it does not
+// take (K not a multiple of 64, a negative size); -2 on a CPU without AVX2 + FMA + F16C.
+int slr_f16_nm24_mm(const float* x, int64_t M, int64_t K, const uint16_t* vals, const uint8_t* idx, int64_t N,
+                    float* y, int threads) {
+    if (M < 0 || N < 0 || K <= 0 || K % 64) return -1;
+    if (!slr_int4_cpu_ok()) return -2;
+    if (M == 0 || N == 0) return 0;
+    parallel_rows(thread_count(threads, N, K), N,
+                  [&](int64_t n0, int64_t n1) { nm24_f16_run(x, M, K, vals, idx, N, y, n0, n1); });
+    return 0;
+}
+
+// y = x W^T for a dense W of `kind` ROWS_F16 (0), ROWS_I8 (1: with float32 row scales) or ROWS_F32 (2).
+int slr_rows_mm(const float* x, int64_t M, int64_t K, const void* w, const float* scale, int64_t N, float* y,
+                int threads, int kind) {
+    if (M < 0 || N < 0 || K <= 0 || kind < 0 || kind > 2 || (kind == ROWS_I8) != (scale != nullptr)) return -1;
+    if (!slr_int4_cpu_ok()) return -2;
+    if (M == 0 || N == 0) return 0;
+    parallel_rows(thread_count(threads, N, kind == ROWS_I8 ? K / 4 : kind == ROWS_F16 ? K / 2 : K), N,
+                  [&](int64_t n0, int64_t n1) {
+                      if (kind == ROWS_I8) dense_run<ROWS_I8>(x, M, K, w, scale, N, y, n0, n1);
+                      else if (kind == ROWS_F16) dense_run<ROWS_F16>(x, M, K, w, scale, N, y, n0, n1);
+                      else dense_run<ROWS_F32>(x, M, K, w, scale, N, y, n0, n1);
+                  });
+    return 0;
+}
+
+// out [N, K] float32 = the dense W of a 4-bit pack (idx null: dense layout; else 2:4 with vals of 4-bit codes) or of
+// a 2:4 half-float pack (hvals non-null, vals / scale / sz null). Same shape checks as the matmuls.
+int slr_unpack(int64_t K, const uint8_t* vals, const uint16_t* hvals, const uint8_t* idx, const float* scale,
+               const float* sz, int64_t gs, int64_t N, float* out, int threads) {
+    if (N < 0 || K <= 0 || (!hvals && (gs <= 0 || K % gs))) return -1;
+    if (idx ? K % 64 || (!hvals && gs % 16) : K % 32 || gs % 32) return -1;
+    if (!slr_int4_cpu_ok()) return -2;
+    parallel_rows(thread_count(threads, N, K / 8), N, [&](int64_t n0, int64_t n1) {
+        if (idx) unpack_nm24_rows(K, vals, hvals, idx, scale, sz, gs, out, n0, n1);
+        else unpack_int4_rows(K, vals, scale, sz, gs, out, n0, n1);
+    });
     return 0;
 }
 
