@@ -353,7 +353,9 @@ def parse_args(argv=None):
     ap.add_argument("--dense-label", default=None)
     ap.add_argument("--artifact", action=_ArtifactAction, dest="artifact_", metavar="DIR", help="repeatable")
     ap.add_argument("--label", action=_LabelAction, dest="label_", metavar="LABEL", help="names the last --artifact")
-    ap.add_argument("--strategy", default="auto", help="slr execution strategy for the artifacts")
+    ap.add_argument("--strategy", default="auto",
+                    help="slr execution strategies for the artifacts, comma-separated (auto = packed kernels; sparse "
+                         "= the unpacked layers with the pre-packing decode path)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens prefilled before the timed steps")
     ap.add_argument("--steps", type=int, default=64, help="decode steps to time")
@@ -400,8 +402,9 @@ def main(argv=None) -> list[dict]:
             if prep is None:
                 raise SystemExit(f"preparing the inputs failed: {err}")
             ids_files = prep["ids_files"]
-        for t, ids_t in zip(targets, ids_files, strict=True):
-            strategy = args.strategy if t["kind"] == "artifact" else None
+        runs = [(t, ids_t, s) for t, ids_t in zip(targets, ids_files, strict=True)
+                for s in (args.strategy.split(",") if t["kind"] == "artifact" else [None])]
+        for t, ids_t, strategy in runs:
             spec = {"target": t, "strategy": strategy, "ids_file": ids_t, "prompt": args.prompt,
                     "steps": args.steps, "repeats": args.repeats, "threads": args.threads}
             t0 = time.perf_counter()

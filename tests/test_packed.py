@@ -43,6 +43,19 @@ def test_rows_mm_int8_float16_float32(K):
         csrc.rows_mm(x, q)  # int8 rows need their scales
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_lowrank_add(dtype):
+    """y += (x V^T) U^T in one call, with V or with a given z = x V^T."""
+    x, y0 = torch.randn(3, 576, generator=GEN), torch.randn(3, 1536, generator=GEN)
+    U, V = torch.randn(1536, 7, generator=GEN).to(dtype), torch.randn(7, 576, generator=GEN).to(dtype)
+    want = y0.double() + (x.double() @ V.double().t()) @ U.double().t()
+    assert rel(csrc.lowrank_add_(y0.clone(), x, U, V=V), want) < 1e-5
+    z = (x.double() @ V.double().t()).float()
+    assert rel(csrc.lowrank_add_(y0.clone(), x, U, z=z), want) < 1e-5
+    with pytest.raises(ValueError):
+        csrc.lowrank_add_(y0.clone(), x, U, V=V, z=z)
+
+
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 6])
 @pytest.mark.parametrize("N,K", [(576, 576), (1536, 576), (576, 1536)])
 def test_f16_nm24_mm_and_unpack(M, N, K):

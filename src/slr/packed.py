@@ -135,19 +135,16 @@ class PackedLinear(nn.Module):
         if rc:
             raise RuntimeError(f"slr's C++ kernel refused a {tuple(x2.shape)} call: {csrc.ERRORS.get(rc, rc)}")
         kernels.CALLS["packed"] += 1
-        if lr is not None:  # y += (x V^T) U^T: two rows GEMVs (z from the shared projection when V is shared)
-            rows_mm, (v, (up, uk), r, N) = csrc.load().slr_rows_mm, lr
+        if lr is not None:  # y += (x V^T) U^T in one call (z from the shared projection when V is shared)
+            v, (up, uk), r, N = lr
+            zp = None
             if v is None:
                 z = self.shared(x, self._cid).reshape(T, r)
                 z = z if z.dtype is torch.float32 and z.is_contiguous() else z.float().contiguous()
-            else:
-                z = torch.empty(T, r)
-                if rows_mm(x2.data_ptr(), T, K, v[0], None, r, z.data_ptr(), 1, v[1]):
-                    raise RuntimeError("slr's C++ rows kernel refused a call")
-            u = torch.empty(T, N)
-            if rows_mm(z.data_ptr(), T, r, up, None, N, u.data_ptr(), th, uk):
-                raise RuntimeError("slr's C++ rows kernel refused a call")
-            y += u
+                zp = z.data_ptr()
+            if csrc.load().slr_lowrank_add(x2.data_ptr(), T, K, v and v[0], v[1] if v else 0, zp, up, uk, r, N,
+                                           y.data_ptr(), th):
+                raise RuntimeError("slr's C++ low-rank kernel refused a call")
         return y
 
     def _lowrank(self, x2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

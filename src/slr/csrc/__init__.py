@@ -27,7 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "int4_gemv.cpp"
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
-ABI = 4  # slr_int4_abi() of the source this module speaks to
+ABI = 5  # slr_int4_abi() of the source this module speaks to
 ERRORS = {-1: "shapes it does not take", -2: "this CPU has no AVX2 + FMA + F16C"}
 
 _lib: ctypes.CDLL | None = None
@@ -106,11 +106,12 @@ def load() -> ctypes.CDLL | None:
         lib.slr_int4_mm.restype = lib.slr_int4_nm24_mm.restype = ctypes.c_int
         lib.slr_int4_mm.argtypes = [p, i64, i64, p, p, p, i64, i64, p, ctypes.c_int]
         lib.slr_int4_nm24_mm.argtypes = [p, i64, i64, p, p, p, p, i64, i64, p, ctypes.c_int]
-        for f in (lib.slr_f16_nm24_mm, lib.slr_rows_mm, lib.slr_unpack):
+        for f in (lib.slr_f16_nm24_mm, lib.slr_rows_mm, lib.slr_unpack, lib.slr_lowrank_add):
             f.restype = ctypes.c_int
         lib.slr_f16_nm24_mm.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
         lib.slr_rows_mm.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int, ctypes.c_int]
         lib.slr_unpack.argtypes = [i64, p, p, p, p, p, i64, i64, p, ctypes.c_int]
+        lib.slr_lowrank_add.argtypes = [p, i64, i64, p, ctypes.c_int, p, p, ctypes.c_int, i64, i64, p, ctypes.c_int]
         _lib = lib
     return _lib
 
@@ -237,3 +238,21 @@ def unpack(N: int, K: int, *, values: torch.Tensor, index: torch.Tensor | None =
     _run("unpack", K, None if half else values.data_ptr(), values.data_ptr() if half else None, _ptr(index),
          _ptr(scale), _ptr(sz), group_size, N, out.data_ptr(), torch.get_num_threads() if threads is None else threads)
     return out
+
+
+def lowrank_add_(y: torch.Tensor, x: torch.Tensor, U: torch.Tensor, V: torch.Tensor | None = None,
+                 z: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """y [M, N] += (x V^T) U^T in place, or y += z U^T with a given z [M, r] (V None); U [N, r] and V [r, K] float16
+    or float32 rows, x [M, K], y and z float32 contiguous."""
+    _check("lowrank_add_", x, (U, U.dtype), (V, None if V is None else V.dtype), (z, torch.float32),
+           (y, torch.float32))
+    M, K = x.shape
+    N, r = U.shape
+    if U.dtype not in (torch.float16, torch.float32) or (V is None) == (z is None) or y.shape != (M, N) or (
+            V is not None and (V.shape != (r, K) or V.dtype not in (torch.float16, torch.float32))) or (
+            z is not None and z.shape != (M, r)):
+        raise ValueError(f"lowrank_add_: y {tuple(y.shape)}, x {tuple(x.shape)}, U {U.dtype} {tuple(U.shape)}, "
+                         f"V {None if V is None else tuple(V.shape)}, z {None if z is None else tuple(z.shape)}")
+    _run("lowrank_add", x.data_ptr(), M, K, _ptr(V), ROWS_KINDS[V.dtype] if V is not None else 0, _ptr(z),
+         U.data_ptr(), ROWS_KINDS[U.dtype], r, N, y.data_ptr(), torch.get_num_threads() if threads is None else threads)
+    return y

@@ -313,7 +313,7 @@ SLR_F16 void nm24_f16_run(const float* x, int64_t M, int64_t K, const uint16_t* 
 //          8-bit rows); ROWS_F16: uint16 [N, K] of half floats; ROWS_F32: float32 [N, K]; any K (a scalar tail)
 enum RowsKind { ROWS_F16 = 0, ROWS_I8 = 1, ROWS_F32 = 2 };
 
-template <int M, int KIND>
+template <int M, int KIND, bool ACC = false>
 SLR_F16 __attribute__((noinline)) void dense_row(const float* x, int64_t K, const void* w, const float* scale,
                                                  int64_t N, float* y, int64_t n) {
     const int8_t* w8 = static_cast<const int8_t*>(w) + n * K;
@@ -347,11 +347,12 @@ SLR_F16 __attribute__((noinline)) void dense_row(const float* x, int64_t K, cons
         for (int64_t kk = k; kk < K; ++kk)
             s += (KIND == ROWS_I8 ? static_cast<float>(w8[kk]) : KIND == ROWS_F16 ? _cvtsh_ss(wh[kk]) : wf[kk]) *
                  x[m * K + kk];
-        y[m * N + n] = KIND == ROWS_I8 ? s * scale[n] : s;
+        const float v = KIND == ROWS_I8 ? s * scale[n] : s;
+        y[m * N + n] = ACC ? y[m * N + n] + v : v;
     }
 }
 
-template <int KIND>
+template <int KIND, bool ACC = false>
 SLR_F16 void dense_run(const float* x, int64_t M, int64_t K, const void* w, const float* scale, int64_t N, float* y,
                        int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
@@ -359,12 +360,21 @@ SLR_F16 void dense_run(const float* x, int64_t M, int64_t K, const void* w, cons
         const float* xm = x + m0 * K;
         float* ym = y + m0 * N;
         for (int64_t n = n0; n < n1; ++n) switch (mm) {
-                case 1: dense_row<1, KIND>(xm, K, w, scale, N, ym, n); break;
-                case 2: dense_row<2, KIND>(xm, K, w, scale, N, ym, n); break;
-                case 3: dense_row<3, KIND>(xm, K, w, scale, N, ym, n); break;
-                default: dense_row<4, KIND>(xm, K, w, scale, N, ym, n); break;
+                case 1: dense_row<1, KIND, ACC>(xm, K, w, scale, N, ym, n); break;
+                case 2: dense_row<2, KIND, ACC>(xm, K, w, scale, N, ym, n); break;
+                case 3: dense_row<3, KIND, ACC>(xm, K, w, scale, N, ym, n); break;
+                default: dense_row<4, KIND, ACC>(xm, K, w, scale, N, ym, n); break;
             }
     }
+}
+
+// dense_run for a kind chosen at run time.
+template <bool ACC>
+SLR_F16 void rows_run(int kind, const float* x, int64_t M, int64_t K, const void* w, const float* scale, int64_t N,
+                      float* y, int64_t n0, int64_t n1) {
+    if (kind == ROWS_I8) dense_run<ROWS_I8, ACC>(x, M, K, w, scale, N, y, n0, n1);
+    else if (kind == ROWS_F16) dense_run<ROWS_F16, ACC>(x, M, K, w, scale, N, y, n0, n1);
+    else dense_run<ROWS_F32, ACC>(x, M, K, w, scale, N, y, n0, n1);
 }
 
 // ---- unpacking to a dense float32 matrix (prefill: one dense GEMM beats the kernels at many tokens) ------------------
@@ -449,7 +459,7 @@ void parallel_rows(int64_t nt, int64_t N, F f) {
 extern "C" {
 
 // The calling convention and the weight layout; bumped whenever either changes.
-int slr_int4_abi(void) { return 4; }
+int slr_int4_abi(void) { return 5; }
 
 // 1 when this CPU has AVX2, FMA and F16C (the kernel runs), 0 otherwise.
 int slr_int4_cpu_ok(void) {
@@ -500,11 +510,27 @@ int slr_rows_mm(const float* x, int64_t M, int64_t K, const void* w, const float
     if (!slr_int4_cpu_ok()) return -2;
     if (M == 0 || N == 0) return 0;
     parallel_rows(thread_count(threads, N, kind == ROWS_I8 ? K / 4 : kind == ROWS_F16 ? K / 2 : K), N,
-                  [&](int64_t n0, int64_t n1) {
-                      if (kind == ROWS_I8) dense_run<ROWS_I8>(x, M, K, w, scale, N, y, n0, n1);
-                      else if (kind == ROWS_F16) dense_run<ROWS_F16>(x, M, K, w, scale, N, y, n0, n1);
-                      else dense_run<ROWS_F32>(x, M, K, w, scale, N, y, n0, n1);
-                  });
+                  [&](int64_t n0, int64_t n1) { rows_run<false>(kind, x, M, K, w, scale, N, y, n0, n1); });
+    return 0;
+}
+
+// y [M, N] += (x V^T) U^T: the low-rank part of a layer in one call. V [r, K] and U [N, r] are rows of `vkind` /
+// `ukind` (float16 or float32); with V null, z [M, r] = x V^T is given (a shared projection's output).
+int slr_lowrank_add(const float* x, int64_t M, int64_t K, const void* V, int vkind, const float* z, const void* U,
+                    int ukind, int64_t r, int64_t N, float* y, int threads) {
+    if (M < 0 || N < 0 || K <= 0 || r <= 0 || (V == nullptr) == (z == nullptr) || ukind == ROWS_I8 ||
+        (V && vkind == ROWS_I8) || ukind < 0 || ukind > 2 || vkind < 0 || vkind > 2)
+        return -1;
+    if (!slr_int4_cpu_ok()) return -2;
+    if (M == 0 || N == 0) return 0;
+    std::vector<float> zs;
+    if (V) {
+        zs.resize(M * r);
+        rows_run<false>(vkind, x, M, K, V, nullptr, r, zs.data(), 0, r);
+        z = zs.data();
+    }
+    parallel_rows(thread_count(threads, N, ukind == ROWS_F16 ? r / 2 : r), N,
+                  [&](int64_t n0, int64_t n1) { rows_run<true>(ukind, z, M, r, U, nullptr, N, y, n0, n1); });
     return 0;
 }
 
