@@ -380,7 +380,7 @@ def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch
     slr_prefixes = tuple(f"{n}." for n in man["layers"])
     assigned: dict[str, torch.Tensor] = {}
     rows = {}  # packed: embedding name -> (int8 rows, scales) or (float16 rows, None), kept at that width
-    embeds = _embedding_weights(model, holders) if packed else set()
+    embeds = packing.embedding_weights(model, holders) if packed else set()
     for k in _embed_names(man):  # 8-bit embeddings: dequantized here unless packed
         if k not in holders:
             raise SLRError(f"artifact embedding {k} does not exist in the model built from config.json",
@@ -401,7 +401,7 @@ def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch
             rows[k] = (t, None)
         else:
             assigned[k] = _assign(holders[k], t, dtype)
-    _pack_rows(model, holders, rows, man["tied"])
+    packing.pack_rows_(model, holders, rows, man["tied"])
     for alias, src in man["tied"].items():
         if alias in holders and src in assigned:
             mod, leaf, is_param = holders[alias]
@@ -420,23 +420,6 @@ def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch
         with contextlib.suppress(Exception):
             model.generation_config = GenerationConfig.from_pretrained(str(p), local_files_only=True)
     return model, _load_tokenizer(p)
-
-
-def _embedding_weights(model: nn.Module, holders: dict) -> set[str]:
-    """Names of the input embedding's and output head's weights (aliases included)."""
-    mods = [getattr(model, g)() for g in ("get_input_embeddings", "get_output_embeddings") if hasattr(model, g)]
-    return {n for n, (mod, leaf, _) in holders.items() if leaf == "weight" and any(mod is m for m in mods if m)}
-
-
-def _pack_rows(model: nn.Module, holders: dict, rows: dict, tied: dict) -> None:
-    """Embeddings and heads over the rows kept at their stored width (``load(packed=True)``)."""
-    for name, src in [(k, k) for k in rows] + [(a, s) for a, s in tied.items() if s in rows and a in holders]:
-        mod = holders[name][0]
-        if isinstance(mod, nn.Embedding):
-            packing.as_rows_embedding_(mod, *rows[src])
-        elif isinstance(mod, nn.Linear):
-            bias = None if mod.bias is None or mod.bias.device.type == "meta" else mod.bias.detach()
-            set_module(model, name.rsplit(".", 1)[0], packing.PackedHead(*rows[src], bias))
 
 
 def _embed_names(man: dict) -> list[str]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import csrc, kernels
+from .models.adapters import set_module
 from .nn import SharedProjection, SLRLinear
 
 DECODE_MAX_TOKENS = 4  # the kernels' rows of x per pass over the weights (int4_gemv.cpp MAX_M)
@@ -268,5 +269,21 @@ def as_rows_embedding_(emb: nn.Embedding, rows: torch.Tensor, row_scale: torch.T
     emb.register_buffer("row_scale", None if row_scale is None else row_scale.float().contiguous())
     emb.register_buffer("weight", torch.zeros(1, 1).expand(rows.shape), persistent=False)
 
+
+def embedding_weights(model: nn.Module, holders: dict) -> set[str]:
+    """Names of the input embedding's and output head's weights (aliases included)."""
+    mods = [getattr(model, g)() for g in ("get_input_embeddings", "get_output_embeddings") if hasattr(model, g)]
+    return {n for n, (mod, leaf, _) in holders.items() if leaf == "weight" and any(mod is m for m in mods if m)}
+
+
+def pack_rows_(model: nn.Module, holders: dict, rows: dict, tied: dict) -> None:
+    """Embeddings and heads over the rows kept at their stored width (``load(packed=True)``)."""
+    for name, src in [(k, k) for k in rows] + [(a, s) for a, s in tied.items() if s in rows and a in holders]:
+        mod = holders[name][0]
+        if isinstance(mod, nn.Embedding):
+            as_rows_embedding_(mod, *rows[src])
+        elif isinstance(mod, nn.Linear):
+            bias = None if mod.bias is None or mod.bias.device.type == "meta" else mod.bias.detach()
+            set_module(model, name.rsplit(".", 1)[0], PackedHead(*rows[src], bias))
 
 PACKED_TYPES = (PackedLinear, PackedHead, RowsEmbedding)  # inference-only modules (io.save refuses them)
