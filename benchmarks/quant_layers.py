@@ -57,8 +57,12 @@ def round_after(res, spec):
     return out
 
 
-def load_pairs(model_name: str, calib_samples: int, blocks: list[int]) -> dict:
-    """{"block.name": (W [d_out, d_in] float32, H [d_in, d_in] float64)} from the dense model."""
+def load_pairs(model_name: str, calib_samples: int, blocks: list[int],
+               matrices: tuple[str, ...] | None = MATRICES) -> dict:
+    """{"block.name": (W [d_out, d_in] float32, H [d_in, d_in] float64)} from the dense model.
+
+    matrices: the linears' names inside a block (None = every linear; the matrices of one input group share one H).
+    """
     from slr import load_model
     from slr.api import calibration_data
     from slr.calibration import dense_block_hessians
@@ -71,7 +75,7 @@ def load_pairs(model_name: str, calib_samples: int, blocks: list[int]) -> dict:
     linears = dict(model.named_modules())
     for i, Hs in dense_block_hessians(model, calib, max_samples=calib_samples):
         if i in blocks:
-            for name in MATRICES:
+            for name in (Hs if matrices is None else matrices):
                 W = next(m.weight for n, m in linears.items() if n.endswith(f"layers.{i}.{name}"))
                 pairs[f"{i}.{name}"] = (W.detach().float().clone(), Hs[name])
         if i >= max(blocks):
