@@ -94,13 +94,11 @@ class PackedLinear(nn.Module):
             vals = self.s_values.float()
         else:
             codes = unnibble(self.s_values).float()  # [N, K] or [N, K/2]
-            g = self.s_scale.shape[1]
             grp = (torch.arange(K) // self.group_size if self.s_index is None else
                    nm24_cols(self.s_index) // self.group_size)  # the group of each value's input
             s, z = (self.s_scale[:, grp], self.s_sz[:, grp]) if self.s_index is None else (
                 self.s_scale.gather(1, grp), self.s_sz.gather(1, grp))
             vals = torch.addcmul(-z, codes, s)  # fma(code, s, -sz) as the kernel rounds it (both products exact)
-            assert g == K // self.group_size
         if self.s_index is None:
             return vals
         return torch.zeros(N, K).scatter_(1, nm24_cols(self.s_index), vals)
@@ -110,7 +108,8 @@ class PackedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def _kernel_calls(self):
-        """(S's kernel, its pointer arguments, V's rows kernel or None, U's or None), built once per buffer set."""
+        """((S's kernel, its pointer arguments), the low-rank part's (V's pointer and rows kind, or None when V is
+        shared; U's; r; N) or None, K): built once per set of buffers."""
         lib, K, N = csrc.load(), self.in_features, self.out_features
         if self.s_values.dtype == torch.float16:
             s = (lib.slr_f16_nm24_mm, (self.s_values.data_ptr(), self.s_index.data_ptr(), N))
@@ -121,7 +120,7 @@ class PackedLinear(nn.Module):
             s = (lib.slr_int4_nm24_mm, (self.s_values.data_ptr(), self.s_index.data_ptr(), self.s_scale.data_ptr(),
                                         self.s_sz.data_ptr(), self.group_size, N))
         lr = None
-        if self.U is not None:  # the factors' rows kernels: (V's pointer and kind or None when shared, U's)
+        if self.U is not None:
             v = None if self.shared is not None else (self.V.data_ptr(), csrc.ROWS_KINDS[self.V.dtype])
             lr = (v, (self.U.data_ptr(), csrc.ROWS_KINDS[self.U.dtype]), self.rank, N)
         self._calls = (s, lr, K)
@@ -159,7 +158,7 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, K)  # [T, K]
         if x2.dtype is not torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
-        if x2.shape[0] <= DECODE_MAX_TOKENS and kernels._MODE != "torch" and csrc.load() is not None:
+        if x2.shape[0] <= DECODE_MAX_TOKENS and kernels.get_kernel() != "torch" and csrc.load() is not None:
             y = self._decode(x2, x)  # [T, N]
         else:
             y = F.linear(x2, self.unpacked(_use_cpp(x2)))
