@@ -153,7 +153,8 @@ class SLRLinear(nn.Module):
         dense-onthefly (u50)   1383   1582   1725   2027   2635   6593
         sparse (u50)            432    581    843   2150   3571  15304
 
-    On CPU no memory-saving strategy beats the dense GEMM. Resident memory of the sparse part is
+    On CPU none of these memory-saving strategies beats the dense GEMM; slr.packed's layers (what ``io.load`` builds
+    by default where the C++ kernels are built) do, at decode. Resident memory of the sparse part is
     nnz * (value bytes + 2): a 2:4 fp32 layer keeps 75% of the dense bytes, a 2:4 fp16 one 100%; the
     artifact on disk is where the packed formats save bytes (see slr.formats).
 
