@@ -332,7 +332,7 @@ def write_report() -> None:
     lines += zeroshot_table()
     # notes and the benchmark scripts' reports
     for part in ("extra.md", "alloc_time.md", "inference.md", "decode_profile.md", "onload.md", "memory.md",
-                 "torchrun.md", "quant_layers.md", "tuning.md"):
+                 "torchrun.md", "quant_layers.md", "layers.md", "tuning.md"):
         if (HERE / part).exists():
             lines += [(HERE / part).read_text()]
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
