@@ -158,10 +158,11 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, K)  # [T, K]
         if x2.dtype is not torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
-        if x2.shape[0] <= DECODE_MAX_TOKENS and kernels.get_kernel() != "torch" and csrc.load() is not None:
+        cpp = _use_cpp(x2)
+        if cpp and x2.shape[0] <= DECODE_MAX_TOKENS:
             y = self._decode(x2, x)  # [T, N]
         else:
-            y = F.linear(x2, self.unpacked(_use_cpp(x2)))
+            y = F.linear(x2, self.unpacked(cpp))
             if self.U is not None:
                 y += self._lowrank(x2, x)
         if self.bias is not None:

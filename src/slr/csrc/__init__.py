@@ -121,47 +121,6 @@ def reason() -> str:
     return _reason
 
 
-def _call(name: str, x: torch.Tensor, packed: list[torch.Tensor], scale: torch.Tensor, sz: torch.Tensor,
-          group_size: int, N: int, threads: int | None) -> torch.Tensor:
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"slr's C++ int4 kernel is unavailable: {_reason}")
-    M, K = x.shape
-    ok = x.dtype == torch.float32 and x.is_contiguous() and scale.shape == sz.shape == (N, K // group_size)
-    ok = ok and all(t.dtype == torch.uint8 and t.is_contiguous() for t in packed)
-    if not ok or not all(t.dtype == torch.float32 and t.is_contiguous() for t in (scale, sz)):
-        raise ValueError(f"{name}: bad operands x {tuple(x.shape)} {x.dtype}, packed "
-                         f"{[tuple(t.shape) for t in packed]}, scale {tuple(scale.shape)}, sz {tuple(sz.shape)}, "
-                         f"group size {group_size}")
-    y = torch.empty(M, N, dtype=torch.float32)
-    rc = getattr(lib, f"slr_{name}")(x.data_ptr(), M, K, *(t.data_ptr() for t in packed), scale.data_ptr(),
-                                     sz.data_ptr(), group_size, N, y.data_ptr(),
-                                     torch.get_num_threads() if threads is None else threads)
-    if rc:
-        raise RuntimeError(f"slr's C++ int4 kernel refused the call: {ERRORS.get(rc, rc)}")
-    return y
-
-
-def int4_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, sz: torch.Tensor, group_size: int,
-            threads: int | None = None) -> torch.Tensor:
-    """x [M, K] float32 -> x W^T [M, N] float32 for a dense W in int4_gemv.cpp's layout (``weight`` uint8 [N, K/2],
-    ``scale``, ``sz`` = scale * zero float32 [N, K/g], all contiguous CPU tensors). Threads: torch's by default.
-    Checks its operands; raises RuntimeError when the library is not loaded or refuses the call."""
-    if weight.shape[1] * 2 != x.shape[1]:
-        raise ValueError(f"int4_mm: weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}")
-    return _call("int4_mm", x, [weight], scale, sz, group_size, weight.shape[0], threads)
-
-
-def int4_nm24_mm(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, sz: torch.Tensor,
-                 group_size: int, threads: int | None = None) -> torch.Tensor:
-    """The same for a 2:4 sparse W (``values`` uint8 [N, K/4], ``index`` uint8 [N, K/8]; int4_gemv.cpp's 2:4
-    section)."""
-    if values.shape[1] * 4 != x.shape[1] or index.shape != (values.shape[0], x.shape[1] // 8):
-        raise ValueError(f"int4_nm24_mm: values {tuple(values.shape)}, index {tuple(index.shape)} do not fit x "
-                         f"{tuple(x.shape)}")
-    return _call("int4_nm24_mm", x, [values, index], scale, sz, group_size, values.shape[0], threads)
-
-
 def _lib_or_raise() -> ctypes.CDLL:
     lib = load()
     if lib is None:
@@ -185,6 +144,41 @@ def _run(name: str, *args) -> None:
     rc = getattr(_lib_or_raise(), f"slr_{name}")(*args)
     if rc:
         raise RuntimeError(f"slr's C++ kernel {name} refused the call: {ERRORS.get(rc, rc)}")
+
+
+def _call(name: str, x: torch.Tensor, packed: list[torch.Tensor], scale: torch.Tensor, sz: torch.Tensor,
+          group_size: int, N: int, threads: int | None) -> torch.Tensor:
+    M, K = x.shape
+    ok = x.dtype == torch.float32 and x.is_contiguous() and scale.shape == sz.shape == (N, K // group_size)
+    ok = ok and all(t.dtype == torch.uint8 and t.is_contiguous() for t in packed)
+    if not ok or not all(t.dtype == torch.float32 and t.is_contiguous() for t in (scale, sz)):
+        raise ValueError(f"{name}: bad operands x {tuple(x.shape)} {x.dtype}, packed "
+                         f"{[tuple(t.shape) for t in packed]}, scale {tuple(scale.shape)}, sz {tuple(sz.shape)}, "
+                         f"group size {group_size}")
+    y = torch.empty(M, N, dtype=torch.float32)
+    _run(name, x.data_ptr(), M, K, *(t.data_ptr() for t in packed), scale.data_ptr(), sz.data_ptr(), group_size, N,
+         y.data_ptr(), torch.get_num_threads() if threads is None else threads)
+    return y
+
+
+def int4_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, sz: torch.Tensor, group_size: int,
+            threads: int | None = None) -> torch.Tensor:
+    """x [M, K] float32 -> x W^T [M, N] float32 for a dense W in int4_gemv.cpp's layout (``weight`` uint8 [N, K/2],
+    ``scale``, ``sz`` = scale * zero float32 [N, K/g], all contiguous CPU tensors). Threads: torch's by default.
+    Checks its operands; raises RuntimeError when the library is not loaded or refuses the call."""
+    if weight.shape[1] * 2 != x.shape[1]:
+        raise ValueError(f"int4_mm: weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}")
+    return _call("int4_mm", x, [weight], scale, sz, group_size, weight.shape[0], threads)
+
+
+def int4_nm24_mm(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, sz: torch.Tensor,
+                 group_size: int, threads: int | None = None) -> torch.Tensor:
+    """The same for a 2:4 sparse W (``values`` uint8 [N, K/4], ``index`` uint8 [N, K/8]; int4_gemv.cpp's 2:4
+    section)."""
+    if values.shape[1] * 4 != x.shape[1] or index.shape != (values.shape[0], x.shape[1] // 8):
+        raise ValueError(f"int4_nm24_mm: values {tuple(values.shape)}, index {tuple(index.shape)} do not fit x "
+                         f"{tuple(x.shape)}")
+    return _call("int4_nm24_mm", x, [values, index], scale, sz, group_size, values.shape[0], threads)
 
 
 def f16_nm24_mm(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, threads: int | None = None) -> torch.Tensor:
