@@ -35,11 +35,11 @@ def rows() -> list[dict]:
         prev = r
         if r.get("peak_rss_mib") is None or inherited:
             continue
-        mode = r["allocate"] + (" + " + r["refine"] if r.get("refine") else "")
+        mode = r["allocate"] + (" + " + r["refine"] if r.get("refine") else "") + (" + kd" if r.get("distill") else "")
         out.append({"run": f"{r['method']} {r['config']} ({mode}), evaluated", "commit": r["git_commit"],
                     "peak_rss_mib": r["peak_rss_mib"], "logged_estimate_mib": r.get("memory_estimate_mib"),
                     "kw": dict(windows=r["calib_samples"], allocate=r["allocate"], refine=r.get("refine"),
-                               tm_samples=r.get("tm_samples"), rebuild=True)})
+                               tm_samples=r.get("tm_samples"), distill=bool(r.get("distill")), rebuild=True)})
     onload = json.loads((HERE / "onload.json").read_text())
     flags = {"in memory": {}, "onload": {"onload": True},
              "onload + activations on disk": {"onload": True, "offload_activations": True}}

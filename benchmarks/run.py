@@ -133,9 +133,11 @@ def config_id_of(cfg: dict) -> str | None:
 
 
 def _method(r: dict) -> str:
-    """The method, its non-default solver options and embedding bits, e.g. "gptq (actorder=True, embed_bits=8)"."""
+    """The method, its non-default solver options and embedding bits, and its refinements, e.g. "gptq (actorder=True,
+    embed_bits=8)" or "wanda + tm + kd"."""
     o = dict(r.get("solver_opts") or {}) | ({"embed_bits": r["embed_bits"]} if r.get("embed_bits") else {})
-    return r["method"] + (" (" + ", ".join(f"{k}={v}" for k, v in o.items()) + ")" if o else "")
+    tail = "".join(f" + {x}" for x in (refine_label(r) or "").split("+") if x)
+    return r["method"] + (" (" + ", ".join(f"{k}={v}" for k, v in o.items()) + ")" if o else "") + tail
 
 
 def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
@@ -148,6 +150,8 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
         "allocate": c.get("allocate", "uniform"), "refine": c.get("refine"),
         **({k: c.get(k) for k in ("tm_epochs", "tm_samples", "tm_heldout", "tm_lr", "tm_batch_size") if k in c}
            if c.get("refine") else {}),
+        **({"distill": _distill_summary(r["config"]["distill"], r.get("distill") or {})}
+           if r["config"].get("distill") else {}),
         **({"allocate_s": round(r["seconds"]["allocate"], 1)} if "allocate" in r["seconds"] else {}),
         **({"alloc_opts": c["alloc_opts"]} if c.get("alloc_opts") else {}),
         **({"solver_opts": c["solver_opts"]} if c.get("solver_opts") else {}),
@@ -163,6 +167,22 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
         **{k: round(r[k]) for k in ("peak_rss_mib", "memory_estimate_mib") if r.get(k) is not None},
         "wall_s": round(wall_s, 1) if wall_s else None, "git_commit": _COMMIT or r["git_commit"], "seed": r["seed"],
     }
+
+
+def _distill_summary(cfg: dict, stats: dict) -> dict:
+    """slr.distill's settings and outcome (results.json keeps the per-epoch curves)."""
+    out = {k: cfg[k] for k in ("epochs", "lr", "batch_size") if k in cfg}
+    out.update({k: stats[k] for k in ("windows", "heldout_windows", "kl_before", "kl_after", "kept_epoch", "restored")
+                if k in stats})
+    if "seconds" in stats:
+        out["seconds"] = round(stats["seconds"], 1)
+    return out
+
+
+def refine_label(r: dict) -> str | None:
+    """"tm", "kd" (slr.distill), "tm+kd" or None."""
+    parts = ([r["refine"]] if r.get("refine") else []) + (["kd"] if r.get("distill") else [])
+    return "+".join(parts) or None
 
 
 ALLOC_KEYS = ("allocator", "budget", "achieved_fraction", "normalize", "fisher_power", "fisher_windows", "rank_floor",
@@ -202,7 +222,7 @@ def latest(records: list[dict]) -> list[dict]:
     """Keep the newest record per (model, method, config, allocator with its options, refine, calib_samples)."""
     out: dict[tuple, dict] = {}
     for r in records:
-        out[(r["model"], _method(r), r["config"], alloc_label(r), r.get("refine"), r.get("calib_samples"))] = r
+        out[(r["model"], _method(r), r["config"], alloc_label(r), refine_label(r), r.get("calib_samples"))] = r
     return list(out.values())
 
 
@@ -234,7 +254,7 @@ def allocation_tables(recs: list[dict], history: list[dict] | None = None) -> li
     if not rows:
         return []
     dense = rows[0]["dense_ppl"]
-    plain = [r for r in rows if not r.get("refine")]
+    plain = [r for r in rows if not refine_label(r)]
     uni = {r["method"]: r["ppl"] for r in plain if r["allocate"] == "uniform"}
     best_uni = min(uni.values()) if uni else None
 
@@ -249,9 +269,10 @@ def allocation_tables(recs: list[dict], history: list[dict] | None = None) -> li
            "| method | allocate | refine | retained | bpw | ppl | gap closed vs same-solver uniform | "
            "vs best uniform | allocate s | compress s | commit |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["method"], bool(r.get("refine")), r["ppl"])):
+    for r in sorted(rows, key=lambda r: (r["method"], bool(refine_label(r)), r["ppl"])):
         win = r.get("tm_samples") or r["calib_samples"]
         tm = f"tm ({r.get('tm_epochs')} ep, {win} win)" if r.get("refine") else "-"
+        tm += " + kd" if r.get("distill") else ""
         out.append(f"| {r['method']} | {alloc_label(r)} | {tm} | {r['retained_fraction']:.4f} | {_bpw(r)} | "
                    f"{r['ppl']:.3f} | "
                    f"{closed(r['ppl'], uni.get(r['method']))} | {closed(r['ppl'], best_uni)} | "
@@ -260,23 +281,32 @@ def allocation_tables(recs: list[dict], history: list[dict] | None = None) -> li
     pairs = []
     hist = history if history is not None else recs
     for i, r in enumerate(hist):
-        if r.get("refine") and r in recs:
-            base = [b for b in hist[:i] if not b.get("refine") and (b["method"], b["config"], alloc_label(b)) ==
+        if refine_label(r) and r in recs:
+            base = [b for b in hist[:i] if not refine_label(b) and (b["method"], b["config"], alloc_label(b)) ==
                     (r["method"], r["config"], alloc_label(r))]
-            if base:  # the newest run without TM recorded before it
+            if base:  # the newest run without TM or distillation recorded before it
                 pairs.append((base[-1], r))
     if pairs:
-        out += ["### Transformer matching before / after", "",
-                "held-out: windows TM never trains on and judges on (n/a: runs before held-out judging, which "
-                "judged on the training windows); lr and batch: Adam's, n/a = the default of the time (2e-5, 8).", "",
-                "| method | config | allocate | ppl before | ppl after TM | TM epochs | TM windows | held-out | lr | "
-                "batch | refine s | compress s | commit |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += ["### Transformer matching and distillation before / after", "",
+                "TM: per-block transformer matching; held-out = windows TM never trains on and judges on (n/a: runs "
+                "before held-out judging, which judged on the training windows); lr and batch: Adam's, n/a = the "
+                "default of the time (2e-5, 8). KD: logit distillation of the whole model after compression "
+                "(slr.distill; epochs, training / held-out windows, lr, held-out KL before -> after). refine s and "
+                "distill s are part of compress s. Each row is paired with the newest run of the same method, "
+                "config and allocation without either, recorded before it.", "",
+                "| method | config | allocate | ppl before | ppl after | TM (epochs, windows, held-out, lr, batch) | "
+                "KD (epochs, windows, held-out, lr) | KD held-out KL | refine s | distill s | compress s | commit |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for b, r in pairs:
+            tm = (f"{r.get('tm_epochs')}, {r.get('tm_samples') or r['calib_samples']}, {r.get('tm_heldout', 'n/a')}, "
+                  f"{r.get('tm_lr', 'n/a')}, {r.get('tm_batch_size', 'n/a')}") if r.get("refine") else "-"
+            d = r.get("distill") or {}
+            kd = (f"{d.get('epochs')}, {d.get('windows')}, {d.get('heldout_windows')}, {d.get('lr')}"
+                  if d else "-")
+            kl = f"{d['kl_before']:.4f} -> {d['kl_after']:.4f}" if d.get("kl_before") is not None else "-"
             out.append(f"| {r['method']} | {r['config']} | {alloc_label(r)} | {b['ppl']:.3f} | {r['ppl']:.3f} | "
-                       f"{r.get('tm_epochs')} | {r.get('tm_samples') or r['calib_samples']} | "
-                       f"{r.get('tm_heldout', 'n/a')} | {r.get('tm_lr', 'n/a')} | {r.get('tm_batch_size', 'n/a')} | "
-                       f"{r['stage_s'].get('compress.refine', 'n/a')} | {r['compress_s']} | {r['git_commit']} |")
+                       f"{tm} | {kd} | {kl} | {r['stage_s'].get('compress.refine', '-')} | "
+                       f"{r['stage_s'].get('compress.distill', '-')} | {r['compress_s']} | {r['git_commit']} |")
         out.append("")
     return out
 

@@ -291,7 +291,8 @@ class _Run:
         est = estimate_run(model, config.calib_samples, config.seqlen, onload=run.onload,
                            offload_activations=run.offload_activations, batch_size=run.batch_size, rebuild=rebuild,
                            allocate=config.alloc.method, refine=config.refine and config.refine.method,
-                           tm_samples=config.refine and config.refine.max_samples)
+                           tm_samples=config.refine and config.refine.max_samples,
+                           distill=config.distill is not None)
         check_fits(est)  # before printing it, so a refusal stays one line
         if self.progress:
             print(f"slr: {describe(est)}", file=sys.stderr)
@@ -328,6 +329,8 @@ class _Run:
         })
         if report.refine:
             results["refine"] = report.refine
+        if report.distill is not None:
+            results["distill"] = report.distill
         if alloc_info is not None:
             results["plan"] = plan.to_dict()
         if evaluate:

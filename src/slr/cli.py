@@ -130,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tm-preset", default=D, choices=list(TM_PRESETS),
                    help="paper = 3BASiL-TM's schedule: 20 epochs, 128 windows, Adam lr 2e-5 cosine to lr / 5, 8 "
                    "windows a step; --tm-* flags override it")
+    c.add_argument("--distill", action="store_true", default=D,
+                   help="after compression, train the compressed blocks so that the model's next-token distributions "
+                   "match the dense model's on the calibration windows (KL; slr.distill)")
+    c.add_argument("--kd-epochs", type=int, default=D, help="distillation epochs [default: 2]")
+    c.add_argument("--kd-lr", type=float, default=D, help="distillation learning rate (Adam) [default: 5e-5]")
+    c.add_argument("--kd-samples", type=int, default=D, metavar="N",
+                   help="calibration windows distillation trains on [default: all but the held-out ones]")
+    c.add_argument("--kd-heldout", type=int, default=D, metavar="N",
+                   help="the last N calibration windows only judge distillation: the epoch with the lowest held-out "
+                   "KL is kept, the original restored if none is better [default: max(1, windows // 8)]")
     c.add_argument("--resume", action="store_true", default=D,
                    help="continue an interrupted run of the same command from its last finished block (the "
                    "checkpoints live in .slr-partial-<OUT> beside --out)")
@@ -224,6 +234,8 @@ _FLAGS = {
     "alloc_opt": ("alloc", "options"),
     "refine": ("refine", "method"), "tm_epochs": ("refine", "epochs"), "tm_samples": ("refine", "max_samples"),
     "tm_heldout": ("refine", "heldout"), "tm_preset": ("refine", "preset"),
+    "distill": ("distill", None), "kd_epochs": ("distill", "epochs"), "kd_lr": ("distill", "lr"),
+    "kd_samples": ("distill", "max_samples"), "kd_heldout": ("distill", "heldout"),
     "out": ("run", "out"), "overwrite": ("run", "overwrite"), "no_save": ("run", "save"),
     "calib_text": ("run", "calib_text"), "text": ("run", "eval_text"), "windows": ("run", "windows"),
     "no_eval": ("run", "evaluate"), "tasks": ("run", "tasks"), "limit": ("run", "limit"),
@@ -250,10 +262,15 @@ def compress_request(a: argparse.Namespace) -> tuple[str, CompressConfig, RunOpt
             value = [value]  # "piqa,arc_easy" or "all": the zero-shot checker splits it
         elif flag in ("no_save", "no_eval", "asym"):
             value = not value
+        if k is None:  # --distill: the table with its defaults
+            given.setdefault(table, {})
+            continue
         given.setdefault(table, {})[k] = value
     if "refine" in given and "refine" not in tables and "method" not in given["refine"]:
         raise SLRError("--tm-epochs/--tm-samples/--tm-heldout/--tm-preset set transformer matching's schedule",
                        "add --refine tm")
+    if "distill" in given and "distill" not in tables and "distill" not in vars(a):
+        raise SLRError("--kd-epochs/--kd-lr/--kd-samples/--kd-heldout set distillation's schedule", "add --distill")
     tables = merge(merge(tables, {k: v for k, v in given.get(None, {}).items()}),
                    {t: v for t, v in given.items() if t not in (None, "run")})
     run = merge(run, given.get("run", {}))

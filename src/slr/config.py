@@ -19,6 +19,8 @@ A TOML run file::
     epochs = 3
     max_samples = 16
     heldout = 2         # windows TM only judges on (preset = "paper": 3BASiL-TM's schedule)
+    [distill]           # logit distillation of the whole model after compression
+    epochs = 2
     [run]               # RunOptions
     out = "runs/smollm2-admm"
 """
@@ -43,7 +45,7 @@ from .solvers import method as solver_method
 from .spec import LayerSpec, keep_per_row, parse_nm
 
 DTYPES = ("float32", "float16", "bfloat16")
-NESTED = ("solver", "alloc", "refine", "options")  # tables that build (and check) themselves
+NESTED = ("solver", "alloc", "refine", "distill", "options")  # tables that build (and check) themselves
 
 
 @dataclass
@@ -155,6 +157,35 @@ class RefineConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Logit distillation (``slr.distill``) of the compressed model to the dense one, after every block is compressed.
+
+    KL(dense || compressed) of the next-token distributions on the first ``max_samples`` calibration windows (None =
+    all but the held-out ones); Adam at ``lr``, cosine to ``lr * final_lr_frac``, ``batch_size`` windows a step,
+    ``epochs`` passes; the last ``heldout`` windows (None = max(1, n // 8)) only judge: the epoch with the lowest
+    held-out KL is kept, the original parameters restored if none beats them.
+    """
+
+    lr: float = 5e-5
+    final_lr_frac: float = 0.2
+    epochs: int = 2
+    batch_size: int = 4
+    train_norms: bool = True
+    train_biases: bool = True
+    max_samples: int | None = None
+    heldout: int | None = None
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.batch_size < 1 or (self.max_samples is not None and self.max_samples < 1):
+            raise SLRError("distillation needs epochs >= 0, batch_size >= 1 and max_samples >= 1",
+                           "fix --kd-epochs / --kd-samples")
+        if not self.lr > 0:
+            raise SLRError(f"--kd-lr {self.lr} is not positive", "pass e.g. --kd-lr 5e-5")
+        if self.heldout is not None and self.heldout < 0:
+            raise SLRError(f"--kd-heldout {self.heldout} is negative", "pass --kd-heldout N with N >= 0")
+
+
+@dataclass
 class CompressConfig:
     """What one compression run does (recorded in results.json as ``config``).
 
@@ -165,7 +196,8 @@ class CompressConfig:
               inside the solve: ``Method.bits``); with bits and no sparsity or pattern, S is dense (sparsity 0).
     factor_bits: U and V at 16 (fp16), 8 or 4 bits.
     solver:   the method's typed options (a dict is converted).
-    alloc:    ``AllocConfig``; refine: ``RefineConfig`` or None.
+    alloc:    ``AllocConfig``; refine: ``RefineConfig`` or None (per block); distill: ``DistillConfig`` or None
+              (the whole model, after the blocks).
     """
 
     method: str = "sparsegpt"
@@ -182,6 +214,7 @@ class CompressConfig:
     solver: Any = None
     alloc: AllocConfig = field(default_factory=AllocConfig)
     refine: RefineConfig | None = None
+    distill: DistillConfig | None = None
 
     def __post_init__(self):
         m = solver_method(self.method)
@@ -190,6 +223,8 @@ class CompressConfig:
             self.alloc = _build(AllocConfig, self.alloc, "alloc")
         if isinstance(self.refine, dict):
             self.refine = RefineConfig.from_dict(self.refine)
+        if isinstance(self.distill, dict):
+            self.distill = _build(DistillConfig, self.distill, "distill")
         if self.calib_samples < 0:
             raise SLRError(f"--calib-samples {self.calib_samples} is negative", "pass --calib-samples N with N >= 0")
         if self.rank < 0:
@@ -199,6 +234,10 @@ class CompressConfig:
             raise SLRError(f"--tm-heldout {h} leaves none of the {self.calib_samples} calibration windows for "
                            "transformer matching to train on", "pass --tm-heldout below --calib-samples (0 = judge "
                            "on the training windows)")
+        h = self.distill.heldout if self.distill is not None else None
+        if self.distill is not None and (self.calib_samples == 0 or (h and h >= self.calib_samples)):
+            raise SLRError(f"distillation needs calibration windows to train on ({self.calib_samples} windows, "
+                           f"{h or 0} held out)", "pass --calib-samples above --kd-heldout")
         if self.alloc.budget_bits is not None and self.bits is None:
             raise SLRError("--budget-bits needs --bits and a method that quantizes, e.g. gptq or prune+lr",
                            "add --bits 4 (S's grid; the allocator then picks each matrix's width), or pass --budget")
@@ -330,5 +369,5 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-__all__ = ["TM_PRESETS", "AllocConfig", "CompressConfig", "LayerSpec", "RefineConfig", "RunOptions", "keep_per_row",
-           "load_toml", "merge", "parse_nm"]
+__all__ = ["TM_PRESETS", "AllocConfig", "CompressConfig", "DistillConfig", "LayerSpec", "RefineConfig", "RunOptions",
+           "keep_per_row", "load_toml", "merge", "parse_nm"]

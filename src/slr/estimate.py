@@ -22,6 +22,10 @@ MiB; 410-420 MiB measured after loading SmolLM2) + the weights resident then + t
   whitened statistics' forward on 4 windows. CAP holds every matrix's candidate pools meanwhile
   (``CAP_POOL_BYTES_PER_PARAM`` per linear parameter) and then a copy of the original weights while its loss runs
   the model on 4 windows (eval-like head).
+* distill (``distill=True``, in memory): a frozen dense copy of the model (the teacher) next to the compressed one,
+  six fp32 copies of the linears (Adam's two moments, the original and the best parameters, gradients, the dense
+  weights SLRLinear builds for autograd), and a forward and backward of the whole model on one window
+  (``fisher_bytes``) with the teacher's log-probabilities.
 * evaluate (``rebuild``: an in-memory perplexity follows the compression; slr.api passes evaluate or tasks): the
   forward of 4 windows of 512 tokens with three logits-sized fp32 tensors alive (logits, their shifted fp32 copy,
   log-softmax: +1207 MiB on SmolLM2) on top of what the block loop leaves: the source weights are memory-mapped
@@ -53,6 +57,7 @@ FISHER_BATCH = 2  # allocate.base.output_grad_sq: windows per forward + backward
 ALLOC_BATCH = 4  # allocate.base.dense_block_hessians / CAP's loss: windows per forward
 TM_BATCH = 8  # refine.TMConfig.batch_size
 TM_STATE_COPIES = 8  # fp32 copies of the block's linears while TM trains it
+DISTILL_STATE_COPIES = 6  # fp32 copies of the linears while slr.distill trains the model
 
 
 def block_memory_bytes(linears: list[tuple[int, int]], group_din: list[int], d_model: int, tokens: int) -> dict:
@@ -102,7 +107,7 @@ def fisher_bytes(seqlen: int, vocab: int, d_model: int, d_ff: int, n_blocks: int
 def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = False,
                  offload_activations: bool = False, batch_size: int = 8, rebuild: bool = True,
                  max_shard_bytes: int = 4 << 30, allocate: str = "uniform", refine: str | None = None,
-                 tm_samples: int | None = None) -> dict:
+                 tm_samples: int | None = None, distill: bool = False) -> dict:
     """{"model", "block", "compressed", "runtime", "phases", "total", ...} in bytes for compressing ``model``.
 
     ``total`` is the largest of ``phases`` (capture, blocks, allocate, evaluate / final; see the module docstring).
@@ -112,7 +117,7 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
     ``allocate``: "knapsack" and "cap" add their allocation phase (with calibration data; CAP also without).
     ``refine="tm"``: transformer matching's targets, autograd graph and optimizer state join the block loop;
     ``tm_samples``: the windows it trains on (None = all; only the chunk size depends on it, the targets are kept
-    for every window).
+    for every window). ``distill``: slr.distill's phase (the teacher, optimizer state, one window's backward).
     """
     ad = get_adapter(model)
     blocks = ad.blocks(model)
@@ -183,6 +188,9 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
         out["allocate"] = pools + max(fisher, loss)
     if "allocate" in out:
         phases["allocate"] = model_b + runtime + out["allocate"]
+    if distill and data and not onload:
+        phases["distill"] = (2 * model_b + runtime + DISTILL_STATE_COPIES * linear_b
+                             + fisher_bytes(seqlen, vocab, d_model, d_ff, n_blocks, 1) + head_bytes(seqlen, vocab, 2))
     out["phases"] = phases
     out["total"] = max(phases.values())
     out["block_parts"] = parts
@@ -213,7 +221,8 @@ def check_fits(est: dict) -> None:
 
 
 _PHASE_NAMES = {"capture": "the first calibration forward", "blocks": "the block loop",
-                "allocate": "the allocation", "evaluate": "the evaluation", "final": "the final phase"}
+                "allocate": "the allocation", "distill": "the distillation", "evaluate": "the evaluation",
+                "final": "the final phase"}
 
 
 def describe(est: dict) -> str:

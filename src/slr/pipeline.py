@@ -4,7 +4,8 @@ For each decoder block in order: collect H = X^T X for every compressed linear (
 linears that share an input), solve each matrix, optionally refine the block (transformer matching),
 replace its linears, and propagate the calibration inputs through the *compressed* block so that the
 next block sees compressed-path inputs (as in SparseGPT). Peak memory is one block's activations
-plus its H's.
+plus its H's. With ``config.distill``, the whole compressed model is then fitted to a dense copy's next-token
+distributions (``slr.distill``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .calibration import (
     map_hidden,
 )
 from .config import CompressConfig
+from .distill import distill_
 from .distributed import bin_pack
 from .errors import SLRError
 from .heap import trim_heap
@@ -88,6 +90,7 @@ class CompressReport:
     plan: Plan | None = None  # the plan the blocks were solved for
     allocation: dict | None = None  # the allocator's info (None for the plain uniform spec)
     refine: list[dict] = field(default_factory=list)  # transformer matching's per-block stats
+    distill: dict | None = None  # slr.distill's stats
     blocks: CompressedBlocks | None = None  # onloading without the final rebuild (compress_(rebuild=False))
 
     def add_time(self, stage: str, s: float) -> None:
@@ -194,7 +197,8 @@ def compress_(
     rebuild: bool = True,
 ) -> CompressReport:
     """Compress ``model`` in place as ``config`` describes: the plan (``config.alloc``), every block in order (collect
-    H, solve each matrix, replace the linears, refine with ``config.refine``, propagate), and a per-matrix report.
+    H, solve each matrix, replace the linears, refine with ``config.refine``, propagate), ``config.distill`` on the
+    whole model, and a per-matrix report.
 
     calib: LongTensor [n, seqlen] calibration windows (may be None or empty for data-free methods).
     plan: per-matrix specs; default ``plan_for(model, config, calib, device)`` (``report.plan``, ``report.allocation``).
@@ -215,6 +219,9 @@ def compress_(
         raise SLRError(f"method {config.method!r} needs calibration data", "pass --calib-samples N (N > 0)")
     if onload is not None and checkpoints is None:
         raise SLRError("onloading keeps the compressed blocks in the run's checkpoints", "pass --out DIR")
+    if config.distill is not None and (onload is not None or distributed.current().active):
+        raise SLRError("distillation needs the whole model in one process (it keeps a dense copy as the teacher)",
+                       "drop --distill, or run without --onload and torchrun")
     report = CompressReport()
     t = time.perf_counter()
     if plan is None:
@@ -222,6 +229,7 @@ def compress_(
         report.add_time("allocate", time.perf_counter() - t)
     report.plan = plan
     refiner = make_refiner(config.refine, device=device, progress=progress) if config.refine is not None else None
+    teacher = copy.deepcopy(model) if config.distill is not None else None  # the dense model, frozen
     blocks = adapter.blocks(model)
     pristine = [copy.deepcopy(b) for b in blocks] if onload is not None else None  # meta: costs no memory
     t = time.perf_counter()
@@ -236,6 +244,11 @@ def compress_(
             inputs.hidden.cleanup()
     if refiner is not None:
         report.refine = refiner.stats
+    if teacher is not None:
+        t = time.perf_counter()
+        report.distill = distill_(model, teacher, calib.to(device), list(blocks), config.distill, progress)
+        report.add_time("distill", time.perf_counter() - t)
+        del teacher
     if onload is not None:
         stream = CompressedBlocks(adapter, pristine, onload, checkpoints, materialize)
         if not rebuild:

@@ -1,0 +1,152 @@
+"""Logit distillation after compression (methods.md §7.4): fit the whole compressed model to the dense model's
+next-token distributions on the calibration windows.
+
+Loss: mean over predicted positions of KL(p_dense || p_compressed) of the next-token distributions, at temperature 1.
+The teacher is a frozen copy of the model taken before compression (``compress_`` makes it). Trained: what
+transformer matching trains in every block (``refine._trainable``: SLRLinear ``values`` / ``U`` / ``V`` on their
+fixed support, shared ``V``, biases, norms and plain linears, whose zeros are kept by masking their gradients and
+re-masking after every step); embeddings, the head and the final norm stay as they are.
+
+Windows: the last ``heldout`` of the n calibration windows (None = max(1, n // 8)) are never trained on; the first
+min(max_samples, n - heldout) are. Schedule: Adam at ``lr``, cosine to lr * final_lr_frac over all steps,
+``batch_size`` windows a step (gradients accumulated one window at a time), ``epochs`` passes. The held-out KL is
+measured before training and after every epoch; the parameters with the lowest held-out KL are kept when it is below
+the start's, else the original parameters are restored bit for bit. Stats: ``kl_before`` / ``kl_after`` (held-out),
+``epoch_kl`` (training windows, as they were trained on), ``heldout_kl`` (start, then per epoch), ``kept_epoch``
+(0 = the original), ``restored``, ``steps``, ``seconds``, ``windows``, ``heldout_windows``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import DistillConfig
+from .errors import SLRError
+from .refine import _trainable
+
+
+def split_windows(n: int, cfg: DistillConfig) -> tuple[int, int]:
+    """(training windows, held-out windows) of ``n`` calibration windows."""
+    h = min(cfg.heldout if cfg.heldout is not None else (max(1, n // 8) if n >= 2 else 0), n)
+    train = n - h if cfg.max_samples is None else min(cfg.max_samples, n - h)
+    return train, h
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids, use_cache=False)
+    return (out.logits if hasattr(out, "logits") else out[0])[:, :-1].float()  # [b, T-1, vocab]: next-token positions
+
+
+def _kl(student: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p_teacher || p_student); logits [b, T, V], teacher as log-probabilities."""
+    logq = F.log_softmax(student, dim=-1)
+    return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
+
+
+def _heldout_kl(model, teacher, windows: list[torch.Tensor]) -> float:
+    if not windows:
+        return math.nan
+    with torch.no_grad():
+        kls = [float(_kl(_logits(model, w), F.log_softmax(_logits(teacher, w), -1))) for w in windows]
+    return sum(kls) / len(kls)
+
+
+def _blocks_params(blocks, cfg) -> tuple[list[nn.Parameter], list[tuple[nn.Parameter, torch.Tensor]]]:
+    params, masks, seen = [], [], set()
+    for block in blocks:
+        p, m = _trainable(block, cfg)
+        params += [q for q in p if id(q) not in seen and not seen.add(id(q))]
+        masks += m
+    return params, masks
+
+
+def distill_(model: nn.Module, teacher: nn.Module, calib: torch.Tensor, blocks, cfg: DistillConfig | None = None,
+             progress: bool = True) -> dict:
+    """Train ``blocks`` (the compressed model's decoder blocks, in place) so that ``model``'s next-token
+    distributions match ``teacher``'s on ``calib`` ([n, seqlen] token windows); returns the stats above."""
+    cfg = cfg or DistillConfig()
+    t0 = time.perf_counter()
+    n_train, n_held = split_windows(len(calib), cfg)
+    if n_train < 1:
+        raise SLRError(f"--kd-heldout {cfg.heldout} leaves none of the {len(calib)} calibration windows to distill "
+                       "on", "pass a smaller --kd-heldout or more --calib-samples")
+    train = [calib[i:i + 1] for i in range(n_train)]
+    held = [calib[i:i + 1] for i in range(len(calib) - n_held, len(calib))]
+    with torch.inference_mode(False), torch.enable_grad():
+        params, masks = _blocks_params(blocks, cfg)
+        if not params or cfg.epochs < 1:
+            return {"steps": 0, "seconds": time.perf_counter() - t0, "windows": n_train, "heldout_windows": n_held}
+        if any(p.is_inference() for p in params):
+            raise SLRError("distillation cannot train parameters created under torch.inference_mode()",
+                           "run compress_ outside inference_mode (torch.no_grad() is fine)")
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        every = list(model.parameters())
+        flags = [p.requires_grad for p in every]
+        ids = {id(p) for p in params}
+        try:
+            for p in every:
+                p.requires_grad_(id(p) in ids)
+            stats = _train(model, teacher, train, held, params, masks, cfg, progress)
+        finally:
+            for p, f in zip(every, flags):
+                p.requires_grad_(f)
+                p.grad = None
+    return stats | {"seconds": time.perf_counter() - t0, "windows": n_train, "heldout_windows": n_held,
+                    "params": sum(p.numel() for p in params)}
+
+
+def _train(model, teacher, train, held, params, masks, cfg, progress) -> dict:
+    steps = [train[i:i + cfg.batch_size] for i in range(0, len(train), cfg.batch_size)]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * len(steps)),
+                                                       eta_min=cfg.lr * cfg.final_lr_frac)
+    original = [p.detach().clone() for p in params]
+    heldout = [_heldout_kl(model, teacher, held)]
+    best = (heldout[0], None, 0)  # (held-out KL, parameters or None for the original, epoch)
+    epoch_kl, done = [], 0
+    bar = tqdm(total=cfg.epochs * len(steps), desc="distill", disable=not progress)
+    for epoch in range(1, cfg.epochs + 1):
+        tot = 0.0
+        for step in steps:
+            opt.zero_grad(set_to_none=True)
+            for w in step:
+                with torch.no_grad():
+                    t_logp = F.log_softmax(_logits(teacher, w), -1)
+                loss = _kl(_logits(model, w), t_logp)
+                (loss / len(step)).backward()
+                tot += float(loss.detach())
+            for w_, keep in masks:
+                if w_.grad is not None:
+                    w_.grad.mul_(keep)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                for w_, keep in masks:
+                    w_.mul_(keep)
+            done += 1
+            bar.update(1)
+            bar.set_postfix(kl=f"{float(loss.detach()):.4f}", heldout=f"{heldout[-1]:.4f}")
+        epoch_kl.append(tot / len(train))
+        heldout.append(_heldout_kl(model, teacher, held))
+        if not held or heldout[-1] < best[0]:
+            best = (heldout[-1], [p.detach().clone() for p in params], epoch)
+    bar.close()
+    restored = best[1] is None
+    with torch.no_grad():
+        for p, v in zip(params, original if restored else best[1]):
+            p.copy_(v)
+        for w_, keep in masks:
+            w_.mul_(keep)
+    return {"steps": done, "epoch_kl": epoch_kl, "heldout_kl": heldout, "kl_before": heldout[0],
+            "kl_after": best[0], "kept_epoch": best[2], "restored": restored}
+
+
+__all__ = ["distill_", "split_windows"]
