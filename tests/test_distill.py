@@ -121,3 +121,29 @@ def test_flags_and_errors(tmp_path, capsys):
     code, _, err = run(capsys, "compress", "smollm2-135m", "--kd-lr", "1e-4", "--out", tmp_path / "o")
     assert code == 2 and "add --distill" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_distill_trains_scales_of_quantized_parts_and_keeps_codes(tmp_path):
+    from slr import io
+
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    compress_(model, CompressConfig(method="gptq", bits=2, group_size=32), calib(), batch_size=4, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = distill_(model, dense, calib(), get_adapter(model).blocks(model),
+                     DistillConfig(lr=1e-3, epochs=4, heldout=4, train_norms=False), progress=False)
+    assert not stats["restored"] and stats["kl_after"] < 0.92 * stats["kl_before"]
+    after = model.state_dict()
+    assert after.keys() == before.keys()  # the trained scales went back into their buffers
+    codes = [k for k in before if k.endswith("_codes")]
+    scales = [k for k in before if k.endswith("S_scale")]
+    assert codes and all(torch.equal(before[k], after[k]) for k in codes)
+    assert any(not torch.equal(before[k], after[k]) for k in scales)
+    assert all(torch.equal(before[k], after[k]) for k in before if "norm" in k)  # train_norms=False
+    c = calib(4, seed=5)
+    with torch.no_grad():
+        ref = model(c).logits
+    io.save(model, tmp_path / "a")
+    loaded, _ = io.load(tmp_path / "a", packed=False)
+    with torch.no_grad():
+        assert torch.allclose(loaded(c).logits, ref, atol=1e-4, rtol=1e-4)

@@ -170,6 +170,7 @@ class DistillConfig:
     final_lr_frac: float = 0.2
     epochs: int = 2
     batch_size: int = 4
+    train_scales: bool = True  # the fp16 group scales of quantized parts (their codes stay fixed)
     train_norms: bool = True
     train_biases: bool = True
     max_samples: int | None = None

@@ -5,7 +5,9 @@ Loss: mean over predicted positions of KL(p_dense || p_compressed) of the next-t
 The teacher is a frozen copy of the model taken before compression (``compress_`` makes it). Trained: what
 transformer matching trains in every block (``refine._trainable``: SLRLinear ``values`` / ``U`` / ``V`` on their
 fixed support, shared ``V``, biases, norms and plain linears, whose zeros are kept by masking their gradients and
-re-masking after every step); embeddings, the head and the final norm stay as they are.
+re-masking after every step), and with ``train_scales`` the fp16 group scales of every quantized part (codes fixed;
+``qlinear.trainable_scales_``; rounded back to fp16 at the end); embeddings, the head and the final norm stay as
+they are.
 
 Windows: the last ``heldout`` of the n calibration windows (None = max(1, n // 8)) are never trained on; the first
 min(max_samples, n - heldout) are. Schedule: Adam at ``lr``, cosine to lr * final_lr_frac over all steps,
@@ -57,13 +59,17 @@ def _heldout_kl(model, teacher, windows: list[torch.Tensor]) -> float:
     return sum(kls) / len(kls)
 
 
-def _blocks_params(blocks, cfg) -> tuple[list[nn.Parameter], list[tuple[nn.Parameter, torch.Tensor]]]:
+def _blocks_params(blocks, cfg) -> tuple[list[nn.Parameter], list[tuple[nn.Parameter, torch.Tensor]], list]:
+    """(parameters to train, [(plain Linear weight, keep mask)], the quantized modules whose scales train)."""
     params, masks, seen = [], [], set()
     for block in blocks:
         p, m = _trainable(block, cfg)
         params += [q for q in p if id(q) not in seen and not seen.add(id(q))]
         masks += m
-    return params, masks
+    quantized = [m for b in blocks for m in b.modules() if getattr(m, "qspecs", None)] \
+        if cfg.train_scales else []
+    params += [p for m in quantized for p in m.trainable_scales_()]
+    return params, masks, quantized
 
 
 def distill_(model: nn.Module, teacher: nn.Module, calib: torch.Tensor, blocks, cfg: DistillConfig | None = None,
@@ -79,26 +85,31 @@ def distill_(model: nn.Module, teacher: nn.Module, calib: torch.Tensor, blocks, 
     train = [calib[i:i + 1] for i in range(n_train)]
     held = [calib[i:i + 1] for i in range(len(calib) - n_held, len(calib))]
     with torch.inference_mode(False), torch.enable_grad():
-        params, masks = _blocks_params(blocks, cfg)
-        if not params or cfg.epochs < 1:
-            return {"steps": 0, "seconds": time.perf_counter() - t0, "windows": n_train, "heldout_windows": n_held}
-        if any(p.is_inference() for p in params):
-            raise SLRError("distillation cannot train parameters created under torch.inference_mode()",
-                           "run compress_ outside inference_mode (torch.no_grad() is fine)")
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        every = list(model.parameters())
-        flags = [p.requires_grad for p in every]
-        ids = {id(p) for p in params}
+        params, masks, quantized = _blocks_params(blocks, cfg)
         try:
-            for p in every:
-                p.requires_grad_(id(p) in ids)
-            stats = _train(model, teacher, train, held, params, masks, cfg, progress)
+            if not params or cfg.epochs < 1:
+                return {"steps": 0, "seconds": time.perf_counter() - t0, "windows": n_train,
+                        "heldout_windows": n_held}
+            if any(p.is_inference() for p in params):
+                raise SLRError("distillation cannot train parameters created under torch.inference_mode()",
+                               "run compress_ outside inference_mode (torch.no_grad() is fine)")
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            every = list(model.parameters())
+            flags = [p.requires_grad for p in every]
+            ids = {id(p) for p in params}
+            try:
+                for p in every:
+                    p.requires_grad_(id(p) in ids)
+                stats = _train(model, teacher, train, held, params, masks, cfg, progress)
+            finally:
+                for p, f in zip(every, flags):
+                    p.requires_grad_(f)
+                    p.grad = None
         finally:
-            for p, f in zip(every, flags):
-                p.requires_grad_(f)
-                p.grad = None
+            for m in quantized:  # the kept scales, rounded to fp16, back into the codes' scale buffers
+                m.store_scales_()
     return stats | {"seconds": time.perf_counter() - t0, "windows": n_train, "heldout_windows": n_held,
                     "params": sum(p.numel() for p in params)}
 

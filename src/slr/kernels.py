@@ -322,8 +322,8 @@ def int4_s(layer, x: torch.Tensor, tokens: int) -> torch.Tensor | None:
     docstring), else None (the caller runs the torch path)."""
     if _MODE == "torch" or not x.is_cpu or layer.strategy == "dense-cached":
         return None
-    if x.requires_grad and torch.is_grad_enabled():  # the kernels have no backward
-        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters(recurse=False))):
+        return None  # the kernels have no backward (trained scales are Parameters of the layer)
     spec = getattr(layer, "qspecs", {}).get("S")
     if spec is None or spec.bits > 4:
         return None

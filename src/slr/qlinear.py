@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
 from .errors import SLRError
 from .quant import QuantSpec, dequantize, quantize
@@ -170,6 +171,30 @@ class _QuantizedParts:
             if not outer:
                 d["_dq"] = None
 
+    def trainable_scales_(self) -> list[nn.Parameter]:
+        """Each quantized part's group scales as a float32 Parameter ``q{P}_tscale`` that dequantization reads instead
+        of the fp16 buffer (the codes stay fixed); ``store_scales_`` writes them back."""
+        out = []
+        for part in self.qspecs:
+            name = f"q{part}_tscale"
+            if self._parameters.get(name) is None:
+                self.register_parameter(name, nn.Parameter(scale_values(getattr(self, f"q{part}_scale"))))
+            out.append(self._parameters[name])
+        return out
+
+    def store_scales_(self) -> None:
+        """Round the trained scales to fp16 into the scale buffers and drop the Parameters."""
+        for part in self.qspecs:
+            p = self._parameters.pop(f"q{part}_tscale", None)
+            if p is not None:
+                getattr(self, f"q{part}_scale").copy_(scale_bits(p.detach()))
+        self.clear_cache()  # packed / dense caches were built from the old scales
+
+    def scales(self, part: str, sbits: torch.Tensor) -> torch.Tensor:
+        """The group scales of ``part`` as float32: the trained Parameter while there is one, else the fp16 bits."""
+        p = self._parameters.get(f"q{part}_tscale")
+        return scale_values(sbits) if p is None else p
+
     def dequantized(self, part: str) -> torch.Tensor:
         cache = self.__dict__.get("_dq")
         if cache is not None and part in cache:
@@ -179,7 +204,7 @@ class _QuantizedParts:
         if part == "S":
             out = self._dequant_values(codes, sbits, zero, spec)
         else:
-            scale = scale_values(sbits)
+            scale = self.scales(part, sbits)
             z = torch.full_like(scale, 2 ** (spec.bits - 1)) if zero is None else zero.float()
             out = dequantize(codes, scale, z, spec)
         out = out.to(self.qdtype)
@@ -237,7 +262,7 @@ class QuantizedLinearMixin(_QuantizedParts):
     def _dequant_values(self, codes, sbits, zero, spec: QuantSpec) -> torch.Tensor:
         """S's values [nnz]: each code with its group's scale and zero, group (row, col // group_size)."""
         d_out = self.out_features
-        scale = scale_values(sbits)
+        scale = self.scales("S", sbits)
         zf = zero_of(zero, spec)
         k = self._per_row()
         if k is not None:
