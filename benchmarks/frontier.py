@@ -14,6 +14,7 @@ from pathlib import Path
 GGUF_BPW = 5.0  # Q4_1: (32 * 4 + 16 + 16) / 32
 # (budget bpw, the GPTQ config at those bytes, target: gap ratio to that GPTQ's gap, or a ppl ceiling)
 BUDGETS = ((4.25, "q4g64", ("gap", 0.7)), (3.25, "q3g64", ("gap", 0.5)), (2.5, "q2g64", ("ppl", 100.0)))
+GEMMA_BUDGETS = BUDGETS[1:2]  # the frontier checked on Gemma-3-270M at 3.25 bpw
 # the GPTQ that users run (llm-compressor's GPTQModifier: min-max grids, static act-order); slr's own options (clip)
 # make a row a contender, not the baseline
 PRODUCTION_OPTS = {"actorder", "static_groups", "blocksize", "percdamp"}
@@ -50,10 +51,18 @@ def frontier_section(recs: list[dict], configs: dict, label, png: Path) -> list[
         out.append(f"| {r['bpw']:.3f} | {r['ppl']:.3f} | {label(r)} | {r['config']} | {kind(r, configs)} | "
                    f"{r['allocate']} | {'yes' if on else ''} | {r['git_commit']} |")
     out += ["", "### At the bytes of GPTQ", "",
-            "Best run at or under each budget against GPTQ at that budget's config (gap = ppl - dense ppl).", "",
-            "| budget bpw | GPTQ (config, ppl) | best run (bpw, ppl) | what wins | gap ratio | target | met |",
-            "|---|---|---|---|---|---|---|"]
-    for budget, cfg, (what, target) in BUDGETS:
+            "Best run at or under each budget against GPTQ at that budget's config (gap = ppl - dense ppl).", ""]
+    out += verdicts(rows, dense, configs, label, BUDGETS)
+    out += _other_model(recs, configs, label, "Gemma-3", "Gemma-3-270M", GEMMA_BUDGETS)
+    _plot(rows, dense, configs, png)
+    return out
+
+
+def verdicts(rows: list[dict], dense: float, configs: dict, label, budgets) -> list[str]:
+    """The table of each budget's best run against the production GPTQ at that budget's config."""
+    out = ["| budget bpw | GPTQ (config, ppl) | best run (bpw, ppl) | what wins | gap ratio | target | met |",
+           "|---|---|---|---|---|---|---|"]
+    for budget, cfg, (what, target) in budgets:
         base = [r for r in rows if r["method"] == "gptq" and r["config"] == cfg and not set(r.get("solver_opts") or {})
                 - PRODUCTION_OPTS]
         under = [r for r in rows if r["bpw"] <= budget + 1e-9]
@@ -71,8 +80,22 @@ def frontier_section(recs: list[dict], configs: dict, label, png: Path) -> list[
                    f"({win['bpw']:.3f}, {win['ppl']:.3f}) | {kind(win, configs)} | "
                    f"{'n/a' if ratio is None else f'{ratio:.2f}'} | {goal} | {'yes' if met else '**no**'} |")
     out.append("")
-    _plot(rows, dense, configs, png)
     return out
+
+
+def _other_model(recs: list[dict], configs: dict, label, prefix: str, name: str, budgets) -> list[str]:
+    """A second model's runs with bytes and its verdicts (the frontier claims are checked on it too)."""
+    rows = sorted((r for r in recs if r.get("bpw") is not None and r["model"].startswith(prefix)),
+                  key=lambda r: (r["bpw"], r["ppl"]))
+    if not rows:
+        return []
+    dense = rows[0]["dense_ppl"]
+    out = [f"### {name}", "", f"Every {name} run that records bytes (64 windows; dense ppl {dense:.3f}, BOS per "
+           "window).", "", "| bpw | ppl | method | config | stores | allocate | commit |",
+           "|---|---|---|---|---|---|---|"]
+    out += [f"| {r['bpw']:.3f} | {r['ppl']:.3f} | {label(r)} | {r['config']} | {kind(r, configs)} | {r['allocate']} | "
+            f"{r['git_commit']} |" for r in rows]
+    return out + [""] + verdicts(rows, dense, configs, label, budgets)
 
 
 def _plot(rows: list[dict], dense: float, configs: dict, png: Path) -> None:
