@@ -147,3 +147,9 @@ def test_distill_trains_scales_of_quantized_parts_and_keeps_codes(tmp_path):
     loaded, _ = io.load(tmp_path / "a", packed=False)
     with torch.no_grad():
         assert torch.allclose(loaded(c).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_distill_refuses_onloading():
+    with pytest.raises(SLRError, match="whole model in one process"):
+        compress_(tiny_model("llama"), CompressConfig(method="wanda", distill=DistillConfig()), calib(),
+                  onload=object(), checkpoints=object(), progress=False)
