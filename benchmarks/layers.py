@@ -15,8 +15,9 @@ later runs; ``--rebuild`` builds them again.
 Solvers, each at ``torch.set_num_threads(1)``, each solve on its own copy of H (so no solve reuses the
 eigendecomposition / whitener that an earlier one cached on the H object, which q/k/v and gate/up share):
 
-* ``admm``: slr's admm with its defaults (max_iters=130, rho_grow=(1.2, 1.1, 1.05), one polish round of an exact
-  L refit + CG backsolve of S on its support).
+* ``admm``: slr's admm with its defaults (rho_grow=(1.07, 1.2, 1.5), stop at a check with support change
+  Δ < 5e-3 after 20 iterations, at most 400, one polish round of an exact L refit + CG backsolve of S on its
+  support).
 * ``admm-reference``: the reference 3BASiL schedule ``max_iters=2000, rho_grow=(1.1, 1.05, 1.02)`` with
   ``polish_rounds=0, backsolve=False``. In admm.py the whole post-loop polish (the exact L refit against the
   projected S and the CG backsolve) sits inside ``for _ in range(polish_rounds)``, so polish_rounds=0 alone removes
