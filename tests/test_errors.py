@@ -202,7 +202,7 @@ SPEC_ERRORS = {
     "opt-unknown-key": (["--method", "admm", "--rank", "4", "--opt", "max_iter=10"],
                         ["--opt max_iter=10 is not an option of the admm solver", "max_iters"]),
     "opt-wrong-type": (["--method", "admm", "--rank", "4", "--opt", "max_iters=many"],
-                       ["--opt max_iters=many does not fit the admm solver's option max_iters", "max_iters=130"]),
+                       ["--opt max_iters=many does not fit the admm solver's option max_iters", "max_iters=400"]),
     "alloc-opt-unknown-key": (["--allocate", "knapsack", "--budget", "0.5", "--alloc-opt", "sample=3"],
                               ["--alloc-opt sample=3 is not an option of the knapsack allocator", "samples"]),
     "alloc-opt-wrong-type": (["--allocate", "cap", "--budget", "0.5", "--alloc-opt", "iterations=0.5"],

@@ -146,7 +146,7 @@ def test_heavy_tailed_hessian_admm_is_finite_and_beats_prune_lr():
 def test_admm_divergence_guard_fires_and_recovers():
     """The divergence guard (a check whose objective is non-finite or diverge_factor x the best restores the best
     iterate, clears the dual and raises rho; counted in info["diverged"]) on a case where it must fire: bfloat16
-    iterations on the heavy-tailed H lose so much precision that the objective at a check jumps >100x the best
+    iterations on the heavy-tailed H lose so much precision that the objective at a check jumps >20x the best
     (float32 stays stable there thanks to the column scaling). With the guard the result is finite, the best
     iterate's, better than prune+lr and clearly better than the same run without the guard."""
     W, H = make_problem(64, 128, seed=3, heavy=1e3)
@@ -154,14 +154,15 @@ def test_admm_divergence_guard_fires_and_recovers():
         opts = dict(dtype=torch.bfloat16, max_iters=50)  # the blow-up comes at the 3rd check (iteration 30)
         loose = SOLVERS["admm"](W, H, spec, **opts, diverge_factor=math.inf)
         trace = loose.info["objective"]
-        assert loose.info["diverged"] == 0 and max(trace) > 100 * min(trace), "the unguarded run must blow up"
+        # 31x (2:4) and 87x (u60) here, above diverge_factor=10
+        assert loose.info["diverged"] == 0 and max(trace) > 20 * min(trace), "the unguarded run must blow up"
         res = SOLVERS["admm"](W, H, spec, **opts)
         assert res.info["diverged"] >= 1, "the guard must fire"
         check_pattern(res, spec, W.shape)
         assert torch.isfinite(res.U).all() and torch.isfinite(res.V).all()
         obj = objective(W, H, res)
         assert obj == pytest.approx(res.info["best_objective"], rel=1e-3)
-        assert obj < 0.9 * objective(W, H, loose)  # 0.69x (2:4) and 0.84x (u60) here
+        assert obj < 0.9 * objective(W, H, loose)  # 0.60x (2:4) and 0.64x (u60) here
         assert obj < objective(W, H, SOLVERS["prune+lr"](W, H, spec))
 
 

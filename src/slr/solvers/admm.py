@@ -9,13 +9,17 @@ Follows methods.md §3.2 (Makni, Meng, Mazumder 2025, ``threebasil()``):
 * B <- (Ĥ + rho I)^-1 [Ĥ (W~ - L~)^T - V + rho Z];  Z <- P(B + V/rho);  V <- V + rho (B - Z);  L <- whitened
   rank-r fit of W~ - B (unprojected B, as in the reference). P keeps the top-k |.| over the whole matrix
   (unstructured, exactly spec.kept entries) or the N largest of every M along the input dim.
-* rho schedule every ``check_every`` iterations from the support change Δ (grow x1.1 / x1.05 / x1.02, shrink /5
-  with restart while rho has never grown, stop when Δ = 0 after growing, early stop when Δ < 3e-4).
+* rho schedule every ``check_every`` iterations from the support change Δ (the fraction of kept entries that left the
+  support since the last check): grow by rho_grow[0] / [1] / [2] while Δ > 10% / > 0.5% / > 0, shrink /5 with
+  restart while rho has never grown, stop when Δ = 0 after growing, early stop when Δ < ``stop_delta`` after
+  ``min_iters``. The default factors (1.07, 1.2, 1.5) spend the iterations where the support is still being chosen
+  (Δ > 10%) and hurry through the tail, where the support only settles.
 
 Fixes from methods.md §7.3: L is warm-started from the whitened SVD of W; the true objective of the *projected*
 iterate (Z, L) is tracked at every check and the best iterate is kept; divergence (non-finite or exploding
 objective) restores the best iterate and raises rho; after the loop L is refit exactly against the projected S
-and S is backsolved on its fixed support given L (batched conjugate gradient), alternated ``polish_rounds`` times.
+and S is backsolved on its fixed support given L (batched conjugate gradient), alternated up to ``polish_rounds``
+times while a round lowers the objective by more than ``polish_tol`` (relative).
 
 Quantized S (``spec.bits``): the projection keeps the same support (top-k / N:M of |.|) and rounds the kept values to
 S's grid, each group's scale fitted on its kept entries (in unscaled coordinates: the grid is S's, not S~'s). The
@@ -132,17 +136,18 @@ def admm(
     W: torch.Tensor,
     H: torch.Tensor,
     spec: LayerSpec,
-    max_iters: int = 130,
-    min_iters: int = 40,
+    max_iters: int = 400,
+    min_iters: int = 20,
     check_every: int = 10,
     rho0: float = 0.1,
-    rho_grow: tuple[float, float, float] = (1.2, 1.1, 1.05),
-    stop_delta: float = 3e-4,
+    rho_grow: tuple[float, float, float] = (1.07, 1.2, 1.5),
+    stop_delta: float = 5e-3,
     rho_max: float = 1e6,
     init: str = "weights",
     lr_oversample: int = 8,
     lr_niter: int = 0,
     polish_rounds: int = 1,
+    polish_tol: float = 1e-3,
     backsolve: bool = True,
     cg_iters: int = 10,
     percdamp: float = 0.005,
@@ -153,17 +158,19 @@ def admm(
     """3BASiL ADMM for S (pattern of ``spec``) + L (rank spec.rank), with the methods.md §7.3 fixes.
 
     W: [d_out, d_in], H = X^T X [d_in, d_in]. Options (the tuning behind the defaults: BENCHMARKS.md, "Tuning notes"):
-      max_iters, min_iters, check_every: at most ``max_iters`` iterations, at least ``min_iters``; the objective is
-        checked every ``check_every``. rho0, rho_grow: the penalty starts at rho0 and grows by rho_grow (factors for
-        the early / middle / late iterations). ``rho_grow=(1.1, 1.05, 1.02), max_iters=2000`` is the reference
-        schedule of the 3BASiL code.
+      max_iters, min_iters, check_every, stop_delta: at most ``max_iters`` iterations; the objective and the support
+        change Δ are checked every ``check_every``, and the loop stops at a check where Δ < ``stop_delta`` once
+        ``min_iters`` are done (or Δ = 0 after rho has grown). rho0, rho_grow: the penalty starts at rho0 and grows by
+        rho_grow[0] / [1] / [2] while Δ > 10% / > 0.5% / > 0 (module docstring). ``rho_grow=(1.1, 1.05, 1.02),
+        max_iters=2000`` is the reference schedule of the 3BASiL code.
       init="weights": B0 = W~, L0 = 0 as in 3BASiL; "residual" (L0 = whitened rank-r SVD of W, B0 = W~ - L~0) and
         "hybrid" (that L0, B0 = W~) are the §7.3 warm starts.
       lr_niter, lr_oversample: each L step is ``lr_niter`` + 1 block-power steps of a randomized SVD with
         ``lr_oversample`` extra columns, warm-started from the previous right subspace; the final refit uses an exact
         SVD.
-      polish_rounds, cg_iters: each polish round is an exact L refit against the projected S, then a CG backsolve
-        (``cg_iters`` steps) of S on its support; a round is kept only if it lowers the objective.
+      polish_rounds, polish_tol, cg_iters: each polish round is an exact L refit against the projected S, then a CG
+        backsolve (``cg_iters`` steps) of S on its support; a round is kept only if it lowers the objective, and the
+        next round runs only if this one lowered it by more than ``polish_tol`` (relative).
       percdamp, diag_frac: 3BASiL's damping (percdamp of the mean diagonal + diag_frac of each diagonal entry).
       dtype: of the iteration (the eigendecomposition, objectives and polish are float64).
       diverge_factor: a check whose objective is non-finite or diverge_factor x the best restores the best iterate,
@@ -352,7 +359,10 @@ def admm(
         if not obj2 < obj:
             break
         trace.append(obj2)
+        gain = (obj - obj2) / obj if obj > 0 else 0.0
         obj, St, U, Vt, grid = obj2, S2, U2, Vt2, grid2
+        if gain <= polish_tol:
+            break
     if quant is not None and r > 0:  # S moved on its grid after the last L refit: refit L once more
         with timer("refit"):
             U2, Vt2 = refit(St)
