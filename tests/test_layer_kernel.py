@@ -38,14 +38,15 @@ def test_lane_layout():
                 assert (word >> (width * J)) & (2 ** width - 1) == int(codes[1, 64 + 8 * J + i])
 
 
-def make_layer(layout: str, factors: str, N: int, K: int, r: int = 7, g: int = 64, bias: bool = True):
+def make_layer(layout: str, factors: str, N: int, K: int, r: int = 7, g: int = 64, bias: bool = True,
+               sym: bool = False):
     """A PackedLinear with random codes of ``layout`` and factors of kind ``factors``, and its float64 (S, U, V)."""
     bits = {"lanes2": 2, "lanes3": 3, "lanes8": 8}.get(layout, 4)
     scale = ((torch.rand(N, K // g, generator=GEN) + 0.1) * 0.05).half().float()  # fp16 values, as stored
     zero = torch.randint(0, 2 ** bits, (N, K // g), generator=GEN).float()
     codes = torch.randint(0, 2 ** bits, (N, K), generator=GEN, dtype=torch.uint8)
     S = (codes.double() - zero.double().repeat_interleave(g, 1)) * scale.double().repeat_interleave(g, 1)
-    index = None
+    index, lanes = None, {}
     if layout == "float16-2:4":
         m = mask24(N, K)
         cols = m.nonzero()[:, 1].view(N, K // 2)
@@ -56,9 +57,14 @@ def make_layer(layout: str, factors: str, N: int, K: int, r: int = 7, g: int = 6
         cols = m.nonzero()[:, 1].view(N, K // 2)
         S = S * m
         values, index, sz = kernels.nibble_codes(codes.gather(1, cols)), kernels.nm24_index(cols), scale * zero
-    else:
-        values = kernels.nibble_codes(codes) if bits == 4 else lowbit.lane_codes(codes, bits)
-        sz = scale * zero
+    elif bits == 4:
+        values, sz = kernels.nibble_codes(codes), scale * zero
+    else:  # lanes: float16 scales, uint8 zero points (or, symmetric, one zero point)
+        values, sz = lowbit.lane_codes(codes, bits), None
+        lanes = {"s_zero": zero.to(torch.uint8)} if sym is False else {"zero_const": 2 ** (bits - 1)}
+        if sym:
+            S = (codes.double() - 2 ** (bits - 1)) * scale.double().repeat_interleave(g, 1)
+        scale = scale.half()
     U = V = u_q = v_q = shared = None
     Ud = Vd = None
     if factors != "none":
@@ -87,7 +93,7 @@ def make_layer(layout: str, factors: str, N: int, K: int, r: int = 7, g: int = 6
                 V = None
     b = torch.randn(N, generator=GEN) if bias else None
     lin = packed.PackedLinear(K, N, values, index, scale, sz, g if layout != "float16-2:4" else 0, U, V, shared,
-                              0 if shared else None, b, bits=bits, u_q=u_q, v_q=v_q)
+                              0 if shared else None, b, bits=bits, u_q=u_q, v_q=v_q, **lanes)
     return lin, S, Ud, Vd, b
 
 
@@ -102,21 +108,23 @@ class SharedStub(torch.nn.Module):
         return x.float() @ self.V.t()
 
 
-@pytest.mark.parametrize("layout", S_LAYOUTS)
-def test_unpack_equals_the_torch_fallback_and_the_dequantized_s(layout):
-    lin, S, *_ = make_layer(layout, "none", 96, 256)
+@pytest.mark.parametrize("layout,sym", [(lay, False) for lay in S_LAYOUTS] + [(f"lanes{b}", True) for b in (2, 3, 8)])
+def test_unpack_equals_the_torch_fallback_and_the_dequantized_s(layout, sym):
+    lin, S, *_ = make_layer(layout, "none", 96, 256, sym=sym)
     a, b = lin.unpacked(True), lin.unpacked(False)
     assert torch.equal(a, b) and torch.equal(a.double(), S)
 
 
 # every layout with no factors and int8 ones on every shape; the other factor kinds (the same code) on one
-COMBOS = [(lay, f, *s) for lay in S_LAYOUTS for f in FACTORS for s in SMOL_SHAPES
-          if f in ("none", "int8") or s == (576, 1536)]
+# (and the lanes' symmetric form, and rows that are not a multiple of 8, on one shape)
+COMBOS = [(lay, f, *s, False) for lay in S_LAYOUTS for f in FACTORS for s in SMOL_SHAPES
+          if f in ("none", "int8") or s == (576, 1536)] + [
+    (f"lanes{b}", "int8", 576, 1536, True) for b in (2, 3, 8)] + [("lanes3", f, 128, 100, False) for f in FACTORS]
 
 
-@pytest.mark.parametrize("layout,factors,d_in,d_out", COMBOS)
-def test_layer_matches_float64_and_the_fallback(layout, factors, d_in, d_out):
-    lin, S, Ud, Vd, b = make_layer(layout, factors, d_out, d_in)
+@pytest.mark.parametrize("layout,factors,d_in,d_out,sym", COMBOS)
+def test_layer_matches_float64_and_the_fallback(layout, factors, d_in, d_out, sym):
+    lin, S, Ud, Vd, b = make_layer(layout, factors, d_out, d_in, sym=sym)
     for M in (1, 2, 3, 4, 6):
         x = torch.randn(M, d_in, generator=GEN)
         want = x.double() @ S.t() + b.double()

@@ -5,8 +5,8 @@ A lane-packed S [N, K] (K a multiple of 64) holds each row in blocks of 64 codes
 of lane i: the 2-bit layout stores lane i as a little-endian 16-bit word (16 bytes a block), the 3-bit one as a
 3-byte word (24 bytes a block), the 8-bit one as the plain codes (byte 8 J + i). A 3-bit S so takes 3/8 of a byte
 per weight instead of a nibble's 1/2. Quantized factors keep one byte per code (int8 ``code - zero`` on a symmetric
-grid, with only the scales); U is stored transposed ([r, N], scales [r / g, N]) so that the kernel reads 8 output
-rows at once.
+grid, with only the scales); U is stored in blocks of 8 output rows (``block8``: the r x 8 entries of rows 8 c ..
+8 c + 7 together, scales [r / g, N]) so that the kernel reads it in row order, 8 output rows a vector.
 
 Everything here is pure torch, and ``unlane`` / ``dequant`` are the fallback's exact inverses: the weights they give
 are ``fma(code, scale, -scale * zero)``, the value the kernels rebuild (both products are exact in float32).
@@ -83,3 +83,16 @@ def dequant(codes: torch.Tensor, scale: torch.Tensor, sz: torch.Tensor | None, g
     if sz is None:
         return codes.float() * s
     return torch.addcmul(-sz.repeat_interleave(group, dim), codes.float(), s)
+
+
+def block8(U: torch.Tensor) -> torch.Tensor:
+    """U [N, r] -> [ceil(N / 8), r, 8]: entry (n, j) at [n // 8, j, n % 8] (rows past N are zero)."""
+    N, r = U.shape
+    pad = torch.zeros(-(-N // 8) * 8, r, dtype=U.dtype)
+    pad[:N] = U
+    return pad.view(-1, 8, r).transpose(1, 2).contiguous()
+
+
+def unblock8(Ub: torch.Tensor, N: int) -> torch.Tensor:
+    """Inverse of ``block8``: [ceil(N / 8), r, 8] -> U [N, r]."""
+    return Ub.transpose(1, 2).reshape(-1, Ub.shape[1])[:N]

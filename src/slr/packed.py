@@ -67,27 +67,33 @@ def nm24_cols(index: torch.Tensor) -> torch.Tensor:
 
 
 class PackedLinear(nn.Module):
-    """y = x (S + U V)^T + b with S packed for slr's C++ kernels (see the module docstring). Buffers: ``s_values``
-    (uint8 nibbles [N, K/2] dense or [N, K/4] 2:4 with ``bits`` 4, lane-packed codes [N, K/8 * bits] with ``bits``
-    2, 3 or 8 (slr.lowbit), or float16 [N, K/2] 2:4), ``s_index`` (uint8 [N, K/8] or None), ``s_scale``, ``s_sz``
-    (float32 [N, K/g]; none for float16 values), ``U`` transposed [r, N] and ``V`` [r, K] (None with ``shared``):
-    float16 / float32 rows, or codes (slr.lowbit.factor_codes: int8 with scales only, or uint8 with scale * zero)
-    with ``u_scale``, ``u_sz`` [r/gu, N] / ``v_scale``, ``v_sz`` [r, K/gv] float32 (sz None for int8), and
-    ``bias``. ``U`` and ``V`` are given as [N, r] / [r, K] (with ``u_q`` / ``v_q`` = (scale, sz, group) for codes,
-    U's scales [N, r/gu]); decode runs the whole layer in one kernel call."""
+    """y = x (S + U V)^T + b with S packed for slr's C++ kernels (see the module docstring). Buffers:
+
+    * ``s_values``: uint8 nibbles [N, K/2] dense or [N, K/4] 2:4 (``bits`` 4), lane-packed codes [N, K/8 * bits]
+      (``bits`` 2, 3 or 8; slr.lowbit), or float16 [N, K/2] 2:4; ``s_index``: uint8 [N, K/8] or None;
+    * nibbles: ``s_scale``, ``s_sz`` float32 [N, K/g]; lanes: ``s_scale`` float16 [N, K/g] and ``s_zero`` uint8 zero
+      points, or None for the one zero point ``zero_const`` of a symmetric grid; float16 values: none;
+    * ``U`` in blocks of 8 rows [N/8, r, 8] (slr.lowbit.block8), ``V`` [r, K] (None with ``shared``): float16 /
+      float32, or codes (slr.lowbit.factor_codes: int8 with scales only, or uint8 with scale * zero) with
+      ``u_scale``, ``u_sz`` [r/gu, N] / ``v_scale``, ``v_sz`` [r, K/gv] float32 (sz None for int8); ``bias``.
+
+    ``U`` and ``V`` are given as [N, r] / [r, K] (with ``u_q`` / ``v_q`` = (scale, sz, group) for codes, U's scales
+    [N, r/gu]). Decode runs the whole layer in one kernel call."""
 
     def __init__(self, in_features: int, out_features: int, values: torch.Tensor, index: torch.Tensor | None,
                  scale: torch.Tensor | None, sz: torch.Tensor | None, group_size: int, U: torch.Tensor | None,
                  V: torch.Tensor | None, shared: SharedProjection | None, cid: int | None, bias: torch.Tensor | None,
-                 *, bits: int = 4, u_q: tuple | None = None, v_q: tuple | None = None):
+                 *, bits: int = 4, u_q: tuple | None = None, v_q: tuple | None = None,
+                 s_zero: torch.Tensor | None = None, zero_const: int = 0):
         super().__init__()
         self.in_features, self.out_features, self.group_size, self.bits = in_features, out_features, group_size, bits
+        self.zero_const = zero_const
         self.r = 0 if U is None else U.shape[1]
         self.u_group, self.v_group = (u_q or (0, 0, 0))[2], (v_q or (0, 0, 0))[2]
         us, uz = (u_q[0].t(), None if u_q[1] is None else u_q[1].t()) if u_q else (None, None)
         vs, vz = v_q[:2] if v_q else (None, None)
-        for name, t in (("s_values", values), ("s_index", index), ("s_scale", scale), ("s_sz", sz),
-                        ("U", None if U is None else U.t()), ("u_scale", us), ("u_sz", uz), ("V", V),
+        for name, t in (("s_values", values), ("s_index", index), ("s_scale", scale), ("s_sz", sz), ("s_zero", s_zero),
+                        ("U", None if U is None else lowbit.block8(U)), ("u_scale", us), ("u_sz", uz), ("V", V),
                         ("v_scale", vs), ("v_sz", vz), ("bias", bias)):
             self.register_buffer(name, None if t is None else t.contiguous())
         self.shared, self._cid = shared, cid
@@ -113,6 +119,9 @@ class PackedLinear(nn.Module):
                      lowbit.unlane(self.s_values, self.bits, K)).float()  # [N, K] or [N, K/2]
             grp = (torch.arange(K) // self.group_size if self.s_index is None else
                    nm24_cols(self.s_index) // self.group_size)  # the group of each value's input
+            if self.bits != 4:  # lanes: (code - zero) scale, exact
+                z = self.zero_const if self.s_zero is None else self.s_zero[:, grp].float()
+                return (codes - z) * self.s_scale[:, grp].float()
             s, z = (self.s_scale[:, grp], self.s_sz[:, grp]) if self.s_index is None else (
                 self.s_scale.gather(1, grp), self.s_sz.gather(1, grp))
             vals = torch.addcmul(-z, codes, s)  # fma(code, s, -sz) as the kernel rounds it (both products exact)
@@ -122,8 +131,9 @@ class PackedLinear(nn.Module):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(U [N, r], V [r, K] or None when shared) in float32, dequantized as the kernel rebuilds them."""
-        U = (lowbit.dequant(self.U, self.u_scale, self.u_sz, self.u_group, 0) if self.u_scale is not None else
-             self.U.float()).t()
+        Ut = lowbit.unblock8(self.U, self.out_features).t()  # [r, N]
+        U = (lowbit.dequant(Ut, self.u_scale, self.u_sz, self.u_group, 0) if self.u_scale is not None else
+             Ut.float()).t()
         if self.V is None:
             return U, None
         return U, (lowbit.dequant(self.V, self.v_scale, self.v_sz, self.v_group, 1) if self.v_scale is not None else
@@ -141,7 +151,8 @@ class PackedLinear(nn.Module):
         p = _ptr
         L = csrc.Layer(K=self.in_features, N=self.out_features, skind=csrc.S_KINDS[self._s_kind()],
                        gs=self.group_size, s=p(self.s_values), idx=p(self.s_index), scale=p(self.s_scale),
-                       sz=p(self.s_sz), r=self.r, bias=p(self.bias))
+                       sz=p(self.s_sz if self.bits == 4 else self.s_zero), r=self.r, bias=p(self.bias),
+                       zc=self.zero_const)
         if self.r:
             L.ukind, L.u, L.uscale, L.usz, L.ugs = (kind(self.U, self.u_scale), p(self.U), p(self.u_scale),
                                                     p(self.u_sz), self.u_group)
@@ -214,15 +225,16 @@ def _factor(t: torch.Tensor | None, stored: str) -> torch.Tensor | None:
 
 
 def _s_pack(lin: SLRLinear, spec, dtypes: dict):
-    """(values, index, scale, sz, bits) of a loaded layer's S for the kernels, or None when it has none."""
+    """(values, index, scale, sz, bits) of a loaded layer's S for the kernels (lanes: float16 scales and the zero
+    codes or None in place of scale and sz), or None when it has none."""
     d_out, d_in = lin.out_features, lin.in_features
     if spec is not None:
         codes, sbits, zero = lin.qbuffers("S")
         width = lowbit.lane_width(spec.bits)
         if width is not None and d_in % lowbit.LANE_BLOCK == 0 and spec.group_size % lowbit.LANE_BLOCK == 0 \
                 and codes.device.type == "cpu" and kernels._is_dense(lin):
-            scale, sz = lowbit.scales(sbits, zero, spec)
-            return lowbit.lane_codes(codes.view(d_out, d_in), width), None, scale, sz, width
+            lanes = lowbit.lane_codes(codes.view(d_out, d_in), width)
+            return lanes, None, sbits.contiguous().view(torch.float16), zero, width
         pack = kernels.cpp_pack(lin, spec, codes, sbits, zero) if spec.bits <= 4 else None
         return None if pack is None else (pack.weight, pack.index, pack.scale, pack.sz, 4)
     if dtypes.get("values") == "float16" and d_in % 64 == 0 and kernels.is_nm24(lin):
@@ -241,6 +253,8 @@ def pack_layer(lin: SLRLinear, dtypes: dict) -> PackedLinear | None:
         if s is None:
             return None
         values, index, scale, sz, bits = s
+        lanes = {} if bits == 4 else {"s_zero": sz, "zero_const": 2 ** (spec.bits - 1) if sz is None else 0}
+        sz = None if bits != 4 else sz
         fac = dtypes.get("factors", "float32")
         qs = getattr(lin, "qspecs", {})
         U = V = u_q = v_q = None
@@ -255,7 +269,8 @@ def pack_layer(lin: SLRLinear, dtypes: dict) -> PackedLinear | None:
                     V, v_q = (vc[0], vc[1:]) if vc else (_factor(lin.V, "float32" if "V" in qs else fac), None)
         bias = None if lin.bias is None else lin.bias.detach().float()
     return PackedLinear(lin.in_features, lin.out_features, values.contiguous(), index, scale, sz,
-                        spec.group_size if spec else 0, U, V, lin.shared, lin._cid, bias, bits=bits, u_q=u_q, v_q=v_q)
+                        spec.group_size if spec else 0, U, V, lin.shared, lin._cid, bias, bits=bits, u_q=u_q, v_q=v_q,
+                        **lanes)
 
 
 class PackedHead(nn.Module):

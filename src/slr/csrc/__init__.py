@@ -266,7 +266,7 @@ class Layer(ctypes.Structure):
         (n, ctypes.c_void_p) for n in ("s", "idx", "scale", "sz")] + [
         (n, ctypes.c_int64) for n in ("r", "vkind")] + [(n, ctypes.c_void_p) for n in ("v", "vscale", "vsz")] + [
         (n, ctypes.c_int64) for n in ("vgs", "ukind")] + [(n, ctypes.c_void_p) for n in ("u", "uscale", "usz")] + [
-        ("ugs", ctypes.c_int64), ("bias", ctypes.c_void_p)]
+        ("ugs", ctypes.c_int64), ("bias", ctypes.c_void_p), ("zc", ctypes.c_float), ("pad_", ctypes.c_float)]
 
 
 def layer_mm(layer: Layer, x: torch.Tensor, z: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
