@@ -3,18 +3,22 @@
 ``io.load`` (``packed=None``: when the C++ kernels are built, the device is the CPU, compute is float32 and the kernel
 setting is not ``torch``) converts, after building each layer:
 
-* a compressed linear whose S is quantized at 2-4 bits and dense (groups of 32k inputs) or 2:4 (groups of 16k,
-  d_in a multiple of 64), or whose S is a 2:4 float16 one, into a ``PackedLinear``: S as int4_gemv.cpp's nibbles
-  (2- and 3-bit codes too: a code below 16 fits a nibble) or half floats, with the 2-bit positions of a 2:4 S; the
-  factors as float16 rows when the artifact stores them so, else float32; no CSR index, no float copy of S;
+* a compressed linear whose S is quantized and dense or 2:4, or whose S is a 2:4 float16 one, into a
+  ``PackedLinear``: a dense S with groups of 64k inputs (d_in a multiple of 64) at its own width, 2 or 3 bits a code
+  (slr.lowbit's lane layouts) or 8 bits for 5-8-bit codes, with float16 scales; a 4-bit S (dense, groups of 32k; or
+  2:4, groups of 16k, d_in a multiple of 64), and a 2- or 3-bit one the lanes do not take, as int4_gemv.cpp's
+  nibbles with float32 scales; a float16 2:4 S as half floats; 2:4 with its 2-bit positions. Quantized factors stay
+  codes (int8, or uint8 with their zero points; U in blocks of 8 rows), float ones float16 rows when the artifact
+  stores them so, else float32; no CSR index, no float copy of S;
 * the output head, and the input embedding, into rows at the width the artifact stores them (int8 with a row scale,
   or float16): ``PackedHead`` and ``RowsEmbedding``.
 
-A call of at most ``DECODE_MAX_TOKENS`` tokens reads the packed bytes (decode); a longer one unpacks S into a float32
-matrix once and runs one GEMM (prefill: at 512 tokens the GEMM's arithmetic dwarfs the unpacking). Under
+A call of at most ``DECODE_MAX_TOKENS`` tokens reads the packed bytes, S, factors and bias in one C++ call
+(``slr_layer_mm``; decode); a longer one unpacks S into a float32 matrix once and runs one GEMM, plus the two thin
+low-rank GEMMs (prefill: at 512 tokens the GEMM's arithmetic dwarfs the unpacking). Under
 ``slr.kernels.use_kernel("torch")`` every layer computes the same products in pure torch from the same bytes
-(``torch_unpack``), so the numbers agree up to summation order. These layers have no gradients and cannot be saved
-again: load with ``packed=False`` to fine-tune, re-save or export.
+(``PackedLinear.unpacked(False)``, ``factors()``), so the numbers agree up to summation order. These layers have no
+gradients and cannot be saved again: load with ``packed=False`` to fine-tune, re-save or export.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 // slr's C++ kernels: y[M, N] = x[M, K] W^T for a 4-bit grouped-quantized W, dense or 2:4 sparse, float32
-// activations, AVX2 + FMA. Dense first; the 2:4 kernel (slr_int4_nm24_mm) is described further down.
+// activations, AVX2 + FMA. Dense first; the 2:4 kernel (slr_int4_nm24_mm) is described further down, then 2-, 3- and
+// 8-bit codes at their own width and one whole layer (S + low-rank part + bias) per call (slr_layer_mm).
 //
 //   W[n, k] = scale[n, k / g] * (code[n, k] - zero[n, k / g])          (slr.quant's grid; symmetric: zero = 8)
 //
