@@ -148,7 +148,8 @@ class PackedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def _layer(self):
-        """(csrc.Layer over this module's buffers, its address): built once per set of buffers."""
+        """(csrc.Layer over this module's buffers, its address, the same Layer with no S or None when r = 0): built
+        once per set of buffers."""
         def kind(t, q):
             return csrc.ROWS_KINDS[t.dtype] if q is None else csrc.F_I8 if t.dtype == torch.int8 else csrc.F_U8
 
@@ -165,7 +166,11 @@ class PackedLinear(nn.Module):
             else:
                 L.vkind, L.v, L.vscale, L.vsz, L.vgs = (kind(self.V, self.v_scale), p(self.V), p(self.v_scale),
                                                         p(self.v_sz), self.v_group)
-        self._desc = (L, ctypes.addressof(L))
+        lr = None
+        if self.r:  # the low-rank part alone (and the bias), for calls that run S as a GEMM
+            lr = csrc.Layer.from_buffer_copy(L)
+            lr.skind = csrc.S_KINDS["none"]
+        self._desc = (L, ctypes.addressof(L), lr)
         return self._desc
 
     def _decode(self, x2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -184,10 +189,14 @@ class PackedLinear(nn.Module):
         kernels.CALLS["packed"] += 1
         return y
 
-    def _lowrank(self, x2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _lowrank(self, x2: torch.Tensor, x: torch.Tensor, cpp: bool) -> torch.Tensor:
+        """x (U V)^T [T, N] (plus the bias with ``cpp``: the C++ kernel with no S, which reads the factors' codes in
+        place; the torch path dequantizes them first)."""
+        z = self.shared(x, self._cid).reshape(-1, self.r).float().contiguous() if self.V is None else None
+        if cpp:
+            return csrc.layer_mm((self.__dict__.get("_desc") or self._layer())[2], x2, z)
         U, V = self.factors()
-        z = self.shared(x, self._cid).reshape(-1, self.r) if V is None else F.linear(x2, V)
-        return F.linear(z.float(), U)
+        return F.linear(z if V is None else F.linear(x2, V), U)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,8 +210,8 @@ class PackedLinear(nn.Module):
         else:
             y = F.linear(x2, self.unpacked(cpp))
             if self.r:
-                y += self._lowrank(x2, x)
-            if self.bias is not None:
+                y += self._lowrank(x2, x, cpp)
+            if self.bias is not None and not (cpp and self.r):
                 y += self.bias
         y = y.view(*x.shape[:-1], self.out_features)
         return y if x.dtype is torch.float32 else y.to(x.dtype)

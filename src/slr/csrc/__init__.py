@@ -255,7 +255,8 @@ def lowrank_add_(y: torch.Tensor, x: torch.Tensor, U: torch.Tensor, V: torch.Ten
     return y
 
 
-S_KINDS = {"nibble": 0, "nibble-2:4": 1, "float16-2:4": 2, "lanes2": 3, "lanes3": 4, "lanes8": 5}  # int4_gemv.cpp SKind
+S_KINDS = {"nibble": 0, "nibble-2:4": 1, "float16-2:4": 2, "lanes2": 3, "lanes3": 4, "lanes8": 5,
+           "none": 6}  # int4_gemv.cpp SKind
 F_U8, F_GIVEN, F_I8 = 3, 4, 5  # int4_gemv.cpp FKind (with ROWS_KINDS' float16 and float32)
 
 

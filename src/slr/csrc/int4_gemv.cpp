@@ -679,14 +679,15 @@ SLR_F16 void unpack_lanes_rows(int64_t K, const uint8_t* w, const uint16_t* hs, 
 // One layer y = x (S + U V)^T + bias, described once by the caller (slr.csrc.Layer; every field 8 bytes).
 //   S: skind S_NIBBLE (the 4-bit kernel's layout), S_NIBBLE_NM24 (4-bit 2:4), S_F16_NM24 (float16 2:4; no scale),
 //      S_LANES2 / 3 / 8 (above); s the codes or values, idx the 2:4 positions, scale / sz [N, K / gs] float32; for
-//      the lanes, scale float16 [N, K / gs] and sz the uint8 zero points [N, K / gs] or null (zero point zc)
+//      the lanes, scale float16 [N, K / gs] and sz the uint8 zero points [N, K / gs] or null (zero point zc);
+//      S_NONE: no S (y = x (U V)^T + bias: the low-rank part next to a GEMM of the unpacked S at prefill)
 //   V [r, K]: vkind F_F16 / F_F32 rows, F_U8 uint8 codes with vscale / vsz [r, K / vgs] float32 (weight
 //      scale * code - sz; vgs a multiple of 8), F_I8 int8 codes with vscale only (weight scale * code: a symmetric
 //      grid's code minus its zero), or F_GIVEN: no V, the caller passes z = x V^T [M, r] (a shared projection's)
 //   U: blocked by 8 output rows (see lowrank_u; r x 8 ceil(N / 8) entries): ukind F_F16 / F_F32, or F_U8 / F_I8
 //      codes with uscale (/ usz) [r / ugs, N] float32
 //   r = 0: no low-rank part; bias null or float32 [N]
-enum SKind { S_NIBBLE = 0, S_NIBBLE_NM24 = 1, S_F16_NM24 = 2, S_LANES2 = 3, S_LANES3 = 4, S_LANES8 = 5 };
+enum SKind { S_NIBBLE = 0, S_NIBBLE_NM24 = 1, S_F16_NM24 = 2, S_LANES2 = 3, S_LANES3 = 4, S_LANES8 = 5, S_NONE = 6 };
 enum FKind { F_F16 = ROWS_F16, F_F32 = ROWS_F32, F_U8 = 3, F_GIVEN = 4, F_I8 = 5 };
 
 struct Layer {
@@ -716,6 +717,10 @@ struct Layer {
 SLR_F16 void s_rows(const Layer& L, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
     const uint8_t* s = static_cast<const uint8_t*>(L.s);
     switch (L.skind) {
+        case S_NONE:
+            for (int64_t m = 0; m < M; ++m)
+                for (int64_t n = n0; n < n1; ++n) y[m * L.N + n] = 0.f;
+            break;
         case S_NIBBLE: run(x, M, L.K, s, L.scale, L.sz, L.gs, L.N, y, n0, n1); break;
         case S_NIBBLE_NM24: nm24_run(x, M, L.K, s, L.idx, L.scale, L.sz, L.gs, L.N, y, n0, n1); break;
         case S_F16_NM24:
@@ -886,12 +891,13 @@ inline void prefetch(const char* p, int64_t n) {
 
 // -1 unless the layer's shapes and kinds are ones the kernels take.
 int check_layer(const Layer& L) {
-    if (L.K <= 0 || L.N < 0 || L.r < 0 || L.skind < S_NIBBLE || L.skind > S_LANES8) return -1;
-    if (L.skind != S_F16_NM24 && (L.gs <= 0 || L.K % L.gs || !L.scale || (L.skind < S_LANES2 && !L.sz))) return -1;
+    if (L.K <= 0 || L.N < 0 || L.r < 0 || L.skind < S_NIBBLE || L.skind > S_NONE) return -1;
+    if (L.skind != S_F16_NM24 && L.skind != S_NONE && (L.gs <= 0 || L.K % L.gs || !L.scale || (L.skind < S_LANES2 && !L.sz))) return -1;
     switch (L.skind) {
         case S_NIBBLE: if (L.K % 32 || L.gs % 32) return -1; break;
         case S_NIBBLE_NM24: if (L.K % 64 || L.gs % 16 || !L.idx) return -1; break;
         case S_F16_NM24: if (L.K % 64 || !L.idx) return -1; break;
+        case S_NONE: break;
         default: if (L.K % 64 || L.gs % 64) return -1;
     }
     if (L.r == 0) return 0;
@@ -1051,7 +1057,7 @@ int slr_layer_mm(const void* layer, const float* x, int64_t M, const float* z, f
 // out [N, K] float32 = the dense S of a layer (struct Layer; its low-rank part and bias are not read).
 int slr_layer_unpack(const void* layer, float* out, int threads) {
     const Layer& L = *static_cast<const Layer*>(layer);
-    if (check_layer(L)) return -1;
+    if (check_layer(L) || L.skind == S_NONE) return -1;
     if (!slr_int4_cpu_ok()) return -2;
     const uint8_t* s = static_cast<const uint8_t*>(L.s);
     parallel_rows(thread_count(threads, L.N, L.K / 8), L.N, [&](int64_t n0, int64_t n1) {
