@@ -100,10 +100,16 @@ CASES = {  # name: (family, config, embed bits, packed layers, head class)
     "gptq4-e8": ("llama", slr.CompressConfig(method="gptq", bits=4, group_size=32), 8, 14, packed.PackedHead),
     "q3r4f8-e16": ("qwen3", slr.CompressConfig(method="prune+lr", bits=3, group_size=32, rank=4, factor_bits=8), 16,
                    14, packed.PackedHead),
+    "q3g64r4f8": ("llama", slr.CompressConfig(method="prune+lr", bits=3, group_size=64, rank=4, factor_bits=8), 8,
+                  14, packed.PackedHead),  # S in the 3-bit lane layout, int8 factors
+    "q2g64": ("llama", slr.CompressConfig(method="gptq", bits=2, group_size=64), 8, 14, packed.PackedHead),
+    "q8g64": ("llama", slr.CompressConfig(method="gptq", bits=8, group_size=64), 8, 14, packed.PackedHead),
     "nm24r4-f16": ("llama", slr.CompressConfig(method="admm", pattern="2:4", rank=4), None, 14, torch.nn.Linear),
     "gemma-gptq4-e8": ("gemma3_text", slr.CompressConfig(method="gptq", bits=4, group_size=32), 8, 14,
                        packed.PackedHead),
 }
+
+LANES = {"q3g64r4f8": (3, torch.int8), "q2g64": (2, None), "q8g64": (8, None)}  # name: (S bits, factor dtype)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -113,6 +119,10 @@ def test_packed_load_keeps_logits_and_text(tmp_path, name):
     ref, _ = io.load(art, packed=False)
     got, _ = io.load(art)
     assert sum(isinstance(m, packed.PackedLinear) for m in got.modules()) == n_packed
+    if name in LANES:  # S at its own width, quantized factors as int8 codes
+        bits, fdt = LANES[name]
+        lins = [m for m in got.modules() if isinstance(m, packed.PackedLinear)]
+        assert all(m.bits == bits and (m.U is None or m.U.dtype == fdt) for m in lins)
     assert not any(type(m) is SLRLinear for m in got.modules())
     assert isinstance(got.get_output_embeddings(), head_cls)
     if eb is not None:  # the head and the embedding hold their stored rows, no float32 copy
@@ -135,7 +145,8 @@ def test_packed_load_keeps_logits_and_text(tmp_path, name):
 
 
 def test_what_is_not_packed(tmp_path):
-    """8-bit S, unstructured S, kernel setting "torch" at load and packed=False keep SLRLinear layers."""
+    """8-bit S in groups of 32 (the 8-bit lanes take 64k), unstructured S, kernel setting "torch" at load and
+    packed=False keep SLRLinear layers."""
     art = _artifact(tmp_path, "llama", slr.CompressConfig(method="gptq", bits=8, group_size=32), 8, "q8")
     m, _ = io.load(art)
     assert not any(isinstance(x, packed.PackedLinear) for x in m.modules())

@@ -27,7 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "int4_gemv.cpp"
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
-ABI = 5  # slr_int4_abi() of the source this module speaks to
+ABI = 6  # slr_int4_abi() of the source this module speaks to
 ERRORS = {-1: "shapes it does not take", -2: "this CPU has no AVX2 + FMA + F16C"}
 
 _lib: ctypes.CDLL | None = None
@@ -112,6 +112,9 @@ def load() -> ctypes.CDLL | None:
         lib.slr_rows_mm.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int, ctypes.c_int]
         lib.slr_unpack.argtypes = [i64, p, p, p, p, p, i64, i64, p, ctypes.c_int]
         lib.slr_lowrank_add.argtypes = [p, i64, i64, p, ctypes.c_int, p, p, ctypes.c_int, i64, i64, p, ctypes.c_int]
+        lib.slr_layer_mm.restype = lib.slr_layer_unpack.restype = ctypes.c_int
+        lib.slr_layer_mm.argtypes = [p, p, i64, p, p, ctypes.c_int]
+        lib.slr_layer_unpack.argtypes = [p, p, ctypes.c_int]
         _lib = lib
     return _lib
 
@@ -250,3 +253,39 @@ def lowrank_add_(y: torch.Tensor, x: torch.Tensor, U: torch.Tensor, V: torch.Ten
     _run("lowrank_add", x.data_ptr(), M, K, _ptr(V), ROWS_KINDS[V.dtype] if V is not None else 0, _ptr(z),
          U.data_ptr(), ROWS_KINDS[U.dtype], r, N, y.data_ptr(), torch.get_num_threads() if threads is None else threads)
     return y
+
+
+S_KINDS = {"nibble": 0, "nibble-2:4": 1, "float16-2:4": 2, "lanes2": 3, "lanes3": 4, "lanes8": 5,
+           "none": 6}  # int4_gemv.cpp SKind
+F_U8, F_GIVEN, F_I8 = 3, 4, 5  # int4_gemv.cpp FKind (with ROWS_KINDS' float16 and float32)
+
+
+class Layer(ctypes.Structure):
+    """int4_gemv.cpp's ``struct Layer``: one layer's S, low-rank part and bias, as kinds, sizes and data pointers."""
+
+    _fields_ = [(n, ctypes.c_int64) for n in ("K", "N", "skind", "gs")] + [
+        (n, ctypes.c_void_p) for n in ("s", "idx", "scale", "sz")] + [
+        (n, ctypes.c_int64) for n in ("r", "vkind")] + [(n, ctypes.c_void_p) for n in ("v", "vscale", "vsz")] + [
+        (n, ctypes.c_int64) for n in ("vgs", "ukind")] + [(n, ctypes.c_void_p) for n in ("u", "uscale", "usz")] + [
+        ("ugs", ctypes.c_int64), ("bias", ctypes.c_void_p), ("zc", ctypes.c_float), ("pad_", ctypes.c_float)]
+
+
+def layer_mm(layer: Layer, x: torch.Tensor, z: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """x [M, K] float32 contiguous -> x (S + U V)^T + bias [M, N] for a ``Layer`` (whose tensors the caller keeps
+    alive); ``z`` [M, r] float32 = x V^T when V is given by the caller (kind F_GIVEN)."""
+    _check("layer_mm", x, (z, torch.float32))
+    if x.shape[1] != layer.K or (z is not None and z.shape != (x.shape[0], layer.r)):
+        raise ValueError(f"layer_mm: x {tuple(x.shape)}, z {None if z is None else tuple(z.shape)} do not fit a "
+                         f"layer of K={layer.K}, r={layer.r}")
+    y = torch.empty(x.shape[0], layer.N)
+    _run("layer_mm", ctypes.addressof(layer), x.data_ptr(), x.shape[0], _ptr(z), y.data_ptr(),
+         torch.get_num_threads() if threads is None else threads)
+    return y
+
+
+def layer_unpack(layer: Layer, threads: int | None = None) -> torch.Tensor:
+    """The dense float32 S [N, K] of a ``Layer``."""
+    out = torch.empty(layer.N, layer.K)
+    _run("layer_unpack", ctypes.addressof(layer), out.data_ptr(),
+         torch.get_num_threads() if threads is None else threads)
+    return out

@@ -1,5 +1,6 @@
 // slr's C++ kernels: y[M, N] = x[M, K] W^T for a 4-bit grouped-quantized W, dense or 2:4 sparse, float32
-// activations, AVX2 + FMA. Dense first; the 2:4 kernel (slr_int4_nm24_mm) is described further down.
+// activations, AVX2 + FMA. Dense first; the 2:4 kernel (slr_int4_nm24_mm) is described further down, then 2-, 3- and
+// 8-bit codes at their own width and one whole layer (S + low-rank part + bias) per call (slr_layer_mm).
 //
 //   W[n, k] = scale[n, k / g] * (code[n, k] - zero[n, k / g])          (slr.quant's grid; symmetric: zero = 8)
 //
@@ -24,8 +25,10 @@
 // so that the entry points (and the CPU check in them) run on any x86-64 CPU: slr_int4_mm refuses to run without
 // AVX2 + FMA instead of faulting.
 
+#include <cmath>
 #include <cstdint>
 #include <immintrin.h>
+#include <utility>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -454,12 +457,464 @@ void parallel_rows(int64_t nt, int64_t N, F f) {
     f(0, N);
 }
 
+// ---- 2-, 3- and 8-bit codes at their own width ("lanes"), and one layer in one call ---------------------------------
+//
+// A lane-packed S holds codes in blocks of 64 consecutive inputs of a row; code 8 J + i of a block (J, i = 0..7) is
+// field J of lane i, so that field J of the 8 lanes lines up with inputs 8 J .. 8 J + 7 (slr.lowbit.lane_codes):
+//   2-bit: 16 bytes a block, the little-endian uint16 word i holds field J in bits 2 J .. 2 J + 1
+//   3-bit: 24 bytes a block, the little-endian 3-byte word i (bytes 3 i .. 3 i + 2) holds it in bits 3 J .. 3 J + 2
+//   8-bit: 64 bytes a block, byte 8 J + i (the plain row-major codes)
+// K and g are multiples of 64; each group has a float16 scale and a zero point (LArgs). 2 and 3 bits read their
+// weights from a table (lanes_lut); 8 bits as the 4-bit kernel: one row of x sums code * x per group (scaled once,
+// the zero part from the group sums of x), more rows rebuild each weight exactly.
+
+// A lane-packed S's groups: float16 scales, and zero points (uint8, or one constant zc on a symmetric grid). Each
+// weight is (code - zero) scale = fma(code, scale, -scale zero), exact in float32 (an fp16 value times an integer).
+struct LArgs {
+    const float* x;
+    int64_t K;
+    const uint8_t* w;
+    const uint16_t* hs;
+    const uint8_t* zero;
+    float zc;
+    int64_t gs;
+    int64_t N;
+    float* y;
+    const float* xs;
+    SLR_F16 float s(int64_t i) const { return _cvtsh_ss(hs[i]); }
+    float z(int64_t i) const { return zero ? static_cast<float>(zero[i]) : zc; }
+    SLR_F16 float sz(int64_t i) const { return s(i) * z(i); }
+};
+
+template <int B>
+SLR_AVX2 inline __m256i lanes(const uint8_t* p) {
+    if (B == 2) return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    if (B == 3) {  // bytes 0..15 and 8..23: lanes 0-3 from the first half, 4-7 from the second (no read past 24)
+        const __m256i v = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)), 1);
+        const __m256i sh = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                            4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1);
+        return _mm256_shuffle_epi8(v, sh);
+    }
+    return _mm256_setzero_si256();  // 8-bit: each field is loaded on its own
+}
+
+// Field J of the 8 lanes (the codes of inputs 8 J .. 8 J + 7 of the block at p) as floats.
+template <int B, int J>
+SLR_AVX2 inline __m256 field(__m256i v, const uint8_t* p) {
+    if (B == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * J))));
+    if (J == 7) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, B * J));  // the top field: nothing above it
+    const __m256i m = _mm256_set1_epi32((1 << B) - 1);
+    if (J == 0) return _mm256_cvtepi32_ps(_mm256_and_si256(v, m));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, B * J), m));
+}
+
+#define SLR_FIELDS(STEP) STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5) STEP(6) STEP(7)
+
+// Output rows n .. n + R - 1 for one row of x (group sums; a.xs holds the sums of x over each group).
+template <int B, int R>
+SLR_F16 __attribute__((noinline)) void lanes_sums(const LArgs& a, int64_t n) {
+    const int64_t G = a.K / a.gs, per_group = a.gs / 64, row = a.K / 8 * B;
+    __m256 tot[R];
+    for (int r = 0; r < R; ++r) tot[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        __m256 acc[R][2];
+        for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+            const uint8_t* p[R];
+            __m256i v[R];
+            for (int r = 0; r < R; ++r) {
+                p[r] = a.w + (n + r) * row + 8 * B * b;
+                if (((8 * B * b) & 63) < 8 * B && n + 2 * R < a.N)  // about once per cache line
+                    _mm_prefetch(reinterpret_cast<const char*>(p[r] + 2 * R * row), _MM_HINT_T0);
+                v[r] = lanes<B>(p[r]);
+            }
+            const float* xb = a.x + 64 * b;
+#define SLR_LSTEP(J)                                                                        \
+    {                                                                                       \
+        const __m256 xv = _mm256_loadu_ps(xb + 8 * J);                                      \
+        for (int r = 0; r < R; ++r)                                                         \
+            acc[r][J & 1] = _mm256_fmadd_ps(field<B, J>(v[r], p[r]), xv, acc[r][J & 1]);    \
+    }
+            SLR_FIELDS(SLR_LSTEP)
+#undef SLR_LSTEP
+        }
+        for (int r = 0; r < R; ++r)
+            tot[r] = _mm256_fmadd_ps(_mm256_set1_ps(a.s((n + r) * G + g)), _mm256_add_ps(acc[r][0], acc[r][1]),
+                                     tot[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+        float zs = 0.f;
+        for (int64_t g = 0; g < G; ++g) zs += a.sz((n + r) * G + g) * a.xs[g];
+        a.y[n + r] = hsum(tot[r]) - zs;
+    }
+}
+
+// Output row n for M rows of x: each weight rebuilt as fma(code, scale, -sz), shared by the rows.
+template <int B, int M>
+SLR_F16 __attribute__((noinline)) void lanes_dequant(const LArgs& a, int64_t n) {
+    const int64_t K = a.K, G = K / a.gs, per_group = a.gs / 64, row = K / 8 * B;
+    __m256 acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        const __m256 s = _mm256_set1_ps(a.s(n * G + g)), nz = _mm256_set1_ps(-a.sz(n * G + g));
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+            const uint8_t* p = a.w + n * row + 8 * B * b;
+            if (((8 * B * b) & 63) < 8 * B && n + 2 < a.N) _mm_prefetch(reinterpret_cast<const char*>(p + 2 * row), _MM_HINT_T0);
+            const __m256i v = lanes<B>(p);
+            const float* xb = a.x + 64 * b;
+#define SLR_LSTEP(J)                                                                        \
+    {                                                                                       \
+        const __m256 wv = _mm256_fmadd_ps(field<B, J>(v, p), s, nz);                        \
+        for (int m = 0; m < M; ++m)                                                         \
+            acc[m][J & 1] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xb + m * K + 8 * J), acc[m][J & 1]); \
+    }
+            SLR_FIELDS(SLR_LSTEP)
+#undef SLR_LSTEP
+        }
+    }
+    for (int m = 0; m < M; ++m) a.y[m * a.N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+}
+
+// 2- and 3-bit codes: output rows n .. n + R - 1 for M rows of x, through a table. Each group's 8 weights
+// fma(c, scale, -sz) (c = 0..7; for 2 bits 0..3 twice) sit in one register, and a lane permute by the shifted lane
+// word picks each weight: the permute reads only the index's low 3 bits, so no mask (2 bits: the table repeats).
+// The weights are the rebuilt ones, exactly; one instruction replaces the mask and the int-to-float conversion.
+template <int B, int R, int M>
+SLR_F16 __attribute__((noinline)) void lanes_lut(const LArgs& a, int64_t n) {
+    const int64_t K = a.K, G = K / a.gs, per_group = a.gs / 64, row = K / 8 * B;
+    const __m256 iota = B == 2 ? _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3) : _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 acc[R][M][2];
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        __m256 t[R];
+        for (int r = 0; r < R; ++r)
+            t[r] = _mm256_mul_ps(_mm256_sub_ps(iota, _mm256_set1_ps(a.z((n + r) * G + g))),
+                                 _mm256_set1_ps(a.s((n + r) * G + g)));  // (c - zero) scale: exact
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+            __m256i v[R];
+            for (int r = 0; r < R; ++r) {
+                const uint8_t* p = a.w + (n + r) * row + 8 * B * b;
+                if (((8 * B * b) & 63) < 8 * B && n + 2 * R < a.N)  // about once per cache line
+                    _mm_prefetch(reinterpret_cast<const char*>(p + 2 * R * row), _MM_HINT_T0);
+                v[r] = lanes<B>(p);
+            }
+            const float* xb = a.x + 64 * b;
+#define SLR_TSTEP(J)                                                                                        \
+    {                                                                                                       \
+        __m256 wv[R];                                                                                       \
+        for (int r = 0; r < R; ++r)                                                                         \
+            wv[r] = _mm256_permutevar8x32_ps(t[r], J ? _mm256_srli_epi32(v[r], B * J) : v[r]);              \
+        for (int m = 0; m < M; ++m) {                                                                       \
+            const __m256 xv = _mm256_loadu_ps(xb + m * K + 8 * J);                                          \
+            for (int r = 0; r < R; ++r) acc[r][m][J & 1] = _mm256_fmadd_ps(wv[r], xv, acc[r][m][J & 1]);    \
+        }                                                                                                   \
+    }
+            SLR_FIELDS(SLR_TSTEP)
+#undef SLR_TSTEP
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) a.y[m * a.N + n + r] = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
+}
+
+template <int B>
+SLR_F16 void lanes_run(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* hs,
+                       const uint8_t* zero, float zc, int64_t gs, int64_t N, float* y, int64_t n0, int64_t n1) {
+    const int64_t G = K / gs;
+    std::vector<float> xs(G);
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+        const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
+        const LArgs a{x + m0 * K, K, w, hs, zero, zc, gs, N, y + m0 * N, xs.data()};
+        int64_t n = n0;
+        if constexpr (B != 8) {
+            switch (mm) {
+                case 1:
+                    for (; n + 2 <= n1; n += 2) lanes_lut<B, 2, 1>(a, n);
+                    for (; n < n1; ++n) lanes_lut<B, 1, 1>(a, n);
+                    break;
+                case 2: for (; n < n1; ++n) lanes_lut<B, 1, 2>(a, n); break;
+                case 3: for (; n < n1; ++n) lanes_lut<B, 1, 3>(a, n); break;
+                default: for (; n < n1; ++n) lanes_lut<B, 1, 4>(a, n); break;
+            }
+        } else if (mm == 1) {
+            for (int64_t g = 0; g < G; ++g) {
+                float s = 0.f;
+                for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += a.x[k];
+                xs[g] = s;
+            }
+            for (; n + 2 <= n1; n += 2) lanes_sums<B, 2>(a, n);
+            for (; n < n1; ++n) lanes_sums<B, 1>(a, n);
+        } else {
+            for (; n < n1; ++n) switch (mm) {
+                    case 2: lanes_dequant<B, 2>(a, n); break;
+                    case 3: lanes_dequant<B, 3>(a, n); break;
+                    default: lanes_dequant<B, 4>(a, n); break;
+                }
+        }
+    }
+}
+
+template <int B>
+SLR_F16 void unpack_lanes_rows(int64_t K, const uint8_t* w, const uint16_t* hs, const uint8_t* zero, float zc,
+                               int64_t gs, float* out, int64_t n0, int64_t n1) {
+    const LArgs a{nullptr, K, w, hs, zero, zc, gs, 0, out, nullptr};
+    const int64_t G = K / gs, per_group = gs / 64, row = K / 8 * B;
+    for (int64_t n = n0; n < n1; ++n)
+        for (int64_t g = 0; g < G; ++g) {
+            const __m256 s = _mm256_set1_ps(a.s(n * G + g)), nz = _mm256_set1_ps(-a.sz(n * G + g));
+            for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+                const uint8_t* p = w + n * row + 8 * B * b;
+                const __m256i v = lanes<B>(p);
+                float* o = out + n * K + 64 * b;
+#define SLR_LSTEP(J) _mm256_storeu_ps(o + 8 * J, _mm256_fmadd_ps(field<B, J>(v, p), s, nz));
+                SLR_FIELDS(SLR_LSTEP)
+#undef SLR_LSTEP
+            }
+        }
+}
+
+// One layer y = x (S + U V)^T + bias, described once by the caller (slr.csrc.Layer; every field 8 bytes).
+//   S: skind S_NIBBLE (the 4-bit kernel's layout), S_NIBBLE_NM24 (4-bit 2:4), S_F16_NM24 (float16 2:4; no scale),
+//      S_LANES2 / 3 / 8 (above); s the codes or values, idx the 2:4 positions, scale / sz [N, K / gs] float32; for
+//      the lanes, scale float16 [N, K / gs] and sz the uint8 zero points [N, K / gs] or null (zero point zc);
+//      S_NONE: no S (y = x (U V)^T + bias: the low-rank part next to a GEMM of the unpacked S at prefill)
+//   V [r, K]: vkind F_F16 / F_F32 rows, F_U8 uint8 codes with vscale / vsz [r, K / vgs] float32 (weight
+//      scale * code - sz; vgs a multiple of 8), F_I8 int8 codes with vscale only (weight scale * code: a symmetric
+//      grid's code minus its zero), or F_GIVEN: no V, the caller passes z = x V^T [M, r] (a shared projection's)
+//   U: blocked by 8 output rows (see lowrank_u; r x 8 ceil(N / 8) entries): ukind F_F16 / F_F32, or F_U8 / F_I8
+//      codes with uscale (/ usz) [r / ugs, N] float32
+//   r = 0: no low-rank part; bias null or float32 [N]
+enum SKind { S_NIBBLE = 0, S_NIBBLE_NM24 = 1, S_F16_NM24 = 2, S_LANES2 = 3, S_LANES3 = 4, S_LANES8 = 5, S_NONE = 6 };
+enum FKind { F_F16 = ROWS_F16, F_F32 = ROWS_F32, F_U8 = 3, F_GIVEN = 4, F_I8 = 5 };
+
+struct Layer {
+    int64_t K, N, skind, gs;
+    const void* s;
+    const uint8_t* idx;
+    const float* scale;
+    const float* sz;
+    int64_t r, vkind;
+    const void* v;
+    const float* vscale;
+    const float* vsz;
+    int64_t vgs, ukind;
+    const void* u;
+    const float* uscale;
+    const float* usz;
+    int64_t ugs;
+    const float* bias;
+    float zc;  // lanes: the zero point of every group when sz (their zero codes) is null
+    float pad_;
+    // lanes: scale holds float16 scales, sz uint8 zero points (or null)
+    const uint16_t* hscale() const { return reinterpret_cast<const uint16_t*>(scale); }
+    const uint8_t* zero() const { return reinterpret_cast<const uint8_t*>(sz); }
+};
+
+// S's output rows [n0, n1).
+SLR_F16 void s_rows(const Layer& L, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
+    const uint8_t* s = static_cast<const uint8_t*>(L.s);
+    switch (L.skind) {
+        case S_NONE:
+            for (int64_t m = 0; m < M; ++m)
+                for (int64_t n = n0; n < n1; ++n) y[m * L.N + n] = 0.f;
+            break;
+        case S_NIBBLE: run(x, M, L.K, s, L.scale, L.sz, L.gs, L.N, y, n0, n1); break;
+        case S_NIBBLE_NM24: nm24_run(x, M, L.K, s, L.idx, L.scale, L.sz, L.gs, L.N, y, n0, n1); break;
+        case S_F16_NM24:
+            nm24_f16_run(x, M, L.K, static_cast<const uint16_t*>(L.s), L.idx, L.N, y, n0, n1);
+            break;
+        case S_LANES2: lanes_run<2>(x, M, L.K, s, L.hscale(), L.zero(), L.zc, L.gs, L.N, y, n0, n1); break;
+        case S_LANES3: lanes_run<3>(x, M, L.K, s, L.hscale(), L.zero(), L.zc, L.gs, L.N, y, n0, n1); break;
+        default: lanes_run<8>(x, M, L.K, s, L.hscale(), L.zero(), L.zc, L.gs, L.N, y, n0, n1); break;
+    }
+}
+
+// 8 consecutive entries of a factor row of `kind` at element offset o, as floats.
+SLR_F16 inline __m256 factor8(int64_t kind, const void* f, int64_t o) {
+    if (kind == F_I8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(f) + o))));
+    if (kind == F_U8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(f) + o))));
+    if (kind == F_F16)
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(f) + o)));
+    return _mm256_loadu_ps(static_cast<const float*>(f) + o);
+}
+
+SLR_F16 inline float factor1(int64_t kind, const void* f, int64_t o) {
+    if (kind == F_I8) return static_cast<float>(static_cast<const int8_t*>(f)[o]);
+    if (kind == F_U8) return static_cast<float>(static_cast<const uint8_t*>(f)[o]);
+    if (kind == F_F16) return _cvtsh_ss(static_cast<const uint16_t*>(f)[o]);
+    return static_cast<const float*>(f)[o];
+}
+
+// z [M, r] = x V^T for V's rows [j0, j1). Codes: per group, F_I8 sums code * x and scales the sum once; F_U8
+// rebuilds each weight.
+SLR_F16 void lowrank_z(const Layer& L, const float* x, int64_t M, float* z, int64_t j0, int64_t j1) {
+    const int64_t K = L.K, r = L.r, vk = L.vkind;
+    if (vk != F_U8 && vk != F_I8) {
+        std::vector<float> zj((j1 - j0) * M);
+        rows_run<false>(static_cast<int>(vk), x, M, K, static_cast<const char*>(L.v) + j0 * K * (vk == F_F16 ? 2 : 4),
+                        nullptr, j1 - j0, zj.data(), 0, j1 - j0);
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t j = j0; j < j1; ++j) z[m * r + j] = zj[m * (j1 - j0) + j - j0];
+        return;
+    }
+    const int64_t G = K / L.vgs;
+    int64_t j = j0;
+    if (vk == F_I8)  // four rows of V at a time: four independent sums, x read once
+        for (; j + 4 <= j1; j += 4)
+            for (int64_t m = 0; m < M; ++m) {
+                __m256 acc[4];
+                for (int q = 0; q < 4; ++q) acc[q] = _mm256_setzero_ps();
+                for (int64_t g = 0; g < G; ++g) {
+                    __m256 ga[4];
+                    for (int q = 0; q < 4; ++q) ga[q] = _mm256_setzero_ps();
+                    for (int64_t k = g * L.vgs; k < (g + 1) * L.vgs; k += 8) {
+                        const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+                        for (int q = 0; q < 4; ++q)
+                            ga[q] = _mm256_fmadd_ps(factor8(F_I8, L.v, (j + q) * K + k), xv, ga[q]);
+                    }
+                    for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(ga[q], _mm256_set1_ps(L.vscale[(j + q) * G + g]), acc[q]);
+                }
+                for (int q = 0; q < 4; ++q) z[m * r + j + q] = hsum(acc[q]);
+            }
+    for (; j < j1; ++j)
+        for (int64_t m = 0; m < M; ++m) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t g = 0; g < G; ++g) {
+                const __m256 s = _mm256_set1_ps(L.vscale[j * G + g]);
+                __m256 ga = _mm256_setzero_ps();
+                if (vk == F_I8) {
+                    for (int64_t k = g * L.vgs; k < (g + 1) * L.vgs; k += 8)
+                        ga = _mm256_fmadd_ps(factor8(F_I8, L.v, j * K + k), _mm256_loadu_ps(x + m * K + k), ga);
+                    acc = _mm256_fmadd_ps(ga, s, acc);
+                } else {
+                    const __m256 nz = _mm256_set1_ps(-L.vsz[j * G + g]);
+                    for (int64_t k = g * L.vgs; k < (g + 1) * L.vgs; k += 8)
+                        acc = _mm256_fmadd_ps(_mm256_fmadd_ps(factor8(F_U8, L.v, j * K + k), s, nz),
+                                              _mm256_loadu_ps(x + m * K + k), acc);
+                }
+            }
+            z[m * r + j] = hsum(acc);
+        }
+}
+
+// y[m, n] += sum_j U[n, j] z[m, j] (+ bias[n]) for rows [n0, n1). U is blocked: the r x 8 entries of output rows
+// 8 c .. 8 c + 7 are contiguous (entry (n, j) at 8 r (n / 8) + 8 j + n % 8), so U streams in row order, 8 rows
+// per vector. Codes are summed per group (F_I8: code * z, scaled once; F_U8: each weight rebuilt).
+SLR_F16 void lowrank_u(const Layer& L, const float* z, int64_t M, float* y, int64_t n0, int64_t n1) {
+    const int64_t N = L.N, r = L.r, uk = L.ukind;
+    const bool q = uk == F_U8 || uk == F_I8;
+    const int64_t gs = q ? L.ugs : r;
+    auto at = [r](int64_t n, int64_t j) { return 8 * r * (n / 8) + 8 * j + n % 8; };
+    int64_t n = n0;
+    auto scalar = [&](int64_t n) {
+        for (int64_t m = 0; m < M; ++m) {
+            float acc = y[m * N + n];
+            for (int64_t j0 = 0; j0 < r; j0 += gs) {
+                float ga = 0.f;
+                for (int64_t j = j0; j < j0 + gs; ++j) {
+                    float w = factor1(uk, L.u, at(n, j));
+                    if (uk == F_U8) w = std::fma(w, L.uscale[j0 / gs * N + n], -L.usz[j0 / gs * N + n]);
+                    ga = std::fma(w, z[m * r + j], ga);
+                }
+                acc = uk == F_I8 ? std::fma(ga, L.uscale[j0 / gs * N + n], acc) : acc + ga;
+            }
+            y[m * N + n] = L.bias ? acc + L.bias[n] : acc;
+        }
+    };
+    for (; n < n1 && n % 8; ++n) scalar(n);
+    if (uk == F_I8)  // 32 rows at a time: each z broadcast feeds four independent sums
+        for (; n + 32 <= n1; n += 32) {
+            if (n + 96 < n1) _mm_prefetch(reinterpret_cast<const char*>(L.u) + at(n + 96, 0), _MM_HINT_T0);
+            for (int64_t m = 0; m < M; ++m) {
+                const float* zm = z + m * r;
+                __m256 acc[4];
+                for (int q = 0; q < 4; ++q) acc[q] = _mm256_loadu_ps(y + m * N + n + 8 * q);
+                for (int64_t j0 = 0; j0 < r; j0 += gs) {
+                    __m256 ga[4];
+                    for (int q = 0; q < 4; ++q) ga[q] = _mm256_setzero_ps();
+                    for (int64_t j = j0; j < j0 + gs; ++j) {
+                        const __m256 zb = _mm256_set1_ps(zm[j]);
+                        for (int q = 0; q < 4; ++q) ga[q] = _mm256_fmadd_ps(factor8(F_I8, L.u, at(n + 8 * q, j)), zb, ga[q]);
+                    }
+                    for (int q = 0; q < 4; ++q)
+                        acc[q] = _mm256_fmadd_ps(ga[q], _mm256_loadu_ps(L.uscale + j0 / gs * N + n + 8 * q), acc[q]);
+                }
+                for (int q = 0; q < 4; ++q) {
+                    if (L.bias) acc[q] = _mm256_add_ps(acc[q], _mm256_loadu_ps(L.bias + n + 8 * q));
+                    _mm256_storeu_ps(y + m * N + n + 8 * q, acc[q]);
+                }
+            }
+        }
+    for (; n + 8 <= n1; n += 8) {
+        if (n + 64 < n1) _mm_prefetch(reinterpret_cast<const char*>(L.u) + at(n + 64, 0) * (uk == F_F32 ? 4 : uk == F_F16 ? 2 : 1), _MM_HINT_T0);
+        for (int64_t m = 0; m < M; ++m) {
+            const float* zm = z + m * r;
+            __m256 acc = _mm256_loadu_ps(y + m * N + n);
+            for (int64_t j0 = 0; j0 < r; j0 += gs) {
+                __m256 ga = _mm256_setzero_ps();
+                if (uk == F_U8) {
+                    const __m256 s = _mm256_loadu_ps(L.uscale + j0 / gs * N + n);
+                    const __m256 nz = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_loadu_ps(L.usz + j0 / gs * N + n));
+                    for (int64_t j = j0; j < j0 + gs; ++j)
+                        acc = _mm256_fmadd_ps(_mm256_fmadd_ps(factor8(F_U8, L.u, at(n, j)), s, nz),
+                                              _mm256_set1_ps(zm[j]), acc);
+                    continue;
+                }
+                for (int64_t j = j0; j < j0 + gs; ++j)
+                    ga = _mm256_fmadd_ps(factor8(uk, L.u, at(n, j)), _mm256_set1_ps(zm[j]), ga);
+                acc = uk == F_I8 ? _mm256_fmadd_ps(ga, _mm256_loadu_ps(L.uscale + j0 / gs * N + n), acc)
+                                 : _mm256_add_ps(acc, ga);
+            }
+            if (L.bias) acc = _mm256_add_ps(acc, _mm256_loadu_ps(L.bias + n));
+            _mm256_storeu_ps(y + m * N + n, acc);
+        }
+    }
+    for (; n < n1; ++n) scalar(n);
+}
+
+SLR_F16 void bias_rows(const float* bias, int64_t M, int64_t N, float* y, int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) y[m * N + n] += bias[n];
+}
+
+// Requests bytes [p, p + n) into the cache, one line at a time.
+inline void prefetch(const char* p, int64_t n) {
+    for (int64_t o = 0; o < n; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+}
+
+// -1 unless the layer's shapes and kinds are ones the kernels take.
+int check_layer(const Layer& L) {
+    if (L.K <= 0 || L.N < 0 || L.r < 0 || L.skind < S_NIBBLE || L.skind > S_NONE) return -1;
+    if (L.skind != S_F16_NM24 && L.skind != S_NONE && (L.gs <= 0 || L.K % L.gs || !L.scale || (L.skind < S_LANES2 && !L.sz))) return -1;
+    switch (L.skind) {
+        case S_NIBBLE: if (L.K % 32 || L.gs % 32) return -1; break;
+        case S_NIBBLE_NM24: if (L.K % 64 || L.gs % 16 || !L.idx) return -1; break;
+        case S_F16_NM24: if (L.K % 64 || !L.idx) return -1; break;
+        case S_NONE: break;
+        default: if (L.K % 64 || L.gs % 64) return -1;
+    }
+    if (L.r == 0) return 0;
+    const bool vq = L.vkind == F_U8 || L.vkind == F_I8, uq = L.ukind == F_U8 || L.ukind == F_I8;
+    if (L.vkind < F_F16 || L.vkind > F_I8 || L.vkind == ROWS_I8) return -1;
+    if (vq && (L.vgs <= 0 || L.vgs % 8 || L.K % L.vgs || !L.vscale || (L.vkind == F_U8 && !L.vsz))) return -1;
+    if (L.ukind < F_F16 || L.ukind > F_I8 || L.ukind == ROWS_I8 || L.ukind == F_GIVEN) return -1;
+    if (uq && (L.ugs <= 0 || L.r % L.ugs || !L.uscale || (L.ukind == F_U8 && !L.usz))) return -1;
+    return 0;
+}
+
 }  // namespace
 
 extern "C" {
 
 // The calling convention and the weight layout; bumped whenever either changes.
-int slr_int4_abi(void) { return 5; }
+int slr_int4_abi(void) { return 6; }
 
 // 1 when this CPU has AVX2, FMA and F16C (the kernel runs), 0 otherwise.
 int slr_int4_cpu_ok(void) {
@@ -544,6 +999,79 @@ int slr_unpack(int64_t K, const uint8_t* vals, const uint16_t* hvals, const uint
     parallel_rows(thread_count(threads, N, K / 8), N, [&](int64_t n0, int64_t n1) {
         if (idx) unpack_nm24_rows(K, vals, hvals, idx, scale, sz, gs, out, n0, n1);
         else unpack_int4_rows(K, vals, scale, sz, gs, out, n0, n1);
+    });
+    return 0;
+}
+
+// y [M, N] = x (S + U V)^T + bias for one layer (struct Layer above), S and the low-rank part on the same threads;
+// z [M, r] = x V^T when V is F_GIVEN, else null. Returns 0; -1 for a layer or shapes it does not take; -2 on a CPU
+// without AVX2 + FMA + F16C.
+int slr_layer_mm(const void* layer, const float* x, int64_t M, const float* z, float* y, int threads) {
+    const Layer& L = *static_cast<const Layer*>(layer);
+    if (M < 0 || check_layer(L) || (L.r > 0 && (L.vkind == F_GIVEN) != (z != nullptr))) return -1;
+    if (!slr_int4_cpu_ok()) return -2;
+    if (M == 0 || L.N == 0) return 0;
+    const bool own_z = L.r > 0 && L.vkind != F_GIVEN;
+    std::vector<float> zs(own_z ? M * L.r : 0);
+    if (own_z) z = zs.data();
+    float* zw = zs.data();
+    const int64_t nt = thread_count(threads, L.N, L.skind == S_NIBBLE_NM24 ? L.K / 2 : L.K);
+    // each thread: its rows of S, its share of z = x V^T, then (once every share of z is in) its rows of U z. The
+    // factors' bytes are requested first, so that they arrive while S streams (a layer's factors are a few KB:
+    // without this each one pays the memory latency that a long stream hides)
+    auto body = [&](int64_t t, int64_t T) {
+        const int64_t chunk = (L.N / 2 + T - 1) / T * 2;
+        const int64_t n0 = t * chunk < L.N ? t * chunk : L.N, n1 = n0 + chunk < L.N ? n0 + chunk : L.N;
+        const int64_t j0 = L.r * t / T, j1 = L.r * (t + 1) / T;
+        if (L.r > 0) {
+            const int64_t ub = L.ukind == F_F32 ? 4 : L.ukind == F_F16 ? 2 : 1, vb = L.vkind == F_F32 ? 4 : L.vkind == F_F16 ? 2 : 1;
+            prefetch(static_cast<const char*>(L.u) + 8 * L.r * (n0 / 8) * ub, 8 * L.r * ((n1 + 7) / 8 - n0 / 8) * ub);
+            if (own_z) prefetch(static_cast<const char*>(L.v) + j0 * L.K * vb, (j1 - j0) * L.K * vb);
+        }
+        s_rows(L, x, M, y, n0, n1);
+        if (own_z) lowrank_z(L, x, M, zw, j0, j1);
+        return std::pair<int64_t, int64_t>(n0, n1);
+    };
+    auto tail = [&](int64_t n0, int64_t n1) {
+        if (L.r > 0) lowrank_u(L, z, M, y, n0, n1);
+        else if (L.bias) bias_rows(L.bias, M, L.N, y, n0, n1);
+    };
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(static_cast<int>(nt))
+        {
+            const auto rows = body(omp_get_thread_num(), omp_get_num_threads());
+            if (own_z) {
+#pragma omp barrier
+            }
+            tail(rows.first, rows.second);
+        }
+        return 0;
+    }
+#endif
+    const auto rows = body(0, 1);
+    tail(rows.first, rows.second);
+    return 0;
+}
+
+// out [N, K] float32 = the dense S of a layer (struct Layer; its low-rank part and bias are not read).
+int slr_layer_unpack(const void* layer, float* out, int threads) {
+    const Layer& L = *static_cast<const Layer*>(layer);
+    if (check_layer(L) || L.skind == S_NONE) return -1;
+    if (!slr_int4_cpu_ok()) return -2;
+    const uint8_t* s = static_cast<const uint8_t*>(L.s);
+    parallel_rows(thread_count(threads, L.N, L.K / 8), L.N, [&](int64_t n0, int64_t n1) {
+        switch (L.skind) {
+            case S_NIBBLE: unpack_int4_rows(L.K, s, L.scale, L.sz, L.gs, out, n0, n1); break;
+            case S_NIBBLE_NM24: unpack_nm24_rows(L.K, s, nullptr, L.idx, L.scale, L.sz, L.gs, out, n0, n1); break;
+            case S_F16_NM24:
+                unpack_nm24_rows(L.K, nullptr, static_cast<const uint16_t*>(L.s), L.idx, nullptr, nullptr, 0, out, n0,
+                                 n1);
+                break;
+            case S_LANES2: unpack_lanes_rows<2>(L.K, s, L.hscale(), L.zero(), L.zc, L.gs, out, n0, n1); break;
+            case S_LANES3: unpack_lanes_rows<3>(L.K, s, L.hscale(), L.zero(), L.zc, L.gs, out, n0, n1); break;
+            default: unpack_lanes_rows<8>(L.K, s, L.hscale(), L.zero(), L.zc, L.gs, out, n0, n1); break;
+        }
     });
     return 0;
 }
