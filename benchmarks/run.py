@@ -361,7 +361,8 @@ def write_report() -> None:
     lines += frontier_section(recs, CONFIGS, lambda r: _method(r), HERE / "frontier.png")
     lines += zeroshot_table()
     # notes and the benchmark scripts' reports
-    for part in ("extra.md", "alloc_time.md", "inference.md", "decode_profile.md", "onload.md", "memory.md",
+    for part in ("extra.md", "alloc_time.md", "inference.md", "inference_1thread.md", "decode_profile.md", "onload.md",
+                 "memory.md",
                  "torchrun.md", "quant_layers.md", "layers.md", "tuning.md"):
         if (HERE / part).exists():
             lines += [(HERE / part).read_text()]
