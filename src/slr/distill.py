@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .config import DistillConfig
 from .errors import SLRError
-from .refine import _trainable
+from .refine import _trainable, masked_step
 
 
 def split_windows(n: int, cfg: DistillConfig) -> tuple[int, int]:
@@ -134,14 +134,7 @@ def _train(model, teacher, train, held, params, masks, cfg, progress) -> dict:
                 loss = _kl(_logits(model, w), t_logp)
                 (loss / len(step)).backward()
                 tot += float(loss.detach())
-            for w_, keep in masks:
-                if w_.grad is not None:
-                    w_.grad.mul_(keep)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for w_, keep in masks:
-                    w_.mul_(keep)
+            masked_step(opt, sched, masks)
             done += 1
             bar.update(1)
             bar.set_postfix(kl=f"{float(loss.detach()):.4f}", heldout=f"{heldout[-1]:.4f}")

@@ -281,14 +281,7 @@ def _train(block, index, chunks, held, params, masks, cfg, cast, original, progr
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     group.all_reduce_(p.grad).div_(group.world)
-            for w, keep in masks:
-                if w.grad is not None:
-                    w.grad.mul_(keep)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for w, keep in masks:
-                    w.mul_(keep)
+            masked_step(opt, sched, masks)
             done += 1
         loss = group.sum_float(tot) / n_elem
         history.append(loss)
@@ -321,6 +314,19 @@ def _train(block, index, chunks, held, params, masks, cfg, cast, original, progr
         _load(params, original, masks)
         final, restored, kept_epoch = loss_before, True, 0
     return out | {"loss_before": loss_before, "loss_after": final, "restored": restored, "kept_epoch": kept_epoch}
+
+
+def masked_step(opt, sched, masks: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """One optimizer and scheduler step in which the zeros of in-place pruned weights stay zero: their gradients are
+    masked before the step (Adam then never moves them) and the weights re-masked after it."""
+    for w, keep in masks:
+        if w.grad is not None:
+            w.grad.mul_(keep)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        for w, keep in masks:
+            w.mul_(keep)
 
 
 def _judge_heldout(block, chunks, params, masks, cast, original, best, heldout_before, loss_before) -> dict:
@@ -363,4 +369,4 @@ def make_refiner(cfg: RefineConfig | None = None, device=None, progress: bool = 
     return Refiner(cfg or RefineConfig(), device, progress)
 
 
-__all__ = ["Refiner", "make_refiner", "transformer_match_"]
+__all__ = ["Refiner", "make_refiner", "masked_step", "transformer_match_"]
