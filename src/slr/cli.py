@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after compression, train the compressed blocks so that the model's next-token distributions "
                    "match the dense model's on the calibration windows (KL; slr.distill)")
     c.add_argument("--kd-epochs", type=int, default=D, help="distillation epochs [default: 2]")
-    c.add_argument("--kd-lr", type=float, default=D, help="distillation learning rate (Adam) [default: 5e-5]")
+    c.add_argument("--kd-lr", type=float, default=D, help="distillation learning rate (Adam) [default: 1e-4]")
     c.add_argument("--kd-samples", type=int, default=D, metavar="N",
                    help="calibration windows distillation trains on [default: all but the held-out ones]")
     c.add_argument("--kd-heldout", type=int, default=D, metavar="N",

@@ -166,7 +166,7 @@ class DistillConfig:
     held-out KL is kept, the original parameters restored if none beats them.
     """
 
-    lr: float = 5e-5
+    lr: float = 1e-4
     final_lr_frac: float = 0.2
     epochs: int = 2
     batch_size: int = 4
@@ -181,7 +181,7 @@ class DistillConfig:
             raise SLRError("distillation needs epochs >= 0, batch_size >= 1 and max_samples >= 1",
                            "fix --kd-epochs / --kd-samples")
         if not self.lr > 0:
-            raise SLRError(f"--kd-lr {self.lr} is not positive", "pass e.g. --kd-lr 5e-5")
+            raise SLRError(f"--kd-lr {self.lr} is not positive", "pass e.g. --kd-lr 1e-4")
         if self.heldout is not None and self.heldout < 0:
             raise SLRError(f"--kd-heldout {self.heldout} is negative", "pass --kd-heldout N with N >= 0")
 
