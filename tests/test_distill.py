@@ -7,29 +7,17 @@ import copy
 import pytest
 import torch
 from test_cli import run
+from test_refine_heldout import N, calib, one_thread  # noqa: F401  (one_thread: the module-wide 1-thread fixture)
 
 from slr.cli import build_parser, compress_request
 from slr.config import CompressConfig, DistillConfig
-from slr.distill import _heldout_kl, distill_, split_windows
+from slr.distill import _heldout_kl, distill_
 from slr.errors import SLRError
 from slr.models.adapters import get_adapter
 from slr.models.tiny import tiny_model
 from slr.nn import SLRLinear
 from slr.pipeline import compress_
-
-N, SEQLEN = 16, 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def calib(n: int = N, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 128, (n, SEQLEN), generator=torch.Generator().manual_seed(seed))
+from slr.refine import split_windows
 
 
 def compressed(family: str = "llama", materialize: str = "slr", **cfg):

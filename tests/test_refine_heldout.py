@@ -19,7 +19,7 @@ from slr.models.adapters import get_adapter
 from slr.models.tiny import tiny_model
 from slr.nn import SLRLinear
 from slr.pipeline import compress_
-from slr.refine import _split, make_refiner, transformer_match_
+from slr.refine import make_refiner, split_windows, transformer_match_
 
 N, BATCH, SEQLEN = 16, 4, 32
 
@@ -193,7 +193,7 @@ def test_split_rule():
              (128, None, None): (112, 16), (128, 16, None): (16, 16), (128, 128, None): (112, 16),
              (16, None, 0): (16, 0), (16, 4, 0): (4, 0), (16, 14, 4): (12, 4), (16, None, 16): (0, 16)}
     for (n, ms, h), want in cases.items():
-        assert _split(n, RefineConfig(max_samples=ms, heldout=h)) == want, (n, ms, h)
+        assert split_windows(n, RefineConfig(max_samples=ms, heldout=h)) == want, (n, ms, h)
 
 
 # ---- (c) heldout = 0 is the judging on the training windows -----------------------------------------------------

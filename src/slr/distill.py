@@ -30,14 +30,7 @@ from tqdm.auto import tqdm
 
 from .config import DistillConfig
 from .errors import SLRError
-from .refine import _trainable, masked_step
-
-
-def split_windows(n: int, cfg: DistillConfig) -> tuple[int, int]:
-    """(training windows, held-out windows) of ``n`` calibration windows."""
-    h = min(cfg.heldout if cfg.heldout is not None else (max(1, n // 8) if n >= 2 else 0), n)
-    train = n - h if cfg.max_samples is None else min(cfg.max_samples, n - h)
-    return train, h
+from .refine import _trainable, load_params, masked_step, split_windows
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -144,13 +137,9 @@ def _train(model, teacher, train, held, params, masks, cfg, progress) -> dict:
             best = (heldout[-1], [p.detach().clone() for p in params], epoch)
     bar.close()
     restored = best[1] is None
-    with torch.no_grad():
-        for p, v in zip(params, original if restored else best[1]):
-            p.copy_(v)
-        for w_, keep in masks:
-            w_.mul_(keep)
+    load_params(params, original if restored else best[1], masks)
     return {"steps": done, "epoch_kl": epoch_kl, "heldout_kl": heldout, "kl_before": heldout[0],
             "kl_after": best[0], "kept_epoch": best[2], "restored": restored}
 
 
-__all__ = ["distill_", "split_windows"]
+__all__ = ["distill_"]

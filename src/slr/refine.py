@@ -126,8 +126,10 @@ def _kw(inputs: BlockInputs, index: int, x: torch.Tensor, s: slice) -> dict:
     return _slice_kw(inputs.kw(index, x), x.shape[0], s)
 
 
-def _split(n: int, cfg: RefineConfig) -> tuple[int, int]:
-    """(training windows, held-out windows) of a block with ``n`` calibration windows (on this process)."""
+def split_windows(n: int, cfg) -> tuple[int, int]:
+    """(training windows, held-out windows) of ``n`` calibration windows (a block's on this process for TM, the run's
+    for slr.distill): ``cfg.heldout`` (None = max(1, n // 8) when n >= 2, else 0) held out, then at most
+    ``cfg.max_samples`` (None = all the rest) to train on."""
     h = cfg.heldout if cfg.heldout is not None else (max(1, n // 8) if n >= 2 else 0)
     h = min(h, n)
     train = n - h if cfg.max_samples is None else min(cfg.max_samples, n - h)
@@ -202,7 +204,7 @@ def _match(block, index, inputs, targets, cfg, device, t0, progress) -> dict:
     params, masks = _trainable(block, cfg)
     dev = next(iter(params)).device if params else torch.device(device or "cpu")
     n = sum(int(y.shape[0]) for y in targets)
-    n_train, n_held = _split(n, cfg)
+    n_train, n_held = split_windows(n, cfg)
     if distributed.current().max_int(int(n > 0 and n_train == 0)):  # every process refuses alike
         raise SLRError(f"--tm-heldout {cfg.heldout} leaves no window for transformer matching to train on (block "
                        f"{index} has {n} calibration windows{' on a process' if distributed.current().active else ''})",
@@ -304,14 +306,14 @@ def _train(block, index, chunks, held, params, masks, cfg, cast, original, progr
     restored, kept_epoch = False, cfg.epochs
     if best[1] is not None and best[0] < final:  # an earlier snapshot looks better (by its epoch-loss estimate)
         last = [p.detach().clone() for p in params]
-        _load(params, best[1], masks)
+        load_params(params, best[1], masks)
         alt = _eval_loss(block, chunks, cast)
         if alt < final:
             final, kept_epoch = alt, best[2]
         else:
-            _load(params, last, masks)
+            load_params(params, last, masks)
     if not final < loss_before:  # TM did not help: restore the original parameters
-        _load(params, original, masks)
+        load_params(params, original, masks)
         final, restored, kept_epoch = loss_before, True, 0
     return out | {"loss_before": loss_before, "loss_after": final, "restored": restored, "kept_epoch": kept_epoch}
 
@@ -332,16 +334,17 @@ def masked_step(opt, sched, masks: list[tuple[nn.Parameter, torch.Tensor]]) -> N
 def _judge_heldout(block, chunks, params, masks, cast, original, best, heldout_before, loss_before) -> dict:
     """Keep the parameters with the lowest held-out loss if it is below the original's, else restore the original."""
     if not best[0] < heldout_before:
-        _load(params, original, masks)
+        load_params(params, original, masks)
         return {"loss_before": loss_before, "loss_after": loss_before, "restored": True, "kept_epoch": 0,
                 "heldout_loss_before": heldout_before, "heldout_loss_after": heldout_before}
     if best[1] is not None:
-        _load(params, best[1], masks)
+        load_params(params, best[1], masks)
     return {"loss_before": loss_before, "loss_after": _eval_loss(block, chunks, cast), "restored": False,
             "kept_epoch": best[2], "heldout_loss_before": heldout_before, "heldout_loss_after": best[0]}
 
 
-def _load(params, values, masks) -> None:
+def load_params(params, values, masks) -> None:
+    """Copy ``values`` into ``params``, then re-mask in-place pruned weights."""
     with torch.no_grad():
         for p, v in zip(params, values):
             p.copy_(v)
@@ -369,4 +372,4 @@ def make_refiner(cfg: RefineConfig | None = None, device=None, progress: bool = 
     return Refiner(cfg or RefineConfig(), device, progress)
 
 
-__all__ = ["Refiner", "make_refiner", "masked_step", "transformer_match_"]
+__all__ = ["Refiner", "load_params", "make_refiner", "masked_step", "split_windows", "transformer_match_"]
