@@ -189,7 +189,7 @@ def test_fisher_normalisation_is_the_default_with_data():
     _, info = make_plan(model, cfg, None)
     assert info["normalize"] == "size" and "fisher_windows" not in info
     cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method="cap", budget=0.5))
-    _, info = make_plan(model, cfg, ids(4, 16), samples=1, iterations=1, windows=2)
+    _, info = make_plan(model, cfg, ids(4, 16), samples=1, steps=1, windows=2)
     assert info["normalize"] == "fisher"
 
 
@@ -198,7 +198,7 @@ def test_rank_floor(allocator):
     """S+LR plans keep at least the run's --rank everywhere by default; rank_floor=0 frees it."""
     model = tiny_model("llama")
     cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method=allocator, budget=0.5))
-    opts = {"samples": 1, "iterations": 1, "windows": 2} if allocator == "cap" else {}
+    opts = {"samples": 1, "steps": 1, "windows": 2} if allocator == "cap" else {}
     plan, info = make_plan(model, cfg, ids(4, 16), **opts)
     assert info["rank_floor"] == 4 and abs(info["achieved_fraction"] - 0.5) <= 1e-3
     assert all(s.rank >= 4 for s in plan.specs.values())
@@ -213,7 +213,7 @@ def test_trust_region(allocator):
     """Every matrix keeps a retained fraction within budget ± span (default 0.1); span=1 turns it off."""
     model = tiny_model("llama")
     cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method=allocator, budget=0.5))
-    opts = {"samples": 2, "iterations": 2, "windows": 2} if allocator == "cap" else {}
+    opts = {"samples": 2, "steps": 2, "windows": 2} if allocator == "cap" else {}
     for span in (None, 0.05):
         _, info = make_plan(model, cfg, ids(4, 16), **opts, **({} if span is None else {"span": span}))
         assert info["span"] == (span or 0.1) and abs(info["achieved_fraction"] - 0.5) <= 1e-3
@@ -228,22 +228,25 @@ def test_trust_region(allocator):
 
 
 def test_cap_knapsack_init_is_the_knapsack_plan():
-    """Before any policy-gradient step, CAP's plan (init="knapsack") is the knapsack's, up to one chunk of entries;
-    init="density" gives another plan."""
+    """Before any policy-gradient step, CAP's plan (init="knapsack") is the knapsack's, up to one row of entries;
+    init="uniform" starts from the uniform plan."""
     model = tiny_model("llama")
     _, kinfo = make_plan(model, CompressConfig(method="admm", sparsity=0.6, rank=4,
                                                alloc=AllocConfig(method="knapsack", budget=0.5)),
                          ids(4, 16))
     cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method="cap", budget=0.5))
-    _, info = make_plan(model, cfg, ids(4, 16), iterations=0, windows=2)
-    assert info["init"]["name"] == "knapsack" and info["trace"] == []
+    _, info = make_plan(model, cfg, ids(4, 16), steps=0, windows=2)
+    assert info["init"] == "knapsack" and info["trace"] == [] and info["final_loss"] == info["start_loss"]
     for k, v in kinfo["per_matrix"].items():
         assert info["per_matrix"][k]["rank"] == v["rank"], k
-        assert abs(info["per_matrix"][k]["sparsity"] - v["sparsity"]) <= 1 / info["chunks"] + 1e-6, k
-    _, dinfo = make_plan(model, cfg, ids(4, 16), iterations=0, windows=2, init="density")
-    assert dinfo["init"]["name"] == "density" and dinfo["per_matrix"] != info["per_matrix"]
+        assert abs(info["per_matrix"][k]["sparsity"] - v["sparsity"]) <= 2 / 64 + 1e-6, k  # d_in >= 64
+    _, uinfo = make_plan(model, cfg, ids(4, 16), steps=0, windows=2, init="uniform")
+    _, uni = make_plan(model, CompressConfig(method="admm", sparsity=0.6, rank=4,
+                                             alloc=AllocConfig(method="uniform", budget=0.5)), ids(4, 16))
+    assert uinfo["init"] == "uniform" and all(v["rank"] == 4 for v in uinfo["per_matrix"].values())
+    assert uinfo["per_matrix"] != info["per_matrix"]
     with pytest.raises(SLRError, match="unknown CAP init"):
-        make_plan(model, cfg, ids(4, 16), init="uniform")
+        make_plan(model, cfg, ids(4, 16), init="density")
 
 
 def test_loss_weight_interpolates_size_and_fisher():
@@ -265,3 +268,56 @@ def test_normalize_errors_come_first(allocator):
         make_plan(model, cfg, ids(4, 16), normalize="bogus")
     with pytest.raises(SLRError, match="needs calibration data"):
         make_plan(model, cfg, None, normalize="fisher")
+
+
+def test_policy_search_reaches_a_known_optimum():
+    """REINFORCE over categorical levels finds the plan of a separable loss with a known minimum (levels drawn at
+    random), from the centre start; with lr=0 the mode stays at the start."""
+    from slr.allocate.cap import policy_search
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 5, (12,), generator=g)
+
+    def fitness(x):
+        return float((x - target).abs().sum())
+
+    x, trace = policy_search(fitness, 12, 5, steps=40, samples=16, lr=0.2, sigma=0.5,
+                             gen=torch.Generator().manual_seed(1))
+    assert torch.equal(x, target)
+    assert trace[-1]["mean_loss"] < 0.5 * trace[0]["mean_loss"]
+    x0, _ = policy_search(fitness, 12, 5, steps=40, samples=16, lr=0.0, sigma=0.5,
+                          gen=torch.Generator().manual_seed(1))
+    assert torch.equal(x0, torch.full((12,), 2))
+
+
+def test_cap_moves_from_a_bad_start_to_the_known_best():
+    """A tiny llama whose linears are all exactly 15% dense except down_proj: pruning any of them to >= 15% is
+    lossless, so the best plan puts them at the lowest density level and down_proj at the highest. Started from the
+    opposite (down_proj at budget - span), CAP's policy must move down_proj up to the top of its trust region and cut
+    the KL to dense several-fold; the plan keeps the budget."""
+    from slr.allocate import cap
+    from slr.plan import Plan
+    from slr.spec import LayerSpec
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(3)
+    mats = matrices(model)
+    with torch.no_grad():
+        for m in mats:
+            if "down_proj" not in m.name:
+                m.weight.mul_(torch.rand(m.weight.shape, generator=g) < 0.15)
+    total = sum(m.numel for m in mats)
+    down = sum(m.numel for m in mats if "down_proj" in m.name)
+    start = Plan()
+    for m in mats:
+        f = 0.2 if "down_proj" in m.name else (0.5 * total - 0.2 * down) / (total - down)
+        start.specs[m.key] = LayerSpec(sparsity=1 - round(f * m.d_in) / m.d_in)
+    cfg = CompressConfig(method="wanda", sparsity=0.5, alloc=AllocConfig(method="cap", budget=0.5))
+    _, info = cap.allocate(model, cfg, ids(8, 32), steps=20, samples=16, span=0.3, start=start)
+    assert info["init"] == "given" and info["kept"] == "policy"
+    assert info["final_loss"] < info["start_loss"] / 4
+    assert abs(info["achieved_fraction"] - 0.5) <= 1e-3
+    for m in mats:
+        if "down_proj" in m.name:  # start 0.2; the top level is 0.2 + span, plus the common shift
+            assert 1 - info["per_matrix"][m.key]["sparsity"] >= 0.5, m.key
+    assert len(info["trace"]) == 20 and info["trace"][-1]["mean_loss"] < info["trace"][0]["mean_loss"]

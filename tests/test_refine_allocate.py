@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from unittest import mock
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from slr import pipeline
-from slr.allocate import ALLOCATORS, make_plan, plan_fraction, project_budget
+from slr.allocate import ALLOCATORS, make_plan, plan_fraction
 from slr.allocate.base import matrices
 from slr.calibration import BlockInputs
 from slr.config import AllocConfig, CompressConfig, RefineConfig
@@ -217,44 +218,19 @@ def test_rank_allocation(model, method, kw, allocator):
 def test_cap_data_free(model, pools):
     for calib in (None, torch.zeros(0, 32, dtype=torch.long)):
         cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method="cap", budget=BUDGET))
-        plan, info = make_plan(model, cfg, calib, pools=pools, samples=2, iterations=2)
+        plan, info = make_plan(model, cfg, calib, pools=pools, samples=2, steps=2)
         check_plan(model, plan, info)
         assert "data-free" in info["loss"] and info["windows"] == 0
-        assert info["loss_evals"] == 2 + 2 * 2  # init plan + samples + final plan
-        assert all(torch.isfinite(torch.tensor(t["losses"])).all() for t in info["trace"])
+        assert 1 <= info["loss_evals"] <= 1 + 2 * 2 + 1  # start plan + samples + final plan, memoised
+        assert len(info["trace"]) == 2 and all(math.isfinite(t["mean_loss"]) for t in info["trace"])
 
 
 def test_cap_restores_weights(model):
     before = [m.weight.detach().clone() for m in matrices(model)]
     make_plan(model, CompressConfig(method="admm", rank=4,
                                     alloc=AllocConfig(method="cap", budget=BUDGET)), calib_ids(4),
-              samples=2, iterations=1, windows=2)
+              samples=2, steps=1, windows=2)
     assert all(torch.equal(b, m.weight) for b, m in zip(before, matrices(model)))
-
-
-def test_projection_constraints():
-    g = torch.Generator().manual_seed(0)
-    for trial in range(20):
-        n = 50 + trial * 10
-        y = torch.rand(n, generator=g, dtype=torch.float64) * 3 - 1
-        c = torch.rand(n, generator=g, dtype=torch.float64) * 100 + 1
-        K = float(c.sum()) * (0.05 + 0.9 * torch.rand(1, generator=g).item())
-        s = project_budget(y, c, K)
-        assert float(s.min()) >= 0 and float(s.max()) <= 1
-        assert float((c * s).sum()) <= K * (1 + 1e-12)
-        clip = y.clamp(0, 1)
-        if float((c * clip).sum()) <= K:
-            assert torch.equal(s, clip)
-            continue
-        assert float((c * s).sum()) == pytest.approx(K, rel=1e-6)  # the budget is active
-        inside = (s > 1e-9) & (s < 1 - 1e-9)  # KKT: s = clip(y - theta c, 0, 1) with one theta >= 0
-        theta = (y[inside] - s[inside]) / c[inside]
-        assert float(theta.min()) >= -1e-9 and float(theta.max() - theta.min()) <= 1e-6
-        t = float(theta.mean())
-        assert torch.allclose(s, (y - t * c).clamp(0, 1), atol=1e-6)
-        for _ in range(5):  # no random feasible point is closer to y
-            z = project_budget(torch.rand(n, generator=g, dtype=torch.float64), c, K)
-            assert float((s - y).norm()) <= float((z - y).norm()) + 1e-9
 
 
 def test_plan_runs_through_pipeline(model):

@@ -30,25 +30,15 @@ from tqdm.auto import tqdm
 
 from .config import DistillConfig
 from .errors import SLRError
+from .kl import kl, next_logits
 from .refine import _trainable, load_params, masked_step, split_windows
-
-
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids, use_cache=False)
-    return (out.logits if hasattr(out, "logits") else out[0])[:, :-1].float()  # [b, T-1, vocab]: next-token positions
-
-
-def _kl(student: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(p_teacher || p_student); logits [b, T, V], teacher as log-probabilities."""
-    logq = F.log_softmax(student, dim=-1)
-    return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
 
 
 def _heldout_kl(model, teacher, windows: list[torch.Tensor]) -> float:
     if not windows:
         return math.nan
     with torch.no_grad():
-        kls = [float(_kl(_logits(model, w), F.log_softmax(_logits(teacher, w), -1))) for w in windows]
+        kls = [float(kl(next_logits(model, w), F.log_softmax(next_logits(teacher, w), -1))) for w in windows]
     return sum(kls) / len(kls)
 
 
@@ -123,8 +113,8 @@ def _train(model, teacher, train, held, params, masks, cfg, progress) -> dict:
             opt.zero_grad(set_to_none=True)
             for w in step:
                 with torch.no_grad():
-                    t_logp = F.log_softmax(_logits(teacher, w), -1)
-                loss = _kl(_logits(model, w), t_logp)
+                    t_logp = F.log_softmax(next_logits(teacher, w), -1)
+                loss = kl(next_logits(model, w), t_logp)
                 (loss / len(step)).backward()
                 tot += float(loss.detach())
             masked_step(opt, sched, masks)

@@ -21,7 +21,7 @@ MiB; 410-420 MiB measured after loading SmolLM2) + the weights resident then + t
   head tensors plus every block's autograd graph; +2357 MiB on SmolLM2 at seqlen 512), which also bounds the
   whitened statistics' forward on 4 windows. CAP holds every matrix's candidate pools meanwhile
   (``CAP_POOL_BYTES_PER_PARAM`` per linear parameter) and then a copy of the original weights while its loss runs
-  the model on 4 windows (eval-like head).
+  the model on 4 windows (eval-like head) next to the dense log-probabilities of those windows.
 * distill (``distill=True``, in memory): a frozen dense copy of the model (the teacher) next to the compressed one,
   six fp32 copies of the linears (Adam's two moments, the original and the best parameters, gradients, the dense
   weights SLRLinear builds for autograd), and a forward and backward of the whole model on one window
@@ -183,7 +183,8 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
         out["allocate"] = fisher
     if allocate == "cap":
         pools = CAP_POOL_BYTES_PER_PARAM * linear_n
-        loss = 4 * linear_n + (head_bytes(min(ALLOC_BATCH, windows) * seqlen, vocab, 3) if data else 0)
+        # the original weights, a forward on 4 windows and the cached dense log-probabilities of CAP's KL
+        loss = 4 * linear_n + (head_bytes(min(ALLOC_BATCH, windows) * seqlen, vocab, 4) if data else 0)
         out["pools"] = pools
         out["allocate"] = pools + max(fisher, loss)
     if "allocate" in out:

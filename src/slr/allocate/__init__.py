@@ -5,7 +5,7 @@
   uniform   the same spec everywhere (scaled to config.alloc.budget when given)
   owl       OWL per-block sparsity from outlier ratios (pure pruning, or around a fixed rank for S+LR)
   knapsack  ours: proxy loss-vs-cost curves per matrix + a Lagrangian multiple-choice knapsack (fast)
-  cap       CAP: Bernoulli keep-probabilities over candidate pools, REINFORCE + budget projection
+  cap       CAP: categorical rank and density levels per matrix over candidate pools, REINFORCE on the KL to dense
 
 Budget = config.alloc.budget, the global retained fraction (kept sparse values + Σ r (m + n)) / Σ m n over the
 compressed linears (PROTOCOL §5); without it, the fraction of the uniform config.layer_spec(). Every plan lands on
@@ -33,7 +33,6 @@ from ..options import as_kwargs, make_options, options_type
 from ..plan import Plan
 from . import cap, knapsack, owl, uniform
 from .base import check_span, plan_fraction
-from .cap import project_budget
 
 if TYPE_CHECKING:
     from ..config import CompressConfig
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Allocator:
     """A registered allocator: ``fn(model, config, calib, device, **options) -> (Plan, info)``, the dataclass of its
-    options (its keyword defaults; ``norms`` is a Python-only shortcut and not an option), and a check of their
+    options (its keyword defaults; ``norms`` and CAP's ``start`` are Python-only and not options), and a check of their
     values that runs before any heavy work."""
 
     name: str
@@ -52,7 +51,7 @@ class Allocator:
 
 
 def _allocator(name: str, fn: Callable, check: Callable | None = None) -> Allocator:
-    return Allocator(name, fn, options_type(name, fn, skip=("device", "norms")), check)
+    return Allocator(name, fn, options_type(name, fn, skip=("device", "norms", "start")), check)
 
 
 ALLOCATORS = {a.name: a for a in (
@@ -86,4 +85,4 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     return a.fn(model, config, calib, device, **kw)
 
 
-__all__ = ["ALLOCATORS", "Allocator", "allocator", "make_plan", "plan_fraction", "project_budget"]
+__all__ = ["ALLOCATORS", "Allocator", "allocator", "make_plan", "plan_fraction"]

@@ -22,58 +22,43 @@ the OBS saliency for the full-H whitened pools) and grouped into
 ``chunks`` score-sorted chunks of equal size per matrix (default 100, i.e. 1% of the pool each); a chunk is one
 Bernoulli variable. Singular directions stay individual. So a model has about (100 + p) candidates per matrix.
 
-Stage 2, allocation. Candidate j has keep-probability s_j and cost c_j (a direction costs m + n, a chunk its number
-of entries). Minimise E_{mask ~ Bern(s)}[loss(W(mask))] s.t. Σ c_j s_j <= K = budget * Σ m n by REINFORCE:
-g = mean over samples of (loss - b) (mask - s) / (s (1 - s)) (s clipped to [0.01, 0.99] in the denominator), with b
-the mean of the last 5 losses (the loss of the initial plan seeds the window), s <- P(s - lr g), lr 0.05, 3
-iterations. loss = next-token cross-entropy of the model on ``windows`` calibration windows with every compressed
-weight replaced by its sampled W(mask) (the model is restored afterwards); without calibration data it is the
-weight-only proxy mean_matrices ||W - W(mask)||_F^2 / ||W||_F^2.
-
-Cost normalisation (not specified by the paper): costs are in parameters, so the projection P onto
-{0 <= s <= 1, Σ c_j s_j <= K} is the exact Euclidean one, s = clip(y - θ c, 0, 1) with the scalar θ >= 0 found by
-bisection: an expensive candidate is pushed down in proportion to its cost. Chunks make sparse candidates cost about
-as much as a direction, so the REINFORCE gradient (which is per candidate, cost-blind) compares like with like.
-Prior density (not in the paper): a candidate's share of the matrix's energy times the matrix's loss weight
-(``base.loss_weight``, as the knapsack: with data the Fisher weight m n (F̄ ||A||^2 / m n)^0.25 from the
-output-gradient sensitivity F̄, ``normalize="fisher"``, ``fisher_power``; data-free m n, "size"), divided by its cost.
-Initialisation (``init``, not in the paper):
-  "knapsack" (default): s0 centred on the knapsack allocator's plan with the same pricing, floor and span
-      (``plan_init``: the plan's directions and entries above ½, the rest below, beta = ``init_temp`` = 2), so the
-      policy gradient refines the knapsack plan on the real calibration loss: the knapsack's per-matrix curves
-      re-fit the residual for every rank, so they split a matrix's budget between directions and entries better
-      than the per-candidate priors do (BENCHMARKS.md, "Tuning notes").
-  "density": s0 = sigmoid(beta (log density - log tau)), where tau is the density at which the densest-first
-      candidates fill the budget: the initial mean plan is the greedy fill by prior density.
-  s0 is then projected.
-Rank floor (S+LR; ``rank_floor``, default the run's --rank): a matrix's top min(floor, p) directions are kept
-outright (not candidates; their cost is taken off the budget first). The residual pools are W - L_r0, so entries
-are only priced right next to the r0 directions they were computed after; and without a floor the plans cut ranks
-the joint solvers use well (see the knapsack docstring). ``rank_floor=0`` makes every direction a candidate.
-Trust region (``span``, default 0.1 as the knapsack's, ``base.check_span``; span=1 turns it off): every matrix keeps a
-retained fraction within budget ± span. In each matrix's s0 order (floor directions first), the candidates that
-fit in (budget - span) m n are kept outright and those past (budget + span) m n are never kept; only the band in
-between is sampled and projected.
-Final plan: candidates in decreasing s (ties: higher prior density) are kept while they fit in K; a matrix's rank
-is its number of kept directions and its sparse count the entries of its kept chunks (then ``fit_budget``).
+Stage 2, allocation (the paper's idea, keep-probabilities trained by REINFORCE under one global budget, re-cast so
+that it learns on a CPU budget; BENCHMARKS.md, "Global allocation"). The policy has a few variables per matrix, not
+one per candidate: a categorical over ``levels`` rank levels (S+LR and rank-only; the start plan's rank times
+2^((l - c) / c), c the centre, clipped to [rank_floor, p]) and one over ``levels`` density offsets (S+LR and pruning;
+the start plan's sparse fraction plus span (l - c) / c). A drawn plan is made to spend the budget exactly: the sparse
+fractions move by one common shift found by bisection, each clamped to the trust region budget ± ``span`` (rank-only:
+the ranks scale by one common factor). Its loss is what the deployed model is judged by: KL(dense || compressed) of the
+next-token distributions on ``windows`` calibration windows cut to ``tokens`` tokens (dense log-probabilities computed
+once), with every matrix rebuilt from its pools at the plan's rank and entry count (the top directions, then the
+top-scored entries: ``Pools.build_prefix``); data-free, the weight-only relative error. Losses are memoised per plan.
+Each of ``steps`` steps draws ``samples`` plans; the logits move by Adam (``lr``) along the leave-one-out REINFORCE
+estimate of the gradient of the expected loss, advantages divided by the samples' standard deviation
+(``policy_search``). Each variable's categorical is a discretised Gaussian over its ordered levels, exp(-(l - μ)^2 /
+(2 ``sigma``^2)), with μ learned from the centre (the start plan) and σ fixed, so it never collapses onto a wrong level
+and stops exploring its neighbours (a free categorical did, within tens of steps). The final plan is the
+policy's mode, kept only if its loss beats the start plan's (info "kept"); ``fit_budget`` then settles rounding.
+Start (``init``): "knapsack" (default; the knapsack allocator's plan with the same pricing, floor and span), "uniform",
+or a ``start`` plan (Python only). ``normalize``/``fisher_*`` are the knapsack start's pricing.
+Rank floor (S+LR; ``rank_floor``, default the run's --rank): no rank level goes below it.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..calibration import input_sq_norms
 from ..errors import SLRError
+from ..kl import kl, next_logits
 from ..plan import Plan
 from ..solvers.rpca import rpca_pools
-from ..spec import keep_per_row
-from . import knapsack
+from . import knapsack, uniform
 from .base import (
     SPAN,
     Choice,
@@ -82,37 +67,16 @@ from .base import (
     check_span,
     finish,
     fit_budget,
-    loss_weight,
     matrices,
     nm_of,
-    output_grad_sq,
     resolve_budget,
+    resolve_normalize,
     scales,
     whitened_metrics,
 )
 
 if TYPE_CHECKING:
     from ..config import CompressConfig
-
-
-def project_budget(y: torch.Tensor, cost: torch.Tensor, K: float, iters: int = 100) -> torch.Tensor:
-    """Euclidean projection of y onto {0 <= s <= 1, Σ cost * s <= K} (cost > 0): clip(y - θ cost, 0, 1), θ by bisection.
-
-    The returned point is always feasible (θ is taken from the feasible end of the bisection bracket).
-    """
-    y = y.double()
-    c = cost.double()
-    s = y.clamp(0, 1)
-    if float((c * s).sum()) <= K:
-        return s
-    lo, hi = 0.0, float((y / c).max().clamp_min(0.0)) + 1.0  # at hi every s is 0
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if float((c * (y - mid * c).clamp(0, 1)).sum()) > K:
-            lo = mid
-        else:
-            hi = mid
-    return (y - hi * c).clamp(0, 1)
 
 
 @dataclass
@@ -149,6 +113,21 @@ class Pools:
                 W.view(-1)[idx] = vals
             else:
                 W.view(-1)[idx] += vals
+        return W
+
+
+    def build_prefix(self, m: Matrix, rank: int, entries: int) -> torch.Tensor:
+        """Dense W [m, n] float32 from the top ``rank`` directions and the top ``entries`` scored entries (as
+        ``build``, with prefixes instead of masks)."""
+        r = min(rank, self.sigma.numel())
+        W = (self.U[:, :r] * self.sigma[:r]) @ self.Vt[:r] if r else torch.zeros(m.d_out, m.d_in)
+        e = min(max(entries, 0), self.values.numel())
+        if e:
+            idx = self.index[:e].long()
+            if self.on_support:
+                W.view(-1)[idx] = self.values[:e]
+            else:
+                W.view(-1)[idx] += self.values[:e]
         return W
 
 
@@ -244,87 +223,190 @@ def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, n_chunks:
     return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce, energy, mode == "slr")
 
 
-def plan_init(mats: list[Matrix], pools: list[Pools], plan: Plan, mode: str, beta: float) -> torch.Tensor:
-    """Keep-probabilities centred on a plan: a matrix's direction i (0-based) gets sigmoid(beta log(r / (i + ½)))
-    for the plan's rank r, its chunk c sigmoid(beta log(k / mid_c)) for the plan's k kept entries and the chunk's
-    midpoint mid_c in score order. So the plan's candidates are above ½, the rest below, and the mean plan is it."""
-    out = []
-    for m, p in zip(mats, pools):
-        spec = plan.get(m.block, m.name)
-        r = spec.rank if mode != "sparse" else 0
-        k = keep_per_row(m.d_in, spec.sparsity) * m.d_out if mode != "rank" else 0
-        pos = torch.arange(p.sigma.numel(), dtype=torch.float64) + 0.5
-        out.append(torch.sigmoid(beta * (math.log(max(r, 1e-30)) - pos.log())))
-        mid = p.sizes.double().cumsum(0) - p.sizes.double() / 2
-        out.append(torch.sigmoid(beta * (math.log(max(k, 1e-30)) - mid.clamp_min(0.5).log())))
-    return torch.cat(out)
+@dataclass
+class LevelSpace:
+    """Per matrix a categorical over rank levels (S+LR, rank-only) and one over density offsets (S+LR, pruning), both
+    centred on the start plan; ``resolve`` turns one level per variable into a plan that spends the budget exactly."""
+
+    mats: list[Matrix]
+    pools: list[Pools]
+    start: list[Choice]
+    mode: str
+    budget: float
+    span: float
+    rank_levels: list[list[int]]  # [n_mats][levels]
+    dens_off: list[list[float]]  # [n_mats][levels]: offsets of the sparse retained fraction
+
+    @property
+    def variables(self) -> int:
+        return len(self.mats) * (2 if self.mode == "slr" else 1)
+
+    def split(self, x: torch.Tensor) -> tuple[list[int], list[int]]:
+        """(rank level, density level) per matrix from a level per variable [variables]."""
+        n = len(self.mats)
+        c = len(self.rank_levels[0]) // 2
+        if self.mode == "slr":
+            return x[:n].tolist(), x[n:].tolist()
+        if self.mode == "rank":
+            return x.tolist(), [c] * n
+        return [c] * n, x.tolist()
+
+    def resolve(self, x: torch.Tensor) -> list[tuple[int, int]]:
+        """(rank, kept entries) per matrix. Ranks are the sampled levels (rank-only: scaled by one common factor);
+        the sparse parts take their start fraction plus the sampled offset plus one common shift found by bisection
+        so the total is the budget, each clamped to the trust region budget ± span."""
+        K = self.budget * sum(m.numel for m in self.mats)
+        ri, di = self.split(x)
+        ranks = [self.rank_levels[j][i] for j, i in enumerate(ri)]
+        if self.mode == "rank":
+            lo, hi = 0.0, 4.0
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                cost = sum(max(1, int(r * mid)) * m.lr_unit for r, m in zip(ranks, self.mats))
+                lo, hi = (mid, hi) if cost <= K else (lo, mid)
+            return [(min(max(1, int(r * lo)), m.d_out, m.d_in), 0) for r, m in zip(ranks, self.mats)]
+        base = [ch.k_row * m.d_out / m.numel + self.dens_off[j][i]
+                for j, (m, ch, i) in enumerate(zip(self.mats, self.start, di))]
+        lims = []
+        for m, r in zip(self.mats, ranks):
+            lr = r * m.lr_unit / m.numel
+            lims.append((max(self.budget - self.span - lr, 0.0), max(min(self.budget + self.span - lr, 1.0), 0.0)))
+
+        def fracs(shift: float) -> list[float]:
+            return [min(max(b + shift, lo), hi) for b, (lo, hi) in zip(base, lims)]
+
+        rank_cost = sum(r * m.lr_unit for r, m in zip(ranks, self.mats))
+        lo, hi = -1.0, 1.0
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            cost = rank_cost + sum(f * m.numel for f, m in zip(fracs(mid), self.mats))
+            lo, hi = (mid, hi) if cost <= K else (lo, mid)
+        return [(r, int(f * m.numel)) for r, f, m in zip(ranks, fracs(lo), self.mats)]
+
+    def choices(self, x: torch.Tensor) -> list[Choice]:
+        out = []
+        for m, (r, e) in zip(self.mats, self.resolve(x)):
+            k_row = None if self.mode == "rank" else min(m.d_in, int(round(e / m.d_out)))
+            if r == 0 and not k_row:  # never drop a whole matrix: keep one row-unit (or rank 1)
+                r, k_row = (1, k_row) if self.mode == "rank" else (0, 1)
+            out.append(Choice(k_row, r))
+        return out
 
 
-class _Loss:
-    """Loss of a sampled configuration: calibration CE with the weights swapped in, or the weight-only proxy."""
+def level_plan(mats: list[Matrix], pools: list[Pools], start: list[Choice], mode: str, budget: float, span: float,
+               floor: int, levels: int) -> LevelSpace:
+    """The policy's variables around a start plan (see the module docstring)."""
+    c = (levels - 1) / 2
+    rank_levels, dens_off = [], []
+    for m, p, ch in zip(mats, pools, start):
+        if mode == "sparse":
+            rank_levels.append([0] * levels)
+        else:
+            pmax = p.sigma.numel() if mode == "slr" else min(m.d_out, m.d_in)
+            cap = max(int((min(budget + span, 1.0)) * m.numel / m.lr_unit), 0)  # ranks past the trust region are out
+            base = max(ch.rank, 1)
+            rs = [min(max(int(round(base * 2 ** ((i - c) / c))), floor, 0 if mode == "slr" else 1), pmax, cap)
+                  for i in range(levels)]
+            rs[int(c)] = min(ch.rank, pmax)  # the centre is the start plan itself
+            rank_levels.append(rs)
+        dens_off.append([span * (i - c) / c for i in range(levels)] if mode != "rank" else [0.0] * levels)
+    return LevelSpace(mats, pools, start, mode, budget, span, rank_levels, dens_off)
 
-    def __init__(self, model, mats, pools, calib, device, windows, batch_size):
-        self.model, self.mats, self.pools = model, mats, pools
-        self.ids = None if calib is None or len(calib) == 0 else calib[:windows]
-        self.device, self.batch_size = device, batch_size
-        self.evals = 0
 
-    def __call__(self, dirs: list, chunks: list) -> float:
-        self.evals += 1
+class _Fitness:
+    """Loss of a plan: KL(dense || candidate) of the next-token distributions on calibration windows, every matrix
+    rebuilt from its pools at the plan's (rank, entries); the weight-only proxy without data. Memoised per plan."""
+
+    def __init__(self, model, space: LevelSpace, calib, device, windows: int, tokens: int, batch_size: int):
+        self.model, self.space, self.device, self.batch_size = model, space, device, batch_size
+        self.ids = None if calib is None or len(calib) == 0 else calib[:windows, :tokens]
+        self.evals, self.memo = 0, {}
+        self.dense = None
+        if self.ids is not None:
+            with torch.no_grad():  # [w, T-1, V] dense log-probabilities, computed once
+                self.dense = [F.log_softmax(next_logits(model, self.ids[s:s + batch_size].to(device)), -1)
+                              for s in range(0, len(self.ids), batch_size)]
+
+    def __call__(self, x: torch.Tensor) -> float:
+        k = tuple(x.tolist())
+        if k not in self.memo:
+            self.evals += 1
+            self.memo[k] = self._loss(self.space.resolve(x))
+        return self.memo[k]
+
+    def _loss(self, plan: list[tuple[int, int]]) -> float:
+        sp = self.space
         if self.ids is None:
-            err, size = 0.0, 0
-            for m, p, d, c in zip(self.mats, self.pools, dirs, chunks):
-                W = m.weight.detach().float().cpu()
-                E = W - p.build(m, d, c)
-                err += m.numel * float((E.double() ** 2).sum() / (W.double() ** 2).sum().clamp_min(1e-300))
-                size += m.numel
-            return err / size
-        for m, p, d, c in zip(self.mats, self.pools, dirs, chunks):
-            m.weight.data.copy_(p.build(m, d, c).to(m.weight.device, m.weight.dtype))
-        tot, n = 0.0, 0
+            err = sum(m.numel * float(((m.weight.detach().float().cpu() - p.build_prefix(m, r, e)).double() ** 2).sum()
+                                      / (m.weight.detach().double() ** 2).sum().clamp_min(1e-300))
+                      for m, p, (r, e) in zip(sp.mats, sp.pools, plan))
+            return err / sum(m.numel for m in sp.mats)
+        for m, p, (r, e) in zip(sp.mats, sp.pools, plan):
+            m.weight.data.copy_(p.build_prefix(m, r, e).to(m.weight.device, m.weight.dtype))
         with torch.no_grad():
-            for s in range(0, len(self.ids), self.batch_size):
-                ids = self.ids[s:s + self.batch_size].to(self.device)
-                logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                tgt = ids[:, 1:]
-                tot += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                               reduction="sum"))
-                n += tgt.numel()
-        return tot / max(n, 1)
+            kls = [float(kl(next_logits(self.model, self.ids[s:s + self.batch_size].to(self.device)), t))
+                   for s, t in zip(range(0, len(self.ids), self.batch_size), self.dense)]
+        return sum(kls) / len(kls)
+
+
+def policy_search(fitness, variables: int, levels: int, *, steps: int, samples: int, lr: float, sigma: float,
+                  gen: torch.Generator) -> tuple[torch.Tensor, list[dict]]:
+    """REINFORCE on ordered categoricals: variable v draws level l with probability ∝ exp(-(l - μ_v)^2 / (2 σ^2)),
+    μ [variables] starting at the centre level (the start plan), σ fixed so that the policy keeps exploring the
+    neighbouring levels (a free categorical collapses onto a wrong level within tens of steps). Each step draws
+    ``samples`` plans, scores them with ``fitness`` and moves μ by Adam along the leave-one-out estimate of the
+    gradient of E[loss]: mean_i A_i ∇ log p(x_i), A_i = (loss_i - mean_{k != i} loss_k) / std(loss). Returns the
+    levels nearest μ (the policy's mode) and the per-step trace."""
+    c = (levels - 1) / 2
+    lv = torch.arange(levels, dtype=torch.float64)
+    mu = torch.full((variables,), c, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([mu], lr=lr)
+    trace = []
+    for step in range(steps):
+        logp = torch.log_softmax(-(lv[None, :] - mu[:, None]) ** 2 / (2 * sigma ** 2), -1)  # [V, L]
+        X = torch.multinomial(logp.detach().exp(), samples, replacement=True, generator=gen).T  # [N, V]
+        loss = torch.tensor([fitness(x) for x in X], dtype=torch.float64)  # [N]
+        adv = loss - (loss.sum() - loss) / max(samples - 1, 1)
+        adv = adv / loss.std().clamp_min(1e-12) if samples > 1 else adv * 0
+        opt.zero_grad()
+        (adv[:, None] * logp.gather(1, X.T).T).sum(1).mean().backward()  # ∇ of the surrogate mean_i A_i log p(x_i)
+        opt.step()
+        with torch.no_grad():
+            mu.clamp_(0, levels - 1)
+        trace.append({"step": step, "mean_loss": float(loss.mean()), "min_loss": float(loss.min()),
+                      "mean_shift": float((mu.detach() - c).abs().mean())})
+    return mu.detach().round().long(), trace
 
 
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
-             pools: str = "rpca", iterations: int = 3, samples: int = 4, lr: float = 0.05, baseline_window: int = 5,
-             chunks: int = 100, init_temp: float = 2.0, windows: int = 8, batch_size: int = 4, rpca_iters: int = 5,
-             max_samples: int | None = 8, norms: dict | None = None, residual_rank: int | None = None,
-             normalize: str | None = None, fisher_samples: int | None = 4, fisher_power: float = 0.25,
-             rank_floor: int | None = None, span: float = SPAN, init: str = "knapsack",
-             mode: str | None = None) -> tuple[Plan, dict]:
-    """CAP plan (see the module docstring). ``samples`` = masks drawn per policy-gradient iteration; ``span`` = the
-    trust region (each matrix's retained fraction stays within budget ± span; 1 = off); ``init`` = "knapsack"
-    (the knapsack's plan) or "density" (the greedy fill by prior density)."""
+             pools: str = "whitened", steps: int = 20, samples: int = 16, lr: float = 0.15, levels: int = 5,
+             sigma: float = 0.5, windows: int = 4, tokens: int = 128, batch_size: int = 4, chunks: int = 100,
+             rpca_iters: int = 5, max_samples: int | None = 8, norms: dict | None = None,
+             residual_rank: int | None = None, normalize: str | None = None, fisher_samples: int | None = 4,
+             fisher_power: float = 0.25, rank_floor: int | None = None, span: float = SPAN, init: str = "knapsack",
+             start: Plan | None = None, mode: str | None = None) -> tuple[Plan, dict]:
+    """CAP plan (see the module docstring). ``steps`` × ``samples`` plans are scored on ``windows`` calibration
+    windows of ``tokens`` tokens; ``levels`` per variable (odd); ``span`` = the trust region (each matrix's retained
+    fraction stays within budget ± span; 1 = off) and the reach of the density levels; ``init`` = "knapsack" (the
+    knapsack's plan) or "uniform"; ``start`` (Python only) = a plan to start from instead."""
     t0 = time.perf_counter()
     check_span(span, "CAP")
-    if init not in ("knapsack", "density"):
-        raise SLRError(f"unknown CAP init {init!r}", "use --alloc-opt init=knapsack or init=density")
+    if init not in ("knapsack", "uniform"):
+        raise SLRError(f"unknown CAP init {init!r}", "use --alloc-opt init=knapsack or init=uniform")
     if pools not in ("rpca", "whitened"):
-        raise SLRError(f"unknown CAP pools {pools!r}", "use pools='rpca' (paper) or 'whitened'")
+        raise SLRError(f"unknown CAP pools {pools!r}", "use pools='whitened' (default) or 'rpca' (the paper's)")
+    if levels < 3 or levels % 2 == 0:
+        raise SLRError(f"CAP levels={levels} must be odd and at least 3", "use e.g. --alloc-opt levels=5")
     mode = alloc_mode(config, mode)
     if nm_of(config) is not None:
         raise SLRError("CAP allocates unstructured sparsity and ranks", "use --allocate knapsack with --pattern N:M")
     mats = matrices(model)
     budget = resolve_budget(config, mats, mode)
     data = calib is not None and len(calib) > 0
-    if normalize is None:
-        normalize = "fisher" if data else "size"
-    if normalize not in ("fisher", "size"):  # checked before the (expensive) pools
-        raise SLRError(f"unknown CAP normalize {normalize!r}", "use normalize=fisher (needs data) or normalize=size")
-    if normalize == "fisher" and not data:
-        raise SLRError("normalize='fisher' needs calibration data", "use --alloc-opt normalize=size when data-free")
+    normalize = resolve_normalize(normalize, data)  # the knapsack start's pricing; checked before the pools
     full_h = pools == "whitened" and data and mode in ("slr", "rank") and norms is None
     if norms is None and not full_h:
         norms = input_sq_norms(model, calib, device, max_samples)
-    K = float(int(budget * sum(m.numel for m in mats)))
     r0 = config.layer_spec().rank if residual_rank is None else int(residual_rank)
     pl: list = [None] * len(mats)
     if full_h:  # full-H whitening, streamed block by block
@@ -333,131 +415,50 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     for j, m in enumerate(mats):
         if pl[j] is None:
             pl[j] = make_pools(m, scales(m, norms), mode, pools, budget, chunks, rpca_iters, r0)
-    sens = output_grad_sq(model, calib, device, fisher_samples) if normalize == "fisher" else None
-    # what one unit of a matrix's relative energy is worth: its size (scale-free) or F̄ ||A||^2 (Fisher loss units)
-    weight = [loss_weight(m.numel, p.energy, None if sens is None else sens[m.key], fisher_power)
-              for m, p in zip(mats, pl)]
     t_pools = time.perf_counter() - t0
-    # global candidate arrays: per matrix, its directions then its chunks
     floor = (config.layer_spec().rank if rank_floor is None else int(rank_floor)) if mode == "slr" else 0
-    cost, dens, owner, kind, fixed = [], [], [], [], []
-    for j, (m, p) in enumerate(zip(mats, pl)):
-        nd, nc = p.sigma.numel(), p.sizes.numel()
-        # the rank floor: a matrix's top min(floor, p) directions are kept outright (not candidates)
-        fixed += [torch.arange(nd) < floor, torch.zeros(nc, dtype=torch.bool)]
-        cost += [torch.full((nd,), float(m.lr_unit), dtype=torch.float64), p.sizes.double()]
-        dens += [p.dir_energy * weight[j] / m.lr_unit, p.chunk_energy * weight[j] / p.sizes.double().clamp_min(1)]
-        owner += [torch.full((nd + nc,), j, dtype=torch.long)]
-        kind += [torch.zeros(nd, dtype=torch.bool), torch.ones(nc, dtype=torch.bool)]
-    cost, dens, owner, kind = torch.cat(cost), torch.cat(dens), torch.cat(owner), torch.cat(kind)
-    fixed = torch.cat(fixed)
-    if cost.numel() == 0:
-        raise SLRError("CAP found no candidates", "check the model's compressed linears")
-    if float(cost[fixed].sum()) > K:
-        raise SLRError(f"the rank floor {floor} alone exceeds the budget {budget}",
-                       "lower --rank or pass --alloc-opt rank_floor=0")
-    if init == "knapsack":  # s0 from the knapsack's plan with the same pricing, trust region and floor
-        kplan, kinfo = knapsack.allocate(model, config, calib, device, max_samples=max_samples, normalize=normalize,
+    if start is None:
+        if init == "knapsack":
+            start, _ = knapsack.allocate(model, config, calib, device, max_samples=max_samples, normalize=normalize,
                                          fisher_samples=fisher_samples, fisher_power=fisher_power, span=span,
                                          rank_floor=rank_floor, mode=mode)
-        s = plan_init(mats, pl, kplan, mode, init_temp)
-        init_info = {"rule": "knapsack plan: sigmoid(beta * log(target / position))", "beta": init_temp,
-                     "knapsack_seconds": kinfo["seconds"]}
-    else:  # logistic in log density around the density tau at which the densest-first candidates fill the budget
-        order = (~fixed).nonzero().flatten()[torch.argsort(dens[~fixed], descending=True)]
-        over = (cost[order].cumsum(0) > K - float(cost[fixed].sum())).nonzero()
-        tau = float(dens[order[int(over[0])]].clamp_min(1e-300)) if over.numel() else 0.0
-        s = torch.sigmoid(init_temp * (dens.clamp_min(1e-300).log() - math.log(tau))) if over.numel() else \
-            torch.ones_like(cost)
-        init_info = {"rule": "sigmoid(beta * log(density / tau))", "beta": init_temp, "tau": tau}
-    banned = torch.zeros_like(fixed)
-    if span < 1:  # trust region: per matrix, in init order keep up to (budget - span) m n, never past (budget + span)
-        rank_key = s + 2.0 * fixed.double() + 1e-6 * dens / float(dens.max().clamp_min(1e-300))
-        for j, m in enumerate(mats):
-            idx = (owner == j).nonzero().flatten()
-            o = idx[torch.argsort(rank_key[idx], descending=True)]  # floor directions first
-            cum = cost[o].cumsum(0)
-            fixed[o[cum <= max(budget - span, 0.0) * m.numel]] = True
-            banned[o[(cum > min(budget + span, 1.0) * m.numel) & ~fixed[o]]] = True
-    free = ~fixed & ~banned
-    K_free = K - float(cost[fixed].sum())
-
-    def project(y: torch.Tensor) -> torch.Tensor:
-        out = fixed.double()
-        out[free] = project_budget(y[free], cost[free], K_free)
-        return out
-
-    s = project(s)
-    splits = [int((owner == j).sum()) for j in range(len(mats))]
-
-    def unpack(keep: torch.Tensor):
-        dirs, chs = [], []
-        for part, p in zip(keep.split(splits), pl):
-            nd = p.sigma.numel()
-            dirs.append(part[:nd])
-            chs.append(part[nd:])
-        return dirs, chs
-
-    def final_keep(s: torch.Tensor) -> torch.Tensor:
-        o = torch.argsort(s * (1 + 1e-9) + 1e-12 * dens / float(dens.max().clamp_min(1e-300)), descending=True)
-        o = o[free[o]]
-        keep = fixed.clone()
-        used = K - K_free
-        for i, c in zip(o.tolist(), cost[o].tolist()):
-            if used + c <= K:
-                keep[i] = True
-                used += c
-        return keep
-
+        else:
+            start, _ = uniform.allocate(model, config, calib, device, mode=mode)
+        start_name = init
+    else:
+        start_name = "given"
+    start_ch = []
+    for m in mats:
+        s = start.get(m.block, m.name)
+        start_ch.append(Choice(None if mode == "rank" else s.kept(m.d_out, m.d_in) // m.d_out,
+                               0 if mode == "sparse" else s.rank))
+    space = level_plan(mats, pl, start_ch, mode, budget, span, floor, levels)
     originals = [m.weight.detach().clone() for m in mats] if data else None
-    loss_fn = _Loss(model, mats, pl, calib if data else None, device, windows, batch_size)
+    fitness = _Fitness(model, space, calib if data else None, device, windows, tokens, batch_size)
     gen = torch.Generator().manual_seed(config.seed)
-    history: list[float] = []
-    trace = []
+    centre = torch.full((space.variables,), levels // 2, dtype=torch.long)
+    t1 = time.perf_counter()
     try:
-        init_loss = loss_fn(*unpack(final_keep(s)))
-        history.append(init_loss)
-        for it in range(iterations):
-            grad = torch.zeros_like(s)
-            losses = []
-            for _ in range(samples):
-                mask = torch.rand(s.shape, generator=gen, dtype=torch.float64) < s
-                loss = loss_fn(*unpack(mask))
-                b = sum(history[-baseline_window:]) / len(history[-baseline_window:])
-                sc = s.clamp(0.01, 0.99)
-                grad += (loss - b) * (mask.double() - s) / (sc * (1 - sc))
-                history.append(loss)
-                losses.append(loss)
-            s = project(s - lr * grad / samples)
-            trace.append({"iteration": it, "losses": losses, "mean_loss": sum(losses) / len(losses),
-                          "expected_params": float((s * cost).sum())})
-        keep = final_keep(s)
-        final_loss = loss_fn(*unpack(keep))
+        start_loss = fitness(centre)
+        x, trace = policy_search(fitness, space.variables, levels, steps=steps, samples=samples, lr=lr,
+                                 sigma=sigma, gen=gen)
+        final_loss = fitness(x)
     finally:
         if originals is not None:
             for m, w in zip(mats, originals):
                 m.weight.data.copy_(w)
-    choices = []
-    for j, (m, p) in enumerate(zip(mats, pl)):
-        k = keep[owner == j]
-        kd, kc = k[~kind[owner == j]], k[kind[owner == j]]
-        rank = int(kd.sum())
-        entries = int(p.sizes[kc].sum()) if kc.numel() else 0
-        k_row = None if mode == "rank" else min(m.d_in, int(round(entries / m.d_out)))
-        if rank == 0 and not k_row:  # never drop a whole matrix: keep one row-unit (or rank 1)
-            rank, k_row = (1, k_row) if mode == "rank" else (0, 1)
-        choices.append(Choice(k_row, rank))
-    nm = None
-    choices = fit_budget(mats, choices, int(K), mode, nm)
+    kept = "policy" if final_loss <= start_loss else "start"  # a policy that did not beat its start is not used
+    target = int(budget * sum(m.numel for m in mats))
+    choices = fit_budget(mats, space.choices(x if kept == "policy" else centre), target, mode, None)
     extra = {"pools": pools if mode == "slr" else ("whitened" if mode == "rank" else "weights"),
              "metric": "full H" if full_h else ("diag H" if norms is not None else "weights"),
              **({"residual_rank": r0} if mode == "slr" and pools == "whitened" else {}),
-             "rank_floor": floor, "span": span, "normalize": normalize,
-             **({"fisher_windows": min(len(calib), fisher_samples or len(calib)), "fisher_power": fisher_power}
-                if sens is not None else {}),
-             "loss": "calibration CE" if data else "weight-only relative Frobenius (data-free)",
-             "windows": min(windows, len(calib)) if data else 0, "iterations": iterations, "samples": samples,
-             "lr": lr, "baseline_window": baseline_window, "chunks": chunks, "candidates": int(cost.numel()),
-             "init": {"name": init, **init_info, "projected": True, "loss": init_loss},
-             "final_loss": final_loss, "trace": trace, "loss_evals": loss_fn.evals, "seconds_pools": t_pools}
-    return finish("cap", mats, choices, mode, nm, budget, t0, extra, base=config.layer_spec())
+             "rank_floor": floor, "span": span, "init": start_name, "normalize": normalize,
+             "loss": f"KL(dense || pool rebuild), {min(windows, len(calib))} windows x {tokens} tokens" if data
+             else "weight-only relative Frobenius (data-free)",
+             "windows": min(windows, len(calib)) if data else 0, "tokens": tokens if data else 0,
+             "steps": steps, "samples": samples, "lr": lr, "levels": levels, "sigma": sigma,
+             "variables": space.variables, "start_loss": start_loss, "final_loss": final_loss, "kept": kept,
+             "trace": trace, "loss_evals": fitness.evals, "seconds_pools": t_pools,
+             "seconds_search": time.perf_counter() - t1}
+    return finish("cap", mats, choices, mode, None, budget, t0, extra, base=config.layer_spec())
