@@ -290,12 +290,9 @@ def test_policy_search_reaches_a_known_optimum():
     assert torch.equal(x0, torch.full((12,), 2))
 
 
-def test_cap_moves_from_a_bad_start_to_the_known_best():
-    """A tiny llama whose linears are all exactly 15% dense except down_proj: pruning any of them to >= 15% is
-    lossless, so the best plan puts them at the lowest density level and down_proj at the highest. Started from the
-    opposite (down_proj at budget - span), CAP's policy must move down_proj up to the top of its trust region and cut
-    the KL to dense several-fold; the plan keeps the budget."""
-    from slr.allocate import cap
+def _down_proj_problem():
+    """A tiny llama whose linears are exactly 15% dense except down_proj, and a start plan that gives down_proj 0.2
+    of its weights and the rest of the 0.5 budget to the others."""
     from slr.plan import Plan
     from slr.spec import LayerSpec
 
@@ -312,6 +309,18 @@ def test_cap_moves_from_a_bad_start_to_the_known_best():
     for m in mats:
         f = 0.2 if "down_proj" in m.name else (0.5 * total - 0.2 * down) / (total - down)
         start.specs[m.key] = LayerSpec(sparsity=1 - round(f * m.d_in) / m.d_in)
+    return model, start
+
+
+def test_cap_moves_from_a_bad_start_to_the_known_best():
+    """A tiny llama whose linears are all exactly 15% dense except down_proj: pruning any of them to >= 15% is
+    lossless, so the best plan puts them at the lowest density level and down_proj at the highest. Started from the
+    opposite (down_proj at budget - span), CAP's policy must move down_proj up to the top of its trust region and cut
+    the KL to dense several-fold; the plan keeps the budget."""
+    from slr.allocate import cap
+
+    model, start = _down_proj_problem()
+    mats = matrices(model)
     cfg = CompressConfig(method="wanda", sparsity=0.5, alloc=AllocConfig(method="cap", budget=0.5))
     _, info = cap.allocate(model, cfg, ids(8, 32), steps=20, samples=16, span=0.3, start=start)
     assert info["init"] == "given" and info["kept"] == "policy"
@@ -321,3 +330,23 @@ def test_cap_moves_from_a_bad_start_to_the_known_best():
         if "down_proj" in m.name:  # start 0.2; the top level is 0.2 + span, plus the common shift
             assert 1 - info["per_matrix"][m.key]["sparsity"] >= 0.5, m.key
     assert len(info["trace"]) == 20 and info["trace"][-1]["mean_loss"] < info["trace"][0]["mean_loss"]
+
+
+def test_search_moves_from_a_bad_start_and_is_deterministic():
+    """The evolutionary search on the same known-best problem: from the bad start it cuts the KL several-fold; the
+    same seed gives the same plan; with zero generations it returns the start."""
+    from slr.allocate import search
+
+    model, start = _down_proj_problem()
+    cfg = CompressConfig(method="wanda", sparsity=0.5, alloc=AllocConfig(method="search", budget=0.5))
+    kw = dict(generations=15, offspring=8, survivors=2, span=0.3, start=start)
+    plan, info = search.allocate(model, cfg, ids(8, 32), **kw)
+    assert info["init"] == "given" and abs(info["achieved_fraction"] - 0.5) <= 1e-3
+    assert info["final_loss"] < info["start_loss"] / 4
+    assert info["loss_evals"]["screen"] > info["loss_evals"]["full"] > 1
+    plan2, _ = search.allocate(model, cfg, ids(8, 32), **kw)
+    assert plan2.specs == plan.specs
+    _, info0 = search.allocate(model, cfg, ids(8, 32), **{**kw, "generations": 0})
+    assert info0["final_loss"] == info0["start_loss"]
+    with pytest.raises(SLRError, match="survivors"):
+        make_plan(model, cfg, ids(8, 32), survivors=0)

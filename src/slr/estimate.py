@@ -16,10 +16,10 @@ MiB; 410-420 MiB measured after loading SmolLM2) + the weights resident then + t
   (windows * seqlen * d_model * 4, in memory even with offloaded activations), the autograd graph of one training
   chunk (min(8, batch, tm_samples) windows; ``backward_bytes``) and eight fp32 copies of the block's linears (Adam's
   two moments, the original and snapshot parameters, gradients, the dense weights SLRLinear builds for autograd).
-* allocate (``allocate="knapsack"`` or ``"cap"``, with calibration data): the dense model's Fisher pass, a forward
-  and backward of the whole model on 2 windows at a time (``fisher_bytes``: five fp32 copies of the logits-sized
-  head tensors plus every block's autograd graph; +2357 MiB on SmolLM2 at seqlen 512), which also bounds the
-  whitened statistics' forward on 4 windows. CAP holds every matrix's candidate pools meanwhile
+* allocate (``allocate="knapsack"``, ``"cap"`` or ``"search"``, with calibration data): the dense model's Fisher
+  pass, a forward and backward of the whole model on 2 windows at a time (``fisher_bytes``: five fp32 copies of the
+  logits-sized head tensors plus every block's autograd graph; +2357 MiB on SmolLM2 at seqlen 512), which also
+  bounds the whitened statistics' forward on 4 windows. CAP (and search) holds every matrix's candidate pools meanwhile
   (``CAP_POOL_BYTES_PER_PARAM`` per linear parameter) and then a copy of the original weights while its loss runs
   the model on 4 windows (eval-like head) next to the dense log-probabilities of those windows.
 * distill (``distill=True``, in memory): a frozen dense copy of the model (the teacher) next to the compressed one,
@@ -114,7 +114,8 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
     ``onload``: only the non-block parameters and one block's fp32 weights are resident (slr.onload).
     ``rebuild``: an in-memory evaluation follows (with onloading: every compressed block is rebuilt for it; without
     it the save streams them). ``offload_activations``: two batches of activations in memory instead of all windows.
-    ``allocate``: "knapsack" and "cap" add their allocation phase (with calibration data; CAP also without).
+    ``allocate``: "knapsack", "cap" and "search" add their allocation phase (with calibration data; CAP and search
+    also without).
     ``refine="tm"``: transformer matching's targets, autograd graph and optimizer state join the block loop;
     ``tm_samples``: the windows it trains on (None = all; only the chunk size depends on it, the targets are kept
     for every window). ``distill``: slr.distill's phase (the teacher, optimizer state, one window's backward).
@@ -176,12 +177,12 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
             phases["evaluate"] = model_b + runtime + linear_b + leftover + eval_ws
     n_blocks = len(blocks)
     fisher = 0
-    if allocate in ("knapsack", "cap") and data:
+    if allocate in ("knapsack", "cap", "search") and data:
         a_batch = min(ALLOC_BATCH, windows)
         stats = head_bytes(a_batch * seqlen, vocab, 1) + forward_workspace_bytes(a_batch, seqlen, heads, d_ff)
         fisher = max(fisher_bytes(seqlen, vocab, d_model, d_ff, n_blocks, min(FISHER_BATCH, windows)), stats)
         out["allocate"] = fisher
-    if allocate == "cap":
+    if allocate in ("cap", "search"):
         pools = CAP_POOL_BYTES_PER_PARAM * linear_n
         # the original weights, a forward on 4 windows and the cached dense log-probabilities of CAP's KL
         loss = 4 * linear_n + (head_bytes(min(ALLOC_BATCH, windows) * seqlen, vocab, 4) if data else 0)

@@ -6,6 +6,7 @@
   owl       OWL per-block sparsity from outlier ratios (pure pruning, or around a fixed rank for S+LR)
   knapsack  ours: proxy loss-vs-cost curves per matrix + a Lagrangian multiple-choice knapsack (fast)
   cap       CAP: categorical rank and density levels per matrix over candidate pools, REINFORCE on the KL to dense
+  search    evolutionary search over the same levels (EvoPress-style mutation and multi-step selection)
 
 Budget = config.alloc.budget, the global retained fraction (kept sparse values + Σ r (m + n)) / Σ m n over the
 compressed linears (PROTOCOL §5); without it, the fraction of the uniform config.layer_spec(). Every plan lands on
@@ -31,7 +32,7 @@ from torch import nn
 from ..errors import SLRError
 from ..options import as_kwargs, make_options, options_type
 from ..plan import Plan
-from . import cap, knapsack, owl, uniform
+from . import cap, knapsack, owl, search, uniform
 from .base import check_span, plan_fraction
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ ALLOCATORS = {a.name: a for a in (
     _allocator("owl", owl.allocate),
     _allocator("knapsack", knapsack.allocate, knapsack.check_opts),
     _allocator("cap", cap.allocate, lambda o: check_span(o.span, "CAP")),
+    _allocator("search", search.allocate, lambda o: check_span(o.span, "search")),
 )}
 
 

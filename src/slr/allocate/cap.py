@@ -46,6 +46,7 @@ Rank floor (S+LR; ``rank_floor``, default the run's --rank): no rank level goes 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -283,6 +284,10 @@ class LevelSpace:
             lo, hi = (mid, hi) if cost <= K else (lo, mid)
         return [(r, int(f * m.numel)) for r, f, m in zip(ranks, fracs(lo), self.mats)]
 
+    def centre(self) -> torch.Tensor:
+        """The start plan's levels [variables]."""
+        return torch.full((self.variables,), len(self.rank_levels[0]) // 2, dtype=torch.long)
+
     def choices(self, x: torch.Tensor) -> list[Choice]:
         out = []
         for m, (r, e) in zip(self.mats, self.resolve(x)):
@@ -313,7 +318,7 @@ def level_plan(mats: list[Matrix], pools: list[Pools], start: list[Choice], mode
     return LevelSpace(mats, pools, start, mode, budget, span, rank_levels, dens_off)
 
 
-class _Fitness:
+class Fitness:
     """Loss of a plan: KL(dense || candidate) of the next-token distributions on calibration windows, every matrix
     rebuilt from its pools at the plan's (rank, entries); the weight-only proxy without data. Memoised per plan."""
 
@@ -378,28 +383,54 @@ def policy_search(fitness, variables: int, levels: int, *, steps: int, samples: 
     return mu.detach().round().long(), trace
 
 
-def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
-             pools: str = "whitened", steps: int = 20, samples: int = 16, lr: float = 0.15, levels: int = 5,
-             sigma: float = 0.5, windows: int = 4, tokens: int = 128, batch_size: int = 4, chunks: int = 100,
-             rpca_iters: int = 5, max_samples: int | None = 8, norms: dict | None = None,
-             residual_rank: int | None = None, normalize: str | None = None, fisher_samples: int | None = 4,
-             fisher_power: float = 0.25, rank_floor: int | None = None, span: float = SPAN, init: str = "knapsack",
-             start: Plan | None = None, mode: str | None = None) -> tuple[Plan, dict]:
-    """CAP plan (see the module docstring). ``steps`` × ``samples`` plans are scored on ``windows`` calibration
-    windows of ``tokens`` tokens; ``levels`` per variable (odd); ``span`` = the trust region (each matrix's retained
-    fraction stays within budget ± span; 1 = off) and the reach of the density levels; ``init`` = "knapsack" (the
-    knapsack's plan) or "uniform"; ``start`` (Python only) = a plan to start from instead."""
+@dataclass
+class Setup:
+    """What the level-space allocators (CAP, search) share: the matrices, the budget, the level space around the start
+    plan, and the info that describes them."""
+
+    mats: list[Matrix]
+    mode: str
+    budget: float
+    space: LevelSpace
+    data: bool
+    info: dict
+
+    @contextmanager
+    def swapping(self):
+        """Fitness evaluations write candidate weights into the model; the originals come back afterwards."""
+        originals = [m.weight.detach().clone() for m in self.mats] if self.data else None
+        try:
+            yield
+        finally:
+            if originals is not None:
+                for m, w in zip(self.mats, originals):
+                    m.weight.data.copy_(w)
+
+    def finish(self, who: str, x: torch.Tensor, t0: float, extra: dict, base) -> tuple[Plan, dict]:
+        """The plan of levels ``x`` [variables], fitted to the budget."""
+        target = int(self.budget * sum(m.numel for m in self.mats))
+        choices = fit_budget(self.mats, self.space.choices(x), target, self.mode, None)
+        return finish(who, self.mats, choices, self.mode, None, self.budget, t0, {**self.info, **extra}, base=base)
+
+
+def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device, who: str, *, pools: str,
+            levels: int, span: float, init: str, start: Plan | None, mode: str | None, chunks: int = 100,
+            rpca_iters: int = 5, max_samples: int | None = 8, norms: dict | None = None,
+            residual_rank: int | None = None, normalize: str | None = None, fisher_samples: int | None = 4,
+            fisher_power: float = 0.25, rank_floor: int | None = None) -> Setup:
+    """Checks, candidate pools (stage 1) and the level space around the start plan."""
     t0 = time.perf_counter()
-    check_span(span, "CAP")
+    given = start is not None
+    check_span(span, who)
     if init not in ("knapsack", "uniform"):
-        raise SLRError(f"unknown CAP init {init!r}", "use --alloc-opt init=knapsack or init=uniform")
+        raise SLRError(f"unknown {who} init {init!r}", "use --alloc-opt init=knapsack or init=uniform")
     if pools not in ("rpca", "whitened"):
-        raise SLRError(f"unknown CAP pools {pools!r}", "use pools='whitened' (default) or 'rpca' (the paper's)")
+        raise SLRError(f"unknown {who} pools {pools!r}", "use pools='whitened' (default) or 'rpca' (the paper's)")
     if levels < 3 or levels % 2 == 0:
-        raise SLRError(f"CAP levels={levels} must be odd and at least 3", "use e.g. --alloc-opt levels=5")
+        raise SLRError(f"{who} levels={levels} must be odd and at least 3", "use e.g. --alloc-opt levels=5")
     mode = alloc_mode(config, mode)
     if nm_of(config) is not None:
-        raise SLRError("CAP allocates unstructured sparsity and ranks", "use --allocate knapsack with --pattern N:M")
+        raise SLRError(f"{who} allocates unstructured sparsity and ranks", "use --allocate knapsack with --pattern N:M")
     mats = matrices(model)
     budget = resolve_budget(config, mats, mode)
     data = calib is not None and len(calib) > 0
@@ -424,41 +455,55 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
                                          rank_floor=rank_floor, mode=mode)
         else:
             start, _ = uniform.allocate(model, config, calib, device, mode=mode)
-        start_name = init
-    else:
-        start_name = "given"
     start_ch = []
     for m in mats:
         s = start.get(m.block, m.name)
         start_ch.append(Choice(None if mode == "rank" else s.kept(m.d_out, m.d_in) // m.d_out,
                                0 if mode == "sparse" else s.rank))
     space = level_plan(mats, pl, start_ch, mode, budget, span, floor, levels)
-    originals = [m.weight.detach().clone() for m in mats] if data else None
-    fitness = _Fitness(model, space, calib if data else None, device, windows, tokens, batch_size)
+    info = {"pools": pools if mode == "slr" else ("whitened" if mode == "rank" else "weights"),
+            "metric": "full H" if full_h else ("diag H" if norms is not None else "weights"),
+            **({"residual_rank": r0} if mode == "slr" and pools == "whitened" else {}),
+            "rank_floor": floor, "span": span, "init": "given" if given else init,
+            "normalize": normalize, "levels": levels, "variables": space.variables, "seconds_pools": t_pools,
+            "seconds_start": time.perf_counter() - t0 - t_pools}
+    return Setup(mats, mode, budget, space, data, info)
+
+
+def fitness_info(calib, windows: int, tokens: int) -> dict:
+    data = calib is not None and len(calib) > 0
+    return {"loss": f"KL(dense || pool rebuild), {min(windows, len(calib))} windows x {tokens} tokens" if data
+            else "weight-only relative Frobenius (data-free)",
+            "windows": min(windows, len(calib)) if data else 0, "tokens": tokens if data else 0}
+
+
+def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
+             pools: str = "whitened", steps: int = 20, samples: int = 16, lr: float = 0.15, levels: int = 5,
+             sigma: float = 0.5, windows: int = 4, tokens: int = 128, batch_size: int = 4, chunks: int = 100,
+             rpca_iters: int = 5, max_samples: int | None = 8, norms: dict | None = None,
+             residual_rank: int | None = None, normalize: str | None = None, fisher_samples: int | None = 4,
+             fisher_power: float = 0.25, rank_floor: int | None = None, span: float = SPAN, init: str = "knapsack",
+             start: Plan | None = None, mode: str | None = None) -> tuple[Plan, dict]:
+    """CAP plan (see the module docstring). ``steps`` × ``samples`` plans are scored on ``windows`` calibration
+    windows of ``tokens`` tokens; ``levels`` per variable (odd); ``span`` = the trust region (each matrix's retained
+    fraction stays within budget ± span; 1 = off) and the reach of the density levels; ``init`` = "knapsack" (the
+    knapsack's plan) or "uniform"; ``start`` (Python only) = a plan to start from instead."""
+    t0 = time.perf_counter()
+    st = prepare(model, config, calib, device, "CAP", pools=pools, levels=levels, span=span, init=init, start=start,
+                 mode=mode, chunks=chunks, rpca_iters=rpca_iters, max_samples=max_samples, norms=norms,
+                 residual_rank=residual_rank, normalize=normalize, fisher_samples=fisher_samples,
+                 fisher_power=fisher_power, rank_floor=rank_floor)
+    fitness = Fitness(model, st.space, calib if st.data else None, device, windows, tokens, batch_size)
     gen = torch.Generator().manual_seed(config.seed)
-    centre = torch.full((space.variables,), levels // 2, dtype=torch.long)
+    centre = st.space.centre()
     t1 = time.perf_counter()
-    try:
+    with st.swapping():
         start_loss = fitness(centre)
-        x, trace = policy_search(fitness, space.variables, levels, steps=steps, samples=samples, lr=lr,
+        x, trace = policy_search(fitness, st.space.variables, levels, steps=steps, samples=samples, lr=lr,
                                  sigma=sigma, gen=gen)
         final_loss = fitness(x)
-    finally:
-        if originals is not None:
-            for m, w in zip(mats, originals):
-                m.weight.data.copy_(w)
     kept = "policy" if final_loss <= start_loss else "start"  # a policy that did not beat its start is not used
-    target = int(budget * sum(m.numel for m in mats))
-    choices = fit_budget(mats, space.choices(x if kept == "policy" else centre), target, mode, None)
-    extra = {"pools": pools if mode == "slr" else ("whitened" if mode == "rank" else "weights"),
-             "metric": "full H" if full_h else ("diag H" if norms is not None else "weights"),
-             **({"residual_rank": r0} if mode == "slr" and pools == "whitened" else {}),
-             "rank_floor": floor, "span": span, "init": start_name, "normalize": normalize,
-             "loss": f"KL(dense || pool rebuild), {min(windows, len(calib))} windows x {tokens} tokens" if data
-             else "weight-only relative Frobenius (data-free)",
-             "windows": min(windows, len(calib)) if data else 0, "tokens": tokens if data else 0,
-             "steps": steps, "samples": samples, "lr": lr, "levels": levels, "sigma": sigma,
-             "variables": space.variables, "start_loss": start_loss, "final_loss": final_loss, "kept": kept,
-             "trace": trace, "loss_evals": fitness.evals, "seconds_pools": t_pools,
-             "seconds_search": time.perf_counter() - t1}
-    return finish("cap", mats, choices, mode, None, budget, t0, extra, base=config.layer_spec())
+    extra = {**fitness_info(calib, windows, tokens), "steps": steps, "samples": samples, "lr": lr, "sigma": sigma,
+             "start_loss": start_loss, "final_loss": final_loss, "kept": kept, "trace": trace,
+             "loss_evals": fitness.evals, "seconds_search": time.perf_counter() - t1}
+    return st.finish("cap", x if kept == "policy" else centre, t0, extra, config.layer_spec())

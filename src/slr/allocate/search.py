@@ -1,0 +1,83 @@
+"""Evolutionary search over per-matrix levels (``--allocate search``; in the spirit of EvoPress, methods.md §8).
+
+The space is CAP's (``cap.prepare``): per matrix a rank level and a density level around a start plan (default the
+knapsack's), every plan resolved to spend the budget exactly, each matrix rebuilt from its whitened pools (top
+directions, then the top-scored entries) and scored by KL(dense || compressed) of the next-token distributions.
+A (1 + λ) search with multi-step selection: each generation mutates the parent ``offspring`` times (``mutations``
+pairs of variables of the same kind, one a level up and the other a level down, so the budget moves little before the
+common shift makes it exact), screens the offspring on ``screen_windows`` windows, scores the best ``survivors`` on
+``windows`` windows, and replaces the parent when one beats it there. Losses are memoised per plan, so a plan is
+never scored twice at the same fidelity. Seeded, so the same seed gives the same plan.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..errors import SLRError
+from ..plan import Plan
+from .base import SPAN
+from .cap import Fitness, fitness_info, prepare
+
+if TYPE_CHECKING:
+    from ..config import CompressConfig
+
+
+def mutate(x: torch.Tensor, kinds: torch.Tensor, levels: int, pairs: int, gen: torch.Generator) -> torch.Tensor:
+    """``pairs`` times: one variable a level up and another of the same kind (``kinds`` [V]) a level down, both
+    kept inside [0, levels - 1]."""
+    y = x.clone()
+    for _ in range(pairs):
+        for _try in range(20):
+            i, j = torch.randint(0, len(y), (2,), generator=gen).tolist()
+            if i != j and kinds[i] == kinds[j] and y[i] < levels - 1 and y[j] > 0:
+                y[i] += 1
+                y[j] -= 1
+                break
+    return y
+
+
+def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
+             generations: int = 40, offspring: int = 16, survivors: int = 4, mutations: int = 2, levels: int = 5,
+             screen_windows: int = 1, windows: int = 4, tokens: int = 128, batch_size: int = 4,
+             max_samples: int | None = 8, norms: dict | None = None, normalize: str | None = None,
+             fisher_samples: int | None = 4, fisher_power: float = 0.25, rank_floor: int | None = None,
+             span: float = SPAN, init: str = "knapsack", start: Plan | None = None,
+             mode: str | None = None) -> tuple[Plan, dict]:
+    """Search plan (see the module docstring); ``start`` (Python only) = a plan to start from."""
+    t0 = time.perf_counter()
+    if not (0 < survivors <= offspring) or screen_windows < 1 or windows < screen_windows:
+        raise SLRError(f"search needs 0 < survivors <= offspring and 1 <= screen_windows <= windows (got "
+                       f"survivors={survivors}, offspring={offspring}, screen_windows={screen_windows}, "
+                       f"windows={windows})", "use e.g. --alloc-opt offspring=16 --alloc-opt survivors=4")
+    st = prepare(model, config, calib, device, "search", pools="whitened", levels=levels, span=span, init=init,
+                 start=start, mode=mode, max_samples=max_samples, norms=norms, normalize=normalize,
+                 fisher_samples=fisher_samples, fisher_power=fisher_power, rank_floor=rank_floor)
+    data = calib if st.data else None
+    screen = Fitness(model, st.space, data, device, screen_windows, tokens, batch_size)
+    full = Fitness(model, st.space, data, device, windows, tokens, batch_size)
+    n = len(st.mats)
+    kinds = torch.arange(st.space.variables) // n  # S+LR: ranks then densities; otherwise one kind
+    gen = torch.Generator().manual_seed(config.seed)
+    t1 = time.perf_counter()
+    trace = []
+    with st.swapping():
+        parent = st.space.centre()
+        start_loss = best = full(parent)
+        for g in range(generations):
+            kids = [mutate(parent, kinds, levels, mutations, gen) for _ in range(offspring)]
+            kids.sort(key=screen)
+            scored = [(full(k), i) for i, k in enumerate(kids[:survivors])]
+            loss, i = min(scored)
+            if loss < best:
+                parent, best = kids[i], loss
+            trace.append({"generation": g, "best_loss": best, "survivor_losses": [s for s, _ in scored]})
+    extra = {**fitness_info(calib, windows, tokens), "screen_windows": screen_windows if st.data else 0,
+             "generations": generations, "offspring": offspring, "survivors": survivors, "mutations": mutations,
+             "start_loss": start_loss, "final_loss": best, "trace": trace,
+             "loss_evals": {"screen": screen.evals, "full": full.evals}, "seconds_search": time.perf_counter() - t1}
+    return st.finish("search", parent, t0, extra, config.layer_spec())
