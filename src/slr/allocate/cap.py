@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..calibration import input_sq_norms
 from ..errors import SLRError
@@ -367,7 +368,8 @@ def policy_search(fitness, variables: int, levels: int, *, steps: int, samples: 
     mu = torch.full((variables,), c, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([mu], lr=lr)
     trace = []
-    for step in range(steps):
+    bar = tqdm(range(steps), desc="cap", unit="step", disable=None)  # None: only on a terminal
+    for step in bar:
         logp = torch.log_softmax(-(lv[None, :] - mu[:, None]) ** 2 / (2 * sigma ** 2), -1)  # [V, L]
         X = torch.multinomial(logp.detach().exp(), samples, replacement=True, generator=gen).T  # [N, V]
         loss = torch.tensor([fitness(x) for x in X], dtype=torch.float64)  # [N]
@@ -380,6 +382,7 @@ def policy_search(fitness, variables: int, levels: int, *, steps: int, samples: 
             mu.clamp_(0, levels - 1)
         trace.append({"step": step, "mean_loss": float(loss.mean()), "min_loss": float(loss.min()),
                       "mean_shift": float((mu.detach() - c).abs().mean())})
+        bar.set_postfix(loss=f"{trace[-1]['mean_loss']:.4f}")
     return mu.detach().round().long(), trace
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import SLRError
 from ..plan import Plan
@@ -68,7 +69,8 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     with st.swapping():
         parent = st.space.centre()
         start_loss = best = full(parent)
-        for g in range(generations):
+        bar = tqdm(range(generations), desc="search", unit="gen", disable=None)  # None: only on a terminal
+        for g in bar:
             kids = [mutate(parent, kinds, levels, mutations, gen) for _ in range(offspring)]
             kids.sort(key=screen)
             scored = [(full(k), i) for i, k in enumerate(kids[:survivors])]
@@ -76,6 +78,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
             if loss < best:
                 parent, best = kids[i], loss
             trace.append({"generation": g, "best_loss": best, "survivor_losses": [s for s, _ in scored]})
+            bar.set_postfix(loss=f"{best:.4f}")
     extra = {**fitness_info(calib, windows, tokens), "screen_windows": screen_windows if st.data else 0,
              "generations": generations, "offspring": offspring, "survivors": survivors, "mutations": mutations,
              "start_loss": start_loss, "final_loss": best, "trace": trace,
