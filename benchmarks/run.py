@@ -49,6 +49,10 @@ CONFIGS = {
     # S+LR at a global retained fraction of exactly 0.50 (issue 5): the allocator sets every matrix's sparsity and
     # rank; uniform keeps rank 32 everywhere and scales the sparsity to the budget
     "g50": dict(sparsity=0.6, pattern=None, rank=32, budget=0.5),
+    # pure pruning at a global retained fraction (issue 22): the allocator sets every matrix's sparsity; uniform is
+    # u50 (pg50) or 70% everywhere (pg70)
+    "pg50": dict(sparsity=0.5, pattern=None, rank=0, budget=0.5),
+    "pg70": dict(sparsity=0.7, pattern=None, rank=0, budget=0.3),
     # quantized (issue 20): S dense on a symmetric b-bit grid in groups of 64 (gptq, rtn: plain Q), + a rank-r
     # correction with 8-bit factors (Q + L)
     **{f"q{b}g64": dict(sparsity=None, pattern=None, rank=0, bits=b, group_size=64) for b in (4, 3, 2)},
@@ -186,7 +190,9 @@ def refine_label(r: dict) -> str | None:
 
 
 ALLOC_KEYS = ("allocator", "budget", "achieved_fraction", "normalize", "fisher_power", "fisher_windows", "rank_floor",
-              "span", "metric", "pools", "loss", "windows", "iterations", "samples", "lr", "seconds")
+              "span", "metric", "pools", "loss", "windows", "tokens", "iterations", "steps", "samples", "lr", "sigma",
+              "levels", "generations", "offspring", "survivors", "start_loss", "final_loss", "kept", "seconds",
+              "seconds_search")
 
 
 def _alloc_summary(a: dict) -> dict:
@@ -211,7 +217,7 @@ def alloc_label(r: dict) -> str | None:
     (span) and initialisation it ran with, e.g. "knapsack (span=0.1)"."""
     a = r.get("allocate")
     opts = dict(r.get("alloc_opts") or {})
-    for k in ("span", "init"):  # defaults the allocator ran with
+    for k in ("span", "init", "levels"):  # defaults the allocator ran with
         v = (r.get("allocation") or {}).get(k, opts.get(k))
         if v is not None:
             opts[k] = v
@@ -245,6 +251,33 @@ def _err(r: dict) -> str:
     if e is None or e != e:
         return "n/a"
     return f"{e:.5f}" + ("" if _read_calib(r) else " (W)")
+
+
+def pruning_allocation_table(recs: list[dict]) -> list[str]:
+    """pg50 / pg70 (pure pruning at a global retained fraction): every allocator against uniform pruning of the same
+    method (pg50's uniform is the u50 run), with the allocator's own KL (start plan -> its plan) where it has one."""
+    rows = [r for r in recs if r["config"] in ("pg50", "pg70") and not refine_label(r)]
+    if not rows:
+        return []
+    dense = rows[0]["dense_ppl"]
+    out = ["## Global allocation for pure pruning (issue 22, configs pg50 and pg70)", "",
+           "`slr compress --method M --sparsity S --budget B --allocate A`: the allocator sets every matrix's "
+           "sparsity (pg50: B = 0.5, pg70: B = 0.3). Gap closed = (ppl_uniform - ppl) / (ppl_uniform - dense ppl) "
+           "against the same method's uniform run (pg50: its u50 row). allocator KL = KL(dense || pool rebuild) of "
+           "the start (knapsack) plan -> the allocator's plan on its fitness windows. allocate s is not part of "
+           "compress s.", "",
+           "| method | config | allocate | ppl | gap closed vs uniform | allocator KL | allocate s | compress s | "
+           "commit |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"], r["config"], r["ppl"])):
+        ref = [u["ppl"] for u in recs if u["method"] == r["method"] and not refine_label(u) and (
+            (u["config"] == r["config"] and u["allocate"] == "uniform") or
+            (r["config"] == "pg50" and u["config"] == "u50" and u["allocate"] == "uniform"))]
+        closed = f"{(ref[-1] - r['ppl']) / (ref[-1] - dense):+.1%}" if ref and ref[-1] > dense else "n/a"
+        a = r.get("allocation") or {}
+        kl = f"{a['start_loss']:.4f} -> {a['final_loss']:.4f}" if "final_loss" in a else "-"
+        out.append(f"| {r['method']} | {r['config']} | {alloc_label(r)} | {r['ppl']:.3f} | {closed} | {kl} | "
+                   f"{r.get('allocate_s', 'n/a')} | {r['compress_s']} | {r['git_commit']} |")
+    return out + [""]
 
 
 def allocation_tables(recs: list[dict], history: list[dict] | None = None) -> list[str]:
@@ -358,6 +391,7 @@ def write_report() -> None:
                          f"{_calib(r)} | {r['compress_s']} | {r['eval_s']} | {r['git_commit']} |")
         lines.append("")
     lines += allocation_tables(recs, history)
+    lines += pruning_allocation_table(recs)
     lines += frontier_section(recs, CONFIGS, lambda r: _method(r), HERE / "frontier.png")
     lines += zeroshot_table()
     # notes and the benchmark scripts' reports

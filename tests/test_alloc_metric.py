@@ -193,12 +193,16 @@ def test_fisher_normalisation_is_the_default_with_data():
     assert info["normalize"] == "fisher"
 
 
-@pytest.mark.parametrize("allocator", ["knapsack", "cap"])
+SEARCH_OPTS = {"cap": {"samples": 2, "steps": 2, "windows": 2},
+               "search": {"generations": 2, "offspring": 2, "survivors": 1, "windows": 2}}
+
+
+@pytest.mark.parametrize("allocator", ["knapsack", "cap", "search"])
 def test_rank_floor(allocator):
     """S+LR plans keep at least the run's --rank everywhere by default; rank_floor=0 frees it."""
     model = tiny_model("llama")
     cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method=allocator, budget=0.5))
-    opts = {"samples": 1, "steps": 1, "windows": 2} if allocator == "cap" else {}
+    opts = SEARCH_OPTS.get(allocator, {})
     plan, info = make_plan(model, cfg, ids(4, 16), **opts)
     assert info["rank_floor"] == 4 and abs(info["achieved_fraction"] - 0.5) <= 1e-3
     assert all(s.rank >= 4 for s in plan.specs.values())
@@ -208,12 +212,12 @@ def test_rank_floor(allocator):
     assert info["rank_floor"] == 0
 
 
-@pytest.mark.parametrize("allocator", ["knapsack", "cap"])
+@pytest.mark.parametrize("allocator", ["knapsack", "cap", "search"])
 def test_trust_region(allocator):
     """Every matrix keeps a retained fraction within budget ± span (default 0.1); span=1 turns it off."""
     model = tiny_model("llama")
     cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method=allocator, budget=0.5))
-    opts = {"samples": 2, "steps": 2, "windows": 2} if allocator == "cap" else {}
+    opts = SEARCH_OPTS.get(allocator, {})
     for span in (None, 0.05):
         _, info = make_plan(model, cfg, ids(4, 16), **opts, **({} if span is None else {"span": span}))
         assert info["span"] == (span or 0.1) and abs(info["achieved_fraction"] - 0.5) <= 1e-3
@@ -258,7 +262,7 @@ def test_loss_weight_interpolates_size_and_fisher():
     assert loss_weight(100, 7.0, 3.0, power=0.5) == pytest.approx((100.0 * 21.0) ** 0.5)
 
 
-@pytest.mark.parametrize("allocator", ["knapsack", "cap"])
+@pytest.mark.parametrize("allocator", ["knapsack", "cap", "search"])
 def test_normalize_errors_come_first(allocator):
     from slr.errors import SLRError
 

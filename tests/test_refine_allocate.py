@@ -201,6 +201,7 @@ def test_knapsack_beats_uniform_proxy(model):
 
 
 @pytest.mark.parametrize("method,kw,allocator", [("lowrank", {"rank": 8}, "knapsack"), ("lowrank", {"rank": 8}, "cap"),
+                                                 ("lowrank", {"rank": 8}, "search"),
                                                  ("admm", {"pattern": "2:4", "rank": 4}, "knapsack")])
 def test_rank_allocation(model, method, kw, allocator):
     """Rank-only and N:M + rank: the unit is a rank (m + n >= 96 params here), so the tolerance is one unit."""
