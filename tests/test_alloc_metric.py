@@ -132,6 +132,18 @@ def test_cap_residual_pools_put_w_on_the_kept_support():
     torch.testing.assert_close(out[~on], L[~on], rtol=1e-4, atol=1e-4)
 
 
+def test_prefix_rebuild_prunes_row_wise_like_wanda():
+    """Pruning pools rebuilt at e entries keep round(e / d_out) per row, each row's largest |w| d_j (Wanda's mask)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 40, generator=g)
+    d = torch.rand(40, generator=g, dtype=torch.float64) + 0.1
+    m = Matrix(0, "x", W)
+    p = make_pools(m, d, "sparse", "whitened", 0.5, 10, 0)
+    out = p.build_prefix(m, 0, 13 * 24)
+    want = torch.zeros_like(W, dtype=torch.bool).scatter_(1, (W.abs() * d.float()).topk(13, dim=1).indices, True)
+    assert torch.equal(out != 0, want) and torch.equal(out[want], W[want])
+
+
 def test_knapsack_metric_and_span():
     model = tiny_model("llama")
     cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method="knapsack", budget=0.5))

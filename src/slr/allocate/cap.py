@@ -30,8 +30,9 @@ the start plan's sparse fraction plus span (l - c) / c). A drawn plan is made to
 fractions move by one common shift found by bisection, each clamped to the trust region budget ± ``span`` (rank-only:
 the ranks scale by one common factor). Its loss is what the deployed model is judged by: KL(dense || compressed) of the
 next-token distributions on ``windows`` calibration windows cut to ``tokens`` tokens (dense log-probabilities computed
-once), with every matrix rebuilt from its pools at the plan's rank and entry count (the top directions, then the
-top-scored entries: ``Pools.build_prefix``); data-free, the weight-only relative error. Losses are memoised per plan.
+once), with every matrix rebuilt from its pools at the plan's rank and entry count (the top directions, then each
+row's top-scored entries, the solvers' per-row count: ``Pools.build_prefix``); data-free, the weight-only relative
+error. Losses are memoised per plan.
 Each of ``steps`` steps draws ``samples`` plans; the logits move by Adam (``lr``) along the leave-one-out REINFORCE
 estimate of the gradient of the expected loss, advantages divided by the samples' standard deviation
 (``policy_search``). Each variable's categorical is a discretised Gaussian over its ordered levels, exp(-(l - μ)^2 /
@@ -95,6 +96,7 @@ class Pools:
     chunk_energy: torch.Tensor  # [n_chunks] float64, relative
     energy: float = 1.0  # ||A||^2 in the pool's metric (what the relative energies are shares of)
     on_support: bool = False  # False: values are RPCA's S, added to L; True: values are W itself, see build
+    _row_rank: torch.Tensor | None = None  # see row_rank
 
     def build(self, m: Matrix, dirs: torch.Tensor | None, chunks: torch.Tensor | None) -> torch.Tensor:
         """Dense W(mask) [m, n] float32 from boolean keep masks (None = keep all).
@@ -119,18 +121,32 @@ class Pools:
 
 
     def build_prefix(self, m: Matrix, rank: int, entries: int) -> torch.Tensor:
-        """Dense W [m, n] float32 from the top ``rank`` directions and the top ``entries`` scored entries (as
-        ``build``, with prefixes instead of masks)."""
+        """Dense W [m, n] float32 from the top ``rank`` directions and, in every row, the row's top-scored
+        round(entries / d_out) entries: the per-row count the solvers keep (``LayerSpec.kept``), so a rebuild prunes
+        like the deployed solve does."""
         r = min(rank, self.sigma.numel())
         W = (self.U[:, :r] * self.sigma[:r]) @ self.Vt[:r] if r else torch.zeros(m.d_out, m.d_in)
-        e = min(max(entries, 0), self.values.numel())
-        if e:
-            idx = self.index[:e].long()
+        k = int(round(max(entries, 0) / m.d_out))
+        if k and self.values.numel():
+            keep = self.row_rank(m) < k
+            idx, vals = self.index[keep].long(), self.values[keep]
             if self.on_support:
-                W.view(-1)[idx] = self.values[:e]
+                W.view(-1)[idx] = vals
             else:
-                W.view(-1)[idx] += self.values[:e]
+                W.view(-1)[idx] += vals
         return W
+
+    def row_rank(self, m: Matrix) -> torch.Tensor:
+        """[nnz] int32: each entry's position within its row in score order (computed once)."""
+        if self._row_rank is None:
+            rows = self.index.long() // m.d_in
+            perm = torch.argsort(rows, stable=True)  # grouped by row, score order kept inside a row
+            counts = torch.bincount(rows, minlength=m.d_out)
+            starts = counts.cumsum(0) - counts
+            rank = torch.empty_like(self.index)
+            rank[perm] = (torch.arange(rows.numel()) - starts[rows[perm]]).int()
+            self._row_rank = rank
+        return self._row_rank
 
 
 def _chunked(values: torch.Tensor, index: torch.Tensor, score: torch.Tensor, n_chunks: int, d: torch.Tensor | None,
