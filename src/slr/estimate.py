@@ -51,7 +51,7 @@ from .errors import SLRError
 from .models.adapters import get_adapter
 
 RUNTIME_MIB = 600
-CAP_POOL_BYTES_PER_PARAM = 20  # CAP's candidate pools per linear parameter (see the module docstring)
+CAP_POOL_BYTES_PER_PARAM = 24  # CAP's candidate pools per linear parameter (see the module docstring)
 EVAL_BATCH, EVAL_SEQLEN = 4, 512  # slr.api's perplexity
 FISHER_BATCH = 2  # allocate.base.output_grad_sq: windows per forward + backward
 ALLOC_BATCH = 4  # allocate.base.dense_block_hessians / CAP's loss: windows per forward

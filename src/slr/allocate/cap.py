@@ -96,7 +96,7 @@ class Pools:
     chunk_energy: torch.Tensor  # [n_chunks] float64, relative
     energy: float = 1.0  # ||A||^2 in the pool's metric (what the relative energies are shares of)
     on_support: bool = False  # False: values are RPCA's S, added to L; True: values are W itself, see build
-    _row_rank: torch.Tensor | None = None  # see row_rank
+    _ranked: tuple | None = None  # see row_ranked
 
     def build(self, m: Matrix, dirs: torch.Tensor | None, chunks: torch.Tensor | None) -> torch.Tensor:
         """Dense W(mask) [m, n] float32 from boolean keep masks (None = keep all).
@@ -128,25 +128,32 @@ class Pools:
         W = (self.U[:, :r] * self.sigma[:r]) @ self.Vt[:r] if r else torch.zeros(m.d_out, m.d_in)
         k = int(round(max(entries, 0) / m.d_out))
         if k and self.values.numel():
-            keep = self.row_rank(m) < k
-            idx, vals = self.index[keep].long(), self.values[keep]
-            if self.on_support:
-                W.view(-1)[idx] = vals
-            else:
-                W.view(-1)[idx] += vals
+            vals, pos = self.row_ranked(m)
+            keep = pos < k
+            if self.on_support:  # one dense select: W on the kept support, L elsewhere
+                return torch.where(keep, vals, W) if vals.dim() == 2 else W.view(-1).index_put_(
+                    (self.index[keep].long(),), vals[keep]).view_as(W)
+            W.view(-1).index_add_(0, self.index[keep].long(), vals[keep])
         return W
 
-    def row_rank(self, m: Matrix) -> torch.Tensor:
-        """[nnz] int32: each entry's position within its row in score order (computed once)."""
-        if self._row_rank is None:
+    def row_ranked(self, m: Matrix) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, position of each entry within its row in score order), computed once: dense [m, n] when the
+        pool holds every entry of W (pruning and residual pools), else [nnz] in the pool's order."""
+        if self._ranked is None:
             rows = self.index.long() // m.d_in
             perm = torch.argsort(rows, stable=True)  # grouped by row, score order kept inside a row
             counts = torch.bincount(rows, minlength=m.d_out)
             starts = counts.cumsum(0) - counts
-            rank = torch.empty_like(self.index)
-            rank[perm] = (torch.arange(rows.numel()) - starts[rows[perm]]).int()
-            self._row_rank = rank
-        return self._row_rank
+            pos = torch.empty(rows.numel(), dtype=torch.int32)
+            pos[perm] = (torch.arange(rows.numel()) - starts[rows[perm]]).int()
+            if self.on_support and self.values.numel() == m.numel:
+                idx = self.index.long()
+                dense_pos = torch.empty(m.numel, dtype=torch.int32).index_put_((idx,), pos)
+                vals = torch.empty(m.numel).index_put_((idx,), self.values)
+                self._ranked = (vals.view(m.d_out, m.d_in), dense_pos.view(m.d_out, m.d_in))
+            else:
+                self._ranked = (self.values, pos)
+        return self._ranked
 
 
 def _chunked(values: torch.Tensor, index: torch.Tensor, score: torch.Tensor, n_chunks: int, d: torch.Tensor | None,
