@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--offload-activations", action="store_true", default=D,
                    help="keep the calibration activations in files beside --out instead of in memory")
     c.add_argument("--alloc-opt", action="append", default=D, metavar="KEY=VALUE",
-                   help="allocator option (repeatable), e.g. span=0.2 (knapsack/cap trust region, default 0.1), "
-                        "pools=whitened or init=density (cap), rank_floor=0")
+                   help="allocator option (repeatable), e.g. span=0.2 (knapsack/cap/search trust region, default "
+                        "0.1), steps=40 samples=32 tokens=256 (cap), generations=80 (search), pools=rpca, "
+                        "init=uniform, rank_floor=0")
     c.add_argument("--opt", action="append", default=D, metavar="KEY=VALUE",
                    help="solver option, e.g. --opt max_iters=300 (repeatable)")
     c.add_argument("--device", default=D, help="auto (CUDA when present) | cpu | cuda  [default: auto]")

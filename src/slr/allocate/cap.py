@@ -17,10 +17,9 @@ Stage 1, pools (per matrix; the RPCA pools are data-free):
   Pure pruning has no directions (the candidates are the entries of W); rank-only methods have no sparse part (the
   directions of the whitened SVD of W, whatever ``pools`` says).
 
-Tractability: sparse entries are ranked by |value| * d_j (Wanda-like; |value| without data; the square root of
-the OBS saliency for the full-H whitened pools) and grouped into
-``chunks`` score-sorted chunks of equal size per matrix (default 100, i.e. 1% of the pool each); a chunk is one
-Bernoulli variable. Singular directions stay individual. So a model has about (100 + p) candidates per matrix.
+Sparse entries are ranked by |value| * d_j (Wanda-like; |value| without data; the square root of the OBS saliency for
+the full-H whitened pools); ``chunks`` score-sorted chunks of equal size per matrix (default 100) carry the entries'
+energies (``Pools.build`` rebuilds from chunk masks; stage 2 uses ``Pools.build_prefix``).
 
 Stage 2, allocation (the paper's idea, keep-probabilities trained by REINFORCE under one global budget, re-cast so
 that it learns on a CPU budget; BENCHMARKS.md, "Global allocation"). The policy has a few variables per matrix, not
