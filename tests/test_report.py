@@ -69,6 +69,7 @@ def test_report_files(capsys, runs):
         assert name in page and name in md
     res = json.loads((dirs[2] / "results.json").read_text())
     assert f"{res['retained_fraction']:.4f}" in md and f"{res['ppl']['ppl']:.3f}" in md
+    assert re.search(r"\| admm-g50-knapsack \| admm \| [^|]+ \| knapsack \|", md)  # the allocator, not "uniform"
     assert "| bpw |" in md and f"{res['bytes']['bpw']:.3f}" in md and res["bytes"]["bpw"] > 0
     assert not re.search(r"(src|href)=\"(https?:)?//", page)  # nothing fetched from a CDN or any URL
     imgs = re.findall(r'<img id="([a-z_]+)"[^>]*src="data:image/png;base64,([^"]+)"', page)

@@ -83,6 +83,19 @@ def _fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def _allocate(r: Run) -> str:
+    """The allocator (results.json keeps it under config.alloc.method; older files under config.allocate)."""
+    return r.get("config", "alloc", "method", default=None) or r.get("config", "allocate", default="uniform")
+
+
+def _refine(r: Run) -> str:
+    """"tm", "kd", "tm + kd" or "-" (config.refine is a table or, in older files, a name)."""
+    tm = r.get("config", "refine")
+    tm = tm.get("method") if isinstance(tm, dict) else tm
+    parts = [p for p in (tm, "kd" if r.get("config", "distill") else None) if p]
+    return " + ".join(parts) or "-"
+
+
 def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the comparison table."""
     head = ["run", "method", "spec", "allocate", "refine", "retained", "bpw", "bytes", "ppl", "dense ppl",
@@ -92,7 +105,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         total = r.get("bytes", "on_disk", default=r.get("bytes", "total"))
         zs = r.get("zeroshot", "average")
         rows.append([r.name, r.get("method"), str(r.get("spec", default="")),
-                     r.get("config", "allocate", default="uniform"), r.get("config", "refine") or "-",
+                     _allocate(r), _refine(r),
                      _fmt(r.get("retained_fraction"), ".4f"), _fmt(r.get("bytes", "bpw"), ".3f"),
                      "not saved" if total is None else f"{total / 2**20:.1f} MiB", _fmt(r.get("ppl", "ppl"), ".3f"),
                      _fmt(r.get("dense_ppl", "ppl"), ".3f"), _fmt(zs, ".4f"),
