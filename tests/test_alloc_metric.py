@@ -341,6 +341,7 @@ def test_cap_moves_from_a_bad_start_to_the_known_best():
     _, info = cap.allocate(model, cfg, ids(8, 32), steps=20, samples=16, span=0.3, start=start)
     assert info["init"] == "given" and info["kept"] == "policy"
     assert info["final_loss"] < info["start_loss"] / 4
+    assert info["heldout_windows"] == 4 and info["heldout_final_loss"] < info["heldout_start_loss"] / 2
     assert abs(info["achieved_fraction"] - 0.5) <= 1e-3
     for m in mats:
         if "down_proj" in m.name:  # start 0.2; the top level is 0.2 + span, plus the common shift
@@ -366,3 +367,26 @@ def test_search_moves_from_a_bad_start_and_is_deterministic():
     assert info0["final_loss"] == info0["start_loss"]
     with pytest.raises(SLRError, match="survivors"):
         make_plan(model, cfg, ids(8, 32), survivors=0)
+
+
+def test_cap_keeps_its_start_when_held_out_windows_disagree(monkeypatch):
+    """A plan that wins on the fitness windows but loses on the held-out ones is not taken."""
+    from slr.allocate import cap
+
+    class HeldOutPrefersStart(cap.Fitness):
+        def __init__(self, *a, offset: int = 0, **kw):
+            super().__init__(*a, offset=offset, **kw)
+            self.offset = offset
+
+        def __call__(self, x):
+            loss = super().__call__(x)
+            return -loss if self.offset else loss  # held out: the better a plan fits, the worse it scores
+
+    monkeypatch.setattr(cap, "Fitness", HeldOutPrefersStart)
+    model, start = _down_proj_problem()
+    cfg = CompressConfig(method="wanda", sparsity=0.5, alloc=AllocConfig(method="cap", budget=0.5))
+    _, info = cap.allocate(model, cfg, ids(8, 32), steps=10, samples=8, span=0.3, start=start)
+    assert info["final_loss"] < info["start_loss"] and info["kept"] == "start"
+    for m in matrices(model):
+        if "down_proj" in m.name:
+            assert abs(1 - info["per_matrix"][m.key]["sparsity"] - 0.2) <= 2 / m.d_in, m.key

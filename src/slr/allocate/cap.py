@@ -37,7 +37,8 @@ estimate of the gradient of the expected loss, advantages divided by the samples
 (``policy_search``). Each variable's categorical is a discretised Gaussian over its ordered levels, exp(-(l - μ)^2 /
 (2 ``sigma``^2)), with μ learned from the centre (the start plan) and σ fixed, so it never collapses onto a wrong level
 and stops exploring its neighbours (a free categorical did, within tens of steps). The final plan is the
-policy's mode, kept only if its loss beats the start plan's (info "kept"); ``fit_budget`` then settles rounding.
+policy's mode, kept only if its loss beats the start plan's both on the fitness windows and on as many further
+calibration windows the search never saw (``judge``; info "kept"); ``fit_budget`` then settles rounding.
 Start (``init``): "knapsack" (default; the knapsack allocator's plan with the same pricing, floor and span), "uniform",
 or a ``start`` plan (Python only). ``normalize``/``fisher_*`` are the knapsack start's pricing.
 Rank floor (S+LR; ``rank_floor``, default the run's --rank): no rank level goes below it.
@@ -345,9 +346,10 @@ class Fitness:
     """Loss of a plan: KL(dense || candidate) of the next-token distributions on calibration windows, every matrix
     rebuilt from its pools at the plan's (rank, entries); the weight-only proxy without data. Memoised per plan."""
 
-    def __init__(self, model, space: LevelSpace, calib, device, windows: int, tokens: int, batch_size: int):
+    def __init__(self, model, space: LevelSpace, calib, device, windows: int, tokens: int, batch_size: int,
+                 offset: int = 0):
         self.model, self.space, self.device, self.batch_size = model, space, device, batch_size
-        self.ids = None if calib is None or len(calib) == 0 else calib[:windows, :tokens]
+        self.ids = None if calib is None or len(calib) <= offset else calib[offset:offset + windows, :tokens]
         self.evals, self.memo = 0, {}
         self.dense = None
         if self.ids is not None:
@@ -495,6 +497,21 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     return Setup(mats, mode, budget, space, data, info)
 
 
+def judge(fitness: Fitness, calib, start: torch.Tensor, final: torch.Tensor, windows: int) -> tuple[bool, dict]:
+    """Whether the allocator's plan ``final`` replaces the ``start`` plan: it must score lower on the fitness windows
+    and, when the run has them, on as many further calibration windows that the search never saw (so a plan fitted
+    to the few fitness tokens is not taken). Returns (take it, the losses)."""
+    out = {"start_loss": fitness(start), "final_loss": fitness(final)}
+    take = out["final_loss"] <= out["start_loss"]
+    held = Fitness(fitness.model, fitness.space, calib, fitness.device, windows, int(fitness.ids.shape[1]),
+                   fitness.batch_size, offset=windows) if fitness.ids is not None else None
+    if held is not None and held.ids is not None:
+        out |= {"heldout_windows": int(held.ids.shape[0]), "heldout_start_loss": held(start),
+                "heldout_final_loss": held(final)}
+        take = take and out["heldout_final_loss"] <= out["heldout_start_loss"]
+    return take, out
+
+
 def fitness_info(calib, windows: int, tokens: int) -> dict:
     data = calib is not None and len(calib) > 0
     return {"loss": f"KL(dense || pool rebuild), {min(windows, len(calib))} windows x {tokens} tokens" if data
@@ -523,12 +540,11 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     centre = st.space.centre()
     t1 = time.perf_counter()
     with st.swapping():
-        start_loss = fitness(centre)
+        fitness(centre)
         x, trace = policy_search(fitness, st.space.variables, levels, steps=steps, samples=samples, lr=lr,
                                  sigma=sigma, gen=gen)
-        final_loss = fitness(x)
-    kept = "policy" if final_loss <= start_loss else "start"  # a policy that did not beat its start is not used
+        take, losses = judge(fitness, calib, centre, x, windows)
     extra = {**fitness_info(calib, windows, tokens), "steps": steps, "samples": samples, "lr": lr, "sigma": sigma,
-             "start_loss": start_loss, "final_loss": final_loss, "kept": kept, "trace": trace,
-             "loss_evals": fitness.evals, "seconds_search": time.perf_counter() - t1}
-    return st.finish("cap", x if kept == "policy" else centre, t0, extra, config.layer_spec())
+             **losses, "kept": "policy" if take else "start", "trace": trace, "loss_evals": fitness.evals,
+             "seconds_search": time.perf_counter() - t1}
+    return st.finish("cap", x if take else centre, t0, extra, config.layer_spec())

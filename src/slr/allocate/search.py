@@ -7,7 +7,8 @@ A (1 + λ) search with multi-step selection: each generation mutates the parent 
 pairs of variables of the same kind, one a level up and the other a level down, so the budget moves little before the
 common shift makes it exact), screens the offspring on ``screen_windows`` windows, scores the best ``survivors`` on
 ``windows`` windows, and replaces the parent when one beats it there. Losses are memoised per plan, so a plan is
-never scored twice at the same fidelity. Seeded, so the same seed gives the same plan.
+never scored twice at the same fidelity. The last parent replaces the start plan only if it also scores lower on
+as many further calibration windows (``cap.judge``). Seeded, so the same seed gives the same plan.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import SLRError
 from ..plan import Plan
 from .base import SPAN
-from .cap import Fitness, fitness_info, prepare
+from .cap import Fitness, fitness_info, judge, prepare
 
 if TYPE_CHECKING:
     from ..config import CompressConfig
@@ -67,8 +68,8 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     t1 = time.perf_counter()
     trace = []
     with st.swapping():
-        parent = st.space.centre()
-        start_loss = best = full(parent)
+        start = parent = st.space.centre()
+        best = full(parent)
         bar = tqdm(range(generations), desc="search", unit="gen", disable=None)  # None: only on a terminal
         for g in bar:
             kids = [mutate(parent, kinds, levels, mutations, gen) for _ in range(offspring)]
@@ -79,8 +80,9 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
                 parent, best = kids[i], loss
             trace.append({"generation": g, "best_loss": best, "survivor_losses": [s for s, _ in scored]})
             bar.set_postfix(loss=f"{best:.4f}")
+        take, losses = judge(full, data, start, parent, windows)
     extra = {**fitness_info(calib, windows, tokens), "screen_windows": screen_windows if st.data else 0,
              "generations": generations, "offspring": offspring, "survivors": survivors, "mutations": mutations,
-             "start_loss": start_loss, "final_loss": best, "trace": trace,
+             **losses, "kept": "search" if take else "start", "trace": trace,
              "loss_evals": {"screen": screen.evals, "full": full.evals}, "seconds_search": time.perf_counter() - t1}
-    return st.finish("search", parent, t0, extra, config.layer_spec())
+    return st.finish("search", parent if take else start, t0, extra, config.layer_spec())
