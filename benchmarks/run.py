@@ -191,7 +191,8 @@ def refine_label(r: dict) -> str | None:
 
 ALLOC_KEYS = ("allocator", "budget", "achieved_fraction", "normalize", "fisher_power", "fisher_windows", "rank_floor",
               "span", "metric", "pools", "loss", "windows", "tokens", "iterations", "steps", "samples", "lr", "sigma",
-              "levels", "generations", "offspring", "survivors", "start_loss", "final_loss", "kept", "seconds",
+              "levels", "generations", "offspring", "survivors", "start_loss", "final_loss", "heldout_windows",
+              "heldout_start_loss", "heldout_final_loss", "kept", "seconds",
               "seconds_search")
 
 
@@ -275,6 +276,8 @@ def pruning_allocation_table(recs: list[dict]) -> list[str]:
         closed = f"{(ref[-1] - r['ppl']) / (ref[-1] - dense):+.1%}" if ref and ref[-1] > dense else "n/a"
         a = r.get("allocation") or {}
         kl = f"{a['start_loss']:.4f} -> {a['final_loss']:.4f}" if "final_loss" in a else "-"
+        if "heldout_final_loss" in a:
+            kl += f" (held out {a['heldout_start_loss']:.4f} -> {a['heldout_final_loss']:.4f}, kept {a['kept']})"
         out.append(f"| {r['method']} | {r['config']} | {alloc_label(r)} | {r['ppl']:.3f} | {closed} | {kl} | "
                    f"{r.get('allocate_s', 'n/a')} | {r['compress_s']} | {r['git_commit']} |")
     return out + [""]
