@@ -201,6 +201,8 @@ def _alloc_summary(a: dict) -> dict:
     out = {k: a[k] for k in ALLOC_KEYS if k in a}
     if isinstance(a.get("init"), dict) and "name" in a["init"]:
         out["init"] = a["init"]["name"]
+    elif isinstance(a.get("init"), str):  # CAP and search since the levels
+        out["init"] = a["init"]
     ranks = [v["rank"] for v in a.get("per_matrix", {}).values()]
     if ranks:
         out["rank_min_mean_max"] = [min(ranks), round(sum(ranks) / len(ranks), 2), max(ranks)]
