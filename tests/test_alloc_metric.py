@@ -338,7 +338,7 @@ def test_cap_moves_from_a_bad_start_to_the_known_best():
     model, start = _down_proj_problem()
     mats = matrices(model)
     cfg = CompressConfig(method="wanda", sparsity=0.5, alloc=AllocConfig(method="cap", budget=0.5))
-    _, info = cap.allocate(model, cfg, ids(8, 32), steps=20, samples=16, span=0.3, start=start)
+    plan, info = cap.allocate(model, cfg, ids(8, 32), steps=20, samples=16, span=0.3, start=start)
     assert info["init"] == "given" and info["kept"] == "policy"
     assert info["final_loss"] < info["start_loss"] / 4
     assert info["heldout_windows"] == 4 and info["heldout_final_loss"] < info["heldout_start_loss"] / 2
@@ -347,6 +347,8 @@ def test_cap_moves_from_a_bad_start_to_the_known_best():
         if "down_proj" in m.name:  # start 0.2; the top level is 0.2 + span, plus the common shift
             assert 1 - info["per_matrix"][m.key]["sparsity"] >= 0.5, m.key
     assert len(info["trace"]) == 20 and info["trace"][-1]["mean_loss"] < info["trace"][0]["mean_loss"]
+    plan2, _ = cap.allocate(model, cfg, ids(8, 32), steps=20, samples=16, span=0.3, start=start)
+    assert plan2.specs == plan.specs  # the same seed gives the same plan
 
 
 def test_search_moves_from_a_bad_start_and_is_deterministic():
