@@ -497,15 +497,23 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     return Setup(mats, mode, budget, space, data, info)
 
 
-def judge(fitness: Fitness, calib, start: torch.Tensor, final: torch.Tensor, windows: int) -> tuple[bool, dict]:
+def heldout(fitness: Fitness, calib, windows: int) -> Fitness | None:
+    """A fitness on the ``windows`` calibration windows after ``fitness``'s, or None when the run has none. Build it
+    while the model still holds its dense weights: its reference log-probabilities come from them."""
+    if fitness.ids is None:
+        return None
+    held = Fitness(fitness.model, fitness.space, calib, fitness.device, windows, int(fitness.ids.shape[1]),
+                   fitness.batch_size, offset=windows)
+    return held if held.ids is not None else None
+
+
+def judge(fitness: Fitness, held: Fitness | None, start: torch.Tensor, final: torch.Tensor) -> tuple[bool, dict]:
     """Whether the allocator's plan ``final`` replaces the ``start`` plan: it must score lower on the fitness windows
-    and, when the run has them, on as many further calibration windows that the search never saw (so a plan fitted
+    and, when the run has them (``held``), on further calibration windows that the search never saw (so a plan fitted
     to the few fitness tokens is not taken). Returns (take it, the losses)."""
     out = {"start_loss": fitness(start), "final_loss": fitness(final)}
     take = out["final_loss"] <= out["start_loss"]
-    held = Fitness(fitness.model, fitness.space, calib, fitness.device, windows, int(fitness.ids.shape[1]),
-                   fitness.batch_size, offset=windows) if fitness.ids is not None else None
-    if held is not None and held.ids is not None:
+    if held is not None:
         out |= {"heldout_windows": int(held.ids.shape[0]), "heldout_start_loss": held(start),
                 "heldout_final_loss": held(final)}
         take = take and out["heldout_final_loss"] <= out["heldout_start_loss"]
@@ -536,6 +544,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
                  residual_rank=residual_rank, normalize=normalize, fisher_samples=fisher_samples,
                  fisher_power=fisher_power, rank_floor=rank_floor)
     fitness = Fitness(model, st.space, calib if st.data else None, device, windows, tokens, batch_size)
+    held = heldout(fitness, calib, windows)
     gen = torch.Generator().manual_seed(config.seed)
     centre = st.space.centre()
     t1 = time.perf_counter()
@@ -543,7 +552,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
         fitness(centre)
         x, trace = policy_search(fitness, st.space.variables, levels, steps=steps, samples=samples, lr=lr,
                                  sigma=sigma, gen=gen)
-        take, losses = judge(fitness, calib, centre, x, windows)
+        take, losses = judge(fitness, held, centre, x)
     extra = {**fitness_info(calib, windows, tokens), "steps": steps, "samples": samples, "lr": lr, "sigma": sigma,
              **losses, "kept": "policy" if take else "start", "trace": trace, "loss_evals": fitness.evals,
              "seconds_search": time.perf_counter() - t1}

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import SLRError
 from ..plan import Plan
 from .base import SPAN
-from .cap import Fitness, fitness_info, judge, prepare
+from .cap import Fitness, fitness_info, heldout, judge, prepare
 
 if TYPE_CHECKING:
     from ..config import CompressConfig
@@ -62,6 +62,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     data = calib if st.data else None
     screen = Fitness(model, st.space, data, device, screen_windows, tokens, batch_size)
     full = Fitness(model, st.space, data, device, windows, tokens, batch_size)
+    held = heldout(full, data, windows)
     n = len(st.mats)
     kinds = torch.arange(st.space.variables) // n  # S+LR: ranks then densities; otherwise one kind
     gen = torch.Generator().manual_seed(config.seed)
@@ -80,7 +81,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
                 parent, best = kids[i], loss
             trace.append({"generation": g, "best_loss": best, "survivor_losses": [s for s, _ in scored]})
             bar.set_postfix(loss=f"{best:.4f}")
-        take, losses = judge(full, data, start, parent, windows)
+        take, losses = judge(full, held, start, parent)
     extra = {**fitness_info(calib, windows, tokens), "screen_windows": screen_windows if st.data else 0,
              "generations": generations, "offspring": offspring, "survivors": survivors, "mutations": mutations,
              **losses, "kept": "search" if take else "start", "trace": trace,
