@@ -393,3 +393,11 @@ def test_cap_keeps_its_start_when_held_out_windows_disagree(monkeypatch):
     for m in matrices(model):
         if "down_proj" in m.name:
             assert abs(1 - info["per_matrix"][m.key]["sparsity"] - 0.2) <= 2 / m.d_in, m.key
+
+
+def test_level_allocator_option_errors():
+    model = tiny_model("llama")
+    for a in ("cap", "search"):
+        cfg = CompressConfig(method="wanda", sparsity=0.5, alloc=AllocConfig(method=a, budget=0.5))
+        with pytest.raises(SLRError, match="levels=4 must be odd"):
+            make_plan(model, cfg, ids(4, 16), levels=4)
