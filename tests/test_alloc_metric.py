@@ -374,9 +374,9 @@ def test_search_moves_from_a_bad_start_and_is_deterministic():
 
 def test_cap_keeps_its_start_when_held_out_windows_disagree(monkeypatch):
     """A plan that wins on the fitness windows but loses on the held-out ones is not taken."""
-    from slr.allocate import cap
+    from slr.allocate import cap, levels
 
-    class HeldOutPrefersStart(cap.Fitness):
+    class HeldOutPrefersStart(levels.Fitness):
         def __init__(self, *a, offset: int = 0, **kw):
             super().__init__(*a, offset=offset, **kw)
             self.offset = offset
@@ -385,7 +385,7 @@ def test_cap_keeps_its_start_when_held_out_windows_disagree(monkeypatch):
             loss = super().__call__(x)
             return -loss if self.offset else loss  # held out: the better a plan fits, the worse it scores
 
-    monkeypatch.setattr(cap, "Fitness", HeldOutPrefersStart)
+    monkeypatch.setattr(levels, "Fitness", HeldOutPrefersStart)  # the held-out fitness is built in levels
     model, start = _down_proj_problem()
     cfg = CompressConfig(method="wanda", sparsity=0.5, alloc=AllocConfig(method="cap", budget=0.5))
     _, info = cap.allocate(model, cfg, ids(8, 32), steps=10, samples=8, span=0.3, start=start)

@@ -8,7 +8,7 @@ pairs of variables of the same kind, one a level up and the other a level down, 
 common shift makes it exact), screens the offspring on ``screen_windows`` windows, scores the best ``survivors`` on
 ``windows`` windows, and replaces the parent when one beats it there. Losses are memoised per plan, so a plan is
 never scored twice at the same fidelity. The last parent replaces the start plan only if it also scores lower on
-as many further calibration windows (``cap.judge``). Seeded, so the same seed gives the same plan.
+as many further calibration windows (``levels.judge``). Seeded, so the same seed gives the same plan.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from ..errors import SLRError
 from ..plan import Plan
 from .base import SPAN
-from .cap import Fitness, fitness_info, heldout, judge, prepare
+from .cap import prepare
+from .levels import Fitness, fitness_info, heldout, judge
 
 if TYPE_CHECKING:
     from ..config import CompressConfig

@@ -1,0 +1,178 @@
+"""The level space that CAP and the search allocator share (see ``cap``'s docstring): per matrix a rank level and a
+density level around a start plan, every plan resolved to spend the budget exactly, and its fitness, the KL of the
+compressed model's next-token distributions to the dense model's with every matrix rebuilt from its pools."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ..kl import kl, next_logits
+from .base import Choice, Matrix
+
+if TYPE_CHECKING:
+    from .cap import Pools
+
+
+@dataclass
+class LevelSpace:
+    """Per matrix a categorical over rank levels (S+LR, rank-only) and one over density offsets (S+LR, pruning), both
+    centred on the start plan; ``resolve`` turns one level per variable into a plan that spends the budget exactly."""
+
+    mats: list[Matrix]
+    pools: list[Pools]
+    start: list[Choice]
+    mode: str
+    budget: float
+    span: float
+    rank_levels: list[list[int]]  # [n_mats][levels]
+    dens_off: list[list[float]]  # [n_mats][levels]: offsets of the sparse retained fraction
+
+    @property
+    def variables(self) -> int:
+        return len(self.mats) * (2 if self.mode == "slr" else 1)
+
+    def split(self, x: torch.Tensor) -> tuple[list[int], list[int]]:
+        """(rank level, density level) per matrix from a level per variable [variables]."""
+        n = len(self.mats)
+        c = len(self.rank_levels[0]) // 2
+        if self.mode == "slr":
+            return x[:n].tolist(), x[n:].tolist()
+        if self.mode == "rank":
+            return x.tolist(), [c] * n
+        return [c] * n, x.tolist()
+
+    def resolve(self, x: torch.Tensor) -> list[tuple[int, int]]:
+        """(rank, kept entries) per matrix. Ranks are the sampled levels (rank-only: scaled by one common factor);
+        the sparse parts take their start fraction plus the sampled offset plus one common shift found by bisection
+        so the total is the budget, each clamped to the trust region budget ± span."""
+        K = self.budget * sum(m.numel for m in self.mats)
+        ri, di = self.split(x)
+        ranks = [self.rank_levels[j][i] for j, i in enumerate(ri)]
+        if self.mode == "rank":
+            lo, hi = 0.0, 4.0
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                cost = sum(max(1, int(r * mid)) * m.lr_unit for r, m in zip(ranks, self.mats))
+                lo, hi = (mid, hi) if cost <= K else (lo, mid)
+            return [(min(max(1, int(r * lo)), m.d_out, m.d_in), 0) for r, m in zip(ranks, self.mats)]
+        base = [ch.k_row * m.d_out / m.numel + self.dens_off[j][i]
+                for j, (m, ch, i) in enumerate(zip(self.mats, self.start, di))]
+        lims = []
+        for m, r in zip(self.mats, ranks):
+            lr = r * m.lr_unit / m.numel
+            lims.append((max(self.budget - self.span - lr, 0.0), max(min(self.budget + self.span - lr, 1.0), 0.0)))
+
+        def fracs(shift: float) -> list[float]:
+            return [min(max(b + shift, lo), hi) for b, (lo, hi) in zip(base, lims)]
+
+        rank_cost = sum(r * m.lr_unit for r, m in zip(ranks, self.mats))
+        lo, hi = -1.0, 1.0
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            cost = rank_cost + sum(f * m.numel for f, m in zip(fracs(mid), self.mats))
+            lo, hi = (mid, hi) if cost <= K else (lo, mid)
+        return [(r, int(f * m.numel)) for r, f, m in zip(ranks, fracs(lo), self.mats)]
+
+    def centre(self) -> torch.Tensor:
+        """The start plan's levels [variables]."""
+        return torch.full((self.variables,), len(self.rank_levels[0]) // 2, dtype=torch.long)
+
+    def choices(self, x: torch.Tensor) -> list[Choice]:
+        out = []
+        for m, (r, e) in zip(self.mats, self.resolve(x)):
+            k_row = None if self.mode == "rank" else min(m.d_in, int(round(e / m.d_out)))
+            if r == 0 and not k_row:  # never drop a whole matrix: keep one row-unit (or rank 1)
+                r, k_row = (1, k_row) if self.mode == "rank" else (0, 1)
+            out.append(Choice(k_row, r))
+        return out
+
+
+def level_plan(mats: list[Matrix], pools: list[Pools], start: list[Choice], mode: str, budget: float, span: float,
+               floor: int, levels: int) -> LevelSpace:
+    """The policy's variables around a start plan (see the module docstring)."""
+    c = (levels - 1) / 2
+    rank_levels, dens_off = [], []
+    for m, p, ch in zip(mats, pools, start):
+        if mode == "sparse":
+            rank_levels.append([0] * levels)
+        else:
+            pmax = p.sigma.numel() if mode == "slr" else min(m.d_out, m.d_in)
+            cap = max(int((min(budget + span, 1.0)) * m.numel / m.lr_unit), 0)  # ranks past the trust region are out
+            base = max(ch.rank, 1)
+            rs = [min(max(int(round(base * 2 ** ((i - c) / c))), floor, 0 if mode == "slr" else 1), pmax, cap)
+                  for i in range(levels)]
+            rs[int(c)] = min(ch.rank, pmax)  # the centre is the start plan itself
+            rank_levels.append(rs)
+        dens_off.append([span * (i - c) / c for i in range(levels)] if mode != "rank" else [0.0] * levels)
+    return LevelSpace(mats, pools, start, mode, budget, span, rank_levels, dens_off)
+
+
+class Fitness:
+    """Loss of a plan: KL(dense || candidate) of the next-token distributions on calibration windows, every matrix
+    rebuilt from its pools at the plan's (rank, entries); the weight-only proxy without data. Memoised per plan."""
+
+    def __init__(self, model, space: LevelSpace, calib, device, windows: int, tokens: int, batch_size: int,
+                 offset: int = 0):
+        self.model, self.space, self.device, self.batch_size = model, space, device, batch_size
+        self.ids = None if calib is None or len(calib) <= offset else calib[offset:offset + windows, :tokens]
+        self.evals, self.memo = 0, {}
+        self.dense = None
+        if self.ids is not None:
+            with torch.no_grad():  # [w, T-1, V] dense log-probabilities, computed once
+                self.dense = [F.log_softmax(next_logits(model, self.ids[s:s + batch_size].to(device)), -1)
+                              for s in range(0, len(self.ids), batch_size)]
+
+    def __call__(self, x: torch.Tensor) -> float:
+        k = tuple(x.tolist())
+        if k not in self.memo:
+            self.evals += 1
+            self.memo[k] = self._loss(self.space.resolve(x))
+        return self.memo[k]
+
+    def _loss(self, plan: list[tuple[int, int]]) -> float:
+        sp = self.space
+        if self.ids is None:
+            err = sum(m.numel * float(((m.weight.detach().float().cpu() - p.build_prefix(m, r, e)).double() ** 2).sum()
+                                      / (m.weight.detach().double() ** 2).sum().clamp_min(1e-300))
+                      for m, p, (r, e) in zip(sp.mats, sp.pools, plan))
+            return err / sum(m.numel for m in sp.mats)
+        for m, p, (r, e) in zip(sp.mats, sp.pools, plan):
+            m.weight.data.copy_(p.build_prefix(m, r, e).to(m.weight.device, m.weight.dtype))
+        with torch.no_grad():
+            kls = [float(kl(next_logits(self.model, self.ids[s:s + self.batch_size].to(self.device)), t))
+                   for s, t in zip(range(0, len(self.ids), self.batch_size), self.dense)]
+        return sum(kls) / len(kls)
+
+
+def heldout(fitness: Fitness, calib, windows: int) -> Fitness | None:
+    """A fitness on the ``windows`` calibration windows after ``fitness``'s, or None when the run has none. Build it
+    while the model still holds its dense weights: its reference log-probabilities come from them."""
+    if fitness.ids is None:
+        return None
+    held = Fitness(fitness.model, fitness.space, calib, fitness.device, windows, int(fitness.ids.shape[1]),
+                   fitness.batch_size, offset=windows)
+    return held if held.ids is not None else None
+
+
+def judge(fitness: Fitness, held: Fitness | None, start: torch.Tensor, final: torch.Tensor) -> tuple[bool, dict]:
+    """Whether the allocator's plan ``final`` replaces the ``start`` plan: it must score lower on the fitness windows
+    and, when the run has them (``held``), on further calibration windows that the search never saw (so a plan fitted
+    to the few fitness tokens is not taken). Returns (take it, the losses)."""
+    out = {"start_loss": fitness(start), "final_loss": fitness(final)}
+    take = out["final_loss"] <= out["start_loss"]
+    if held is not None:
+        out |= {"heldout_windows": int(held.ids.shape[0]), "heldout_start_loss": held(start),
+                "heldout_final_loss": held(final)}
+        take = take and out["heldout_final_loss"] <= out["heldout_start_loss"]
+    return take, out
+
+
+def fitness_info(calib, windows: int, tokens: int) -> dict:
+    data = calib is not None and len(calib) > 0
+    return {"loss": f"KL(dense || pool rebuild), {min(windows, len(calib))} windows x {tokens} tokens" if data
+            else "weight-only relative Frobenius (data-free)",
+            "windows": min(windows, len(calib)) if data else 0, "tokens": tokens if data else 0}
