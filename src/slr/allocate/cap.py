@@ -129,10 +129,13 @@ class Pools:
         if k and self.values.numel():
             vals, pos = self.row_ranked(m)
             keep = pos < k
-            if self.on_support:  # one dense select: W on the kept support, L elsewhere
-                return torch.where(keep, vals, W) if vals.dim() == 2 else W.view(-1).index_put_(
-                    (self.index[keep].long(),), vals[keep]).view_as(W)
-            W.view(-1).index_add_(0, self.index[keep].long(), vals[keep])
+            if vals.dim() == 2:  # a pool of every entry of W: one dense select, W on the kept support, L elsewhere
+                return torch.where(keep, vals, W)
+            idx = self.index[keep].long()
+            if self.on_support:
+                W.view(-1)[idx] = vals[keep]
+            else:
+                W.view(-1)[idx] += vals[keep]
         return W
 
     def row_ranked(self, m: Matrix) -> tuple[torch.Tensor, torch.Tensor]:
