@@ -99,34 +99,30 @@ def test_whitened_proxy_is_exact_where_it_claims():
     torch.testing.assert_close(lw, ld, rtol=1e-4, atol=1e-6)
 
 
-def _white_pools(seed: int, h_seed: int, keep_dirs: int):
-    """A random 16 x 12 matrix, its full-H CAP pools (r0 = 2) and a mask keeping its top ``keep_dirs`` directions."""
+def _white_pools(seed: int, h_seed: int):
+    """A random 16 x 12 matrix and its full-H CAP pools (r0 = 2)."""
     W = torch.randn(16, 12, generator=torch.Generator().manual_seed(seed))
     m = Matrix(0, "x", W)
-    p = make_pools(m, None, "slr", "whitened", 0.5, 10, 5, residual_rank=2, white=whitener(spd(12, h_seed)))
-    return W, m, p, torch.arange(p.sigma.numel()) < keep_dirs
+    return W, m, make_pools(m, None, "slr", "whitened", 0.5, 5, residual_rank=2, white=whitener(spd(12, h_seed)))
 
 
 def test_cap_full_h_pools_rebuild_the_matrix():
-    """Keeping every direction and entry of the full-H pools rebuilds L_r0 + (W - L_r0) = W; energies are shares."""
-    W, m, p, dirs = _white_pools(4, 2, keep_dirs=2)
-    torch.testing.assert_close(p.build(m, dirs, None), W, rtol=1e-4, atol=1e-4)
+    """Keeping every entry of the full-H pools rebuilds W; the directions are the whitened SVD's, best first."""
+    W, m, p = _white_pools(4, 2)
+    torch.testing.assert_close(p.build_prefix(m, 2, m.numel), W, rtol=1e-4, atol=1e-4)
     assert p.sigma.numel() == int(0.5 * m.numel / m.lr_unit)
-    assert float(p.dir_energy.sum()) < 1 and bool((p.dir_energy[:-1] >= p.dir_energy[1:]).all())
-    # the residual's chunks are worth exactly its energy beyond the r0 = 2 directions: Σ_{i>2} σ_i(W G)^2 / ||W G||^2
+    assert bool((p.sigma[:-1] >= p.sigma[1:]).all())
     s = torch.linalg.svdvals(W.double() @ whitener(spd(12, 2))[0].double())
-    assert float(p.chunk_energy.sum()) == pytest.approx(float((s[2:] ** 2).sum() / (s ** 2).sum()), rel=1e-4)
+    torch.testing.assert_close(p.sigma.double(), s[: p.sigma.numel()], rtol=1e-4, atol=1e-5)
 
 
 def test_cap_residual_pools_put_w_on_the_kept_support():
     """Kept entries carry W itself, the rest is the kept directions' L: no direction past r0 is counted twice."""
-    W, m, p, dirs = _white_pools(5, 3, keep_dirs=4)  # two directions past r0
-    chunks = torch.zeros(p.sizes.numel(), dtype=torch.bool)
-    chunks[:3] = True
-    out = p.build(m, dirs, chunks)
-    on = torch.zeros(m.numel, dtype=torch.bool)
-    on[p.index[torch.repeat_interleave(chunks, p.sizes)].long()] = True
-    on = on.view_as(W)
+    W, m, p = _white_pools(5, 3)
+    out = p.build_prefix(m, 4, 3 * m.d_out)  # two directions past r0, three entries per row
+    _, pos = p.row_ranked(m)
+    on = pos < 3
+    assert int(on.sum()) == 3 * m.d_out
     L = (p.U[:, :4] * p.sigma[:4]) @ p.Vt[:4]
     torch.testing.assert_close(out[on], W[on], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[~on], L[~on], rtol=1e-4, atol=1e-4)
@@ -138,7 +134,7 @@ def test_prefix_rebuild_prunes_row_wise_like_wanda():
     W = torch.randn(24, 40, generator=g)
     d = torch.rand(40, generator=g, dtype=torch.float64) + 0.1
     m = Matrix(0, "x", W)
-    p = make_pools(m, d, "sparse", "whitened", 0.5, 10, 0)
+    p = make_pools(m, d, "sparse", "whitened", 0.5, 0)
     out = p.build_prefix(m, 0, 13 * 24)
     want = torch.zeros_like(W, dtype=torch.bool).scatter_(1, (W.abs() * d.float()).topk(13, dim=1).indices, True)
     assert torch.equal(out != 0, want) and torch.equal(out[want], W[want])

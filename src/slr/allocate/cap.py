@@ -6,20 +6,17 @@ Stage 1, pools (per matrix; the RPCA pools are data-free):
   pools="whitened" (ours): the top p singular directions of A = W G mapped back by G^{-1} (G G^T = H), with H the dense
       model's X^T X / n on ``max_samples`` windows streamed block by block (A = W diag(d), d_j = sqrt(mean x_j^2),
       when ``norms`` is passed; A = W without data), p = min(min(m, n), budget * m n / (m + n)) (the rank that alone
-      would spend the matrix's share of the budget); a direction's energy is its σ^2. Sparse candidates are the
-      entries of the residual W - L_r0 with r0 = ``residual_rank`` (default: the run's uniform rank, --rank), scored
-      and weighed by the OBS saliency e^2 / [H^-1]_jj, scaled so that together they are worth the residual's energy
-      ||W - L_r0||_H^2 = Σ_{i>r0} σ_i^2 (the knapsack's "low rank, then the most salient entries" proxy). A sampled
-      W(mask) is the kept directions' L with W itself on the kept entries' support (``Pools.build``). One SVD per
-      matrix and one Cholesky per input group, much cheaper than RPCA. Why r0 and not p: entries of W - L_p have
-      had the energy of all p directions removed, so next to the directions they would look cheap and the plan would
-      come out rank-heavy (BENCHMARKS.md, "Tuning notes").
+      would spend the matrix's share of the budget). Sparse candidates are the entries of the residual W - L_r0 with
+      r0 = ``residual_rank`` (default: the run's uniform rank, --rank), scored by the OBS saliency e^2 / [H^-1]_jj (the
+      knapsack's "low rank, then the most salient entries" proxy). A rebuild is the kept directions' L with W itself on
+      the kept entries' support (``Pools.build_prefix``). One SVD per matrix and one Cholesky per input group, much
+      cheaper than RPCA. Why r0 and not p: entries of W - L_p have had all p directions removed, so they would rank
+      by what the directions already explain.
   Pure pruning has no directions (the candidates are the entries of W); rank-only methods have no sparse part (the
   directions of the whitened SVD of W, whatever ``pools`` says).
 
 Sparse entries are ranked by |value| * d_j (Wanda-like; |value| without data; the square root of the OBS saliency for
-the full-H whitened pools); ``chunks`` score-sorted chunks of equal size per matrix (default 100) carry the entries'
-energies (``Pools.build`` rebuilds from chunk masks; stage 2 uses ``Pools.build_prefix``).
+the full-H whitened pools).
 
 Stage 2, allocation (the paper's idea, keep-probabilities trained by REINFORCE under one global budget, re-cast so
 that it learns on a CPU budget; BENCHMARKS.md, "Global allocation"). The policy has a few variables per matrix, not
@@ -83,46 +80,23 @@ if TYPE_CHECKING:
 
 @dataclass
 class Pools:
-    """Candidates of one matrix (cpu). W(mask) = (U[:, d] * sigma[d]) @ Vt[d] + scatter(values[e] at index[e])."""
+    """Candidates of one matrix (cpu): directions (U[:, i] * sigma[i]) @ Vt[i], best first, and sparse entries
+    values[e] at flat row-major index[e], in descending score order."""
 
     U: torch.Tensor  # [m, p]
     sigma: torch.Tensor  # [p]
     Vt: torch.Tensor  # [p, n]
     values: torch.Tensor  # [nnz], score-sorted
     index: torch.Tensor  # [nnz] int32 flat row-major
-    sizes: torch.Tensor  # [n_chunks] int64 entries per chunk
-    dir_energy: torch.Tensor  # [p] float64, relative
-    chunk_energy: torch.Tensor  # [n_chunks] float64, relative
-    energy: float = 1.0  # ||A||^2 in the pool's metric (what the relative energies are shares of)
-    on_support: bool = False  # False: values are RPCA's S, added to L; True: values are W itself, see build
+    on_support: bool = False  # False: values are RPCA's S, added to L; True: values are W itself, see build_prefix
     _ranked: tuple | None = None  # see row_ranked
-
-    def build(self, m: Matrix, dirs: torch.Tensor | None, chunks: torch.Tensor | None) -> torch.Tensor:
-        """Dense W(mask) [m, n] float32 from boolean keep masks (None = keep all).
-
-        RPCA pools: the kept directions of L plus the kept entries of S (the paper's W ~= L + S). Residual pools
-        (``on_support``; entries chosen and priced on W - L_r0, stored as W's own values): the kept directions
-        L_kept, with W itself on the kept entries' support (adding the r0-residual's values to L_kept instead would
-        count the directions past r0 twice on the support).
-        """
-        d = torch.ones_like(self.sigma, dtype=torch.bool) if dirs is None else dirs
-        W = (self.U[:, d] * self.sigma[d]) @ self.Vt[d] if bool(d.any()) else torch.zeros(m.d_out, m.d_in)
-        if self.values.numel():
-            keep = torch.ones_like(self.values, dtype=torch.bool) if chunks is None else \
-                torch.repeat_interleave(chunks, self.sizes)
-            idx = self.index[keep].long()
-            vals = self.values[keep]
-            if self.on_support:
-                W.view(-1)[idx] = vals
-            else:
-                W.view(-1)[idx] += vals
-        return W
-
 
     def build_prefix(self, m: Matrix, rank: int, entries: int) -> torch.Tensor:
         """Dense W [m, n] float32 from the top ``rank`` directions and, in every row, the row's top-scored
         round(entries / d_out) entries: the per-row count the solvers keep (``LayerSpec.kept``), so a rebuild prunes
-        like the deployed solve does."""
+        like the deployed solve does. RPCA pools add the kept entries of S to L (the paper's W ~= L + S); residual
+        pools (``on_support``: entries chosen on W - L_r0, stored as W's own values) put W itself on the kept
+        support, L elsewhere (adding the r0-residual to L instead would count the directions past r0 twice)."""
         r = min(rank, self.sigma.numel())
         W = (self.U[:, :r] * self.sigma[:r]) @ self.Vt[:r] if r else torch.zeros(m.d_out, m.d_in)
         k = int(round(max(entries, 0) / m.d_out))
@@ -158,42 +132,30 @@ class Pools:
         return self._ranked
 
 
-def _chunked(values: torch.Tensor, index: torch.Tensor, score: torch.Tensor, n_chunks: int, d: torch.Tensor | None,
-             n_in: int, energy: float):
+def _ranked(values: torch.Tensor, index: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, int32 index) in descending score order."""
     order = torch.argsort(score, descending=True)
-    values, index = values[order], index[order]
-    nnz = values.numel()
-    k = min(n_chunks, nnz)
-    if k == 0:
-        return values, index.int(), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
-    bounds = torch.linspace(0, nnz, k + 1).round().long()
-    sizes = bounds.diff()
-    keep = sizes > 0
-    sizes = sizes[keep]
-    w = values.double() * (d[(index % n_in).long()] if d is not None else 1.0)
-    seg = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
-    ce = torch.zeros(sizes.numel(), dtype=torch.float64).index_add_(0, seg, w * w) / energy
-    return values, index.int(), sizes, ce
+    return values[order], index[order].int()
 
 
-def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget: float, n_chunks: int,
-               rpca_iters: int, residual_rank: int = 0, white: tuple | None = None) -> Pools:
+def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget: float, rpca_iters: int,
+               residual_rank: int = 0, white: tuple | None = None) -> Pools:
     """Candidate pools of one matrix. ``white`` = whitener(H) switches the whitened pools to the full-H metric."""
     W = m.weight.detach().float().cpu()
     if white is not None and mode in ("slr", "rank") and pools == "whitened":
-        return _white_pools(m, W, mode, budget, n_chunks, residual_rank, white)
+        return _white_pools(m, W, mode, budget, residual_rank, white)
     dd = d.float() if d is not None else None
     A = W * dd[None, :] if dd is not None else W
-    energy = max(float((A.double() ** 2).sum()), 1e-300)
-    empty_f, empty_i = torch.zeros(0), torch.zeros(0, dtype=torch.int32)
     on_support = False
     U, sigma, Vt = torch.zeros(m.d_out, 0), torch.zeros(0), torch.zeros(0, m.d_in)
-    values, index, sizes, ce = empty_f, empty_i, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+    values, index = torch.zeros(0), torch.zeros(0, dtype=torch.int32)
+    idx = torch.arange(m.numel)
+    col_scale = dd[idx % m.d_in] if dd is not None else 1.0  # [numel] the Wanda-like |value| * d_j score's d_j
     if mode == "slr" and pools == "rpca":
         rp = rpca_pools(W, iters=rpca_iters)
         U, sigma, Vt = rp.U, rp.sigma, rp.Vt
         score = rp.values.abs() * (dd[rp.index % m.d_in] if dd is not None else 1.0)
-        values, index, sizes, ce = _chunked(rp.values, rp.index, score, n_chunks, d, m.d_in, energy)
+        values, index = _ranked(rp.values, rp.index, score)
     elif mode in ("slr", "rank"):
         P, s, Qt = torch.linalg.svd(A, full_matrices=False)
         p = min(m.d_out, m.d_in) if mode == "rank" else min(m.d_out, m.d_in, int(budget * m.numel / m.lr_unit))
@@ -201,53 +163,33 @@ def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget:
         Vt = (Qt[:p] / dd[None, :]) if dd is not None else Qt[:p].contiguous()
         if mode == "slr":
             r0 = min(residual_rank, p)
-            R = W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]
-            flat = R.flatten()
-            idx = torch.arange(m.numel)
-            score = flat.abs() * (dd[idx % m.d_in] if dd is not None else 1.0)
-            values, index, sizes, ce = _chunked(flat, idx, score, n_chunks, d, m.d_in, energy)
+            R = (W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]).flatten()
+            _, index = _ranked(R, idx, R.abs() * col_scale)
             values, on_support = W.flatten()[index.long()], True  # chosen on the residual, stored as W
     elif mode == "sparse":
         on_support = True
         flat = W.flatten()
-        idx = torch.arange(m.numel)
-        score = flat.abs() * (dd[idx % m.d_in] if dd is not None else 1.0)
-        values, index, sizes, ce = _chunked(flat, idx, score, n_chunks, d, m.d_in, energy)
+        values, index = _ranked(flat, idx, flat.abs() * col_scale)
     else:
         raise SLRError(f"unknown pools {pools!r}", "use rpca or whitened")
-    de = torch.zeros(0, dtype=torch.float64)
-    if sigma.numel():
-        vn = (Vt.double() * (d[None, :] if d is not None else 1.0)).norm(dim=1) ** 2
-        de = sigma.double() ** 2 * vn / energy
-    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce, energy, on_support)
+    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, on_support)
 
 
-def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, n_chunks: int, residual_rank: int,
-                 white: tuple) -> Pools:
-    """Whitened pools in the full metric tr(E H E^T): directions of A = W G mapped back by G^{-1} (each
-    direction's energy is its σ^2); residual entries scored and weighed by the OBS saliency w^2 / [H^{-1}]_jj."""
+def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, residual_rank: int, white: tuple) -> Pools:
+    """Whitened pools in the full metric tr(E H E^T): directions of A = W G mapped back by G^{-1}; residual entries
+    scored by the OBS saliency w^2 / [H^{-1}]_jj."""
     G, Gi, sal = white
-    A = W @ G
-    energy = max(float((A.double() ** 2).sum()), 1e-300)
-    P, s, Qt = torch.linalg.svd(A, full_matrices=False)
+    P, s, Qt = torch.linalg.svd(W @ G, full_matrices=False)
     p = min(m.d_out, m.d_in) if mode == "rank" else min(m.d_out, m.d_in, int(budget * m.numel / m.lr_unit))
     U, sigma, Vt = P[:, :p].contiguous(), s[:p].contiguous(), Qt[:p] @ Gi
-    de = sigma.double() ** 2 / energy
     values, index = torch.zeros(0), torch.zeros(0, dtype=torch.int32)
-    sizes, ce = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
     if mode == "slr":
         r0 = min(residual_rank, p)
         flat = (W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]).flatten()
         idx = torch.arange(m.numel)
-        w = sal.sqrt()
-        values, index, sizes, ce = _chunked(flat, idx, flat.abs() * w[idx % m.d_in], n_chunks, w, m.d_in, energy)
-        # all residual entries together are worth the residual's energy ||W - L_r0||_H^2 = Σ_{i>r0} σ_i^2 (as in the
-        # knapsack's proxy): the raw OBS saliencies sum to less (1/[H^-1]_jj <= H_jj), which made the entries look
-        # cheap next to the directions and the plans rank-heavy (mean rank 102 at g50, ppl 80.1 with admm)
-        tail = float((s[r0:].double() ** 2).sum()) / energy
-        ce = ce * (tail / float(ce.sum())) if float(ce.sum()) > 0 else ce
-        values = W.flatten()[index.long()]  # chosen on the residual, stored as W (see Pools.build)
-    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, sizes, de, ce, energy, mode == "slr")
+        _, index = _ranked(flat, idx, flat.abs() * sal.sqrt()[idx % m.d_in])
+        values = W.flatten()[index.long()]  # chosen on the residual, stored as W (see Pools.build_prefix)
+    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, mode == "slr")
 
 
 def policy_search(fitness, variables: int, levels: int, *, steps: int, samples: int, lr: float, sigma: float,
@@ -312,7 +254,7 @@ class Setup:
 
 
 def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device, who: str, *, pools: str,
-            levels: int, span: float, init: str, start: Plan | None, mode: str | None, chunks: int = 100,
+            levels: int, span: float, init: str, start: Plan | None, mode: str | None,
             rpca_iters: int = 5, max_samples: int | None = 8, norms: dict | None = None,
             residual_rank: int | None = None, normalize: str | None = None, fisher_samples: int | None = 4,
             fisher_power: float = 0.25, rank_floor: int | None = None) -> Setup:
@@ -340,10 +282,10 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     pl: list = [None] * len(mats)
     if full_h:  # full-H whitening, streamed block by block
         for j, white in whitened_metrics(model, mats, calib, device, max_samples):
-            pl[j] = make_pools(mats[j], None, mode, pools, budget, chunks, rpca_iters, r0, white)
+            pl[j] = make_pools(mats[j], None, mode, pools, budget, rpca_iters, r0, white)
     for j, m in enumerate(mats):
         if pl[j] is None:
-            pl[j] = make_pools(m, scales(m, norms), mode, pools, budget, chunks, rpca_iters, r0)
+            pl[j] = make_pools(m, scales(m, norms), mode, pools, budget, rpca_iters, r0)
     t_pools = time.perf_counter() - t0
     floor = (config.layer_spec().rank if rank_floor is None else int(rank_floor)) if mode == "slr" else 0
     if start is None:
@@ -370,7 +312,7 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
 
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
              pools: str = "whitened", steps: int = 20, samples: int = 16, lr: float = 0.15, levels: int = 5,
-             sigma: float = 0.5, windows: int = 4, tokens: int = 128, batch_size: int = 4, chunks: int = 100,
+             sigma: float = 0.5, windows: int = 4, tokens: int = 128, batch_size: int = 4,
              rpca_iters: int = 5, max_samples: int | None = 8, norms: dict | None = None,
              residual_rank: int | None = None, normalize: str | None = None, fisher_samples: int | None = 4,
              fisher_power: float = 0.25, rank_floor: int | None = None, span: float = SPAN, init: str = "knapsack",
@@ -381,7 +323,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     knapsack's plan) or "uniform"; ``start`` (Python only) = a plan to start from instead."""
     t0 = time.perf_counter()
     st = prepare(model, config, calib, device, "CAP", pools=pools, levels=levels, span=span, init=init, start=start,
-                 mode=mode, chunks=chunks, rpca_iters=rpca_iters, max_samples=max_samples, norms=norms,
+                 mode=mode, rpca_iters=rpca_iters, max_samples=max_samples, norms=norms,
                  residual_rank=residual_rank, normalize=normalize, fisher_samples=fisher_samples,
                  fisher_power=fisher_power, rank_floor=rank_floor)
     fitness = Fitness(model, st.space, calib if st.data else None, device, windows, tokens, batch_size)
