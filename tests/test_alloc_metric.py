@@ -109,7 +109,7 @@ def _white_pools(seed: int, h_seed: int):
 def test_cap_full_h_pools_rebuild_the_matrix():
     """Keeping every entry of the full-H pools rebuilds W; the directions are the whitened SVD's, best first."""
     W, m, p = _white_pools(4, 2)
-    torch.testing.assert_close(p.build_prefix(m, 2, m.numel), W, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(p.rebuild(m, 2, m.numel), W, rtol=1e-4, atol=1e-4)
     assert p.sigma.numel() == int(0.5 * m.numel / m.lr_unit)
     assert bool((p.sigma[:-1] >= p.sigma[1:]).all())
     s = torch.linalg.svdvals(W.double() @ whitener(spd(12, 2))[0].double())
@@ -119,7 +119,7 @@ def test_cap_full_h_pools_rebuild_the_matrix():
 def test_cap_residual_pools_put_w_on_the_kept_support():
     """Kept entries carry W itself, the rest is the kept directions' L: no direction past r0 is counted twice."""
     W, m, p = _white_pools(5, 3)
-    out = p.build_prefix(m, 4, 3 * m.d_out)  # two directions past r0, three entries per row
+    out = p.rebuild(m, 4, 3 * m.d_out)  # two directions past r0, three entries per row
     _, pos = p.row_ranked(m)
     on = pos < 3
     assert int(on.sum()) == 3 * m.d_out
@@ -135,7 +135,7 @@ def test_prefix_rebuild_prunes_row_wise_like_wanda():
     d = torch.rand(40, generator=g, dtype=torch.float64) + 0.1
     m = Matrix(0, "x", W)
     p = make_pools(m, d, "sparse", "whitened", 0.5, 0)
-    out = p.build_prefix(m, 0, 13 * 24)
+    out = p.rebuild(m, 0, 13 * 24)
     want = torch.zeros_like(W, dtype=torch.bool).scatter_(1, (W.abs() * d.float()).topk(13, dim=1).indices, True)
     assert torch.equal(out != 0, want) and torch.equal(out[want], W[want])
 

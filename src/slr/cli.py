@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global retained fraction in (0, 1) (PROTOCOL §5); default: that of the uniform spec")
     c.add_argument("--budget-bits", type=float, default=D, metavar="B",
                    help="instead of --budget: B bits per weight on average over the compressed linears (their bytes "
-                   "x 8 / weights); --allocate knapsack or uniform then picks each matrix's bit width of S in 2, 3, 4, "
-                   "8 (and rank). Needs --bits")
+                   "x 8 / weights); --allocate knapsack, cap or search then picks each matrix's bit width of S in "
+                   "2, 3, 4, 8 (and rank), uniform keeps --bits. Needs --bits")
     c.add_argument("--refine", default=D, choices=["tm"], help="tm = transformer matching per block")
     c.add_argument("--tm-epochs", type=int, default=D, help="transformer-matching epochs [default: 20]")
     c.add_argument("--tm-samples", type=int, default=D, metavar="N",

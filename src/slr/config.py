@@ -57,8 +57,8 @@ class AllocConfig:
     options: the allocator's typed options (a dict is converted; unknown keys are an error naming the valid ones).
     budget_bits: instead of ``budget``, an average of bits per weight over the compressed linears (their bytes as
              ``slr.formats.theoretical_bytes`` counts them x 8 / their weights); the allocator then picks each
-             matrix's bit width of S (and rank). uniform and knapsack only; needs a run with --bits
-             (``slr.allocate.bits``).
+             matrix's bit width of S (and rank). Not owl; needs a run with --bits (``slr.allocate.bits``;
+             ``slr.allocate.bitlevels`` for cap and search).
     """
 
     method: str = "uniform"
@@ -83,7 +83,7 @@ class AllocConfig:
                                "pass e.g. --budget-bits 3.25")
             if self.method not in BITS_ALLOCATORS:
                 raise SLRError(f"{self.method} does not take --budget-bits yet",
-                               f"use --allocate {' or '.join(BITS_ALLOCATORS)}")
+                               f"use --allocate {', '.join(BITS_ALLOCATORS)}")
             self.budget_bits = float(b)
         self.options = make_options(a.options, self.options, flag="--alloc-opt", what=f"the {self.method} allocator")
         if a.check is not None:

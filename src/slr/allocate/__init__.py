@@ -14,9 +14,9 @@ the budget to within one row of the narrowest matrix (never above it). What the 
 (``mode``): pruning methods get sparsities, rank-only methods ranks, S+LR methods both (with --pattern N:M only
 the ranks).
 info always holds {"allocator", "budget", "achieved_fraction", "seconds", "per_matrix": {key: {"sparsity", "rank"}}}
-(and "bits" per matrix when S is quantized). A budget in bits instead (config.alloc.budget_bits, uniform and knapsack
-only): S's bit width and the rank per matrix under an average of bits per weight (``bits``); info then has
-"budget_bits" and "achieved_bpw", and "budget" is None.
+(and "bits" per matrix when S is quantized). A budget in bits instead (config.alloc.budget_bits, all
+but owl): S's bit width and the rank per matrix under an average of bits per weight (``bits``; cap and search:
+``bitlevels``); info then has "budget_bits" and "achieved_bpw", and "budget" is None.
 Allocator options (``config.alloc.options``, typed from each module's ``allocate`` keywords) are documented there.
 """
 

@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from ..config import CompressConfig
 
 BIT_WIDTHS = (2, 3, 4, 8)
-BITS_ALLOCATORS = ("knapsack", "uniform")  # the allocators that take a budget in bits
+BITS_ALLOCATORS = ("knapsack", "uniform", "cap", "search")  # the allocators that take a budget in bits
 
 
 def spec_bits(spec: LayerSpec, d_out: int, d_in: int) -> int:
@@ -124,7 +124,8 @@ def uniform_ranks(mats: list[Matrix], mode: str, nm, base: LayerSpec, budget_bit
     return choices
 
 
-def _info(mats, choices, mode, nm, base, budget_bits: float) -> dict:
+def info(mats, choices, mode, nm, base, budget_bits: float) -> dict:
+    """The bits entries of an allocator's info: budget, achieved bits per weight, weights per width."""
     total = sum(m.numel for m in mats)
     costs = [_cost(m, c, mode, nm, base) for m, c in zip(mats, choices)]
     at: dict[int, int] = {}
@@ -140,7 +141,7 @@ def uniform_plan(model: nn.Module, config: CompressConfig, mode: str | None = No
     mode, nm, base = _setup(config, mode)
     mats = matrices(model)
     choices = uniform_ranks(mats, mode, nm, base, config.alloc.budget_bits)
-    extra = _info(mats, choices, mode, nm, base, config.alloc.budget_bits)
+    extra = info(mats, choices, mode, nm, base, config.alloc.budget_bits)
     return finish("uniform", mats, choices, mode, nm, None, t0, extra, base=base)
 
 
@@ -252,7 +253,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     used = "whitened" if whitened else ("diag" if norms is not None else "weights")
     fisher = {"fisher_windows": min(len(calib), fisher_samples or len(calib)), "fisher_power": fisher_power} \
         if sens is not None else {}
-    extra = {**_info(mats, choices, mode, nm, base, budget_bits), "bit_widths": list(BIT_WIDTHS),
+    extra = {**info(mats, choices, mode, nm, base, budget_bits), "bit_widths": list(BIT_WIDTHS),
              "proxy": f"{used}-metric round-to-nearest error, low-rank tail", "metric": used, "normalize": normalize,
              **({"rank_floor": floor} if mode == "slr" else {}), **fisher, "data_free": not data,
              "calib_windows": min(len(calib), max_samples or len(calib)) if data else 0, "lambda": lam,

@@ -9,7 +9,7 @@ Stage 1, pools (per matrix; the RPCA pools are data-free):
       would spend the matrix's share of the budget). Sparse candidates are the entries of the residual W - L_r0 with
       r0 = ``residual_rank`` (default: the run's uniform rank, --rank), scored by the OBS saliency e^2 / [H^-1]_jj (the
       knapsack's "low rank, then the most salient entries" proxy). A rebuild is the kept directions' L with W itself on
-      the kept entries' support (``Pools.build_prefix``). One SVD per matrix and one Cholesky per input group, much
+      the kept entries' support (``Pools.rebuild``). One SVD per matrix and one Cholesky per input group, much
       cheaper than RPCA. Why r0 and not p: entries of W - L_p have had all p directions removed, so they would rank
       by what the directions already explain.
   Pure pruning has no directions (the candidates are the entries of W); rank-only methods have no sparse part (the
@@ -27,7 +27,7 @@ fractions move by one common shift found by bisection, each clamped to the trust
 the ranks scale by one common factor). Its loss is what the deployed model is judged by: KL(dense || compressed) of the
 next-token distributions on ``windows`` calibration windows cut to ``tokens`` tokens (dense log-probabilities computed
 once), with every matrix rebuilt from its pools at the plan's rank and entry count (the top directions, then each
-row's top-scored entries, the solvers' per-row count: ``Pools.build_prefix``); data-free, the weight-only relative
+row's top-scored entries, the solvers' per-row count: ``Pools.rebuild``); data-free, the weight-only relative
 error. Losses are memoised per plan.
 Each of ``steps`` steps draws ``samples`` plans; the logits move by Adam (``lr``) along the leave-one-out REINFORCE
 estimate of the gradient of the expected loss, advantages divided by the samples' standard deviation
@@ -39,6 +39,9 @@ calibration windows the search never saw (``levels.judge``; info "kept"); ``fit_
 Start (``init``): "knapsack" (default; the knapsack allocator's plan with the same pricing, floor and span), "uniform",
 or a ``start`` plan (Python only). ``normalize``/``fisher_*`` are the knapsack start's pricing.
 Rank floor (S+LR; ``rank_floor``, default the run's --rank): no rank level goes below it.
+Under a budget in bits (config.alloc.budget_bits) the levels are S's bit width and the rank on the run's support, each
+matrix rebuilt as round-to-nearest S plus the whitened refit of the rest (``bitlevels``); the start is the knapsack's
+plan in bits, the rank floor defaults to 0 as there, and N:M patterns are allowed (the support does not move).
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ from .base import (
     scales,
     whitened_metrics,
 )
-from .levels import Fitness, LevelSpace, fitness_info, heldout, judge, level_plan
+from .bitlevels import BitSpace, bit_plan, make_bit_pools
+from .bits import info as bits_info
+from .levels import Fitness, LevelSpace, fitness_info, heldout, judge, level_plan, rank_ladder
 
 if TYPE_CHECKING:
     from ..config import CompressConfig
@@ -88,10 +93,10 @@ class Pools:
     Vt: torch.Tensor  # [p, n]
     values: torch.Tensor  # [nnz], score-sorted
     index: torch.Tensor  # [nnz] int32 flat row-major
-    on_support: bool = False  # False: values are RPCA's S, added to L; True: values are W itself, see build_prefix
+    on_support: bool = False  # False: values are RPCA's S, added to L; True: values are W itself, see rebuild
     _ranked: tuple | None = None  # see row_ranked
 
-    def build_prefix(self, m: Matrix, rank: int, entries: int) -> torch.Tensor:
+    def rebuild(self, m: Matrix, rank: int, entries: int) -> torch.Tensor:
         """Dense W [m, n] float32 from the top ``rank`` directions and, in every row, the row's top-scored
         round(entries / d_out) entries: the per-row count the solvers keep (``LayerSpec.kept``), so a rebuild prunes
         like the deployed solve does. RPCA pools add the kept entries of S to L (the paper's W ~= L + S); residual
@@ -188,7 +193,7 @@ def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, residual_
         flat = (W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]).flatten()
         idx = torch.arange(m.numel)
         _, index = _ranked(flat, idx, flat.abs() * sal.sqrt()[idx % m.d_in])
-        values = W.flatten()[index.long()]  # chosen on the residual, stored as W (see Pools.build_prefix)
+        values = W.flatten()[index.long()]  # chosen on the residual, stored as W (see Pools.rebuild)
     return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, mode == "slr")
 
 
@@ -230,8 +235,8 @@ class Setup:
 
     mats: list[Matrix]
     mode: str
-    budget: float
-    space: LevelSpace
+    budget: float | None  # the retained fraction; None under a budget in bits (the space's)
+    space: LevelSpace | BitSpace
     data: bool
     info: dict
 
@@ -248,9 +253,20 @@ class Setup:
 
     def finish(self, who: str, x: torch.Tensor, t0: float, extra: dict, base) -> tuple[Plan, dict]:
         """The plan of levels ``x`` [variables], fitted to the budget."""
+        sp = self.space
+        if isinstance(sp, BitSpace):  # resolve already spends at most the bits budget
+            choices = sp.choices(x)
+            extra = {**extra, **bits_info(self.mats, choices, self.mode, sp.nm, base, sp.budget_bits)}
+            return finish(who, self.mats, choices, self.mode, sp.nm, None, t0, {**self.info, **extra}, base=base)
         target = int(self.budget * sum(m.numel for m in self.mats))
-        choices = fit_budget(self.mats, self.space.choices(x), target, self.mode, None)
+        choices = fit_budget(self.mats, sp.choices(x), target, self.mode, None)
         return finish(who, self.mats, choices, self.mode, None, self.budget, t0, {**self.info, **extra}, base=base)
+
+
+def _start(model, config, calib, device, init: str, mode: str, kw: dict) -> Plan:
+    if init == "knapsack":
+        return knapsack.allocate(model, config, calib, device, mode=mode, **kw)[0]
+    return uniform.allocate(model, config, calib, device, mode=mode)[0]
 
 
 def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device, who: str, *, pools: str,
@@ -269,12 +285,16 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     if levels < 3 or levels % 2 == 0:
         raise SLRError(f"{who} levels={levels} must be odd and at least 3", "use e.g. --alloc-opt levels=5")
     mode = alloc_mode(config, mode)
-    if nm_of(config) is not None:
-        raise SLRError(f"{who} allocates unstructured sparsity and ranks", "use --allocate knapsack with --pattern N:M")
     mats = matrices(model)
-    budget = resolve_budget(config, mats, mode)
     data = calib is not None and len(calib) > 0
     normalize = resolve_normalize(normalize, data)  # the knapsack start's pricing; checked before the pools
+    kw = {"max_samples": max_samples, "normalize": normalize, "fisher_samples": fisher_samples,
+          "fisher_power": fisher_power, "rank_floor": rank_floor}
+    if config.alloc.budget_bits is not None:
+        return _prepare_bits(model, config, calib, device, mats, mode, data, levels, init, start, norms, kw, t0)
+    if nm_of(config) is not None:
+        raise SLRError(f"{who} allocates unstructured sparsity and ranks", "use --allocate knapsack with --pattern N:M")
+    budget = resolve_budget(config, mats, mode)
     full_h = pools == "whitened" and data and mode in ("slr", "rank") and norms is None
     if norms is None and not full_h:
         norms = input_sq_norms(model, calib, device, max_samples)
@@ -289,12 +309,7 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     t_pools = time.perf_counter() - t0
     floor = (config.layer_spec().rank if rank_floor is None else int(rank_floor)) if mode == "slr" else 0
     if start is None:
-        if init == "knapsack":
-            start, _ = knapsack.allocate(model, config, calib, device, max_samples=max_samples, normalize=normalize,
-                                         fisher_samples=fisher_samples, fisher_power=fisher_power, span=span,
-                                         rank_floor=rank_floor, mode=mode)
-        else:
-            start, _ = uniform.allocate(model, config, calib, device, mode=mode)
+        start = _start(model, config, calib, device, init, mode, {**kw, "span": span})
     start_ch = []
     for m in mats:
         s = start.get(m.block, m.name)
@@ -308,6 +323,40 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
             "normalize": normalize, "levels": levels, "variables": space.variables, "seconds_pools": t_pools,
             "seconds_start": time.perf_counter() - t0 - t_pools}
     return Setup(mats, mode, budget, space, data, info)
+
+
+def _prepare_bits(model, config, calib, device, mats, mode, data, levels, init, start, norms, kw, t0) -> Setup:
+    """``prepare`` under a budget in bits: levels are (bits, rank) on the run's support (``bitlevels``)."""
+    if mode == "rank":
+        raise SLRError("a rank-only run has no quantized S for --budget-bits to size", "use --budget instead")
+    given = start is not None
+    if start is None:
+        start = _start(model, config, calib, device, init, mode, kw)
+    t_start = time.perf_counter() - t0
+    base, nm = config.layer_spec(), nm_of(config)
+    floor = int(kw["rank_floor"] or 0) if mode == "slr" and base.rank > 0 else 0
+    start_ch = [Choice(None, start.get(m.block, m.name).rank, start.get(m.block, m.name).bits) for m in mats]
+    ranks = None
+    if mode == "slr" and base.rank > 0:
+        ranks = [rank_ladder(ch.rank, floor, min(m.d_out, m.d_in), levels) for m, ch in zip(mats, start_ch)]
+    top = [max(r) for r in ranks] if ranks is not None else [0] * len(mats)
+    pl: list = [None] * len(mats)
+    if data and norms is None:  # full-H whitening, streamed block by block
+        for j, white in whitened_metrics(model, mats, calib, device, kw["max_samples"]):
+            pl[j] = make_bit_pools(mats[j], white, None, base, top[j])
+    elif data:
+        for j, m in enumerate(mats):
+            pl[j] = make_bit_pools(m, None, scales(m, norms), base, top[j])
+    for j, m in enumerate(mats):
+        if pl[j] is None:
+            pl[j] = make_bit_pools(m, None, None, base, top[j])
+    space = bit_plan(mats, pl, start_ch, mode, nm, base, config.alloc.budget_bits, floor, levels, ranks)
+    info = {"pools": "round to nearest + whitened refit" if ranks is not None else "round to nearest",
+            "metric": "full H" if data and norms is None else ("diag H" if data else "weights"),
+            "rank_floor": floor, "init": "given" if given else init, "normalize": kw["normalize"], "levels": levels,
+            "variables": space.variables, "bit_widths": sorted({b for ls in space.bit_levels for b in ls}),
+            "seconds_start": t_start, "seconds_pools": time.perf_counter() - t0 - t_start}
+    return Setup(mats, mode, None, space, data, info)
 
 
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,

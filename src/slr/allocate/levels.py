@@ -91,6 +91,14 @@ class LevelSpace:
         return out
 
 
+def rank_ladder(start: int, floor: int, top: int, levels: int) -> list[int]:
+    """``levels`` ranks start x 2^((i - c) / c), c the centre, within [floor, top]; the centre is ``start`` itself."""
+    c = (levels - 1) / 2
+    rs = [min(max(int(round(max(start, 1) * 2 ** ((i - c) / c))), floor), top) for i in range(levels)]
+    rs[int(c)] = min(start, top)
+    return rs
+
+
 def level_plan(mats: list[Matrix], pools: list[Pools], start: list[Choice], mode: str, budget: float, span: float,
                floor: int, levels: int) -> LevelSpace:
     """The policy's variables around a start plan (see the module docstring)."""
@@ -102,10 +110,8 @@ def level_plan(mats: list[Matrix], pools: list[Pools], start: list[Choice], mode
         else:
             pmax = p.sigma.numel() if mode == "slr" else min(m.d_out, m.d_in)
             cap = max(int((min(budget + span, 1.0)) * m.numel / m.lr_unit), 0)  # ranks past the trust region are out
-            base = max(ch.rank, 1)
-            rs = [min(max(int(round(base * 2 ** ((i - c) / c))), floor, 0 if mode == "slr" else 1), pmax, cap)
-                  for i in range(levels)]
-            rs[int(c)] = min(ch.rank, pmax)  # the centre is the start plan itself
+            rs = rank_ladder(ch.rank, max(floor, 0 if mode == "slr" else 1), min(pmax, cap), levels)
+            rs[levels // 2] = min(ch.rank, pmax)  # the start plan itself, even past the trust region
             rank_levels.append(rs)
         dens_off.append([span * (i - c) / c for i in range(levels)] if mode != "rank" else [0.0] * levels)
     return LevelSpace(mats, pools, start, mode, budget, span, rank_levels, dens_off)
@@ -133,15 +139,15 @@ class Fitness:
             self.memo[k] = self._loss(self.space.resolve(x))
         return self.memo[k]
 
-    def _loss(self, plan: list[tuple[int, int]]) -> float:
+    def _loss(self, plan: list[tuple]) -> float:
         sp = self.space
         if self.ids is None:
-            err = sum(m.numel * float(((m.weight.detach().float().cpu() - p.build_prefix(m, r, e)).double() ** 2).sum()
+            err = sum(m.numel * float(((m.weight.detach().float().cpu() - p.rebuild(m, *t)).double() ** 2).sum()
                                       / (m.weight.detach().double() ** 2).sum().clamp_min(1e-300))
-                      for m, p, (r, e) in zip(sp.mats, sp.pools, plan))
+                      for m, p, t in zip(sp.mats, sp.pools, plan))
             return err / sum(m.numel for m in sp.mats)
-        for m, p, (r, e) in zip(sp.mats, sp.pools, plan):
-            m.weight.data.copy_(p.build_prefix(m, r, e).to(m.weight.device, m.weight.dtype))
+        for m, p, t in zip(sp.mats, sp.pools, plan):
+            m.weight.data.copy_(p.rebuild(m, *t).to(m.weight.device, m.weight.dtype))
         with torch.no_grad():
             kls = [float(kl(next_logits(self.model, self.ids[s:s + self.batch_size].to(self.device)), t))
                    for s, t in zip(range(0, len(self.ids), self.batch_size), self.dense)]

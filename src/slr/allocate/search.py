@@ -7,7 +7,8 @@ A (1 + λ) search with multi-step selection: each generation mutates the parent 
 pairs of variables of the same kind, one a level up and the other a level down, so the budget moves little before the
 common shift makes it exact), screens the offspring on ``screen_windows`` windows, scores the best ``survivors`` on
 ``windows`` windows, and replaces the parent when one beats it there. Losses are memoised per plan, so a plan is
-never scored twice at the same fidelity. The last parent replaces the start plan only if it also scores lower on
+never scored twice at the same fidelity. Under a budget in bits the levels are CAP's in bits (``bitlevels``): S's
+width and the rank per matrix. The last parent replaces the start plan only if it also scores lower on
 as many further calibration windows (``levels.judge``). Seeded, so the same seed gives the same plan.
 """
 
