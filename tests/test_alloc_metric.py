@@ -120,8 +120,7 @@ def test_cap_residual_pools_put_w_on_the_kept_support():
     """Kept entries carry W itself, the rest is the kept directions' L: no direction past r0 is counted twice."""
     W, m, p = _white_pools(5, 3)
     out = p.rebuild(m, 4, 3 * m.d_out)  # two directions past r0, three entries per row
-    _, pos = p.row_ranked(m)
-    on = pos < 3
+    on = p.pos < 3
     assert int(on.sum()) == 3 * m.d_out
     L = (p.U[:, :4] * p.sigma[:4]) @ p.Vt[:4]
     torch.testing.assert_close(out[on], W[on], rtol=1e-4, atol=1e-4)
@@ -397,3 +396,21 @@ def test_level_allocator_option_errors():
         cfg = CompressConfig(method="wanda", sparsity=0.5, alloc=AllocConfig(method=a, budget=0.5))
         with pytest.raises(SLRError, match="levels=4 must be odd"):
             make_plan(model, cfg, ids(4, 16), levels=4)
+
+
+def test_rpca_pools_rebuild_l_plus_the_rows_top_s_entries():
+    """RPCA pools (the paper's): all directions and entries give L + S; k per row keep each row's k largest |S|."""
+    from slr.solvers.rpca import rpca_pools
+
+    W = torch.randn(20, 16, generator=torch.Generator().manual_seed(1))
+    m = Matrix(0, "x", W)
+    p = make_pools(m, None, "slr", "rpca", 0.5, 5)
+    rp = rpca_pools(W, iters=5)
+    L = (rp.U * rp.sigma) @ rp.Vt
+    S = torch.zeros(W.numel()).index_put_((rp.index.long(),), rp.values).view_as(W)
+    torch.testing.assert_close(p.rebuild(m, p.sigma.numel(), m.numel), L + S, rtol=1e-5, atol=1e-5)
+    out = p.rebuild(m, p.sigma.numel(), 2 * m.d_out) - L  # [m, n]: S's kept entries
+    for i in range(m.d_out):
+        row = S[i].abs()
+        want = row.topk(min(2, int((row > 0).sum()))).indices
+        assert set(out[i].nonzero().flatten().tolist()) == set(want.tolist()), i

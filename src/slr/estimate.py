@@ -20,8 +20,9 @@ MiB; 410-420 MiB measured after loading SmolLM2) + the weights resident then + t
   pass, a forward and backward of the whole model on 2 windows at a time (``fisher_bytes``: five fp32 copies of the
   logits-sized head tensors plus every block's autograd graph; +2357 MiB on SmolLM2 at seqlen 512), which also
   bounds the whitened statistics' forward on 4 windows. CAP (and search) holds every matrix's candidate pools meanwhile
-  (``CAP_POOL_BYTES_PER_PARAM`` per linear parameter) and then a copy of the original weights while its loss runs
-  the model on 4 windows (eval-like head) next to the dense log-probabilities of those windows.
+  (``CAP_POOL_BYTES_PER_PARAM`` per linear parameter: W itself, which also restores the model, and each entry's int16
+  rank in its row, plus the directions; counted on SmolLM2 at budget 0.5: 6 bytes for pruning, 8 for S+LR) while its
+  loss runs the model on 4 windows (eval-like head) next to the dense log-probabilities of those windows.
 * distill (``distill=True``, in memory): a frozen dense copy of the model (the teacher) next to the compressed one,
   six fp32 copies of the linears (Adam's two moments, the original and the best parameters, gradients, the dense
   weights SLRLinear builds for autograd), and a forward and backward of the whole model on one window
@@ -51,7 +52,7 @@ from .errors import SLRError
 from .models.adapters import get_adapter
 
 RUNTIME_MIB = 600
-CAP_POOL_BYTES_PER_PARAM = 24  # CAP's candidate pools per linear parameter (see the module docstring)
+CAP_POOL_BYTES_PER_PARAM = 8  # CAP's candidate pools per linear parameter (see the module docstring)
 EVAL_BATCH, EVAL_SEQLEN = 4, 512  # slr.api's perplexity
 FISHER_BATCH = 2  # allocate.base.output_grad_sq: windows per forward + backward
 ALLOC_BATCH = 4  # allocate.base.dense_block_hessians / CAP's loss: windows per forward
@@ -184,8 +185,8 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
         out["allocate"] = fisher
     if allocate in ("cap", "search"):
         pools = CAP_POOL_BYTES_PER_PARAM * linear_n
-        # the original weights, a forward on 4 windows and the cached dense log-probabilities of CAP's KL
-        loss = 4 * linear_n + (head_bytes(min(ALLOC_BATCH, windows) * seqlen, vocab, 4) if data else 0)
+        # a forward on 4 windows and the cached dense log-probabilities of CAP's KL
+        loss = head_bytes(min(ALLOC_BATCH, windows) * seqlen, vocab, 4) if data else 0
         out["pools"] = pools
         out["allocate"] = pools + max(fisher, loss)
     if "allocate" in out:

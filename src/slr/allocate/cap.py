@@ -85,99 +85,84 @@ if TYPE_CHECKING:
 
 @dataclass
 class Pools:
-    """Candidates of one matrix (cpu): directions (U[:, i] * sigma[i]) @ Vt[i], best first, and sparse entries
-    values[e] at flat row-major index[e], in descending score order."""
+    """Candidates of one matrix (cpu): directions (U[:, i] * sigma[i]) @ Vt[i], best first, and sparse entries, each
+    with its position ``pos`` in its row's score order. Pools of every entry of W (pruning, residual pools) hold W
+    itself and pos [m, n] (int16: 6 bytes per weight in all); RPCA's S holds its nonzeros as a list."""
 
     U: torch.Tensor  # [m, p]
     sigma: torch.Tensor  # [p]
     Vt: torch.Tensor  # [p, n]
-    values: torch.Tensor  # [nnz], score-sorted
-    index: torch.Tensor  # [nnz] int32 flat row-major
-    on_support: bool = False  # False: values are RPCA's S, added to L; True: values are W itself, see rebuild
-    _ranked: tuple | None = None  # see row_ranked
+    pos: torch.Tensor  # [m, n] with W, else [nnz]: the entry's rank within its row by score (0 = best)
+    W: torch.Tensor | None = None  # [m, n] float32, the dense weights (the model's are swapped during the search)
+    values: torch.Tensor | None = None  # [nnz] RPCA's S, added to L
+    index: torch.Tensor | None = None  # [nnz] int32 flat row-major
 
     def rebuild(self, m: Matrix, rank: int, entries: int) -> torch.Tensor:
         """Dense W [m, n] float32 from the top ``rank`` directions and, in every row, the row's top-scored
         round(entries / d_out) entries: the per-row count the solvers keep (``LayerSpec.kept``), so a rebuild prunes
-        like the deployed solve does. RPCA pools add the kept entries of S to L (the paper's W ~= L + S); residual
-        pools (``on_support``: entries chosen on W - L_r0, stored as W's own values) put W itself on the kept
-        support, L elsewhere (adding the r0-residual to L instead would count the directions past r0 twice)."""
+        like the deployed solve does. RPCA pools add the kept entries of S to L (the paper's W ~= L + S); pools of
+        every entry put W itself on the kept support, L elsewhere (residual pools choose the entries on W - L_r0;
+        adding that residual to L instead would count the directions past r0 twice)."""
         r = min(rank, self.sigma.numel())
-        W = (self.U[:, :r] * self.sigma[:r]) @ self.Vt[:r] if r else torch.zeros(m.d_out, m.d_in)
+        L = (self.U[:, :r] * self.sigma[:r]) @ self.Vt[:r] if r else torch.zeros(m.d_out, m.d_in)
         k = int(round(max(entries, 0) / m.d_out))
-        if k and self.values.numel():
-            vals, pos = self.row_ranked(m)
-            keep = pos < k
-            if vals.dim() == 2:  # a pool of every entry of W: one dense select, W on the kept support, L elsewhere
-                return torch.where(keep, vals, W)
-            idx = self.index[keep].long()
-            if self.on_support:
-                W.view(-1)[idx] = vals[keep]
-            else:
-                W.view(-1)[idx] += vals[keep]
-        return W
-
-    def row_ranked(self, m: Matrix) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, position of each entry within its row in score order), computed once: dense [m, n] when the
-        pool holds every entry of W (pruning and residual pools), else [nnz] in the pool's order."""
-        if self._ranked is None:
-            rows = self.index.long() // m.d_in
-            perm = torch.argsort(rows, stable=True)  # grouped by row, score order kept inside a row
-            counts = torch.bincount(rows, minlength=m.d_out)
-            starts = counts.cumsum(0) - counts
-            pos = torch.empty(rows.numel(), dtype=torch.int32)
-            pos[perm] = (torch.arange(rows.numel()) - starts[rows[perm]]).int()
-            if self.on_support and self.values.numel() == m.numel:
-                idx = self.index.long()
-                dense_pos = torch.empty(m.numel, dtype=torch.int32).index_put_((idx,), pos)
-                vals = torch.empty(m.numel).index_put_((idx,), self.values)
-                self._ranked = (vals.view(m.d_out, m.d_in), dense_pos.view(m.d_out, m.d_in))
-            else:
-                self._ranked = (self.values, pos)
-        return self._ranked
+        if not k:
+            return L
+        keep = self.pos < k
+        if self.W is not None:  # one dense select: W on the kept support, L elsewhere
+            return torch.where(keep, self.W, L)
+        L.view(-1)[self.index[keep].long()] += self.values[keep]
+        return L
 
 
-def _ranked(values: torch.Tensor, index: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, int32 index) in descending score order."""
-    order = torch.argsort(score, descending=True)
-    return values[order], index[order].int()
+def _row_pos(score: torch.Tensor) -> torch.Tensor:
+    """[m, n] -> each entry's rank within its row by descending score (int16 where it fits)."""
+    n = score.shape[1]
+    order = torch.argsort(score, dim=1, descending=True, stable=True)
+    dt = torch.int16 if n <= torch.iinfo(torch.int16).max else torch.int32
+    return torch.empty(score.shape, dtype=dt).scatter_(1, order, torch.arange(n, dtype=dt).expand_as(order))
+
+
+def _list_pos(index: torch.Tensor, score: torch.Tensor, d_in: int) -> torch.Tensor:
+    """[nnz] -> each listed entry's rank within its row by descending score."""
+    rows = index.long() // d_in
+    order = torch.argsort(score, descending=True, stable=True)
+    perm = order[torch.argsort(rows[order], stable=True)]  # grouped by row, score order kept inside a row
+    counts = torch.bincount(rows, minlength=int(rows.max()) + 1 if rows.numel() else 1)
+    starts = counts.cumsum(0) - counts
+    pos = torch.empty(rows.numel(), dtype=torch.int32)
+    pos[perm] = (torch.arange(rows.numel()) - starts[rows[perm]]).int()
+    return pos
 
 
 def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget: float, rpca_iters: int,
                residual_rank: int = 0, white: tuple | None = None) -> Pools:
     """Candidate pools of one matrix. ``white`` = whitener(H) switches the whitened pools to the full-H metric."""
-    W = m.weight.detach().float().cpu()
+    W = m.weight.detach().float().cpu().clone()
     if white is not None and mode in ("slr", "rank") and pools == "whitened":
         return _white_pools(m, W, mode, budget, residual_rank, white)
     dd = d.float() if d is not None else None
     A = W * dd[None, :] if dd is not None else W
-    on_support = False
     U, sigma, Vt = torch.zeros(m.d_out, 0), torch.zeros(0), torch.zeros(0, m.d_in)
-    values, index = torch.zeros(0), torch.zeros(0, dtype=torch.int32)
-    idx = torch.arange(m.numel)
-    col_scale = dd[idx % m.d_in] if dd is not None else 1.0  # [numel] the Wanda-like |value| * d_j score's d_j
+    col = dd[None, :] if dd is not None else 1.0  # the Wanda-like score |value| * d_j's d_j
     if mode == "slr" and pools == "rpca":
         rp = rpca_pools(W, iters=rpca_iters)
-        U, sigma, Vt = rp.U, rp.sigma, rp.Vt
         score = rp.values.abs() * (dd[rp.index % m.d_in] if dd is not None else 1.0)
-        values, index = _ranked(rp.values, rp.index, score)
-    elif mode in ("slr", "rank"):
+        return Pools(rp.U.float(), rp.sigma.float(), rp.Vt.float(), _list_pos(rp.index, score, m.d_in),
+                     values=rp.values.float(), index=rp.index.int())
+    if mode in ("slr", "rank"):
         P, s, Qt = torch.linalg.svd(A, full_matrices=False)
         p = min(m.d_out, m.d_in) if mode == "rank" else min(m.d_out, m.d_in, int(budget * m.numel / m.lr_unit))
         U, sigma = P[:, :p].contiguous(), s[:p].contiguous()
         Vt = (Qt[:p] / dd[None, :]) if dd is not None else Qt[:p].contiguous()
-        if mode == "slr":
-            r0 = min(residual_rank, p)
-            R = (W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]).flatten()
-            _, index = _ranked(R, idx, R.abs() * col_scale)
-            values, on_support = W.flatten()[index.long()], True  # chosen on the residual, stored as W
-    elif mode == "sparse":
-        on_support = True
-        flat = W.flatten()
-        values, index = _ranked(flat, idx, flat.abs() * col_scale)
-    else:
-        raise SLRError(f"unknown pools {pools!r}", "use rpca or whitened")
-    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, on_support)
+        if mode == "rank":
+            return Pools(U, sigma, Vt, torch.zeros(0, dtype=torch.int16))
+        r0 = min(residual_rank, p)
+        R = W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]  # entries chosen on the residual, stored as W
+        return Pools(U, sigma, Vt, _row_pos(R.abs() * col), W)
+    if mode == "sparse":
+        return Pools(U, sigma, Vt, _row_pos(W.abs() * col), W)
+    raise SLRError(f"unknown pools {pools!r}", "use rpca or whitened")
 
 
 def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, residual_rank: int, white: tuple) -> Pools:
@@ -186,15 +171,12 @@ def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, residual_
     G, Gi, sal = white
     P, s, Qt = torch.linalg.svd(W @ G, full_matrices=False)
     p = min(m.d_out, m.d_in) if mode == "rank" else min(m.d_out, m.d_in, int(budget * m.numel / m.lr_unit))
-    U, sigma, Vt = P[:, :p].contiguous(), s[:p].contiguous(), Qt[:p] @ Gi
-    values, index = torch.zeros(0), torch.zeros(0, dtype=torch.int32)
-    if mode == "slr":
-        r0 = min(residual_rank, p)
-        flat = (W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]).flatten()
-        idx = torch.arange(m.numel)
-        _, index = _ranked(flat, idx, flat.abs() * sal.sqrt()[idx % m.d_in])
-        values = W.flatten()[index.long()]  # chosen on the residual, stored as W (see Pools.rebuild)
-    return Pools(U.float(), sigma.float(), Vt.float(), values.float(), index, mode == "slr")
+    U, sigma, Vt = P[:, :p].contiguous(), s[:p].contiguous(), (Qt[:p] @ Gi).float()
+    if mode == "rank":
+        return Pools(U, sigma, Vt, torch.zeros(0, dtype=torch.int16))
+    r0 = min(residual_rank, p)
+    R = W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]  # entries chosen on the residual, stored as W (see Pools.rebuild)
+    return Pools(U, sigma, Vt, _row_pos(R.abs() * sal.sqrt().float()[None, :]), W)
 
 
 def policy_search(fitness, variables: int, levels: int, *, steps: int, samples: int, lr: float, sigma: float,
@@ -243,7 +225,10 @@ class Setup:
     @contextmanager
     def swapping(self):
         """Fitness evaluations write candidate weights into the model; the originals come back afterwards."""
-        originals = [m.weight.detach().clone() for m in self.mats] if self.data else None
+        originals = None
+        if self.data:  # the pools' copy of W where they hold one
+            originals = [p.W if p.W is not None else m.weight.detach().clone()
+                         for m, p in zip(self.mats, self.space.pools)]
         try:
             yield
         finally:
