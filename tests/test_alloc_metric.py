@@ -414,3 +414,23 @@ def test_rpca_pools_rebuild_l_plus_the_rows_top_s_entries():
         row = S[i].abs()
         want = row.topk(min(2, int((row > 0).sum()))).indices
         assert set(out[i].nonzero().flatten().tolist()) == set(want.tolist()), i
+
+
+def test_cap_builds_its_whitened_pools_in_the_knapsack_starts_pass(monkeypatch):
+    """With the knapsack start, CAP's full-H pools come from the knapsack's own whitened pass (one pass in all), and
+    the plan is the one CAP reaches when handed the same start and building its pools in a pass of its own."""
+    from slr.allocate import cap, knapsack
+
+    model = tiny_model("llama")
+    cfg = CompressConfig(method="admm", sparsity=0.6, rank=4, alloc=AllocConfig(method="cap", budget=0.5))
+    kw = dict(steps=3, samples=4)
+    passes = []
+    for mod in (cap, knapsack):
+        real = mod.whitened_metrics
+        monkeypatch.setattr(mod, "whitened_metrics", lambda *a, _r=real, **k: passes.append(1) or _r(*a, **k))
+    plan, info = cap.allocate(model, cfg, ids(8), **kw)
+    assert len(passes) == 1 and info["metric"] == "full H" and info["init"] == "knapsack"
+    start, _ = knapsack.allocate(model, cfg, ids(8), span=info["span"])
+    passes.clear()
+    plan2, _ = cap.allocate(model, cfg, ids(8), start=start, **kw)
+    assert len(passes) == 1 and plan2.specs == plan.specs

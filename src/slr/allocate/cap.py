@@ -36,8 +36,9 @@ estimate of the gradient of the expected loss, advantages divided by the samples
 and stops exploring its neighbours (a free categorical did, within tens of steps). The final plan is the
 policy's mode, kept only if its loss beats the start plan's both on the fitness windows and on as many further
 calibration windows the search never saw (``levels.judge``; info "kept"); ``fit_budget`` then settles rounding.
-Start (``init``): "knapsack" (default; the knapsack allocator's plan with the same pricing, floor and span), "uniform",
-or a ``start`` plan (Python only). ``normalize``/``fisher_*`` are the knapsack start's pricing.
+Start (``init``): "knapsack" (default; the knapsack allocator's plan with the same pricing, floor and span, whose
+whitened pass over the calibration data also builds the full-H pools), "uniform", or a ``start`` plan (Python only).
+``normalize``/``fisher_*`` are the knapsack start's pricing.
 Rank floor (S+LR; ``rank_floor``, default the run's --rank): no rank level goes below it.
 Under a budget in bits (config.alloc.budget_bits) the levels are S's bit width and the rank on the run's support, each
 matrix rebuilt as round-to-nearest S plus the whitened refit of the rest (``bitlevels``); the start is the knapsack's
@@ -285,13 +286,23 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
         norms = input_sq_norms(model, calib, device, max_samples)
     r0 = config.layer_spec().rank if residual_rank is None else int(residual_rank)
     pl: list = [None] * len(mats)
-    if full_h:  # full-H whitening, streamed block by block
+    t_pools = [0.0]
+
+    def visit(j: int, white: tuple) -> None:
+        t = time.perf_counter()
+        pl[j] = make_pools(mats[j], None, mode, pools, budget, rpca_iters, r0, white)
+        t_pools[0] += time.perf_counter() - t
+
+    if full_h and start is None and init == "knapsack":  # the knapsack start's whitened pass builds the pools too
+        start = _start(model, config, calib, device, init, mode, {**kw, "span": span, "visit": visit})
+    elif full_h:  # full-H whitening, streamed block by block
         for j, white in whitened_metrics(model, mats, calib, device, max_samples):
-            pl[j] = make_pools(mats[j], None, mode, pools, budget, rpca_iters, r0, white)
+            visit(j, white)
+    t = time.perf_counter()
     for j, m in enumerate(mats):
         if pl[j] is None:
             pl[j] = make_pools(m, scales(m, norms), mode, pools, budget, rpca_iters, r0)
-    t_pools = time.perf_counter() - t0
+    t_pools[0] += time.perf_counter() - t
     floor = (config.layer_spec().rank if rank_floor is None else int(rank_floor)) if mode == "slr" else 0
     if start is None:
         start = _start(model, config, calib, device, init, mode, {**kw, "span": span})
@@ -305,8 +316,8 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
             "metric": "full H" if full_h else ("diag H" if norms is not None else "weights"),
             **({"residual_rank": r0} if mode == "slr" and pools == "whitened" else {}),
             "rank_floor": floor, "span": span, "init": "given" if given else init,
-            "normalize": normalize, "levels": levels, "variables": space.variables, "seconds_pools": t_pools,
-            "seconds_start": time.perf_counter() - t0 - t_pools}
+            "normalize": normalize, "levels": levels, "variables": space.variables, "seconds_pools": t_pools[0],
+            "seconds_start": time.perf_counter() - t0 - t_pools[0]}
     return Setup(mats, mode, budget, space, data, info)
 
 

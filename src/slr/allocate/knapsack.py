@@ -50,6 +50,7 @@ group and a dense forward pass over ``max_samples`` calibration windows (timed i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -223,14 +224,16 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              max_samples: int | None = 8, samples: int = 16384, points: int = 101, normalize: str | None = None,
              metric: str = "whitened", span: float = SPAN, norms: dict | None = None,
              fisher_samples: int | None = 4, fisher_power: float = 0.25, rank_floor: int | None = None,
-             mode: str | None = None) -> tuple[Plan, dict]:
+             mode: str | None = None, visit: Callable[[int, tuple], None] | None = None) -> tuple[Plan, dict]:
     """Knapsack plan (see the module docstring).
 
     ``metric``: "whitened" (full dense-model H per input group, streamed block by block) or "diag" (mean x^2 only);
     both fall back to the plain weights without calibration data. ``span``: every matrix keeps a retained
     fraction within budget ± span (a trust region around the uniform plan, like OWL's λ; 1 = off). ``norms``
     (key -> mean x^2 [d_in]) may be passed to skip the calibration forward pass of the diag metric. With
-    config.alloc.budget_bits the plan is ``bits.allocate``'s (S's bit width and the rank per matrix).
+    config.alloc.budget_bits the plan is ``bits.allocate``'s (S's bit width and the rank per matrix). ``visit``
+    (Python only) is called with (matrix index, whitener) for every matrix of the whitened metric, so a caller (CAP)
+    can build what it needs from the same pass.
     """
     if config.alloc.budget_bits is not None:  # a budget in bits: S's width (and the rank) per matrix
         return bits.allocate(model, config, calib, device, max_samples=max_samples, normalize=normalize, metric=metric,
@@ -283,6 +286,8 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     if whitened:
         for j, white in whitened_metrics(model, mats, calib, device, max_samples):
             curve(j, Metric.whitened(mats[j].weight.detach().float().cpu(), white))
+            if visit is not None:
+                visit(j, white)
     for j, m in enumerate(mats):
         if cands[j] is None:
             curve(j, Metric.diag(m.weight.detach().float().cpu(), scales(m, norms)))
