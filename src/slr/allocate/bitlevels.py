@@ -81,6 +81,7 @@ class BitSpace:
     rank_levels: list[list[int]] | None  # [n_mats][levels], None without a low-rank part
     bit_levels: list[list[int]]  # [n_mats][levels]
     _costs: dict = field(default_factory=dict)
+    loaded: dict = field(default_factory=dict, repr=False)  # matrix index -> the level its weights hold now
 
     @property
     def variables(self) -> int:

@@ -233,6 +233,7 @@ class Setup:
         try:
             yield
         finally:
+            self.space.loaded.clear()
             if originals is not None:
                 for m, w in zip(self.mats, originals):
                     m.weight.data.copy_(w)

@@ -4,7 +4,7 @@ compressed model's next-token distributions to the dense model's with every matr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +30,7 @@ class LevelSpace:
     span: float
     rank_levels: list[list[int]]  # [n_mats][levels]
     dens_off: list[list[float]]  # [n_mats][levels]: offsets of the sparse retained fraction
+    loaded: dict = field(default_factory=dict, repr=False)  # matrix index -> the level its weights hold now
 
     @property
     def variables(self) -> int:
@@ -146,8 +147,10 @@ class Fitness:
                                       / (m.weight.detach().double() ** 2).sum().clamp_min(1e-300))
                       for m, p, t in zip(sp.mats, sp.pools, plan))
             return err / sum(m.numel for m in sp.mats)
-        for m, p, t in zip(sp.mats, sp.pools, plan):
-            m.weight.data.copy_(p.rebuild(m, *t).to(m.weight.device, m.weight.dtype))
+        for j, (m, p, t) in enumerate(zip(sp.mats, sp.pools, plan)):
+            if sp.loaded.get(j) != t:  # only the matrices whose level changed since the last plan are rebuilt
+                m.weight.data.copy_(p.rebuild(m, *t).to(m.weight.device, m.weight.dtype))
+                sp.loaded[j] = t
         with torch.no_grad():
             kls = [float(kl(next_logits(self.model, self.ids[s:s + self.batch_size].to(self.device)), t))
                    for s, t in zip(range(0, len(self.ids), self.batch_size), self.dense)]
