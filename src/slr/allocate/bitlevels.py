@@ -57,10 +57,12 @@ def make_bit_pools(m: Matrix, white: tuple | None, d: torch.Tensor | None, base:
     for b in sorted({*BIT_WIDTHS, base.bits}) if max_rank > 0 else ():
         E = W - rtn(W, QuantSpec(b, base.group_size, base.sym), mask)[0]  # [m, n] what L refits
         A = E @ G if G is not None else (E * d.float()[None, :] if d is not None else E)
-        P, s, Qt = torch.linalg.svd(A, full_matrices=False)
+        P, s, Qt = torch.linalg.svd(A, full_matrices=False)  # A ~= P s Qt, so E ~= P s (Qt G^-1)
         p = min(max_rank, s.numel())
-        Vt = Qt[:p] @ Gi if G is not None else (Qt[:p] / d.float()[None, :] if d is not None
-                                                                 else Qt[:p])
+        if G is not None:
+            Vt = Qt[:p] @ Gi
+        else:
+            Vt = Qt[:p] / d.float()[None, :] if d is not None else Qt[:p]
         pools.factors[b] = ((P[:, :p] * s[:p]).contiguous(), Vt.contiguous())
     return pools
 
