@@ -129,7 +129,7 @@ def _list_pos(index: torch.Tensor, score: torch.Tensor, d_in: int) -> torch.Tens
     rows = index.long() // d_in
     order = torch.argsort(score, descending=True, stable=True)
     perm = order[torch.argsort(rows[order], stable=True)]  # grouped by row, score order kept inside a row
-    counts = torch.bincount(rows, minlength=int(rows.max()) + 1 if rows.numel() else 1)
+    counts = torch.bincount(rows)
     starts = counts.cumsum(0) - counts
     pos = torch.empty(rows.numel(), dtype=torch.int32)
     pos[perm] = (torch.arange(rows.numel()) - starts[rows[perm]]).int()
@@ -143,8 +143,6 @@ def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget:
     if white is not None and mode in ("slr", "rank") and pools == "whitened":
         return _white_pools(m, W, mode, budget, residual_rank, white)
     dd = d.float() if d is not None else None
-    A = W * dd[None, :] if dd is not None else W
-    U, sigma, Vt = torch.zeros(m.d_out, 0), torch.zeros(0), torch.zeros(0, m.d_in)
     col = dd[None, :] if dd is not None else 1.0  # the Wanda-like score |value| * d_j's d_j
     if mode == "slr" and pools == "rpca":
         rp = rpca_pools(W, iters=rpca_iters)
@@ -152,7 +150,7 @@ def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget:
         return Pools(rp.U.float(), rp.sigma.float(), rp.Vt.float(), _list_pos(rp.index, score, m.d_in),
                      values=rp.values.float(), index=rp.index.int())
     if mode in ("slr", "rank"):
-        P, s, Qt = torch.linalg.svd(A, full_matrices=False)
+        P, s, Qt = torch.linalg.svd(W * col, full_matrices=False)
         p = min(m.d_out, m.d_in) if mode == "rank" else min(m.d_out, m.d_in, int(budget * m.numel / m.lr_unit))
         U, sigma = P[:, :p].contiguous(), s[:p].contiguous()
         Vt = (Qt[:p] / dd[None, :]) if dd is not None else Qt[:p].contiguous()
@@ -162,7 +160,7 @@ def make_pools(m: Matrix, d: torch.Tensor | None, mode: str, pools: str, budget:
         R = W - (U[:, :r0] * sigma[:r0]) @ Vt[:r0]  # entries chosen on the residual, stored as W
         return Pools(U, sigma, Vt, _row_pos(R.abs() * col), W)
     if mode == "sparse":
-        return Pools(U, sigma, Vt, _row_pos(W.abs() * col), W)
+        return Pools(torch.zeros(m.d_out, 0), torch.zeros(0), torch.zeros(0, m.d_in), _row_pos(W.abs() * col), W)
     raise SLRError(f"unknown pools {pools!r}", "use rpca or whitened")
 
 
@@ -287,12 +285,13 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
         norms = input_sq_norms(model, calib, device, max_samples)
     r0 = config.layer_spec().rank if residual_rank is None else int(residual_rank)
     pl: list = [None] * len(mats)
-    t_pools = [0.0]
+    t_pools = 0.0
 
     def visit(j: int, white: tuple) -> None:
+        nonlocal t_pools
         t = time.perf_counter()
         pl[j] = make_pools(mats[j], None, mode, pools, budget, rpca_iters, r0, white)
-        t_pools[0] += time.perf_counter() - t
+        t_pools += time.perf_counter() - t
 
     if full_h and start is None and init == "knapsack":  # the knapsack start's whitened pass builds the pools too
         start = _start(model, config, calib, device, init, mode, {**kw, "span": span, "visit": visit})
@@ -303,7 +302,7 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     for j, m in enumerate(mats):
         if pl[j] is None:
             pl[j] = make_pools(m, scales(m, norms), mode, pools, budget, rpca_iters, r0)
-    t_pools[0] += time.perf_counter() - t
+    t_pools += time.perf_counter() - t
     floor = (config.layer_spec().rank if rank_floor is None else int(rank_floor)) if mode == "slr" else 0
     if start is None:
         start = _start(model, config, calib, device, init, mode, {**kw, "span": span})
@@ -317,8 +316,8 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
             "metric": "full H" if full_h else ("diag H" if norms is not None else "weights"),
             **({"residual_rank": r0} if mode == "slr" and pools == "whitened" else {}),
             "rank_floor": floor, "span": span, "init": "given" if given else init,
-            "normalize": normalize, "levels": levels, "variables": space.variables, "seconds_pools": t_pools[0],
-            "seconds_start": time.perf_counter() - t0 - t_pools[0]}
+            "normalize": normalize, "levels": levels, "variables": space.variables, "seconds_pools": t_pools,
+            "seconds_start": time.perf_counter() - t0 - t_pools}
     return Setup(mats, mode, budget, space, data, info)
 
 
@@ -341,12 +340,9 @@ def _prepare_bits(model, config, calib, device, mats, mode, data, levels, init, 
     if data and norms is None:  # full-H whitening, streamed block by block
         for j, white in whitened_metrics(model, mats, calib, device, kw["max_samples"]):
             pl[j] = make_bit_pools(mats[j], white, None, base, top[j])
-    elif data:
-        for j, m in enumerate(mats):
-            pl[j] = make_bit_pools(m, None, scales(m, norms), base, top[j])
-    for j, m in enumerate(mats):
+    for j, m in enumerate(mats):  # the diagonal metric with norms, the weights without data
         if pl[j] is None:
-            pl[j] = make_bit_pools(m, None, None, base, top[j])
+            pl[j] = make_bit_pools(m, None, scales(m, norms), base, top[j])
     space = bit_plan(mats, pl, start_ch, mode, nm, base, config.alloc.budget_bits, floor, levels, ranks)
     info = {"pools": "round to nearest + whitened refit" if ranks is not None else "round to nearest",
             "metric": "full H" if data and norms is None else ("diag H" if data else "weights"),
