@@ -54,7 +54,7 @@ def make_bit_pools(m: Matrix, white: tuple | None, d: torch.Tensor | None, base:
     dense = base.nm is None and base.sparsity == 0.0
     mask = None if dense else select(W.abs().double() * (col[None, :].double() if col is not None else 1.0), base)
     pools = BitPools(W, mask, base)
-    for b in sorted({*BIT_WIDTHS, base.bits}) if max_rank > 0 else ():
+    for b in BIT_WIDTHS if max_rank > 0 else ():  # LayerSpec admits no other width
         E = W - rtn(W, QuantSpec(b, base.group_size, base.sym), mask)[0]  # [m, n] what L refits
         A = E @ G if G is not None else (E * d.float()[None, :] if d is not None else E)
         P, s, Qt = torch.linalg.svd(A, full_matrices=False)  # A ~= P s Qt, so E ~= P s (Qt G^-1)
@@ -125,7 +125,7 @@ class BitSpace:
                     key=lambda j: (widths[j], self.mats[j].numel, -j))
             if j is None:
                 break
-            widths[j] = max(b for b in (*BIT_WIDTHS, *self.bit_levels[j]) if b < widths[j])
+            widths[j] = BIT_WIDTHS[BIT_WIDTHS.index(widths[j]) - 1]
         return [(r, 0, b) for r, b in zip(rs, widths)]
 
     def centre(self) -> torch.Tensor:
@@ -141,8 +141,6 @@ def bit_plan(mats: list[Matrix], pools: list[BitPools], start: list[Choice], mod
     c = levels // 2
     bit_levels = []
     for ch in start:
-        b0 = ch.bits if ch.bits is not None else base.bits
-        ws = sorted({*BIT_WIDTHS, b0})  # a uniform start may sit at a width off the grid (e.g. --bits 5)
-        i = ws.index(b0)
-        bit_levels.append([ws[min(max(i + k - c, 0), len(ws) - 1)] for k in range(levels)])
+        i = BIT_WIDTHS.index(ch.bits if ch.bits is not None else base.bits)
+        bit_levels.append([BIT_WIDTHS[min(max(i + k - c, 0), len(BIT_WIDTHS) - 1)] for k in range(levels)])
     return BitSpace(mats, pools, start, mode, nm, base, budget_bits, floor, rank_levels, bit_levels)

@@ -45,7 +45,7 @@ from ..calibration import input_sq_norms
 from ..errors import SLRError
 from ..formats import theoretical_bytes
 from ..plan import Plan
-from ..quant import QuantSpec, rtn
+from ..quant import BITS, QuantSpec, rtn
 from ..solvers.masks import select
 from ..spec import LayerSpec, keep_per_row
 from .base import (
@@ -67,7 +67,7 @@ from .mckp import rank_grid, solve_knapsack
 if TYPE_CHECKING:
     from ..config import CompressConfig
 
-BIT_WIDTHS = (2, 3, 4, 8)
+BIT_WIDTHS = BITS  # every width S can be stored at (quant.BITS; LayerSpec admits no other)
 BITS_ALLOCATORS = ("knapsack", "uniform", "cap", "search")  # the allocators that take a budget in bits
 
 
