@@ -40,7 +40,7 @@ def plan_bits(model, plan) -> float:
     total = weights = 0
     for k, lin in linears(model).items():
         s = plan.specs[k]
-        d_out, d_in = lin.weight.shape
+        d_out, d_in = W.shape
         q = {"S": s.quant} | ({"U": s.factor_quant(s.rank), "V": s.factor_quant(d_in)}
                               if s.rank and s.factor_bits != 16 else {})
         total += 8 * theoretical_bytes(d_out, d_in, s.kept(d_out, d_in), s.rank, nm=s.nm, quant=q)["total"]
@@ -225,3 +225,51 @@ def test_cap_under_a_bits_budget_with_ranks_keeps_the_support():
         assert info["achieved_bpw"] <= 4.0 and info["achieved_bpw"] == pytest.approx(plan_bits(model, plan))
         assert all(abs(s.sparsity - 0.5) < 0.02 and s.bits in (2, 3, 4, 8) for s in plan.specs.values())
         assert any(s.rank > 0 for s in plan.specs.values())
+
+
+def test_solved_pools_rebuild_the_runs_own_solve():
+    """pools=solved: S at every width is the run's method (GPTQ) solved on the whitener's H and cached as codes, so a
+    rebuild at rank 0 is exactly that solve (not round-to-nearest), and the refit factors fit W minus it."""
+    from slr.allocate.base import Matrix, whitener
+    from slr.allocate.bitlevels import make_bit_pools
+    from slr.quant import QuantSpec
+    from slr.quant import rtn as round_to_grid
+    from slr.solvers.gptq import gptq as gptq_solve
+    from slr.spec import LayerSpec
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 64, generator=g)
+    X = torch.randn(256, 64, generator=g) * torch.linspace(0.1, 3.0, 64)
+    white = whitener(X.T @ X / 256)
+    m = Matrix(0, "q_proj", W)
+    base = LayerSpec(sparsity=0.0, bits=4, group_size=32)
+    opts = {"actorder": True}
+    pools = make_bit_pools(m, white, None, base, 4, (gptq_solve, opts))
+    H = (white[0].double() @ white[0].double().T).float()
+    for b in (2, 3, 4, 8):
+        spec = LayerSpec(sparsity=0.0, bits=b, group_size=32)
+        want = gptq_solve(W, H, spec, **opts).S
+        got = pools.rebuild(m, 0, 0, b)
+        assert torch.equal(got, want)
+        rtn_err = ((W - round_to_grid(W, QuantSpec(b, 32), None)[0]) @ white[0]).norm()
+        assert ((W - got) @ white[0]).norm() < rtn_err  # GPTQ beats rounding in the metric
+        US, Vt = pools.factors[b]
+        E = (W - want) @ white[0]
+        assert ((E - US[:, :4] @ Vt[:4] @ white[0]).norm() < E.norm())
+
+
+def test_solved_pools_search_and_their_errors():
+    """search with pools=solved under --budget-bits runs and reports its pools; without a bits budget, without data,
+    or with a method that does not quantize S it fails in one line."""
+    from slr.allocate import search
+
+    model = tiny_model("llama")
+    cfg = CompressConfig(method="gptq", bits=3, solver={"actorder": True}, alloc=AllocConfig("search", budget_bits=3.5))
+    plan, info = search.allocate(model, cfg, calib(), generations=2, offspring=2, survivors=1, pools="solved")
+    assert info["pools"] == "gptq solved per width" and info["achieved_bpw"] <= 3.5
+    for c, data, why in ((cfg, None, "needs calibration data"),
+                         (CompressConfig(method="sparsegpt", sparsity=0.5, alloc=AllocConfig("search", budget=0.6)),
+                          calib(), "without --budget-bits")):
+        with pytest.raises(SLRError) as e:
+            search.allocate(model, c, data, generations=1, pools="solved")
+        assert why in one_line(e)

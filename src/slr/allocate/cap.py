@@ -41,8 +41,9 @@ whitened pass over the calibration data also builds the full-H pools), "uniform"
 ``normalize``/``fisher_*`` are the knapsack start's pricing.
 Rank floor (S+LR; ``rank_floor``, default the run's --rank): no rank level goes below it.
 Under a budget in bits (config.alloc.budget_bits) the levels are S's bit width and the rank on the run's support, each
-matrix rebuilt as round-to-nearest S plus the whitened refit of the rest (``bitlevels``); the start is the knapsack's
-plan in bits, the rank floor defaults to 0 as there, and N:M patterns are allowed (the support does not move).
+matrix rebuilt as round-to-nearest S plus the whitened refit of the rest (``bitlevels``; pools="solved": S solved at
+every width by the run's method instead); the start is the knapsack's plan in bits, the rank floor defaults to 0 as
+there, and N:M patterns are allowed (the support does not move).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ from tqdm.auto import tqdm
 
 from ..calibration import input_sq_norms
 from ..errors import SLRError
+from ..options import as_kwargs
 from ..plan import Plan
+from ..solvers.base import method
 from ..solvers.rpca import rpca_pools
 from . import knapsack, uniform
 from .base import (
@@ -265,8 +268,10 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     check_span(span, who)
     if init not in ("knapsack", "uniform"):
         raise SLRError(f"unknown {who} init {init!r}", "use --alloc-opt init=knapsack or init=uniform")
-    if pools not in ("rpca", "whitened"):
-        raise SLRError(f"unknown {who} pools {pools!r}", "use pools='whitened' (default) or 'rpca' (the paper's)")
+    bits = config.alloc.budget_bits is not None
+    if pools not in ("rpca", "whitened", "solved") or (pools == "solved" and not bits):
+        raise SLRError(f"unknown {who} pools {pools!r}" + ("" if pools != "solved" else " without --budget-bits"),
+                       "use pools='whitened' (default), 'rpca' (the paper's) or, under --budget-bits, 'solved'")
     if levels < 3 or levels % 2 == 0:
         raise SLRError(f"{who} levels={levels} must be odd and at least 3", "use e.g. --alloc-opt levels=5")
     mode = alloc_mode(config, mode)
@@ -275,8 +280,9 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     normalize = resolve_normalize(normalize, data)  # the knapsack start's pricing; checked before the pools
     kw = {"max_samples": max_samples, "normalize": normalize, "fisher_samples": fisher_samples,
           "fisher_power": fisher_power, "rank_floor": rank_floor}
-    if config.alloc.budget_bits is not None:
-        return _prepare_bits(model, config, calib, device, mats, mode, data, levels, init, start, norms, kw, t0)
+    if bits:
+        return _prepare_bits(model, config, calib, device, mats, mode, data, levels, init, start, norms, kw, t0,
+                             pools == "solved")
     if nm_of(config) is not None:
         raise SLRError(f"{who} allocates unstructured sparsity and ranks", "use --allocate knapsack with --pattern N:M")
     budget = resolve_budget(config, mats, mode)
@@ -321,10 +327,15 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     return Setup(mats, mode, budget, space, data, info)
 
 
-def _prepare_bits(model, config, calib, device, mats, mode, data, levels, init, start, norms, kw, t0) -> Setup:
+def _prepare_bits(model, config, calib, device, mats, mode, data, levels, init, start, norms, kw, t0,
+                  solved: bool) -> Setup:
     """``prepare`` under a budget in bits: levels are (bits, rank) on the run's support (``bitlevels``)."""
     if mode == "rank":
         raise SLRError("a rank-only run has no quantized S for --budget-bits to size", "use --budget instead")
+    solver = _pool_solver(config) if solved else None
+    if solved and not (data and norms is None):
+        raise SLRError("pools=solved solves S on each matrix's H and needs calibration data",
+                       "drop --alloc-opt pools=solved (data-free runs rebuild S by rounding)")
     given = start is not None
     if start is None:
         start = _start(model, config, calib, device, init, mode, kw)
@@ -339,17 +350,27 @@ def _prepare_bits(model, config, calib, device, mats, mode, data, levels, init, 
     pl: list = [None] * len(mats)
     if data and norms is None:  # full-H whitening, streamed block by block
         for j, white in whitened_metrics(model, mats, calib, device, kw["max_samples"]):
-            pl[j] = make_bit_pools(mats[j], white, None, base, top[j])
+            pl[j] = make_bit_pools(mats[j], white, None, base, top[j], solver)
     for j, m in enumerate(mats):  # the diagonal metric with norms, the weights without data
         if pl[j] is None:
             pl[j] = make_bit_pools(m, None, scales(m, norms), base, top[j])
     space = bit_plan(mats, pl, start_ch, mode, nm, base, config.alloc.budget_bits, floor, levels, ranks)
-    info = {"pools": "round to nearest + whitened refit" if ranks is not None else "round to nearest",
+    s_pool = f"{config.method} solved per width" if solved else "round to nearest"
+    info = {"pools": s_pool + (" + whitened refit" if ranks is not None else ""),
             "metric": "full H" if data and norms is None else ("diag H" if data else "weights"),
             "rank_floor": floor, "init": "given" if given else init, "normalize": kw["normalize"], "levels": levels,
             "variables": space.variables, "bit_widths": sorted({b for ls in space.bit_levels for b in ls}),
             "seconds_start": t_start, "seconds_pools": time.perf_counter() - t0 - t_start}
     return Setup(mats, mode, None, space, data, info)
+
+
+def _pool_solver(config: CompressConfig) -> tuple:
+    """(solver fn, options) of the run's method for pools=solved: a per-matrix method that quantizes S."""
+    m = method(config.method)
+    if m.group or not m.bits or m.kind == "rank":
+        raise SLRError(f"pools=solved needs a per-matrix method that quantizes S, and {config.method} is not one",
+                       "use --method gptq or prune+lr, or drop --alloc-opt pools=solved")
+    return m.fn, as_kwargs(config.solver) if config.solver is not None else {}
 
 
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,

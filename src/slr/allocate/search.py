@@ -51,14 +51,15 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              max_samples: int | None = 8, norms: dict | None = None, normalize: str | None = None,
              fisher_samples: int | None = 4, fisher_power: float = 0.25, rank_floor: int | None = None,
              span: float = SPAN, init: str = "knapsack", start: Plan | None = None,
-             mode: str | None = None) -> tuple[Plan, dict]:
-    """Search plan (see the module docstring); ``start`` (Python only) = a plan to start from."""
+             mode: str | None = None, pools: str = "whitened") -> tuple[Plan, dict]:
+    """Search plan (see the module docstring); ``start`` (Python only) = a plan to start from; ``pools`` = "solved"
+    (under --budget-bits) rebuilds S from the run's method solved at every width (``bitlevels``)."""
     t0 = time.perf_counter()
     if not (0 < survivors <= offspring) or screen_windows < 1 or windows < screen_windows:
         raise SLRError(f"search needs 0 < survivors <= offspring and 1 <= screen_windows <= windows (got "
                        f"survivors={survivors}, offspring={offspring}, screen_windows={screen_windows}, "
                        f"windows={windows})", "use e.g. --alloc-opt offspring=16 --alloc-opt survivors=4")
-    st = prepare(model, config, calib, device, "search", pools="whitened", levels=levels, span=span, init=init,
+    st = prepare(model, config, calib, device, "search", pools=pools, levels=levels, span=span, init=init,
                  start=start, mode=mode, max_samples=max_samples, norms=norms, normalize=normalize,
                  fisher_samples=fisher_samples, fisher_power=fisher_power, rank_floor=rank_floor)
     data = calib if st.data else None
