@@ -40,7 +40,7 @@ def plan_bits(model, plan) -> float:
     total = weights = 0
     for k, lin in linears(model).items():
         s = plan.specs[k]
-        d_out, d_in = W.shape
+        d_out, d_in = lin.weight.shape
         q = {"S": s.quant} | ({"U": s.factor_quant(s.rank), "V": s.factor_quant(d_in)}
                               if s.rank and s.factor_bits != 16 else {})
         total += 8 * theoretical_bytes(d_out, d_in, s.kept(d_out, d_in), s.rank, nm=s.nm, quant=q)["total"]
@@ -232,6 +232,7 @@ def test_solved_pools_rebuild_the_runs_own_solve():
     rebuild at rank 0 is exactly that solve (not round-to-nearest), and the refit factors fit W minus it."""
     from slr.allocate.base import Matrix, whitener
     from slr.allocate.bitlevels import make_bit_pools
+    from slr.allocate.bits import solve_widths
     from slr.quant import QuantSpec
     from slr.quant import rtn as round_to_grid
     from slr.solvers.gptq import gptq as gptq_solve
@@ -244,7 +245,7 @@ def test_solved_pools_rebuild_the_runs_own_solve():
     m = Matrix(0, "q_proj", W)
     base = LayerSpec(sparsity=0.0, bits=4, group_size=32)
     opts = {"actorder": True}
-    pools = make_bit_pools(m, white, None, base, 4, (gptq_solve, opts))
+    pools = make_bit_pools(m, white, None, base, 4, solve_widths(W, white[0], base, (gptq_solve, opts)))
     H = (white[0].double() @ white[0].double().T).float()
     for b in (2, 3, 4, 8):
         spec = LayerSpec(sparsity=0.0, bits=b, group_size=32)
@@ -258,18 +259,47 @@ def test_solved_pools_rebuild_the_runs_own_solve():
         assert ((E - US[:, :4] @ Vt[:4] @ white[0]).norm() < E.norm())
 
 
-def test_solved_pools_search_and_their_errors():
-    """search with pools=solved under --budget-bits runs and reports its pools; without a bits budget, without data,
-    or with a method that does not quantize S it fails in one line."""
-    from slr.allocate import search
+def test_solved_pools_search_and_their_errors(monkeypatch):
+    """search with pools=solved under --budget-bits: its knapsack start ranks widths on the solved errors and hands
+    them to the pools (one solve per matrix, not two); without a bits budget, without data, or with a method that
+    does not quantize S it fails in one line."""
+    from slr.allocate import bits, cap, search
 
+    calls = []
+    real = bits.solve_widths
+
+    def counting(W, *a):
+        calls.append(W.shape)
+        return real(W, *a)
+
+    monkeypatch.setattr(cap, "solve_widths", counting)
+    monkeypatch.setattr(bits, "solve_widths", counting)
     model = tiny_model("llama")
     cfg = CompressConfig(method="gptq", bits=3, solver={"actorder": True}, alloc=AllocConfig("search", budget_bits=3.5))
     plan, info = search.allocate(model, cfg, calib(), generations=2, offspring=2, survivors=1, pools="solved")
     assert info["pools"] == "gptq solved per width" and info["achieved_bpw"] <= 3.5
+    assert len(calls) == len(linears(model))
     for c, data, why in ((cfg, None, "needs calibration data"),
                          (CompressConfig(method="sparsegpt", sparsity=0.5, alloc=AllocConfig("search", budget=0.6)),
                           calib(), "without --budget-bits")):
         with pytest.raises(SLRError) as e:
             search.allocate(model, c, data, generations=1, pools="solved")
+        assert why in one_line(e)
+
+
+def test_knapsack_solved_proxy_prices_the_runs_own_error():
+    """knapsack proxy=solved under --budget-bits: every width's loss is GPTQ's error, below round-to-nearest's, so the
+    uniform plan's proxy loss drops; elsewhere it is a one-line error."""
+    model = tiny_model("llama")
+    cfg = gptq(3.5, bits=3)
+    _, rtn_info = make_plan(model, cfg, calib())
+    _, info = make_plan(model, cfg, calib(), proxy="solved")
+    assert info["proxy"] == "whitened-metric solved error, low-rank tail" and info["achieved_bpw"] <= 3.5
+    assert info["uniform_proxy_loss"] < 0.9 * rtn_info["uniform_proxy_loss"]
+    for c, data, why in ((cfg, None, "needs calibration data"),
+                         (CompressConfig(method="prune+lr", sparsity=0.5, rank=4, alloc=AllocConfig("knapsack",
+                                                                                                   budget=0.6)),
+                          calib(), "needs --budget-bits")):
+        with pytest.raises(SLRError) as e:
+            make_plan(model, c, data, proxy="solved")
         assert why in one_line(e)

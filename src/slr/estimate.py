@@ -22,7 +22,9 @@ MiB; 410-420 MiB measured after loading SmolLM2) + the weights resident then + t
   bounds the whitened statistics' forward on 4 windows. CAP (and search) holds every matrix's candidate pools meanwhile
   (``CAP_POOL_BYTES_PER_PARAM`` per linear parameter: W itself, which also restores the model, and each entry's int16
   rank in its row, plus the directions; counted on SmolLM2 at budget 0.5: 6 bytes for pruning, 8 for S+LR) while its
-  loss runs the model on 4 windows (eval-like head) next to the dense log-probabilities of those windows.
+  loss runs the model on 4 windows (eval-like head) next to the dense log-probabilities of those windows. S solved
+  per bit width (knapsack proxy=solved, cap/search pools=solved) adds one uint8 code per weight and width
+  (``SOLVED_BYTES_PER_PARAM``).
 * distill (``distill=True``, in memory): a frozen dense copy of the model (the teacher) next to the compressed one,
   six fp32 copies of the linears (Adam's two moments, the original and the best parameters, gradients, the dense
   weights SLRLinear builds for autograd), and a forward and backward of the whole model on one window
@@ -53,6 +55,7 @@ from .models.adapters import get_adapter
 
 RUNTIME_MIB = 600
 CAP_POOL_BYTES_PER_PARAM = 8  # CAP's candidate pools per linear parameter (see the module docstring)
+SOLVED_BYTES_PER_PARAM = 4  # S solved at each of the 4 bit widths, uint8 codes
 EVAL_BATCH, EVAL_SEQLEN = 4, 512  # slr.api's perplexity
 FISHER_BATCH = 2  # allocate.base.output_grad_sq: windows per forward + backward
 ALLOC_BATCH = 4  # allocate.base.dense_block_hessians / CAP's loss: windows per forward
@@ -108,7 +111,7 @@ def fisher_bytes(seqlen: int, vocab: int, d_model: int, d_ff: int, n_blocks: int
 def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = False,
                  offload_activations: bool = False, batch_size: int = 8, rebuild: bool = True,
                  max_shard_bytes: int = 4 << 30, allocate: str = "uniform", refine: str | None = None,
-                 tm_samples: int | None = None, distill: bool = False) -> dict:
+                 tm_samples: int | None = None, distill: bool = False, solved: bool = False) -> dict:
     """{"model", "block", "compressed", "runtime", "phases", "total", ...} in bytes for compressing ``model``.
 
     ``total`` is the largest of ``phases`` (capture, blocks, allocate, evaluate / final; see the module docstring).
@@ -120,6 +123,7 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
     ``refine="tm"``: transformer matching's targets, autograd graph and optimizer state join the block loop;
     ``tm_samples``: the windows it trains on (None = all; only the chunk size depends on it, the targets are kept
     for every window). ``distill``: slr.distill's phase (the teacher, optimizer state, one window's backward).
+    ``solved``: the allocator keeps S solved at every bit width (allocator option proxy=solved or pools=solved).
     """
     ad = get_adapter(model)
     blocks = ad.blocks(model)
@@ -184,7 +188,7 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
         fisher = max(fisher_bytes(seqlen, vocab, d_model, d_ff, n_blocks, min(FISHER_BATCH, windows)), stats)
         out["allocate"] = fisher
     if allocate in ("cap", "search"):
-        pools = CAP_POOL_BYTES_PER_PARAM * linear_n
+        pools = (CAP_POOL_BYTES_PER_PARAM + (SOLVED_BYTES_PER_PARAM if solved else 0)) * linear_n
         # a forward on 4 windows and the cached dense log-probabilities of CAP's KL
         loss = head_bytes(min(ALLOC_BATCH, windows) * seqlen, vocab, 4) if data else 0
         out["pools"] = pools

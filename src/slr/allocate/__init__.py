@@ -42,9 +42,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Allocator:
     """A registered allocator: ``fn(model, config, calib, device, **options) -> (Plan, info)``, the dataclass of its
-    options (its keyword defaults; ``norms``, CAP's ``start`` and knapsack's ``visit`` are Python-only and not
-    options), and a check of their
-    values that runs before any heavy work."""
+    options (its keyword defaults; ``norms``, CAP's ``start``, knapsack's ``visit`` and ``solved`` are Python-only
+    and not options), and a check of their values that runs before any heavy work."""
 
     name: str
     fn: Callable
@@ -53,7 +52,7 @@ class Allocator:
 
 
 def _allocator(name: str, fn: Callable, check: Callable | None = None) -> Allocator:
-    return Allocator(name, fn, options_type(name, fn, skip=("device", "norms", "start", "visit")), check)
+    return Allocator(name, fn, options_type(name, fn, skip=("device", "norms", "start", "visit", "solved")), check)
 
 
 ALLOCATORS = {a.name: a for a in (

@@ -17,16 +17,14 @@ solvers will deploy. H here is the whitener's damped H (G G^T), so the solver's 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from ..quant import QuantSpec, dequantize, quantize, rtn
 from ..solvers.masks import select
 from ..spec import LayerSpec
 from .base import Choice, Matrix
-from .bits import BIT_WIDTHS, _cost, _k_row
+from .bits import BIT_WIDTHS, Solved, _cost, _k_row, s_at
 
 
 @dataclass
@@ -37,19 +35,11 @@ class BitPools:
     mask: torch.Tensor | None  # [m, n] bool, the run's support (None: dense S)
     base: LayerSpec  # the run's group size and symmetry
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # b -> (U σ [m, p], Vt [p, n])
-    # b -> (codes uint8 [m, n], scale, zero [m, n / g]) of S solved by the run's method (pools=solved)
-    solved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    def s_at(self, bits: int) -> torch.Tensor:
-        """S [m, n] at ``bits``: the solved codes where the pools hold them, else W rounded on the support."""
-        q = QuantSpec(bits, self.base.group_size, self.base.sym)
-        if bits in self.solved:
-            return dequantize(*self.solved[bits], q)  # zero codes outside the solver's support dequantize to 0
-        return rtn(self.W, q, self.mask)[0]
+    solved: Solved | None = None  # S of the run's method at every width (pools=solved), else rounding
 
     def rebuild(self, m: Matrix, rank: int, entries: int, bits: int) -> torch.Tensor:
         """S at ``bits`` plus its rank-``rank`` refit (``entries`` is the fixed support's count)."""
-        S = self.s_at(bits)
+        S = s_at(self.W, self.mask, self.base, bits, self.solved)
         if rank:
             US, Vt = self.factors[bits]
             r = min(rank, Vt.shape[0])
@@ -57,30 +47,19 @@ class BitPools:
         return S
 
 
-Solver = Callable[..., object]  # a registered layer solver fn(W, H, spec, **options) -> SolveResult
-
-
 def make_bit_pools(m: Matrix, white: tuple | None, d: torch.Tensor | None, base: LayerSpec,
-                   max_rank: int, solver: tuple[Solver, dict] | None = None) -> BitPools:
+                   max_rank: int, solved: Solved | None = None) -> BitPools:
     """``white`` = ``base.whitener(H)`` (G G^T = H, G^-1, ...) or ``d`` [n] = sqrt(diag H) or neither; the support is
-    kept by the largest |W_ij| sqrt(H_jj), as ``bits.bit_tails`` keeps it. ``solver`` = (solver fn, its options):
-    S at every width solved by it on G G^T instead (needs ``white``)."""
+    kept by the largest |W_ij| sqrt(H_jj), as ``bits.bit_tails`` keeps it. ``solved``: S at every width as the run's
+    method solved it (``bits.solve_widths``) instead of rounding."""
     W = m.weight.detach().float().cpu().clone()
     G, Gi = (white[0], white[1]) if white is not None else (None, None)
     col = (G.double() ** 2).sum(1).sqrt() if G is not None else d  # [n] sqrt(diag H)
     dense = base.nm is None and base.sparsity == 0.0
     mask = None if dense else select(W.abs().double() * (col[None, :].double() if col is not None else 1.0), base)
-    pools = BitPools(W, mask, base)
-    if solver is not None and G is not None:
-        fn, opts = solver
-        H = G.double() @ G.double().T  # [n, n] the damped H
-        for b in BIT_WIDTHS:
-            spec = replace(base, bits=b, rank=0, factor_bits=16)
-            res = fn(W, H.float(), spec, **opts)
-            scale, zero = res.qparams["S"]
-            pools.solved[b] = (quantize(res.S, scale, zero, spec.quant), scale, zero)  # codes uint8 [m, n]
+    pools = BitPools(W, mask, base, solved=solved)
     for b in BIT_WIDTHS if max_rank > 0 else ():  # LayerSpec admits no other width
-        E = W - pools.s_at(b)  # [m, n] what L refits
+        E = W - s_at(W, mask, base, b, solved)  # [m, n] what L refits
         A = E @ G if G is not None else (E * d.float()[None, :] if d is not None else E)
         P, s, Qt = torch.linalg.svd(A, full_matrices=False)  # A ~= P s Qt, so E ~= P s (Qt G^-1)
         p = min(max_rank, s.numel())

@@ -20,8 +20,10 @@ data G = I), for every width b:
   A_b = E_b G,  tail_b(r) = Σ_{i>r} σ_i(A_b)^2  (what the metric-optimal rank-r L fitted to W - S leaves).
 The loss of (b, r) is tail_b(r) / ||W G||^2 x ``base.loss_weight`` (m n (F̄ ||W G||^2 / m n)^fisher_power with the
 Fisher sensitivity F̄ of ``base.output_grad_sq`` when there is data, "fisher"; m n without, "size"), as knapsack
-normalises its losses. Round to nearest overstates what compensating solvers (GPTQ, SparseGPT) reach, by a similar
-factor for every matrix, so it orders widths and matrices sensibly. Cost: one rounding per width and matrix, and with
+normalises its losses. Round to nearest overstates what compensating solvers (GPTQ, SparseGPT) reach, and not by
+the same factor for every matrix; ``proxy="solved"`` (whitened metric only) takes E_b = W - S_b with S_b the run's
+own method solved at width b on the whitener's H instead (``solve_widths``: one solve per width and matrix, kept as
+codes so that CAP and search rebuild the same S_b). Cost: one rounding (or solve) per width and matrix, and with
 ranks one singular-value decomposition per width; no pass over the data beyond knapsack's (H and the Fisher pass).
 
 Solver: ``mckp.solve_knapsack`` on (bits, loss). The cheapest plan (every matrix at its cheapest candidate) is
@@ -36,6 +38,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,8 +48,10 @@ from torch import nn
 from ..calibration import input_sq_norms
 from ..errors import SLRError
 from ..formats import theoretical_bytes
+from ..options import as_kwargs
 from ..plan import Plan
-from ..quant import BITS, QuantSpec, rtn
+from ..quant import BITS, QuantSpec, dequantize, quantize, rtn
+from ..solvers.base import method
 from ..solvers.masks import select
 from ..spec import LayerSpec, keep_per_row
 from .base import (
@@ -153,9 +159,45 @@ def _candidates(m: Matrix, mode: str, nm, base: LayerSpec, floor: int, extra: in
     return [Choice(_k_row(m, base, nm), r, b) for b in BIT_WIDTHS for r in ranks]
 
 
+Solved = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # b -> (codes uint8 [m, n], scale, zero)
+
+
+def method_solver(config: CompressConfig) -> tuple[Callable, dict]:
+    """(solver fn, options) of the run's method, for S solved per width: a per-matrix method that quantizes S."""
+    m = method(config.method)
+    if m.group or not m.bits or m.kind == "rank":
+        raise SLRError(f"S solved per width needs a per-matrix method that quantizes S, and {config.method} is not "
+                       "one", "use --method gptq or prune+lr, or drop the 'solved' allocator option")
+    return m.fn, as_kwargs(config.solver) if config.solver is not None else {}
+
+
+def solve_widths(W: torch.Tensor, G: torch.Tensor, base: LayerSpec, solver: tuple[Callable, dict]) -> Solved:
+    """S of W [m, n] solved by ``solver`` at every width of ``BIT_WIDTHS`` (rank 0, the run's support, group size and
+    symmetry) on H = G G^T, the whitener's damped H (the solver's own damping comes on top), kept as codes."""
+    fn, opts = solver
+    H = (G.double() @ G.double().T).float()  # [n, n]
+    out = {}
+    for b in BIT_WIDTHS:
+        spec = replace(base, bits=b, rank=0, factor_bits=16)
+        res = fn(W.float(), H, spec, **opts)
+        scale, zero = res.qparams["S"]
+        out[b] = (quantize(res.S, scale, zero, spec.quant), scale, zero)
+    return out
+
+
+def s_at(W: torch.Tensor, mask: torch.Tensor | None, base: LayerSpec, b: int, solved: Solved | None) -> torch.Tensor:
+    """S [m, n] at width b: the solved codes when given (zero codes off the solver's support give 0), else W rounded
+    to nearest on ``mask``."""
+    q = QuantSpec(b, base.group_size, base.sym)
+    if solved is not None:
+        return dequantize(*solved[b], q)
+    return rtn(W, q, mask)[0]
+
+
 def bit_tails(W: torch.Tensor, G: torch.Tensor | None, d: torch.Tensor | None, base: LayerSpec,
-              max_rank: int) -> tuple[dict[int, torch.Tensor], float]:
-    """({b: tail_b [max_rank + 1] float64}, ||W G||^2) of one matrix: tail_b[r] = Σ_{i>r} σ_i((W - rtn_b(W)) G)^2.
+              max_rank: int, solved: Solved | None = None) -> tuple[dict[int, torch.Tensor], float]:
+    """({b: tail_b [max_rank + 1] float64}, ||W G||^2) of one matrix: tail_b[r] = Σ_{i>r} σ_i((W - S_b) G)^2 with
+    S_b = rtn_b(W), or the ``solved`` S_b.
 
     ``G`` [d_in, d_in] (whitened) or ``d`` [d_in] (diagonal) or neither (plain weights); the support is the config's,
     kept by the largest |W_ij| sqrt(H_jj)."""
@@ -175,8 +217,7 @@ def bit_tails(W: torch.Tensor, G: torch.Tensor | None, d: torch.Tensor | None, b
     energy = float((metric(W).double() ** 2).sum())
     tails = {}
     for b in BIT_WIDTHS:
-        Wq, _, _ = rtn(W, QuantSpec(b, base.group_size, base.sym), mask)
-        A = metric(W - Wq)
+        A = metric(W - s_at(W, mask, base, b, solved))
         if max_rank > 0:
             s2 = torch.linalg.svdvals(A).double() ** 2
             tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])[: max_rank + 1]
@@ -202,8 +243,11 @@ def normalized(loss: torch.Tensor, energy: float, numel: int, normalize: str, se
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
              max_samples: int | None = 8, normalize: str | None = None, metric: str = "whitened",
              norms: dict | None = None, fisher_samples: int | None = 4, fisher_power: float = 0.25,
-             rank_floor: int | None = None, mode: str | None = None) -> tuple[Plan, dict]:
-    """The knapsack allocator under config.alloc.budget_bits (see the module docstring); the options are knapsack's."""
+             rank_floor: int | None = None, mode: str | None = None, proxy: str = "rtn",
+             solved: dict[int, Solved] | None = None) -> tuple[Plan, dict]:
+    """The knapsack allocator under config.alloc.budget_bits (see the module docstring); the options are knapsack's.
+    ``proxy``: "rtn" or "solved"; ``solved`` (Python only): a dict that receives each matrix's solved S_b (by index
+    into ``matrices(model)``), so that CAP's and search's pools reuse them."""
     t0 = time.perf_counter()
     mode, nm, base = _setup(config, mode)
     budget_bits = config.alloc.budget_bits
@@ -224,6 +268,12 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
         what = "every matrix at 2 bits" + (f", rank {floor}" if mode == "slr" and base.rank > 0 else ", rank 0")
         raise _too_small(budget_bits, cheapest, total, what)
     whitened = metric == "whitened" and data and norms is None
+    if proxy not in ("rtn", "solved"):
+        raise SLRError(f"unknown knapsack proxy {proxy!r}", "use --alloc-opt proxy=rtn or proxy=solved")
+    if proxy == "solved" and not whitened:
+        raise SLRError("proxy=solved solves S on each matrix's H and needs calibration data and metric=whitened",
+                       "drop --alloc-opt proxy=solved")
+    solver = method_solver(config) if proxy == "solved" else None
     if not whitened and norms is None:
         norms = input_sq_norms(model, calib, device, max_samples)
     sens = output_grad_sq(model, calib, device, fisher_samples) if normalize == "fisher" else None
@@ -232,7 +282,11 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
 
     def curve(j: int, G: torch.Tensor | None, d: torch.Tensor | None) -> None:
         m = mats[j]
-        tails, energy = bit_tails(m.weight.detach().float().cpu(), G, d, base, max(c.rank for c in cands[j]))
+        W = m.weight.detach().float().cpu()
+        sj = solve_widths(W, G, base, solver) if solver is not None else None
+        if solved is not None and sj is not None:
+            solved[j] = sj
+        tails, energy = bit_tails(W, G, d, base, max(c.rank for c in cands[j]), sj)
         raw = torch.tensor([float(tails[c.bits][c.rank]) for c in cands[j]], dtype=torch.float64)
         losses[j] = normalized(raw, energy, m.numel, normalize, None if sens is None else sens[m.key], fisher_power)
 
@@ -254,7 +308,8 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     fisher = {"fisher_windows": min(len(calib), fisher_samples or len(calib)), "fisher_power": fisher_power} \
         if sens is not None else {}
     extra = {**info(mats, choices, mode, nm, base, budget_bits), "bit_widths": list(BIT_WIDTHS),
-             "proxy": f"{used}-metric round-to-nearest error, low-rank tail", "metric": used, "normalize": normalize,
+             "proxy": f"{used}-metric {'solved' if solver else 'round-to-nearest'} error, low-rank tail",
+             "metric": used, "normalize": normalize,
              **({"rank_floor": floor} if mode == "slr" else {}), **fisher, "data_free": not data,
              "calib_windows": min(len(calib), max_samples or len(calib)) if data else 0, "lambda": lam,
              "proxy_loss": proxy, "uniform_proxy_loss": uniform_proxy, "candidates": sum(len(c) for c in cands),

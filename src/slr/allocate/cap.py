@@ -59,9 +59,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import input_sq_norms
 from ..errors import SLRError
-from ..options import as_kwargs
 from ..plan import Plan
-from ..solvers.base import method
 from ..solvers.rpca import rpca_pools
 from . import knapsack, uniform
 from .base import (
@@ -81,6 +79,7 @@ from .base import (
 )
 from .bitlevels import BitSpace, bit_plan, make_bit_pools
 from .bits import info as bits_info
+from .bits import method_solver, solve_widths
 from .levels import Fitness, LevelSpace, fitness_info, heldout, judge, level_plan, rank_ladder
 
 if TYPE_CHECKING:
@@ -332,13 +331,15 @@ def _prepare_bits(model, config, calib, device, mats, mode, data, levels, init, 
     """``prepare`` under a budget in bits: levels are (bits, rank) on the run's support (``bitlevels``)."""
     if mode == "rank":
         raise SLRError("a rank-only run has no quantized S for --budget-bits to size", "use --budget instead")
-    solver = _pool_solver(config) if solved else None
+    solver = method_solver(config) if solved else None
     if solved and not (data and norms is None):
         raise SLRError("pools=solved solves S on each matrix's H and needs calibration data",
                        "drop --alloc-opt pools=solved (data-free runs rebuild S by rounding)")
+    cache: dict = {}  # matrix index -> S solved per width, filled by the knapsack start's pass when it has one
     given = start is not None
     if start is None:
-        start = _start(model, config, calib, device, init, mode, kw)
+        start = _start(model, config, calib, device, init, mode, {**kw, "proxy": "solved", "solved": cache}
+                       if solved and init == "knapsack" else kw)
     t_start = time.perf_counter() - t0
     base, nm = config.layer_spec(), nm_of(config)
     floor = int(kw["rank_floor"] or 0) if mode == "slr" and base.rank > 0 else 0
@@ -350,7 +351,9 @@ def _prepare_bits(model, config, calib, device, mats, mode, data, levels, init, 
     pl: list = [None] * len(mats)
     if data and norms is None:  # full-H whitening, streamed block by block
         for j, white in whitened_metrics(model, mats, calib, device, kw["max_samples"]):
-            pl[j] = make_bit_pools(mats[j], white, None, base, top[j], solver)
+            if solver is not None and j not in cache:
+                cache[j] = solve_widths(mats[j].weight.detach().float().cpu(), white[0], base, solver)
+            pl[j] = make_bit_pools(mats[j], white, None, base, top[j], cache.get(j))
     for j, m in enumerate(mats):  # the diagonal metric with norms, the weights without data
         if pl[j] is None:
             pl[j] = make_bit_pools(m, None, scales(m, norms), base, top[j])
@@ -362,15 +365,6 @@ def _prepare_bits(model, config, calib, device, mats, mode, data, levels, init, 
             "variables": space.variables, "bit_widths": sorted({b for ls in space.bit_levels for b in ls}),
             "seconds_start": t_start, "seconds_pools": time.perf_counter() - t0 - t_start}
     return Setup(mats, mode, None, space, data, info)
-
-
-def _pool_solver(config: CompressConfig) -> tuple:
-    """(solver fn, options) of the run's method for pools=solved: a per-matrix method that quantizes S."""
-    m = method(config.method)
-    if m.group or not m.bits or m.kind == "rank":
-        raise SLRError(f"pools=solved needs a per-matrix method that quantizes S, and {config.method} is not one",
-                       "use --method gptq or prune+lr, or drop --alloc-opt pools=solved")
-    return m.fn, as_kwargs(config.solver) if config.solver is not None else {}
 
 
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,

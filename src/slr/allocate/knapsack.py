@@ -224,7 +224,8 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              max_samples: int | None = 8, samples: int = 16384, points: int = 101, normalize: str | None = None,
              metric: str = "whitened", span: float = SPAN, norms: dict | None = None,
              fisher_samples: int | None = 4, fisher_power: float = 0.25, rank_floor: int | None = None,
-             mode: str | None = None, visit: Callable[[int, tuple], None] | None = None) -> tuple[Plan, dict]:
+             mode: str | None = None, visit: Callable[[int, tuple], None] | None = None, proxy: str = "rtn",
+             solved: dict | None = None) -> tuple[Plan, dict]:
     """Knapsack plan (see the module docstring).
 
     ``metric``: "whitened" (full dense-model H per input group, streamed block by block) or "diag" (mean x^2 only);
@@ -233,12 +234,15 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     (key -> mean x^2 [d_in]) may be passed to skip the calibration forward pass of the diag metric. With
     config.alloc.budget_bits the plan is ``bits.allocate``'s (S's bit width and the rank per matrix). ``visit``
     (Python only) is called with (matrix index, whitener) for every matrix of the whitened metric, so a caller (CAP)
-    can build what it needs from the same pass.
+    can build what it needs from the same pass. ``proxy`` ("rtn" or "solved") and ``solved`` (Python only) apply
+    under a budget in bits only (``bits.allocate``).
     """
     if config.alloc.budget_bits is not None:  # a budget in bits: S's width (and the rank) per matrix
         return bits.allocate(model, config, calib, device, max_samples=max_samples, normalize=normalize, metric=metric,
                              norms=norms, fisher_samples=fisher_samples, fisher_power=fisher_power,
-                             rank_floor=rank_floor, mode=mode)
+                             rank_floor=rank_floor, mode=mode, proxy=proxy, solved=solved)
+    if proxy != "rtn":
+        raise SLRError(f"knapsack proxy={proxy} sizes bit widths and needs --budget-bits", "drop --alloc-opt proxy")
     t0 = time.perf_counter()
     mode = alloc_mode(config, mode)
     nm = nm_of(config)
