@@ -30,7 +30,8 @@ def kind(r: dict, configs: dict) -> str:
     return ("sparse + Q" if sparse else "Q") + (" + L" if low_rank else "")
 
 
-def frontier_section(recs: list[dict], configs: dict, label, png: Path) -> list[str]:
+def frontier_section(recs: list[dict], configs: dict, label, png: Path, alloc=lambda r: r["allocate"]) -> list[str]:
+    """BENCHMARKS.md's frontier: ``label(r)`` names a run's method, ``alloc(r)`` its allocator and options."""
     rows = [r for r in recs if r.get("bpw") is not None and r["model"].startswith("SmolLM2")]
     if not rows:
         return []
@@ -49,7 +50,7 @@ def frontier_section(recs: list[dict], configs: dict, label, png: Path) -> list[
         on = r["ppl"] < best
         best = min(best, r["ppl"])
         out.append(f"| {r['bpw']:.3f} | {r['ppl']:.3f} | {label(r)} | {r['config']} | {kind(r, configs)} | "
-                   f"{r['allocate']} | {'yes' if on else ''} | {r['git_commit']} |")
+                   f"{alloc(r)} | {'yes' if on else ''} | {r['git_commit']} |")
     out += ["", "### At the bytes of GPTQ", "",
             "Best run at or under each budget against GPTQ at that budget's config (gap = ppl - dense ppl).", ""]
     out += verdicts(rows, dense, configs, label, BUDGETS)

@@ -62,8 +62,9 @@ CONFIGS = {
     "q4g96a": dict(sparsity=None, pattern=None, rank=0, bits=4, group_size=96, sym=False),
     # budgets in bits (--budget-bits B): the allocator picks each matrix's bit width (and rank from the grid when
     # the method has a low-rank part); bits= is the uniform starting grid
-    **{f"b{str(B).replace('.', '')}q": dict(sparsity=None, pattern=None, rank=0, bits=4, group_size=64, budget_bits=B)
-       for B in (4.25, 3.25, 2.5)},
+    **{f"b{str(B).replace('.', '')}q{'' if b == 4 else b}": dict(sparsity=None, pattern=None, rank=0, bits=b,
+                                                                group_size=64, budget_bits=B)
+       for B in (4.25, 3.25, 2.5) for b in (4, 3)},
     **{f"b{str(B).replace('.', '')}qr": dict(sparsity=None, pattern=None, rank=16, bits=3, group_size=64,
                                             factor_bits=8, budget_bits=B) for B in (4.25, 3.25, 2.5)},
 }
@@ -397,7 +398,7 @@ def write_report() -> None:
         lines.append("")
     lines += allocation_tables(recs, history)
     lines += pruning_allocation_table(recs)
-    lines += frontier_section(recs, CONFIGS, lambda r: _method(r), HERE / "frontier.png")
+    lines += frontier_section(recs, CONFIGS, lambda r: _method(r), HERE / "frontier.png", alloc_label)
     lines += zeroshot_table()
     # notes and the benchmark scripts' reports
     for part in ("extra.md", "alloc_time.md", "inference.md", "inference_1thread.md", "decode_profile.md", "onload.md",
