@@ -159,6 +159,7 @@ def test_admm_divergence_guard_fires_and_recovers(monkeypatch):
             calls.append(rho)
             G = resolvent(self, rho, dtype)
             return G * 5.0 if len(calls) == 2 else G
+
         return fn
 
     W, H = make_problem(64, 128, seed=3, heavy=1e3)
