@@ -321,8 +321,8 @@ def allocation_tables(recs: list[dict], history: list[dict] | None = None) -> li
     hist = history if history is not None else recs
     for i, r in enumerate(hist):
         if refine_label(r) and r in recs:
-            base = [b for b in hist[:i] if not refine_label(b) and (b["method"], b["config"], alloc_label(b)) ==
-                    (r["method"], r["config"], alloc_label(r))]
+            base = [b for b in hist[:i] if not refine_label(b) and (b["model"], b["method"], b["config"],
+                    alloc_label(b)) == (r["model"], r["method"], r["config"], alloc_label(r))]
             if base:  # the newest run without TM or distillation recorded before it
                 pairs.append((base[-1], r))
     if pairs:
@@ -331,7 +331,7 @@ def allocation_tables(recs: list[dict], history: list[dict] | None = None) -> li
                 "before held-out judging, which judged on the training windows); lr and batch: Adam's, n/a = the "
                 "default of the time (2e-5, 8). KD: logit distillation of the whole model after compression "
                 "(slr.distill; epochs, training / held-out windows, lr, held-out KL before -> after). refine s and "
-                "distill s are part of compress s. Each row is paired with the newest run of the same method, "
+                "distill s are part of compress s. Each row is paired with the newest run of the same model, method, "
                 "config and allocation without either, recorded before it.", "",
                 "| method | config | allocate | ppl before | ppl after | TM (epochs, windows, held-out, lr, batch) | "
                 "KD (epochs, windows, held-out, lr) | KD held-out KL | refine s | distill s | compress s | commit |",

@@ -49,6 +49,14 @@ def test_tm_pairs_use_the_same_allocator_options(bench):
     assert "| admm | knapsack (span=0.1) | - | 0.5000 | n/a | 33.400 | +10.7% |" in text  # (35 - 33.4) / (35 - 20)
 
 
+def test_refine_pairs_stay_within_one_model(bench):
+    # a run of another model with the same method, config and allocator is never the "before" of a refined run
+    recs = [rec("knapsack", 41.0), rec("knapsack", 36.0) | {"model": "other"}, rec("knapsack", 37.0, "tm")]
+    text = "\n".join(bench.allocation_tables(recs))
+    assert "| admm | g50 | knapsack | 41.000 | 37.000 |" in text
+    assert "| 36.000 | 37.000 |" not in text
+
+
 def test_records_and_tables_carry_bpw(bench):
     res = {"model": "m (q4)", "method": "gptq", "config": {"sparsity": 0.0, "pattern": None, "rank": 0},
            "spec": "u0-q4g64", "calibration": {"samples": 8}, "seconds": {"compress": 1.0, "eval": 2.0},
