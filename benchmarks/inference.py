@@ -6,7 +6,10 @@ Usage:
   python benchmarks/inference.py --artifact DIR --strategies auto,sparse --prefill 64 --decode 8 --repeats 1 \\
       --out-json /tmp/inf.json --out-md /tmp/inf.md                  # a quick trial
 
-Per (model, strategy), in a fresh subprocess (``--_child``) so that memory figures do not mix:
+Per (model, strategy), in a fresh subprocess (``--_child``) so that memory figures do not mix. Strategies: an
+artifact's SLRLinear strategies in transformers' model, and ``slr-runtime`` (slr.runtime's decoder, packed as "auto",
+with no transformers import; the dense model runs it too, after its transformers row, which stays the baseline of
+every ratio):
   * bytes: the artifact manifest's "bytes" report (compressed layers actual / theory / dense, dense remainder,
     total on disk); for the dense model the fp32 and fp16 sizes of the same (block linear) layers;
   * memory: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the imports, right after load, and after the
@@ -41,7 +44,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STRATEGIES = ("auto", "dense-onthefly", "sparse", "dense-cached")
+STRATEGIES = ("auto", "dense-onthefly", "sparse", "dense-cached", "slr-runtime")
+RUNTIME = "slr-runtime"  # slr.runtime's decoder (no transformers import), packed as "auto"; dense models too
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 MIB = 1 << 20
 
@@ -87,6 +91,13 @@ def _load(target: dict, strategy: str | None):
     """-> (model, tokenizer or None, info). Both kinds load their tokenizer iff the folder has one."""
     import torch
 
+    if strategy == RUNTIME:
+        from slr import runtime
+        from slr.models.load import resolve
+
+        folder = Path(target["path"]) if target["kind"] == "artifact" else resolve(target["path"])[0]
+        model, tok = runtime.load(folder)
+        return model, tok, {"path": str(folder)}
     if target["kind"] == "artifact":
         from slr import io
 
@@ -110,6 +121,18 @@ def _model_bytes(model) -> int:
             seen.add(key)
             total += key[1]
     return total
+
+
+def _strategy_name(target: dict, strategy: str | None) -> str:
+    return strategy if target["kind"] == "artifact" or strategy == RUNTIME else "dense"
+
+
+def runtime_layer_bytes(model) -> dict:
+    """dense_layer_bytes of a dense model in slr.runtime (its blocks' nn.Linear layers)."""
+    import torch
+
+    n = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    return {"layers_params": n, "layers_fp32": 4 * n, "layers_fp16": 2 * n}
 
 
 def dense_layer_bytes(model) -> dict:
@@ -162,7 +185,7 @@ def measure(target: dict, strategy: str | None, ids, *, prefill: int = 512, deco
     if ids.numel() < max(prefill, decode_prompt):
         raise ValueError(f"need {max(prefill, decode_prompt)} token ids, got {ids.numel()}")
     rec: dict = {"label": target.get("label") or Path(str(target["path"])).name, "kind": target["kind"],
-                 "model": str(target["path"]), "strategy": strategy if target["kind"] == "artifact" else "dense",
+                 "model": str(target["path"]), "strategy": _strategy_name(target, strategy),
                  "threads": torch.get_num_threads(), "prefill_tokens": prefill, "decode_tokens": decode,
                  "decode_prompt_tokens": decode_prompt, "repeats": repeats, "dtype": "float32"}
     rec["peak_rss_baseline_mib"] = _peak_rss_mib()  # after importing torch
@@ -181,6 +204,8 @@ def measure(target: dict, strategy: str | None, ids, *, prefill: int = 512, deco
         rec["bytes"] = artifact_byte_report(target["path"])
         rec["slr_layers"] = sum(isinstance(m, (SLRLinear, PackedLinear)) for m in model.modules())
         rec["packed_layers"] = sum(isinstance(m, PackedLinear) for m in model.modules())
+    elif strategy == RUNTIME:
+        rec["bytes"] = runtime_layer_bytes(model)
     else:
         rec["bytes"] = dense_layer_bytes(model)
 
@@ -196,10 +221,16 @@ def measure(target: dict, strategy: str | None, ids, *, prefill: int = 512, deco
     n_new = []
 
     def run_prefill():
-        model(input_ids=x, use_cache=True, logits_to_keep=1)
+        if strategy == RUNTIME:
+            model(x, model.new_cache(1, prefill))  # last-position logits
+        else:
+            model(input_ids=x, use_cache=True, logits_to_keep=1)
 
     def run_decode(n=decode):
-        out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **gen_kw)
+        if strategy == RUNTIME:
+            out = model.generate(prompt, n)  # greedy, no end-of-sequence stop: n new tokens
+        else:
+            out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **gen_kw)
         n_new.append(out.shape[1] - prompt.shape[1])
 
     with torch.inference_mode():
@@ -341,7 +372,7 @@ def run_child(target: dict, strategy: str | None, ids_file: str, args, tmp: Path
     rec, err = _spawn("--_child", spec, tmp, args.threads, args.child_timeout)
     if rec is None:
         rec = {"label": target["label"], "kind": target["kind"], "model": target["path"],
-               "strategy": strategy if target["kind"] == "artifact" else "dense", "error": err}
+               "strategy": _strategy_name(target, strategy), "error": err}
     rec["child_wall_s"] = round(time.perf_counter() - t, 1)
     return rec
 
@@ -356,7 +387,7 @@ def _mb(b) -> str:
 
 def add_ratios(records: list[dict]) -> None:
     """decode / prefill speed relative to the dense fp32 model (the first dense record without error)."""
-    dense = next((r for r in records if r["kind"] == "dense" and "error" not in r), None)
+    dense = next((r for r in records if r["strategy"] == "dense" and "error" not in r), None)
     for r in records:
         if dense is None or "error" in r:
             r["decode_vs_dense"] = r["prefill_vs_dense"] = r["rss_decode_vs_dense"] = None
@@ -411,7 +442,7 @@ def markdown(records: list[dict], machine: dict, args) -> str:
 def observations(records: list[dict]) -> str:
     """Sentences stating measured facts only (no speculation)."""
     ok = [r for r in records if "error" not in r]
-    dense = next((r for r in ok if r["kind"] == "dense"), None)
+    dense = next((r for r in ok if r["strategy"] == "dense"), None)
     out = []
     if dense is not None:
         b = dense["bytes"]
@@ -537,7 +568,8 @@ def main(argv=None) -> list[dict]:
                 raise SystemExit(f"preparing the inputs failed: {err}")
             machine, ids_files = prep["machine"], prep["ids_files"]
         for t, ids_t in zip(targets, ids_files, strict=True):
-            for s in (args.strategies if t["kind"] == "artifact" else [None]):
+            dense_runs = [None] + ([RUNTIME] if RUNTIME in args.strategies else [])  # HF first: the baseline
+            for s in (args.strategies if t["kind"] == "artifact" else dense_runs):
                 rec = run_child(t, s, ids_t, args, tmp, machine)
                 rec.setdefault("machine", machine)
                 records.append(rec)

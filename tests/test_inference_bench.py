@@ -53,7 +53,7 @@ def tiny(tmp_path_factory):
 IDS = list(range(3, 19)) * 2  # 32 ids < vocab 128
 
 
-@pytest.mark.parametrize("strategy", ["auto", "sparse", "dense-onthefly", "dense-cached"])
+@pytest.mark.parametrize("strategy", ["auto", "sparse", "dense-onthefly", "dense-cached", "slr-runtime"])
 def test_measure_artifact(bench, tiny, strategy):
     rec = bench.measure({"kind": "artifact", "path": str(tiny[1]), "label": "t"}, strategy, IDS, prefill=16,
                         decode=4, decode_prompt=8, repeats=1, threads=1)
@@ -79,16 +79,19 @@ def test_measure_dense_and_report(bench, tiny):
     n = sum(lin.weight.numel() for b in range(2) for lin in get_adapter(tiny_model("llama")).linears(
         tiny_model("llama").model.layers[b]).values())
     assert dense["bytes"] == {"layers_params": n, "layers_fp32": 4 * n, "layers_fp16": 2 * n}
+    own = bench.measure(target, "slr-runtime", IDS, prefill=16, decode=4, decode_prompt=8, repeats=1, threads=1)
+    assert own["strategy"] == "slr-runtime" and own["kind"] == "dense" and own["bytes"] == dense["bytes"]
     art = bench.measure({"kind": "artifact", "path": str(tiny[1]), "label": "nm24r4"}, "auto", IDS, prefill=16,
                         decode=4, decode_prompt=8, repeats=1, threads=1)
     failed = {"label": "nm24r4", "kind": "artifact", "model": "x", "strategy": "sparse", "error": "boom"}
-    records = [dense, art, failed]
-    bench.add_ratios(records)
+    records = [own, dense, art, failed]
+    bench.add_ratios(records)  # the transformers dense row is the baseline, wherever it sits
+    assert own["decode_vs_dense"] == pytest.approx(own["decode_tok_s"] / dense["decode_tok_s"])
     assert dense["decode_vs_dense"] == 1.0 and art["decode_vs_dense"] > 0 and failed["decode_vs_dense"] is None
     args = bench.parse_args(["--prefill", "16", "--decode", "4"])
     machine = {"date": "d", "git_commit": "c", "cpu": "cpu", "cpu_count": 2, "torch": "t", "loadavg_start": [0.0]}
     md = bench.markdown(records, machine, args)
-    assert md.count("\n| ") == 4  # header + 3 rows
+    assert md.count("\n| ") == 5  # header + 4 rows
     assert "nm24r4 | auto" in md and "error: boom" in md and "Failed runs: nm24r4/sparse" in md
     assert "## Observations" in md and "decodes" in md
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,7 +16,7 @@ import torch  # noqa: E402  (after the offline switches above)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from .allocate import ALLOCATORS  # noqa: E402
-from .api import open_model, resolve_device, run_compress, run_eval, summary_rows  # noqa: E402
+from .api import is_artifact, open_model, resolve_device, run_compress, run_eval, summary_rows  # noqa: E402
 from .config import DTYPES, TM_PRESETS, CompressConfig, RunOptions, load_toml, merge  # noqa: E402
 from .errors import SLRError, is_disk_full  # noqa: E402
 from .eval.zeroshot import TASKS as ZS_TASKS  # noqa: E402
@@ -175,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("model", metavar="MODEL|DIR")
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--runtime", default="auto", choices=("auto", "slr", "hf"),
+                     help="slr = slr's plain-PyTorch decoder (slr.runtime: llama, mistral, qwen2, qwen3; no "
+                     "transformers import, a preallocated KV cache); hf = transformers' model and generate; auto = "
+                     "slr for an artifact that it runs on the CPU, else hf  [default: auto]")
     _device(gen)
     _kernel(gen)
     return ap
@@ -305,9 +310,38 @@ def cmd_report(a) -> int:
     return 0
 
 
+def _runtime_folder(a, device) -> Path | None:
+    """The folder slr.runtime runs for ``slr generate``, or None for transformers (see --runtime)."""
+    if a.runtime == "hf":
+        return None
+    from .models.load import resolve
+    from .runtime import read_config, unsupported
+
+    art = is_artifact(a.model)
+    if a.runtime == "auto" and (not art or torch.device(device).type != "cpu"):
+        return None
+    if torch.device(device).type != "cpu":
+        raise SLRError("slr's runtime runs on the CPU", "drop --device, or pass --runtime hf")
+    folder = Path(a.model) if art else resolve(a.model)[0]
+    why = unsupported(read_config(folder)) or (None if (folder / "tokenizer.json").is_file() else "no tokenizer.json")
+    if why is not None and a.runtime == "slr":
+        raise SLRError(f"slr's runtime cannot run {a.model}: {why}", "pass --runtime hf")
+    return None if why else folder
+
+
 def cmd_generate(a) -> int:
+    if a.max_new_tokens < 1:
+        raise SLRError(f"--max-new-tokens {a.max_new_tokens} is below 1", "pass e.g. --max-new-tokens 40")
     device = resolve_device(a.device)
     with use_kernel(a.kernel):  # under "torch" an artifact loads unpacked
+        folder = _runtime_folder(a, device)
+        if folder is not None:
+            from . import runtime
+
+            model, tok = runtime.load(folder)
+            out = model.generate(tok.encode(a.prompt), a.max_new_tokens, model.eos_token_id)
+            print(tok.decode(out[0]))
+            return 0
         model, tok, _ = open_model(a.model, device)
         ids = tok(a.prompt, return_tensors="pt").input_ids.to(device)
         with torch.inference_mode():

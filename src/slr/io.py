@@ -344,12 +344,15 @@ def _holders(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
 
 
 def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32, verify: bool = True, packed: bool | None = None):
+         dtype: torch.dtype = torch.float32, verify: bool = True, packed: bool | None = None, skeleton=None,
+         tokenizer: bool = True):
     """Load an artifact -> (model with SLRLinear layers, tokenizer or None). Never touches the network.
 
     ``packed`` (default: when slr's C++ kernels are built and allowed, on the CPU in float32; see slr.packed) keeps
     the packed bytes in memory for inference: the layers whose S has a kernel become PackedLinear, and an int8 or
     float16 embedding and output head stay at that width. Pass ``packed=False`` for a model to fine-tune or re-save.
+    ``skeleton(folder, dtype)`` builds the empty model to fill (default: the HF model of config.json, with its
+    generation config; slr.runtime passes its own decoder); ``tokenizer=False`` returns None for the tokenizer.
     """
     _check_strategy(strategy)
     p = Path(path)
@@ -357,7 +360,7 @@ def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch
     if verify:
         _verify_files(p, man)
     ts = _Tensors(p, list(man["files"]))
-    model = _skeleton(p, dtype)
+    model = (skeleton or _skeleton)(p, dtype)
     if packed is None:
         packed = packing.enabled(device, dtype) and strategy == "auto"
 
@@ -414,12 +417,12 @@ def load(path: str | os.PathLike, *, strategy: str = "auto", device: str | torch
     del ts
     trim_heap()  # each layer's unpacked form (and, packed, its CSR index) is freed: hand it back
     gen_file = p / "generation_config.json"
-    if gen_file.is_file():
+    if gen_file.is_file() and skeleton is None:
         from transformers import GenerationConfig
 
         with contextlib.suppress(Exception):
             model.generation_config = GenerationConfig.from_pretrained(str(p), local_files_only=True)
-    return model, _load_tokenizer(p)
+    return model, (_load_tokenizer(p) if tokenizer else None)
 
 
 def _embed_names(man: dict) -> list[str]:
