@@ -130,11 +130,17 @@ def test_layer_matches_float64_and_the_fallback(layout, factors, d_in, d_out, sy
         want = x.double() @ S.t() + b.double()
         if Ud is not None:
             want += (x.double() @ Vd.t()) @ Ud.t()
-        kernels.CALLS.clear()
-        with kernels.use_kernel("auto"):
-            got = lin(x)
-        assert kernels.CALLS["packed"] == (M <= packed.DECODE_MAX_TOKENS)
-        assert rel(got, want) < 1e-4, (M, rel(got, want))
+        prev = torch.get_num_threads()
+        for threads in (1, 2):  # 2: each thread computes its own z = x V^T (no barrier)
+            torch.set_num_threads(threads)
+            kernels.CALLS.clear()
+            try:
+                with kernels.use_kernel("auto"):
+                    got = lin(x)
+            finally:
+                torch.set_num_threads(prev)
+            assert kernels.CALLS["packed"] == (M <= packed.DECODE_MAX_TOKENS)
+            assert rel(got, want) < 1e-4, (M, threads, rel(got, want))
         with kernels.use_kernel("torch"):
             assert rel(lin(x), want) < 1e-5
     if Ud is not None:

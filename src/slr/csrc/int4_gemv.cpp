@@ -1012,45 +1012,32 @@ int slr_layer_mm(const void* layer, const float* x, int64_t M, const float* z, f
     if (!slr_int4_cpu_ok()) return -2;
     if (M == 0 || L.N == 0) return 0;
     const bool own_z = L.r > 0 && L.vkind != F_GIVEN;
-    std::vector<float> zs(own_z ? M * L.r : 0);
-    if (own_z) z = zs.data();
-    float* zw = zs.data();
     const int64_t nt = thread_count(threads, L.N, L.skind == S_NIBBLE_NM24 ? L.K / 2 : L.K);
-    // each thread: its rows of S, its share of z = x V^T, then (once every share of z is in) its rows of U z. The
-    // factors' bytes are requested first, so that they arrive while S streams (a layer's factors are a few KB:
-    // without this each one pays the memory latency that a long stream hides)
+    // each thread: the whole of z = x V^T (r K multiply-adds, a few percent of its rows of S; computing it once and
+    // sharing it would need a barrier, which costs more at decode), its rows of S, then its rows of U z. The factors'
+    // bytes are requested first, so that they arrive while S streams (a layer's factors are a few KB: without this
+    // each one pays the memory latency that a long stream hides)
     auto body = [&](int64_t t, int64_t T) {
         const int64_t chunk = (L.N / 2 + T - 1) / T * 2;
         const int64_t n0 = t * chunk < L.N ? t * chunk : L.N, n1 = n0 + chunk < L.N ? n0 + chunk : L.N;
-        const int64_t j0 = L.r * t / T, j1 = L.r * (t + 1) / T;
+        std::vector<float> zs(own_z ? M * L.r : 0);
         if (L.r > 0) {
-            const int64_t ub = L.ukind == F_F32 ? 4 : L.ukind == F_F16 ? 2 : 1, vb = L.vkind == F_F32 ? 4 : L.vkind == F_F16 ? 2 : 1;
+            const int64_t ub = L.ukind == F_F32 ? 4 : L.ukind == F_F16 ? 2 : 1;
             prefetch(static_cast<const char*>(L.u) + 8 * L.r * (n0 / 8) * ub, 8 * L.r * ((n1 + 7) / 8 - n0 / 8) * ub);
-            if (own_z) prefetch(static_cast<const char*>(L.v) + j0 * L.K * vb, (j1 - j0) * L.K * vb);
         }
+        if (own_z) lowrank_z(L, x, M, zs.data(), 0, L.r);
         s_rows(L, x, M, y, n0, n1);
-        if (own_z) lowrank_z(L, x, M, zw, j0, j1);
-        return std::pair<int64_t, int64_t>(n0, n1);
-    };
-    auto tail = [&](int64_t n0, int64_t n1) {
-        if (L.r > 0) lowrank_u(L, z, M, y, n0, n1);
+        if (L.r > 0) lowrank_u(L, own_z ? zs.data() : z, M, y, n0, n1);
         else if (L.bias) bias_rows(L.bias, M, L.N, y, n0, n1);
     };
 #ifdef _OPENMP
     if (nt > 1) {
 #pragma omp parallel num_threads(static_cast<int>(nt))
-        {
-            const auto rows = body(omp_get_thread_num(), omp_get_num_threads());
-            if (own_z) {
-#pragma omp barrier
-            }
-            tail(rows.first, rows.second);
-        }
+        body(omp_get_thread_num(), omp_get_num_threads());
         return 0;
     }
 #endif
-    const auto rows = body(0, 1);
-    tail(rows.first, rows.second);
+    body(0, 1);
     return 0;
 }
 
