@@ -42,7 +42,17 @@ import time
 from pathlib import Path
 
 # benchmarks/inference.py (the script folder is on sys.path)
-from inference import _ArtifactAction, _f, _LabelAction, _load, _spawn, machine_info, targets_of
+from inference import (
+    RUNTIME,
+    _ArtifactAction,
+    _f,
+    _LabelAction,
+    _load,
+    _spawn,
+    _strategy_name,
+    machine_info,
+    targets_of,
+)
 
 HERE = Path(__file__).resolve().parent
 BUCKETS = ("linears", "head", "attention_core", "rest_of_blocks", "embedding", "python_other")
@@ -194,7 +204,6 @@ def measure(target: dict, strategy: str, ids, *, prompt: int = 32, steps: int = 
             threads: int | None = None) -> dict:
     """Load one model and profile ``steps`` greedy decode steps after a ``prompt``-token prefill."""
     import torch
-    from transformers import DynamicCache
 
     if threads:
         torch.set_num_threads(threads)
@@ -208,7 +217,7 @@ def measure(target: dict, strategy: str, ids, *, prompt: int = 32, steps: int = 
     if ids.numel() < prompt:
         raise ValueError(f"need {prompt} token ids, got {ids.numel()}")
     rec: dict = {"label": target.get("label") or Path(str(target["path"])).name, "kind": target["kind"],
-                 "model": str(target["path"]), "strategy": strategy if target["kind"] == "artifact" else "dense",
+                 "model": str(target["path"]), "strategy": _strategy_name(target, strategy),
                  "threads": torch.get_num_threads(), "prompt_tokens": prompt, "steps": steps, "repeats": repeats,
                  "dtype": "float32"}
     t = time.perf_counter()
@@ -217,10 +226,24 @@ def measure(target: dict, strategy: str, ids, *, prompt: int = 32, steps: int = 
     rec.update({k: v for k, v in info.items() if k != "path"})
     x = ids[:prompt].unsqueeze(0)  # [1, prompt]
 
+    if strategy == RUNTIME:  # slr.runtime's decoder: its own preallocated cache
+        def step(ids, cache):
+            return model(ids, cache)
+
+        def new_cache(n):
+            return model.new_cache(1, prompt + n)
+    else:
+        from transformers import DynamicCache
+
+        def step(ids, cache):
+            return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+
+        def new_cache(n):
+            return DynamicCache(config=model.config)
+
     def decode(n: int, timer: HookTimer | None = None, count_calls: bool = False) -> tuple[float, list[int]]:
-        cache = DynamicCache(config=model.config)
-        out = model(x, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1:].argmax(-1)  # [1, 1]
+        cache = new_cache(n)
+        nxt = step(x, cache)[:, -1:].argmax(-1)  # [1, 1]
         gen = []
         if timer is not None:
             timer.reset()
@@ -228,8 +251,7 @@ def measure(target: dict, strategy: str, ids, *, prompt: int = 32, steps: int = 
             calls.clear()
         t0 = time.perf_counter()
         for _ in range(n):
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
+            nxt = step(nxt, cache)[:, -1:].argmax(-1)
             gen.append(nxt)
         dt = time.perf_counter() - t0
         return dt, [int(g) for g in gen]
@@ -288,7 +310,7 @@ def _child_main(spec_file: str, out_file: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 def add_ratios(records: list[dict]) -> None:
     """tok/s (without hooks) relative to the first dense record without error."""
-    dense = next((r for r in records if r["kind"] == "dense" and "error" not in r), None)
+    dense = next((r for r in records if r["strategy"] == "dense" and "error" not in r), None)
     for r in records:
         r["vs_dense"] = r["tok_s"] / dense["tok_s"] if dense is not None and "error" not in r else None
 
@@ -355,7 +377,8 @@ def parse_args(argv=None):
     ap.add_argument("--label", action=_LabelAction, dest="label_", metavar="LABEL", help="names the last --artifact")
     ap.add_argument("--strategy", default="auto",
                     help="slr execution strategies for the artifacts, comma-separated (auto = packed kernels; sparse "
-                         "= the unpacked layers with the pre-packing decode path)")
+                         "= the unpacked layers with the pre-packing decode path; slr-runtime = slr.runtime's decoder, "
+                         "packed, which the dense model then runs too)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens prefilled before the timed steps")
     ap.add_argument("--steps", type=int, default=64, help="decode steps to time")
@@ -403,7 +426,8 @@ def main(argv=None) -> list[dict]:
                 raise SystemExit(f"preparing the inputs failed: {err}")
             ids_files = prep["ids_files"]
         runs = [(t, ids_t, s) for t, ids_t in zip(targets, ids_files, strict=True)
-                for s in (args.strategy.split(",") if t["kind"] == "artifact" else [None])]
+                for s in (args.strategy.split(",") if t["kind"] == "artifact" else
+                          [None] + ([RUNTIME] if RUNTIME in args.strategy.split(",") else []))]
         for t, ids_t, strategy in runs:
             spec = {"target": t, "strategy": strategy, "ids_file": ids_t, "prompt": args.prompt,
                     "steps": args.steps, "repeats": args.repeats, "threads": args.threads}

@@ -126,3 +126,19 @@ def test_cli_end_to_end(bench, tiny, tmp_path):
         assert 0 < r["peak_rss_baseline_mib"] <= r["peak_rss_load_mib"] <= r["peak_rss_end_mib"]
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0
     assert "nm24r4 | sparse" in out_md.read_text()
+
+
+def test_decode_profile_runtime_matches_transformers(bench, tiny):
+    """benchmarks/decode_profile.py in slr.runtime and in transformers: the same greedy tokens, every bucket timed."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("slr_bench_decode_profile", SCRIPT.parent / "decode_profile.py")
+        prof = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(prof)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    target = {"kind": "artifact", "path": str(tiny[1]), "label": "t"}
+    recs = [prof.measure(target, s, IDS, prompt=8, steps=4, repeats=1, threads=1) for s in ("auto", "slr-runtime")]
+    assert [r["strategy"] for r in recs] == ["auto", "slr-runtime"]
+    assert recs[0]["generated_ids"] == recs[1]["generated_ids"] and all(r["tokens_match"] for r in recs)
+    assert all(recs[1]["buckets_ms"][k] is not None for k in ("linears", "head", "attention_core"))
