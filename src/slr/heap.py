@@ -8,7 +8,7 @@ import gc
 _LIBC = None
 
 
-def trim_heap() -> None:
+def trim_heap(collect: bool = True) -> None:
     """Hand freed memory back to the OS (glibc only; elsewhere a no-op).
 
     Each compressed block frees hundreds of MB of activations, H's and solver buffers, and a load frees each layer's
@@ -16,7 +16,8 @@ def trim_heap() -> None:
     --onload, 32 windows: 1.94 GiB at the last block without the trim, 1.45 GiB with it).
     """
     global _LIBC
-    gc.collect()
+    if collect:
+        gc.collect()
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL("libc.so.6")
