@@ -92,13 +92,41 @@ def test_eos_stops_generation(tmp_path):
     assert out.shape == (1, 5) and int(out[0, -1]) == first
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "mistral"])
+def test_sliding_window_layers_match_transformers(tmp_path, family):
+    """Sequences longer than the window: the prefill's banded mask and the decode steps' last-window keys (Gemma 3
+    mixes sliding and full layers, each with its own rope base; mistral slides on every layer)."""
+    import transformers as T
+
+    from slr.models.tiny import tiny_config
+
+    cfg = tiny_config(family)
+    cfg.sliding_window = 8
+    if family == "gemma3_text":
+        cfg.layer_types = ["sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(cfg).float().eval()
+    model.save_pretrained(tmp_path / "m")
+    got, _ = runtime.load(tmp_path / "m")
+    assert [b.self_attn.window for b in got.model.layers] == ([8, None] if family == "gemma3_text" else [8, 8])
+    seq = torch.randint(3, 120, (1, 24), generator=GEN)
+    with torch.no_grad():
+        want = model(seq).logits
+        cache = got.new_cache(1, 24)
+        assert rel(got(seq[:, :14], cache, last_only=False), want[:, :14]) < 1e-5
+        for t in range(14, 24):
+            assert rel(got(seq[:, t:t + 1], cache), want[:, t:t + 1]) < 1e-5
+
+
 def test_other_families_are_refused(tmp_path):
-    model = tiny_model("gemma3_text")
-    model.save_pretrained(tmp_path / "gemma")
-    with pytest.raises(SLRError, match="model_type 'gemma3_text'"):
-        runtime.load(tmp_path / "gemma")
+    model = tiny_model("phi3")
+    model.save_pretrained(tmp_path / "phi3")
+    with pytest.raises(SLRError, match="model_type 'phi3'"):
+        runtime.load(tmp_path / "phi3")
     assert "rope type 'linear'" in runtime.unsupported(
         {"model_type": "llama", "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}})
+    assert "final_logit_softcapping" in runtime.unsupported({"model_type": "gemma3_text",
+                                                            "final_logit_softcapping": 30.0})
 
 
 def test_no_transformers_import(tmp_path):

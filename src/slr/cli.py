@@ -177,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=int, default=40)
     gen.add_argument("--runtime", default="auto", choices=("auto", "slr", "hf"),
-                     help="slr = slr's plain-PyTorch decoder (slr.runtime: llama, mistral, qwen2, qwen3; no "
-                     "transformers import, a preallocated KV cache); hf = transformers' model and generate; auto = "
-                     "slr for an artifact that it runs on the CPU, else hf  [default: auto]")
+                     help="slr = slr's plain-PyTorch decoder (slr.runtime: llama, mistral, qwen2, qwen3, "
+                     "gemma3_text; no transformers import, a preallocated KV cache); hf = transformers' model and "
+                     "generate; auto = slr for an artifact that it runs on the CPU, else hf  [default: auto]")
     _device(gen)
     _kernel(gen)
     return ap
