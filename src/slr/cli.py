@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402  (after the offline switches above)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from . import runtime  # noqa: E402
 from .allocate import ALLOCATORS  # noqa: E402
 from .api import is_artifact, open_model, resolve_device, run_compress, run_eval, summary_rows  # noqa: E402
 from .config import DTYPES, TM_PRESETS, CompressConfig, RunOptions, load_toml, merge  # noqa: E402
@@ -24,6 +25,7 @@ from .eval.zeroshot import format_table  # noqa: E402
 from .fsutil import check_writable_parent  # noqa: E402
 from .io import export_dense  # noqa: E402
 from .kernels import KERNELS, use_kernel  # noqa: E402
+from .models.load import resolve  # noqa: E402
 from .models.zoo import DEFAULTS, cache_dir, is_cached, is_installed  # noqa: E402
 from .report import write_report  # noqa: E402
 from .solvers import METHODS  # noqa: E402
@@ -314,16 +316,15 @@ def _runtime_folder(a, device) -> Path | None:
     """The folder slr.runtime runs for ``slr generate``, or None for transformers (see --runtime)."""
     if a.runtime == "hf":
         return None
-    from .models.load import resolve
-    from .runtime import read_config, unsupported
-
     art = is_artifact(a.model)
     if a.runtime == "auto" and (not art or torch.device(device).type != "cpu"):
         return None
     if torch.device(device).type != "cpu":
         raise SLRError("slr's runtime runs on the CPU", "drop --device, or pass --runtime hf")
     folder = Path(a.model) if art else resolve(a.model)[0]
-    why = unsupported(read_config(folder)) or (None if (folder / "tokenizer.json").is_file() else "no tokenizer.json")
+    why = runtime.unsupported(runtime.read_config(folder))
+    if why is None and not (folder / "tokenizer.json").is_file():
+        why = "no tokenizer.json"
     if why is not None and a.runtime == "slr":
         raise SLRError(f"slr's runtime cannot run {a.model}: {why}", "pass --runtime hf")
     return None if why else folder
@@ -336,8 +337,6 @@ def cmd_generate(a) -> int:
     with use_kernel(a.kernel):  # under "torch" an artifact loads unpacked
         folder = _runtime_folder(a, device)
         if folder is not None:
-            from . import runtime
-
             model, tok = runtime.load(folder)
             out = model.generate(tok.encode(a.prompt), a.max_new_tokens, model.eos_token_id)
             print(tok.decode(out[0]))

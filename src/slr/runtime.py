@@ -21,9 +21,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import Tokenizer as _Tokenizer
 from torch import nn
 
+from . import io
 from .errors import SLRError
+from .formats import MANIFEST
 from .heap import trim_heap
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
@@ -289,9 +293,7 @@ class Tokenizer:
     """An artifact's tokenizer.json through the ``tokenizers`` library: ``encode(text) -> ids [1, T]``, ``decode``."""
 
     def __init__(self, folder: Path):
-        from tokenizers import Tokenizer as _Tok
-
-        self.tok = _Tok.from_file(str(folder / "tokenizer.json"))
+        self.tok = _Tokenizer.from_file(str(folder / "tokenizer.json"))
 
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor([self.tok.encode(text).ids], dtype=torch.long)
@@ -331,8 +333,6 @@ def skeleton(cfg: dict, dtype: torch.dtype = torch.float32) -> CausalLM:
 
 def _load_dense(p: Path) -> CausalLM:
     """A dense HF folder (config.json + *.safetensors) into the decoder, memory-mapped as transformers loads it."""
-    from safetensors.torch import load_file
-
     model = skeleton(read_config(p))
     files = sorted(p.glob("*.safetensors"))
     if not files:
@@ -353,9 +353,6 @@ def _load_dense(p: Path) -> CausalLM:
 def load(path, *, verify: bool = True, packed: bool | None = None):
     """An slr artifact or a dense HF folder -> (CausalLM in float32 on the CPU, Tokenizer or None). An artifact is
     filled and packed as ``io.load`` does it (see slr.packed)."""
-    from . import io
-    from .formats import MANIFEST
-
     p = Path(path)
     if (p / MANIFEST).is_file():
         model = io.load(p, verify=verify, packed=packed, skeleton=lambda q, dtype: skeleton(read_config(q), dtype),
