@@ -332,7 +332,7 @@ def skeleton(cfg: dict, dtype: torch.dtype = torch.float32) -> CausalLM:
 
 
 def _load_dense(p: Path) -> CausalLM:
-    """A dense HF folder (config.json + *.safetensors) into the decoder, memory-mapped as transformers loads it."""
+    """A dense HF folder (config.json + *.safetensors, read with safetensors) into the decoder."""
     model = skeleton(read_config(p))
     files = sorted(p.glob("*.safetensors"))
     if not files:
