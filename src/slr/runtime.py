@@ -323,7 +323,7 @@ def eos_ids(folder: Path, cfg: dict) -> int | list[int] | None:
 
 
 def skeleton(cfg: dict, dtype: torch.dtype = torch.float32) -> CausalLM:
-    """The decoder with its parameters on the meta device (``io.load`` assigns them); the rope buffer real."""
+    """The decoder with its parameters on the meta device (``io.load`` assigns them); its rope tables are real."""
     why = unsupported(cfg)
     if why is not None:
         raise SLRError(f"slr's runtime does not run this model: {why}", "use --runtime hf")
