@@ -316,10 +316,10 @@ def _runtime_folder(a, device) -> Path | None:
     """The folder slr.runtime runs for ``slr generate``, or None for transformers (see --runtime)."""
     if a.runtime == "hf":
         return None
-    art = is_artifact(a.model)
-    if a.runtime == "auto" and (not art or torch.device(device).type != "cpu"):
+    art, cpu = is_artifact(a.model), torch.device(device).type == "cpu"
+    if a.runtime == "auto" and not (art and cpu):
         return None
-    if torch.device(device).type != "cpu":
+    if not cpu:
         raise SLRError("slr's runtime runs on the CPU", "drop --device, or pass --runtime hf")
     folder = Path(a.model) if art else resolve(a.model)[0]
     why = runtime.unsupported(runtime.read_config(folder))

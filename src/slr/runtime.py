@@ -102,7 +102,10 @@ class KVCache:
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.length = 0
-        self.capacity = capacity
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
