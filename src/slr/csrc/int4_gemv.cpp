@@ -464,9 +464,10 @@ void parallel_rows(int64_t nt, int64_t N, F f) {
 //   2-bit: 16 bytes a block, the little-endian uint16 word i holds field J in bits 2 J .. 2 J + 1
 //   3-bit: 24 bytes a block, the little-endian 3-byte word i (bytes 3 i .. 3 i + 2) holds it in bits 3 J .. 3 J + 2
 //   8-bit: 64 bytes a block, byte 8 J + i (the plain row-major codes)
-// K and g are multiples of 64; each group has a float16 scale and a zero point (LArgs). 2 and 3 bits read their
-// weights from a table (lanes_lut); 8 bits as the 4-bit kernel: one row of x sums code * x per group (scaled once,
-// the zero part from the group sums of x), more rows rebuild each weight exactly.
+// K and g are multiples of 64; each group has a float16 scale and a zero point (LArgs). 2 bits read their weights
+// from a table (lanes_lut), as do 3 bits for two or more rows of x; one row of x with 3 or 8 bits goes as the 4-bit
+// kernel: sums of code * x per group (scaled once, the zero part from the group sums of x); 8 bits with more rows
+// rebuild each weight exactly.
 
 // A lane-packed S's groups: float16 scales, and zero points (uint8, or one constant zc on a symmetric grid). Each
 // weight is (code - zero) scale = fma(code, scale, -scale zero), exact in float32 (an fp16 value times an integer).
@@ -581,6 +582,13 @@ SLR_F16 __attribute__((noinline)) void lanes_dequant(const LArgs& a, int64_t n) 
 // fma(c, scale, -sz) (c = 0..7; for 2 bits 0..3 twice) sit in one register, and a lane permute by the shifted lane
 // word picks each weight: the permute reads only the index's low 3 bits, so no mask (2 bits: the table repeats).
 // The weights are the rebuilt ones, exactly; one instruction replaces the mask and the int-to-float conversion.
+// The table entry of each lane's low bits: 2 bits pick within each 128-bit half (the table holds its 4 weights in
+// both), 3 bits across the register; the in-lane permute costs less on AMD's Zen cores than the lane-crossing one.
+template <int B>
+SLR_AVX2 inline __m256 pick(__m256 t, __m256i i) {
+    return B == 2 ? _mm256_permutevar_ps(t, i) : _mm256_permutevar8x32_ps(t, i);
+}
+
 template <int B, int R, int M>
 SLR_F16 __attribute__((noinline)) void lanes_lut(const LArgs& a, int64_t n) {
     const int64_t K = a.K, G = K / a.gs, per_group = a.gs / 64, row = K / 8 * B;
@@ -606,7 +614,7 @@ SLR_F16 __attribute__((noinline)) void lanes_lut(const LArgs& a, int64_t n) {
     {                                                                                                       \
         __m256 wv[R];                                                                                       \
         for (int r = 0; r < R; ++r)                                                                         \
-            wv[r] = _mm256_permutevar8x32_ps(t[r], J ? _mm256_srli_epi32(v[r], B * J) : v[r]);              \
+            wv[r] = pick<B>(t[r], J ? _mm256_srli_epi32(v[r], B * J) : v[r]);                               \
         for (int m = 0; m < M; ++m) {                                                                       \
             const __m256 xv = _mm256_loadu_ps(xb + m * K + 8 * J);                                          \
             for (int r = 0; r < R; ++r) acc[r][m][J & 1] = _mm256_fmadd_ps(wv[r], xv, acc[r][m][J & 1]);    \
@@ -629,17 +637,23 @@ SLR_F16 void lanes_run(const float* x, int64_t M, int64_t K, const uint8_t* w, c
         const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
         const LArgs a{x + m0 * K, K, w, hs, zero, zc, gs, N, y + m0 * N, xs.data()};
         int64_t n = n0;
+        // The table where it was measured faster (benchmarks/kernels.md, "lane kernels"): 2 bits always, 3 bits for
+        // two or more rows of x; one row of 3-bit codes sums code * x per group like 8 bits.
         if constexpr (B != 8) {
-            switch (mm) {
-                case 1:
-                    for (; n + 2 <= n1; n += 2) lanes_lut<B, 2, 1>(a, n);
-                    for (; n < n1; ++n) lanes_lut<B, 1, 1>(a, n);
-                    break;
-                case 2: for (; n < n1; ++n) lanes_lut<B, 1, 2>(a, n); break;
-                case 3: for (; n < n1; ++n) lanes_lut<B, 1, 3>(a, n); break;
-                default: for (; n < n1; ++n) lanes_lut<B, 1, 4>(a, n); break;
+            if (B == 2 || mm > 1) {
+                switch (mm) {
+                    case 1:
+                        for (; n + 2 <= n1; n += 2) lanes_lut<B, 2, 1>(a, n);
+                        for (; n < n1; ++n) lanes_lut<B, 1, 1>(a, n);
+                        break;
+                    case 2: for (; n < n1; ++n) lanes_lut<B, 1, 2>(a, n); break;
+                    case 3: for (; n < n1; ++n) lanes_lut<B, 1, 3>(a, n); break;
+                    default: for (; n < n1; ++n) lanes_lut<B, 1, 4>(a, n); break;
+                }
+                continue;
             }
-        } else if (mm == 1) {
+        }
+        if (mm == 1) {
             for (int64_t g = 0; g < G; ++g) {
                 float s = 0.f;
                 for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += a.x[k];
