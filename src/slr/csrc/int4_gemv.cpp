@@ -580,10 +580,10 @@ SLR_F16 __attribute__((noinline)) void lanes_dequant(const LArgs& a, int64_t n) 
 
 // 2- and 3-bit codes: output rows n .. n + R - 1 for M rows of x, through a table. Each group's 8 weights
 // fma(c, scale, -sz) (c = 0..7; for 2 bits 0..3 twice) sit in one register, and a lane permute by the shifted lane
-// word picks each weight: the permute reads only the index's low 3 bits, so no mask (2 bits: the table repeats).
-// The weights are the rebuilt ones, exactly; one instruction replaces the mask and the int-to-float conversion.
-// The table entry of each lane's low bits: 2 bits pick within each 128-bit half (the table holds its 4 weights in
-// both), 3 bits across the register; the in-lane permute costs less on AMD's Zen cores than the lane-crossing one.
+// word picks each weight: the permute reads only the index's low bits, so no mask. The weights are the rebuilt ones,
+// exactly; one instruction replaces the mask and the int-to-float conversion. 2 bits pick within each 128-bit half
+// (the in-lane permute reads 2 bits; each half holds the 4 weights), 3 bits across the register (3 bits); on AMD's
+// Zen 3 the in-lane permute costs less than the lane-crossing one.
 template <int B>
 SLR_AVX2 inline __m256 pick(__m256 t, __m256i i) {
     return B == 2 ? _mm256_permutevar_ps(t, i) : _mm256_permutevar8x32_ps(t, i);
@@ -637,8 +637,8 @@ SLR_F16 void lanes_run(const float* x, int64_t M, int64_t K, const uint8_t* w, c
         const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
         const LArgs a{x + m0 * K, K, w, hs, zero, zc, gs, N, y + m0 * N, xs.data()};
         int64_t n = n0;
-        // The table where it was measured faster (benchmarks/kernels.md, "lane kernels"): 2 bits always, 3 bits for
-        // two or more rows of x; one row of 3-bit codes sums code * x per group like 8 bits.
+        // Chosen by measurement (benchmarks/tuning.md, "Lane kernels"): the table for 2 bits, and for 3 bits with two
+        // or more rows of x (within 3% of rebuilding each weight); one row of 3-bit codes sums code * x per group.
         if constexpr (B != 8) {
             if (B == 2 || mm > 1) {
                 switch (mm) {
