@@ -9,7 +9,9 @@ count, shape and layout:
   streamed  one call each over a ring of distinct layers holding --stream-mb of packed S (more than the L3 cache),
             as a decode step reads a model's weights from memory
 Each is the best of 5 interleaved rounds. Layouts: nibble (4-bit), lanes2 / lanes3 / lanes8 (2-, 3- and 8-bit codes
-at their own width; slr.lowbit). Bytes per weight counts the codes and the per-group scale and zero point as stored.
+at their own width; slr.lowbit), nibble-2:4 / float16-2:4 (2:4 sparse S, two kept inputs of every four at random,
+4-bit codes or float16 values, with their 2-bit positions; ns per weight of the dense shape). Bytes per weight counts
+the codes or values, the positions, and the per-group scale and zero point as stored.
 Writes benchmarks/lane_kernels.json and benchmarks/lane_kernels.md.
 """
 
@@ -29,16 +31,26 @@ from slr.packed import PackedLinear
 
 HERE = Path(__file__).resolve().parent
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # (d_in, d_out)
-LAYOUTS = {"nibble": 4, "lanes2": 2, "lanes3": 3, "lanes8": 8}
+LAYOUTS = {"nibble": 4, "lanes2": 2, "lanes3": 3, "lanes8": 8, "nibble-2:4": 4, "float16-2:4": 16}
 GS, ROUNDS = 64, 5
 
 
 def s_layer(layout: str, K: int, N: int, seed: int) -> PackedLinear:
     """A PackedLinear holding only a random S of ``layout`` (no factors, no bias)."""
     bits, g = LAYOUTS[layout], torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2 ** bits, (N, K), generator=g, dtype=torch.uint8)
+    if layout.endswith("2:4"):  # two kept inputs of every four, at random
+        r = torch.rand(N, K // 4, 4, generator=g)
+        cols = r.topk(2, dim=2).indices.sort(dim=2).values + 4 * torch.arange(K // 4)[None, :, None]
+        cols, index = cols.view(N, K // 2), kernels.nm24_index(cols.view(N, K // 2))
+        if bits == 16:
+            return PackedLinear(K, N, torch.randn(N, K // 2, generator=g).half(), index, None, None, 0, None, None,
+                                None, None, None)
+    codes = torch.randint(0, 16 if bits == 16 else 2 ** bits, (N, K), generator=g, dtype=torch.uint8)
     scale = ((torch.rand(N, K // GS, generator=g) + 0.1) * 0.05).half()
     zero = torch.randint(0, 2 ** bits, (N, K // GS), generator=g)
+    if layout == "nibble-2:4":
+        return PackedLinear(K, N, kernels.nibble_codes(codes.gather(1, cols)), index, scale.float(),
+                            scale.float() * zero, GS, None, None, None, None, None)
     if bits == 4:
         return PackedLinear(K, N, kernels.nibble_codes(codes), None, scale.float(), scale.float() * zero, GS, None,
                             None, None, None, None)
@@ -49,8 +61,8 @@ def s_layer(layout: str, K: int, N: int, seed: int) -> PackedLinear:
 def stored_bytes(lin: PackedLinear) -> int:
     """Bytes of the codes and group parameters as the artifact stores them (fp16 scales; 4-bit: fp16 scale and a
     4-bit zero point, which the loaded layer widens to float32 scale and scale * zero)."""
-    n = lin.s_values.numel()
-    groups = lin.out_features * lin.in_features // GS
+    n = lin.s_values.numel() * lin.s_values.element_size() + (0 if lin.s_index is None else lin.s_index.numel())
+    groups = 0 if lin.s_scale is None else lin.out_features * lin.in_features // GS
     return n + groups * (2 + (1 if lin.bits != 4 else 0.5))
 
 
@@ -70,7 +82,7 @@ def measure(K: int, N: int, threads: int, stream_mb: float) -> dict:
     rings, out = {}, {}
     for layout in LAYOUTS:
         one = s_layer(layout, K, N, 0)
-        count = max(2, int(stream_mb * 2 ** 20 / one.s_values.numel()))
+        count = max(2, int(stream_mb * 2 ** 20 / stored_bytes(one)))
         mods = [one] + [s_layer(layout, K, N, i) for i in range(1, count)]
         rings[layout] = (mods, [m._layer()[1] for m in mods])
         out[layout] = {"bytes_per_weight": stored_bytes(one) / (K * N), "ring_layers": count,

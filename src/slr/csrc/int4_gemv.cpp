@@ -199,19 +199,35 @@ SLR_AVX2 void run(const float* x, int64_t M, int64_t K, const uint8_t* w, const 
 //                             8 bytes, byte i bits 2 j .. 2 j + 1 = kept weight 8 j + i (slr.kernels.nm24_index)
 //   scale, sz as above, groups of g inputs of the dense row (g a multiple of 16, K a multiple of 64)
 //
-// Kept weights 8 j .. 8 j + 7 of a block read inputs 16 j .. 16 j + 15: lanes 0-3 from the first 8 (two groups of
-// four), lanes 4-7 from the next 8, each picked by a lane permute with index 4 ((lane >> 1) & 1) + position. Each
-// weight is rebuilt as fma(code, scale, -sz), exact, so again only the summation order differs.
+// Kept weights 8 j .. 8 j + 7 of a block read inputs 16 j .. 16 j + 15, two lanes per group of four: lanes 0-1 from
+// group 0, 2-3 from group 1, 4-5 from group 2, 6-7 from group 3. x is copied once per call with the middle two groups
+// of every 16 inputs swapped (nm24_permute_x), so that one load holds groups 0 and 2 (one per 128-bit half) and the
+// next groups 1 and 3: an in-lane permute of each by the positions (it reads only their low 2 bits) and one blend
+// give the 8 inputs; on Zen 3 that costs less than the lane-crossing permutes. Each weight is rebuilt as
+// fma(code, scale, -sz), exact, so again only the summation order differs.
 
-// acc[m][J & 1] += wv * the inputs that kept weights 8 J .. 8 J + 7 of block b read (positions in ix, 2 bits each).
+// x [M, K] with the inputs 4 .. 7 and 8 .. 11 of every 16 swapped (the order the 2:4 kernels read).
+inline std::vector<float> nm24_permute_x(const float* x, int64_t M, int64_t K) {
+    std::vector<float> xp(M * K);
+    for (int64_t c = 0; c < M * K; c += 16)
+        for (int t = 0; t < 4; ++t) {
+            xp[c + t] = x[c + t];
+            xp[c + 4 + t] = x[c + 8 + t];
+            xp[c + 8 + t] = x[c + 4 + t];
+            xp[c + 12 + t] = x[c + 12 + t];
+        }
+    return xp;
+}
+
+// acc[m][J & 1] += wv * the inputs that kept weights 8 J .. 8 J + 7 of block b read (positions in ix, 2 bits each;
+// xp from nm24_permute_x).
 template <int M, int J>
-SLR_AVX2 inline void nm24_fma(const float* x, int64_t K, int64_t b, __m256i ix, __m256 wv, __m256 (*acc)[2]) {
-    const __m256i p = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(ix, 2 * J), _mm256_set1_epi32(3)),
-                                      _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4));
+SLR_AVX2 inline void nm24_fma(const float* xp, int64_t K, int64_t b, __m256i ix, __m256 wv, __m256 (*acc)[2]) {
+    const __m256i p = J ? _mm256_srli_epi32(ix, 2 * J) : ix;
     for (int m = 0; m < M; ++m) {
-        const float* xj = x + m * K + 64 * b + 16 * J;
-        const __m256 xg = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xj), p),
-                                          _mm256_permutevar8x32_ps(_mm256_loadu_ps(xj + 8), p), 0xF0);
+        const float* xj = xp + m * K + 64 * b + 16 * J;
+        const __m256 xg = _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(xj), p),
+                                          _mm256_permutevar_ps(_mm256_loadu_ps(xj + 8), p), 0xCC);
         acc[m][J & 1] = _mm256_fmadd_ps(wv, xg, acc[m][J & 1]);
     }
 }
@@ -252,9 +268,10 @@ SLR_AVX2 void nm24_run(const float* x, int64_t M, int64_t K, const uint8_t* vals
     for (int64_t c = 0; c < K / 16; ++c) group[c] = static_cast<int32_t>(16 * c / gs);
     const int32_t* gp = group.data();
     const int64_t G = K / gs;
+    const std::vector<float> xp = nm24_permute_x(x, M, K);
     for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
         const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
-        const float* xm = x + m0 * K;
+        const float* xm = xp.data() + m0 * K;
         float* ym = y + m0 * N;
         for (int64_t n = n0; n < n1; ++n) switch (mm) {
                 case 1: nm24_row<1>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
@@ -297,9 +314,10 @@ SLR_F16 __attribute__((noinline)) void nm24_f16_row(const float* x, int64_t K, c
 
 SLR_F16 void nm24_f16_run(const float* x, int64_t M, int64_t K, const uint16_t* vals, const uint8_t* idx, int64_t N,
                           float* y, int64_t n0, int64_t n1) {
+    const std::vector<float> xp = nm24_permute_x(x, M, K);
     for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
         const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
-        const float* xm = x + m0 * K;
+        const float* xm = xp.data() + m0 * K;
         float* ym = y + m0 * N;
         for (int64_t n = n0; n < n1; ++n) switch (mm) {
                 case 1: nm24_f16_row<1>(xm, K, vals, idx, N, ym, n); break;
