@@ -232,8 +232,9 @@ SLR_AVX2 inline void nm24_fma(const float* xp, int64_t K, int64_t b, __m256i ix,
     }
 }
 
-// One output row n for M rows of x; group[c] = the group of inputs 16 c .. 16 c + 15 (no division in the loop).
-template <int M>
+// One output row n for M rows of x; group[c] = the group of inputs 16 c .. 16 c + 15 (no division in the loop);
+// BLOCK_GROUPS: groups of a multiple of 64 inputs, so one group's scale for the whole block (read once).
+template <int M, bool BLOCK_GROUPS>
 SLR_AVX2 __attribute__((noinline)) void nm24_row(const float* x, int64_t K, const uint8_t* vals, const uint8_t* idx,
                                                  const float* scale, const float* sz, const int32_t* group,
                                                  int64_t G, int64_t N, float* y, int64_t n) {
@@ -251,10 +252,13 @@ SLR_AVX2 __attribute__((noinline)) void nm24_row(const float* x, int64_t K, cons
         }
         const __m256i v = load_block(vr + 16 * b);
         const __m256i ix = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ir + 8 * b)));
+        const int64_t g0 = group[4 * b];
+        const __m256 s0 = _mm256_set1_ps(sr[g0]), nz0 = _mm256_set1_ps(-zr[g0]);
 #define SLR_NM_STEP(J)                                                                                      \
     {                                                                                                       \
         const int64_t g = group[4 * b + J];                                                                 \
-        nm24_fma<M, J>(x, K, b, ix, _mm256_fmadd_ps(codes<J>(v), _mm256_set1_ps(sr[g]), _mm256_set1_ps(-zr[g])), acc); \
+        const __m256 sg = BLOCK_GROUPS ? s0 : _mm256_set1_ps(sr[g]), nzg = BLOCK_GROUPS ? nz0 : _mm256_set1_ps(-zr[g]); \
+        nm24_fma<M, J>(x, K, b, ix, _mm256_fmadd_ps(codes<J>(v), sg, nzg), acc);                            \
     }
         SLR_NM_STEP(0) SLR_NM_STEP(1) SLR_NM_STEP(2) SLR_NM_STEP(3)
 #undef SLR_NM_STEP
@@ -273,12 +277,20 @@ SLR_AVX2 void nm24_run(const float* x, int64_t M, int64_t K, const uint8_t* vals
         const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
         const float* xm = xp.data() + m0 * K;
         float* ym = y + m0 * N;
-        for (int64_t n = n0; n < n1; ++n) switch (mm) {
-                case 1: nm24_row<1>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
-                case 2: nm24_row<2>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
-                case 3: nm24_row<3>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
-                default: nm24_row<4>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
-            }
+        for (int64_t n = n0; n < n1; ++n) {
+            if (gs % 64 == 0) switch (mm) {
+                    case 1: nm24_row<1, true>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
+                    case 2: nm24_row<2, true>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
+                    case 3: nm24_row<3, true>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
+                    default: nm24_row<4, true>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
+                }
+            else switch (mm) {
+                    case 1: nm24_row<1, false>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
+                    case 2: nm24_row<2, false>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
+                    case 3: nm24_row<3, false>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
+                    default: nm24_row<4, false>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
+                }
+        }
     }
 }
 
