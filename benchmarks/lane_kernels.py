@@ -45,7 +45,7 @@ def s_layer(layout: str, K: int, N: int, seed: int) -> PackedLinear:
         if bits == 16:
             return PackedLinear(K, N, torch.randn(N, K // 2, generator=g).half(), index, None, None, 0, None, None,
                                 None, None, None)
-    codes = torch.randint(0, 16 if bits == 16 else 2 ** bits, (N, K), generator=g, dtype=torch.uint8)
+    codes = torch.randint(0, 2 ** bits, (N, K), generator=g, dtype=torch.uint8)
     scale = ((torch.rand(N, K // GS, generator=g) + 0.1) * 0.05).half()
     zero = torch.randint(0, 2 ** bits, (N, K // GS), generator=g)
     if layout == "nibble-2:4":

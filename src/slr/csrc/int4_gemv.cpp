@@ -266,6 +266,19 @@ SLR_AVX2 __attribute__((noinline)) void nm24_row(const float* x, int64_t K, cons
     for (int m = 0; m < M; ++m) y[m * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
 }
 
+// Output rows [n0, n1) for mm (1..4) rows of x.
+template <bool BLOCK_GROUPS>
+SLR_AVX2 void nm24_rows(const float* x, int64_t mm, int64_t K, const uint8_t* vals, const uint8_t* idx,
+                        const float* scale, const float* sz, const int32_t* group, int64_t G, int64_t N, float* y,
+                        int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) switch (mm) {
+            case 1: nm24_row<1, BLOCK_GROUPS>(x, K, vals, idx, scale, sz, group, G, N, y, n); break;
+            case 2: nm24_row<2, BLOCK_GROUPS>(x, K, vals, idx, scale, sz, group, G, N, y, n); break;
+            case 3: nm24_row<3, BLOCK_GROUPS>(x, K, vals, idx, scale, sz, group, G, N, y, n); break;
+            default: nm24_row<4, BLOCK_GROUPS>(x, K, vals, idx, scale, sz, group, G, N, y, n); break;
+        }
+}
+
 SLR_AVX2 void nm24_run(const float* x, int64_t M, int64_t K, const uint8_t* vals, const uint8_t* idx,
                        const float* scale, const float* sz, int64_t gs, int64_t N, float* y, int64_t n0, int64_t n1) {
     std::vector<int32_t> group(K / 16);
@@ -277,20 +290,10 @@ SLR_AVX2 void nm24_run(const float* x, int64_t M, int64_t K, const uint8_t* vals
         const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
         const float* xm = xp.data() + m0 * K;
         float* ym = y + m0 * N;
-        for (int64_t n = n0; n < n1; ++n) {
-            if (gs % 64 == 0) switch (mm) {
-                    case 1: nm24_row<1, true>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
-                    case 2: nm24_row<2, true>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
-                    case 3: nm24_row<3, true>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
-                    default: nm24_row<4, true>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
-                }
-            else switch (mm) {
-                    case 1: nm24_row<1, false>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
-                    case 2: nm24_row<2, false>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
-                    case 3: nm24_row<3, false>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
-                    default: nm24_row<4, false>(xm, K, vals, idx, scale, sz, gp, G, N, ym, n); break;
-                }
-        }
+        if (gs % 64 == 0)
+            nm24_rows<true>(xm, mm, K, vals, idx, scale, sz, gp, G, N, ym, n0, n1);
+        else
+            nm24_rows<false>(xm, mm, K, vals, idx, scale, sz, gp, G, N, ym, n0, n1);
     }
 }
 
