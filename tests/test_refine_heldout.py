@@ -275,6 +275,8 @@ def test_cli_and_toml_map_to_the_same_refine_config(tmp_path):
     assert compress_config("m", "--config", toml, "--tm-preset", "paper").refine == want  # explicit keys win
     assert compress_config("m", "--method", "wanda", "--refine", "tm", "--tm-heldout", 0).refine == RefineConfig(
         heldout=0)
+    assert compress_config("m", "--method", "wanda", "--refine", "tm", "--tm-lr", 1e-4, "--tm-batch", 4).refine == (
+        RefineConfig(lr=1e-4, batch_size=4))
     d = cli.to_dict()
     assert d["refine"]["heldout"] == 3 and "preset" not in d["refine"]  # the concrete values are recorded
     assert CompressConfig.from_dict(d) == cli
