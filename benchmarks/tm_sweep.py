@@ -12,7 +12,8 @@ is ``key=value`` pairs of ``slr.RefineConfig`` joined by commas (``lr``, ``epoch
 ``final_lr_frac``); the rest are RefineConfig's defaults.
 
 Per (block, setting): held-out MSE before TM and at its best epoch (the gain is the share removed), the epoch it was
-reached, the held-out curve, and TM's seconds. The json is rewritten after every setting.
+reached, the held-out curve, and TM's seconds. The json is rewritten after every setting; a ``note`` key added to it
+by hand (how the run was made) is printed under the table's heading.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def render(data: dict) -> str:
              f"`python benchmarks/tm_sweep.py` — {data['model']}, {data['method']} {data['pattern']} + rank "
              f"{data['rank']}, each block's inputs from the dense path; TM trains on {data['train']} windows and is "
              f"judged on {data['heldout']} others (512 tokens); {data['threads']} threads; commit {data['commit']}. "
-             "Gain = share of the held-out block MSE that TM removes (best epoch kept).", "",
+             "Gain = share of the held-out block MSE that TM removes (best epoch kept)." +
+             (f" {data['note']}" if data.get("note") else ""), "",
              "| block | setting | held-out before | held-out after | gain | kept epoch | TM s |",
              "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:

@@ -280,3 +280,71 @@ def test_cli_and_toml_map_to_the_same_refine_config(tmp_path):
     d = cli.to_dict()
     assert d["refine"]["heldout"] == 3 and "preset" not in d["refine"]  # the concrete values are recorded
     assert CompressConfig.from_dict(d) == cli
+
+
+# ---- dense-path targets ------------------------------------------------------------------------------------------
+
+class _Spy:
+    """A refiner that records the targets compress_ hands it (and trains nothing)."""
+
+    def __init__(self):
+        self.stats, self.seen = [], {}
+
+    def __call__(self, block, index, inputs, targets):
+        self.seen[index] = ([t.clone() for t in targets], [h.clone() for h in inputs.hidden])
+
+
+@pytest.mark.parametrize("a", [0.0, 0.5, 1.0])
+def test_dense_targets_mix_in_the_dense_paths_outputs(tmp_path, a):
+    import copy
+
+    from slr.checkpoint import BlockCheckpoints
+
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    ad = get_adapter(dense)
+    x = calib()
+    inputs = capture_inputs(dense, ad, x, BATCH, "cpu")
+    path, h = [], inputs.hidden  # the dense model's own block outputs
+    with torch.no_grad():
+        for i, b in enumerate(ad.blocks(dense)):
+            h = [block_forward(b, inputs, i, t) for t in h]
+            path.append(h)
+    cfg = CompressConfig(method="wanda", sparsity=0.5, refine=RefineConfig(epochs=1, dense_targets=a))
+    for resume in (False, True):  # then again with block 0 taken from the first run's checkpoint
+        ck = BlockCheckpoints(tmp_path / "ck", {"t": 1}, resume=resume)
+        if resume:
+            for f in ck._files(1):
+                f.unlink()
+        spy = _Spy()
+        m = copy.deepcopy(dense)
+        with mock.patch.object(pipeline, "make_refiner", lambda *args, s=spy, **kw: s):
+            compress_(m, cfg, x, batch_size=BATCH, progress=False, checkpoints=ck)
+        assert sorted(spy.seen) == ([1] if resume else [0, 1])
+        for i, (targets, hidden) in spy.seen.items():
+            with torch.no_grad():  # the pristine dense block on the compressed path's inputs
+                own = [block_forward(ad.blocks(dense)[i], inputs, i, t) for t in hidden]
+            for t, o, p in zip(targets, own, path[i]):
+                torch.testing.assert_close(t, (1 - a) * o + a * p, rtol=1e-5, atol=1e-5)
+        if a == 1.0:  # block 1's compressed-path inputs differ, so the two kinds of target do
+            assert not torch.allclose(spy.seen[1][0][0], own[0], atol=1e-3)
+
+
+def test_dense_targets_outside_0_1_is_one_line_error(capsys):
+    with pytest.raises(SLRError, match=r"--tm-dense-targets 1.5 is outside \[0, 1\]"):
+        RefineConfig(dense_targets=1.5)
+    code, _, err = run(capsys, "compress", "some-model", "--method", "wanda", "--tm-dense-targets", 0.5)
+    assert code == 2 and "add --refine tm" in err and "Traceback" not in err
+
+
+def test_resume_of_a_run_saved_before_dense_targets_existed(tmp_path):
+    from slr.checkpoint import BlockCheckpoints
+
+    cfg = CompressConfig(method="admm", pattern="2:4", rank=32, refine=RefineConfig.paper())
+    old = cfg.to_dict()
+    del old["refine"]["dense_targets"]  # as an slr before the option wrote it
+    BlockCheckpoints(tmp_path / "ck", {"config": old}, resume=False)
+    BlockCheckpoints(tmp_path / "ck", {"config": cfg.to_dict()}, resume=True)  # its default reproduces that run
+    with pytest.raises(SLRError, match=r"--resume with a changed run: config.refine.dense_targets differ"):
+        BlockCheckpoints(tmp_path / "ck", {"config": replace(cfg, refine=RefineConfig.paper(dense_targets=0.5))
+                                           .to_dict()}, resume=True)

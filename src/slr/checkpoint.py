@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .config import CompressConfig
 from .errors import SLRError
 from .fsutil import atomic_file, write_json_atomic, write_text_atomic
 from .qlinear import spec_dict, spec_from
@@ -51,6 +52,18 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _with_new_defaults(fingerprint: dict) -> dict:
+    """The saved fingerprint with its config read back through CompressConfig: options that a later slr added take
+    their defaults (which reproduce the older runs), so adding one does not block a --resume."""
+    cfg = fingerprint.get("config")
+    if not isinstance(cfg, dict):
+        return fingerprint
+    try:
+        return fingerprint | {"config": CompressConfig.from_dict(cfg).to_dict()}
+    except SLRError:
+        return fingerprint  # an unreadable config differs anyway, and _diff names it
+
+
 class BlockCheckpoints:
     """Completed blocks of one run, in ``path``; ``fingerprint`` must equal the saved one to resume."""
 
@@ -74,7 +87,7 @@ class BlockCheckpoints:
             if saved.get("format") != FORMAT:
                 raise SLRError(f"checkpoints in {self.path} have format {saved.get('format')}, this slr writes "
                                f"{FORMAT}", "pass --overwrite to start over")
-            changed = _diff(saved.get("fingerprint", {}), self.fingerprint)
+            changed = _diff(_with_new_defaults(saved.get("fingerprint", {})), self.fingerprint)
             if changed:
                 raise SLRError(f"--resume with a changed run: {', '.join(changed[:4])} differ from the interrupted "
                                "run's", "rerun with the original options, or pass --overwrite to start over")

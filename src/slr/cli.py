@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tm-lr", type=float, default=D, help="transformer matching's Adam learning rate (cosine to "
                    "lr / 5) [default: 2e-5]")
     c.add_argument("--tm-batch", type=int, default=D, metavar="N", help="windows a TM step [default: 8]")
+    c.add_argument("--tm-dense-targets", type=float, default=D, metavar="A",
+                   help="TM's targets: (1 - A) x the dense block on the compressed path's inputs + A x the dense "
+                   "model's own block outputs; A > 0 lets TM also correct the error earlier blocks pass on "
+                   "[default: 0, 3BASiL's targets]")
     c.add_argument("--tm-preset", default=D, choices=list(TM_PRESETS),
                    help="paper = 3BASiL-TM's schedule: 20 epochs, 128 windows, Adam lr 2e-5 cosine to lr / 5, 8 "
                    "windows a step; --tm-* flags override it")
@@ -245,7 +249,7 @@ _FLAGS = {
     "alloc_opt": ("alloc", "options"),
     "refine": ("refine", "method"), "tm_epochs": ("refine", "epochs"), "tm_samples": ("refine", "max_samples"),
     "tm_heldout": ("refine", "heldout"), "tm_preset": ("refine", "preset"),
-    "tm_lr": ("refine", "lr"), "tm_batch": ("refine", "batch_size"),
+    "tm_lr": ("refine", "lr"), "tm_batch": ("refine", "batch_size"), "tm_dense_targets": ("refine", "dense_targets"),
     "distill": ("distill", None), "kd_epochs": ("distill", "epochs"), "kd_lr": ("distill", "lr"),
     "kd_samples": ("distill", "max_samples"), "kd_heldout": ("distill", "heldout"),
     "out": ("run", "out"), "overwrite": ("run", "overwrite"), "no_save": ("run", "save"),
@@ -279,8 +283,8 @@ def compress_request(a: argparse.Namespace) -> tuple[str, CompressConfig, RunOpt
             continue
         given.setdefault(table, {})[k] = value
     if "refine" in given and "refine" not in tables and "method" not in given["refine"]:
-        raise SLRError("--tm-epochs/--tm-samples/--tm-heldout/--tm-lr/--tm-batch/--tm-preset set transformer "
-                       "matching's schedule",
+        raise SLRError("--tm-epochs/--tm-samples/--tm-heldout/--tm-lr/--tm-batch/--tm-dense-targets/--tm-preset set "
+                       "transformer matching's schedule",
                        "add --refine tm")
     if "distill" in given and "distill" not in tables and "distill" not in vars(a):
         raise SLRError("--kd-epochs/--kd-lr/--kd-samples/--kd-heldout set distillation's schedule", "add --distill")

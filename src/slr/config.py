@@ -109,6 +109,10 @@ class RefineConfig:
              the last ``heldout`` windows of the block's calibration windows (of each process under torchrun). None =
              max(1, n // 8) of n windows when n >= 2, else 0; 0 = judge on the training windows. When max_samples
              plus heldout exceed n, TM trains on the n - heldout windows before the held-out ones.
+    dense_targets: the weight a of the dense model's own block outputs (on dense-path inputs) in the targets:
+             target = (1 - a) * dense_block(compressed-path inputs) + a * dense-path output. 0 is 3BASiL's
+             memory-efficient target (each block matches only its own error); with a > 0 TM also corrects part of
+             the error the earlier compressed blocks pass on, for a second copy of the calibration activations.
     ``RefineConfig.preset("paper", **overrides)`` (``[refine] preset = "paper"``, ``--tm-preset paper``) starts
     from ``TM_PRESETS["paper"]``; keys given explicitly win.
     """
@@ -122,8 +126,13 @@ class RefineConfig:
     train_biases: bool = True
     max_samples: int | None = None
     heldout: int | None = None
+    dense_targets: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.dense_targets <= 1.0:
+            raise SLRError(f"--tm-dense-targets {self.dense_targets} is outside [0, 1]",
+                           "pass a weight between 0 (the dense block on the compressed inputs) and 1 (the dense "
+                           "model's own outputs)")
         if self.method != "tm":
             raise SLRError(f"unknown refinement {self.method!r}", "use tm (transformer matching)")
         if self.epochs < 0 or self.batch_size < 1 or (self.max_samples is not None and self.max_samples < 1):

@@ -298,6 +298,15 @@ class _BlockLoop:
     pristine: list[nn.Module] | None
     data_free: bool
     group: object
+    dense_hidden: list[torch.Tensor] | None = None  # dense-path activations, for TM's dense_targets
+
+    def __post_init__(self):
+        cfg = self.config.refine
+        if self.refiner is not None and self.inputs is not None and cfg is not None and cfg.dense_targets > 0:
+            if isinstance(self.inputs.hidden, DiskActivations):
+                raise SLRError("--tm-dense-targets keeps the dense path's activations in memory",
+                               "drop --offload-activations, or --tm-dense-targets")
+            self.dense_hidden = [h.clone() for h in self.inputs.hidden]
 
     def run(self, progress: bool) -> None:
         done = self.checkpoints.completed() if self.checkpoints is not None else 0
@@ -310,16 +319,25 @@ class _BlockLoop:
                 self.blocks[i] = copy.deepcopy(self.pristine[i])
                 self.onload.load(i, self.blocks[i])
                 self.report.add_time("onload.load", time.perf_counter() - t)
+            dense_out = self._dense_step(i, self.blocks[i])  # while block i is still dense
             if i < done:  # finished by an interrupted run: rebuild it exactly, then propagate as that run did
                 self._resume(i, self.blocks[i])
                 bar.set_postfix(resumed=i + 1)
             else:
-                err = self._solve(i, self.blocks[i], kill)
+                err = self._solve(i, self.blocks[i], kill, dense_out)
                 if err is not None:
                     bar.set_postfix(rel_err=f"{err:.4f}")
             if self.onload is not None:
                 self.onload.release(self.blocks[i])
             trim_heap()
+
+    def _dense_step(self, i: int, block: nn.Module) -> list[torch.Tensor] | None:
+        """The dense block's outputs on the dense-path activations (which move on to them); None when unused."""
+        if self.dense_hidden is None:
+            return None
+        with torch.no_grad():
+            self.dense_hidden = [block_forward(block, self.inputs, i, h) for h in self.dense_hidden]
+        return self.dense_hidden
 
     def _resume(self, i: int, block: nn.Module) -> None:
         report = self.report
@@ -331,8 +349,10 @@ class _BlockLoop:
             report.results.update({key(i, n): r for n, r in results.items()})
         self._propagate(i, block, timed=False)
 
-    def _solve(self, i: int, block: nn.Module, kill: _KillSwitch) -> float | None:
-        """Collect H, solve, replace the linears, refine, checkpoint, propagate; returns the mean layer error."""
+    def _solve(self, i: int, block: nn.Module, kill: _KillSwitch, dense_out=None) -> float | None:
+        """Collect H, solve, replace the linears, refine, checkpoint, propagate; returns the mean layer error.
+
+        dense_out: the dense path's outputs of block i, mixed into TM's targets (RefineConfig.dense_targets)."""
         report, inputs, refiner = self.report, self.inputs, self.refiner
         before = dict(report.seconds)
         linears = self.adapter.linears(block)
@@ -352,6 +372,9 @@ class _BlockLoop:
             report.results.update({key(i, n): r for n, r in results.items()})
         if refiner is not None and inputs is not None:
             t = time.perf_counter()
+            if dense_out is not None:
+                a = self.config.refine.dense_targets
+                targets = [t.mul(1 - a).add_(y, alpha=a) for t, y in zip(targets, dense_out)]
             refiner(block, i, inputs, targets)
             report.add_time("refine", time.perf_counter() - t)
         if self.checkpoints is not None and self.group.is_main:
