@@ -48,6 +48,8 @@ def test_tm_adds_targets_graph_and_state(model):
     assert tm["phases"]["blocks"] - few["phases"]["blocks"] == E.backward_bytes(6 * L, d, 128)
     off = estimate_run(model, W, L, rebuild=False, refine="tm", offload_activations=True)
     assert off["block_parts"]["TM targets (every window, fp32)"] == targets
+    dense = estimate_run(model, W, L, rebuild=False, refine="tm", tm_dense_targets=True)
+    assert dense["phases"]["blocks"] - tm["phases"]["blocks"] == targets  # the dense path's copy of the activations
     # more windows, more targets
     assert estimate_run(model, 4 * W, L, rebuild=False, refine="tm")["total"] > tm["total"]
     assert estimate_run(model, 0, L, refine="tm")["phases"] == estimate_run(model, 0, L)["phases"]  # no data, no TM

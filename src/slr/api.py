@@ -292,6 +292,7 @@ class _Run:
                            offload_activations=run.offload_activations, batch_size=run.batch_size, rebuild=rebuild,
                            allocate=config.alloc.method, refine=config.refine and config.refine.method,
                            tm_samples=config.refine and config.refine.max_samples,
+                           tm_dense_targets=bool(config.refine and config.refine.dense_targets > 0),
                            distill=config.distill is not None,
                            solved=getattr(config.alloc.options, "pools", None) == "solved")
         check_fits(est)  # before printing it, so a refusal stays one line

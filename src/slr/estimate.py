@@ -15,7 +15,8 @@ MiB; 410-420 MiB measured after loading SmolLM2) + the weights resident then + t
   With transformer matching (``refine="tm"``) the block also holds its dense targets for every calibration window
   (windows * seqlen * d_model * 4, in memory even with offloaded activations), the autograd graph of one training
   chunk (min(8, batch, tm_samples) windows; ``backward_bytes``) and eight fp32 copies of the block's linears (Adam's
-  two moments, the original and snapshot parameters, gradients, the dense weights SLRLinear builds for autograd).
+  two moments, the original and snapshot parameters, gradients, the dense weights SLRLinear builds for autograd);
+  with ``dense_targets`` > 0, one more copy of the activations (the dense path).
 * allocate (``allocate="knapsack"``, ``"cap"`` or ``"search"``, with calibration data): the dense model's Fisher
   pass, a forward and backward of the whole model on 2 windows at a time (``fisher_bytes``: five fp32 copies of the
   logits-sized head tensors plus every block's autograd graph; +2357 MiB on SmolLM2 at seqlen 512), which also
@@ -111,7 +112,8 @@ def fisher_bytes(seqlen: int, vocab: int, d_model: int, d_ff: int, n_blocks: int
 def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = False,
                  offload_activations: bool = False, batch_size: int = 8, rebuild: bool = True,
                  max_shard_bytes: int = 4 << 30, allocate: str = "uniform", refine: str | None = None,
-                 tm_samples: int | None = None, distill: bool = False, solved: bool = False) -> dict:
+                 tm_samples: int | None = None, tm_dense_targets: bool = False, distill: bool = False,
+                 solved: bool = False) -> dict:
     """{"model", "block", "compressed", "runtime", "phases", "total", ...} in bytes for compressing ``model``.
 
     ``total`` is the largest of ``phases`` (capture, blocks, allocate, evaluate / final; see the module docstring).
@@ -122,7 +124,8 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
     also without).
     ``refine="tm"``: transformer matching's targets, autograd graph and optimizer state join the block loop;
     ``tm_samples``: the windows it trains on (None = all; only the chunk size depends on it, the targets are kept
-    for every window). ``distill``: slr.distill's phase (the teacher, optimizer state, one window's backward).
+    for every window); ``tm_dense_targets``: TM's dense path, a second copy of every window's activations.
+    ``distill``: slr.distill's phase (the teacher, optimizer state, one window's backward).
     ``solved``: the allocator keeps S solved at every bit width (allocator option proxy=solved or pools=solved).
     """
     ad = get_adapter(model)
@@ -147,6 +150,8 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
     if refine == "tm" and data:
         chunk = max(min(TM_BATCH, batch, tm_samples or windows, windows), 1)
         parts["TM targets (every window, fp32)"] = windows * seqlen * d_model * 4
+        if tm_dense_targets:
+            parts["TM dense path (every window, fp32)"] = windows * seqlen * d_model * 4
         parts["TM autograd graph (one chunk)"] = backward_bytes(chunk * seqlen, d_model, d_ff)
         parts["TM optimizer state and copies"] = TM_STATE_COPIES * block_lin_b
     model_b = sum(p.numel() * p.element_size() for p in model.parameters())
