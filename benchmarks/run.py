@@ -123,6 +123,8 @@ def flat_config(cfg: dict) -> dict:
     if ref:
         out.update(tm_epochs=ref["epochs"], tm_samples=ref["max_samples"])
         out.update({f"tm_{k}": ref[k] for k in ("heldout", "lr", "batch_size") if k in ref})
+        if ref.get("dense_targets"):
+            out["tm_dense_targets"] = ref["dense_targets"]
     return out
 
 
@@ -153,8 +155,10 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
     return {
         "model": r["model"], "method": r["method"], "config": config_id or r["spec"],
         "allocate": c.get("allocate", "uniform"), "refine": c.get("refine"),
-        **({k: c.get(k) for k in ("tm_epochs", "tm_samples", "tm_heldout", "tm_lr", "tm_batch_size") if k in c}
-           if c.get("refine") else {}),
+        **({k: c.get(k) for k in ("tm_epochs", "tm_samples", "tm_heldout", "tm_lr", "tm_batch_size",
+                                  "tm_dense_targets") if k in c} if c.get("refine") else {}),
+        **({"tm_windows": r["refine"][0]["windows"], "tm_heldout_windows": r["refine"][0]["heldout_windows"]}
+           if r.get("refine") and "heldout_windows" in r["refine"][0] else {}),
         **({"distill": _distill_summary(r["config"]["distill"], r.get("distill") or {})}
            if r["config"].get("distill") else {}),
         **({"allocate_s": round(r["seconds"]["allocate"], 1)} if "allocate" in r["seconds"] else {}),
@@ -337,8 +341,12 @@ def allocation_tables(recs: list[dict], history: list[dict] | None = None) -> li
                 "KD (epochs, windows, held-out, lr) | KD held-out KL | refine s | distill s | compress s | commit |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for b, r in pairs:
-            tm = (f"{r.get('tm_epochs')}, {r.get('tm_samples') or r['calib_samples']}, {r.get('tm_heldout', 'n/a')}, "
-                  f"{r.get('tm_lr', 'n/a')}, {r.get('tm_batch_size', 'n/a')}") if r.get("refine") else "-"
+            tm = "-"
+            if r.get("refine"):
+                tm = (f"{r.get('tm_epochs')}, {r.get('tm_windows') or r.get('tm_samples') or r['calib_samples']}, "
+                      f"{r.get('tm_heldout_windows', r.get('tm_heldout', 'n/a'))}, {r.get('tm_lr', 'n/a')}, "
+                      f"{r.get('tm_batch_size', 'n/a')}")
+                tm += f", dense targets {r['tm_dense_targets']}" if r.get("tm_dense_targets") else ""
             d = r.get("distill") or {}
             kd = (f"{d.get('epochs')}, {d.get('windows')}, {d.get('heldout_windows')}, {d.get('lr')}"
                   if d else "-")

@@ -95,3 +95,26 @@ def test_frontier_marks_the_frontier_and_judges_each_budget_against_gptq(bench, 
         in text
     assert "| 2.5 | q2g64, 500.000 | gptq q2g64 (2.250, 500.000) | Q | 1.00 | ppl <= 100 | **no** |" in text
     assert bench.frontier_section([r | {"bpw": None} for r in recs], bench.CONFIGS, bench._method, png) == []
+
+
+def test_tm_rows_name_the_windows_they_ran_and_dense_targets(bench):
+    tm = rec("uniform", 33.0, "tm") | {"tm_epochs": 8, "tm_samples": 32, "tm_windows": 32, "tm_heldout_windows": 16,
+                                       "tm_lr": 3e-4, "tm_batch_size": 8, "tm_dense_targets": 1.0}
+    text = "\n".join(bench.allocation_tables([rec("uniform", 35.0), tm]))
+    assert "| 35.000 | 33.000 | 8, 32, 16, 0.0003, 8, dense targets 1.0 |" in text
+    paper = rec("uniform", 34.0, "tm") | {"tm_epochs": 20, "tm_samples": 128, "tm_windows": 112,
+                                          "tm_heldout_windows": 16, "tm_lr": 2e-5, "tm_batch_size": 8}
+    text = "\n".join(bench.allocation_tables([rec("uniform", 35.0), paper]))
+    assert "| 35.000 | 34.000 | 20, 112, 16, 2e-05, 8 |" in text  # the windows it trained on, not the cap
+
+
+def test_tm_sweep_settings_and_table(bench):  # bench puts benchmarks/ on sys.path (tm_sweep imports run)
+    spec = importlib.util.spec_from_file_location("slr_bench_tm_sweep", SCRIPT.parent / "tm_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_setting("lr=3e-4,epochs=8,batch_size=4") == {"lr": 3e-4, "epochs": 8, "batch_size": 4}
+    row = {"block": 5, "setting": "lr=3e-4,epochs=8", "heldout_before": 0.1, "heldout_after": 0.095, "gain": 0.05,
+           "kept_epoch": 8, "tm_s": 12.5}
+    md = mod.render({"model": "m", "method": "admm", "pattern": "2:4", "rank": 32, "train": 32, "heldout": 16,
+                     "threads": 2, "commit": "abc", "rows": [row], "note": "A note."})
+    assert "| 5 | lr=3e-4,epochs=8 | 1.0000e-01 | 9.5000e-02 | 5.0% | 8 | 12.5 |" in md and "A note." in md
