@@ -3,6 +3,7 @@ random models only)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from unittest import mock
 
@@ -348,3 +349,19 @@ def test_resume_of_a_run_saved_before_dense_targets_existed(tmp_path):
     with pytest.raises(SLRError, match=r"--resume with a changed run: config.refine.dense_targets differ"):
         BlockCheckpoints(tmp_path / "ck", {"config": replace(cfg, refine=RefineConfig.paper(dense_targets=0.5))
                                            .to_dict()}, resume=True)
+
+
+def test_resume_keeps_the_tm_stats_of_the_finished_blocks(tmp_path):
+    from slr.checkpoint import BlockCheckpoints
+
+    x = calib()
+    cfg = CompressConfig(method="wanda", sparsity=0.5, refine=RefineConfig(epochs=2, lr=1e-3))
+    first = compress_(tiny_model("llama"), cfg, x, batch_size=BATCH, progress=False,
+                      checkpoints=BlockCheckpoints(tmp_path / "ck", {"t": 1}, resume=False))
+    ck = BlockCheckpoints(tmp_path / "ck", {"t": 1}, resume=True)
+    for f in ck._files(1):
+        f.unlink()
+    again = compress_(tiny_model("llama"), cfg, x, batch_size=BATCH, progress=False, checkpoints=ck)
+    assert [s["block"] for s in again.refine] == [0, 1]
+    assert again.refine[0] == json.loads(json.dumps(first.refine[0]))  # block 0's, read back from its checkpoint
+    assert again.refine[0]["heldout_loss_after"] < again.refine[0]["heldout_loss_before"]

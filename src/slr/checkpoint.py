@@ -108,7 +108,9 @@ class BlockCheckpoints:
         return k
 
     def save(self, i: int, results: dict[str, SolveResult], records: list[dict], seconds: dict[str, float],
-             state: dict[str, torch.Tensor] | None = None) -> None:
+             state: dict[str, torch.Tensor] | None = None, refine: dict | None = None) -> None:
+        """Block i's solver results, records and seconds; ``state``: its state after a refinement, whose stats
+        (``refine``) come back from ``refine_stats(i)`` on resume."""
         tensors: dict[str, torch.Tensor] = {}
         shared: dict[str, str] = {}
         first_v: dict[int, str] = {}
@@ -135,7 +137,16 @@ class BlockCheckpoints:
         with atomic_file(st) as tmp:
             save_file(tensors, str(tmp), metadata={"slr": json.dumps({"names": list(results), "shared_v": shared,
                                                                         "qspec": grids})})
-        write_text_atomic(js, json.dumps({"records": records, "seconds": seconds, "state": state is not None}))
+        write_text_atomic(js, json.dumps({"records": records, "seconds": seconds, "state": state is not None,
+                                          **({"refine": refine} if refine is not None else {})}))
+
+    def refine_stats(self, i: int) -> dict | None:
+        """The refinement stats saved with block i (None: none, or a checkpoint from before they were saved)."""
+        try:
+            return json.loads(self._files(i)[1].read_text(encoding="utf-8")).get("refine")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise SLRError(f"checkpoint of block {i} in {self.path} is unreadable",
+                           "pass --overwrite to start over") from None
 
     def load(self, i: int) -> tuple[dict[str, SolveResult], list[dict], dict[str, float], dict | None]:
         st, js = self._files(i)

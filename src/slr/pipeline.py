@@ -347,6 +347,9 @@ class _BlockLoop:
             report.add_time(k, v)
         if self.keep_results:
             report.results.update({key(i, n): r for n, r in results.items()})
+        stats = self.checkpoints.refine_stats(i) if self.refiner is not None else None
+        if stats is not None:
+            self.refiner.stats.append(stats)
         self._propagate(i, block, timed=False)
 
     def _solve(self, i: int, block: nn.Module, kill: _KillSwitch, dense_out=None) -> float | None:
@@ -357,7 +360,7 @@ class _BlockLoop:
         before = dict(report.seconds)
         linears = self.adapter.linears(block)
         groups = [g for g in self.adapter.groups if all(n in linears for n in g)]
-        Hs, targets = {}, None
+        Hs, targets, stats = {}, None, None
         if inputs is not None:
             t = time.perf_counter()
             Hs, targets = _collect(block, i, inputs, linears, groups, refiner is not None, self.group)
@@ -375,12 +378,13 @@ class _BlockLoop:
             if dense_out is not None:
                 a = self.config.refine.dense_targets
                 targets = [t.mul(1 - a).add_(y, alpha=a) for t, y in zip(targets, dense_out)]
-            refiner(block, i, inputs, targets)
+            stats = refiner(block, i, inputs, targets)
             report.add_time("refine", time.perf_counter() - t)
         if self.checkpoints is not None and self.group.is_main:
             secs = {k: v - before.get(k, 0.0) for k, v in report.seconds.items()}
             recs = [json.loads(json.dumps(vars(r) | {"shape": list(r.shape)}, default=str)) for r in records]
-            self.checkpoints.save(i, results, recs, secs, block.state_dict() if refiner is not None else None)
+            self.checkpoints.save(i, results, recs, secs, block.state_dict() if refiner is not None else None,
+                                  refine=stats)
         self._propagate(i, block, timed=True)
         errs = [r.rel_error for r in records if r.rel_error == r.rel_error]
         return sum(errs) / len(errs) if errs else None
