@@ -123,15 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "x 8 / weights); --allocate knapsack, cap or search then picks each matrix's bit width of S in "
                    "2, 3, 4, 8 (and rank), uniform keeps --bits. Needs --bits")
     c.add_argument("--refine", default=D, choices=["tm"], help="tm = transformer matching per block")
-    c.add_argument("--tm-epochs", type=int, default=D, help="transformer-matching epochs [default: 20]")
+    c.add_argument("--tm-epochs", type=int, default=D, help="transformer-matching epochs [default: 8]")
     c.add_argument("--tm-samples", type=int, default=D, metavar="N",
-                   help="calibration windows transformer matching trains on [default: all but the held-out ones]")
+                   help="calibration windows transformer matching trains on (at most all but the held-out ones) "
+                   "[default: 32]")
     c.add_argument("--tm-heldout", type=int, default=D, metavar="N",
                    help="the last N calibration windows are never trained on, only used to judge TM: the best "
                    "parameters on them are kept, the original ones restored if TM does not lower their loss; 0 = "
                    "judge on the training windows [default: max(1, windows // 8), 0 for one window]")
     c.add_argument("--tm-lr", type=float, default=D, help="transformer matching's Adam learning rate (cosine to "
-                   "lr / 5) [default: 2e-5]")
+                   "lr / 5) [default: 3e-4]")
     c.add_argument("--tm-batch", type=int, default=D, metavar="N", help="windows a TM step [default: 8]")
     c.add_argument("--tm-dense-targets", type=float, default=D, metavar="A",
                    help="TM's targets: (1 - A) x the dense block on the compressed path's inputs + A x the dense "
