@@ -188,6 +188,14 @@ def _distill_summary(cfg: dict, stats: dict) -> dict:
     return out
 
 
+def _schedule(r: dict) -> tuple:
+    """A refined run's key for the TM / KD table: the run's identity plus TM's and distillation's settings."""
+    tm = tuple(str(r.get(k)) for k in ("tm_epochs", "tm_windows", "tm_samples", "tm_lr", "tm_batch_size",
+                                       "tm_dense_targets"))
+    return (r["model"], _method(r), r["config"], alloc_label(r), refine_label(r), r.get("calib_samples"), tm,
+            json.dumps(r.get("distill", {}).get("epochs")), json.dumps(r.get("distill", {}).get("lr")))
+
+
 def refine_label(r: dict) -> str | None:
     """"tm", "kd" (slr.distill), "tm+kd" or None."""
     parts = ([r["refine"]] if r.get("refine") else []) + (["kd"] if r.get("distill") else [])
@@ -323,8 +331,10 @@ def allocation_tables(recs: list[dict], history: list[dict] | None = None) -> li
     out.append("")
     pairs = []
     hist = history if history is not None else recs
+    # one row per TM / KD schedule: the newest run of each (a new schedule does not hide the older one's row)
+    newest = {_schedule(r): r for r in hist if refine_label(r)}
     for i, r in enumerate(hist):
-        if refine_label(r) and r in recs:
+        if refine_label(r) and (r in recs or newest[_schedule(r)] is r):
             base = [b for b in hist[:i] if not refine_label(b) and (b["model"], b["method"], b["config"],
                     alloc_label(b)) == (r["model"], r["method"], r["config"], alloc_label(r))]
             if base:  # the newest run without TM or distillation recorded before it

@@ -118,3 +118,13 @@ def test_tm_sweep_settings_and_table(bench):  # bench puts benchmarks/ on sys.pa
     md = mod.render({"model": "m", "method": "admm", "pattern": "2:4", "rank": 32, "train": 32, "heldout": 16,
                      "threads": 2, "commit": "abc", "rows": [row], "note": "A note."})
     assert "| 5 | lr=3e-4,epochs=8 | 1.0000e-01 | 9.5000e-02 | 5.0% | 8 | 12.5 |" in md and "A note." in md
+
+
+def test_each_tm_schedule_keeps_its_row(bench):
+    base = rec("uniform", 35.0)
+    a = rec("uniform", 33.0, "tm") | {"tm_epochs": 8, "tm_lr": 3e-4}
+    b = rec("uniform", 33.5, "tm") | {"tm_epochs": 8, "tm_lr": 3e-4, "tm_dense_targets": 1.0}
+    c = rec("uniform", 32.9, "tm") | {"tm_epochs": 8, "tm_lr": 3e-4}  # a's schedule again: replaces a's row
+    history = [base, a, b, c]
+    text = "\n".join(bench.allocation_tables(bench.latest(history), history))
+    assert "| 35.000 | 33.500 |" in text and "| 35.000 | 32.900 |" in text and "| 35.000 | 33.000 |" not in text
