@@ -377,7 +377,7 @@ class _BlockLoop:
             t = time.perf_counter()
             if dense_out is not None:
                 a = self.config.refine.dense_targets
-                targets = [t.mul(1 - a).add_(y, alpha=a) for t, y in zip(targets, dense_out)]
+                targets = [own.mul(1 - a).add_(y, alpha=a) for own, y in zip(targets, dense_out)]
             stats = refiner(block, i, inputs, targets)
             report.add_time("refine", time.perf_counter() - t)
         if self.checkpoints is not None and self.group.is_main:
