@@ -197,9 +197,28 @@ def _schedule(r: dict) -> tuple:
 
 
 def refine_label(r: dict) -> str | None:
-    """"tm", "kd" (slr.distill), "tm+kd" or None."""
-    parts = ([r["refine"]] if r.get("refine") else []) + (["kd"] if r.get("distill") else [])
+    """"tm", "kd" (slr.distill), "tm+kd", "tm (dense targets A)" or None."""
+    tm = [r["refine"] + (f" (dense targets {r['tm_dense_targets']})" if r.get("tm_dense_targets") else "")
+          ] if r.get("refine") else []
+    parts = tm + (["kd"] if r.get("distill") else [])
     return "+".join(parts) or None
+
+
+def _base_run(hist: list[dict], i: int) -> dict | None:
+    """The run that refined run hist[i] is compared with: same model, method, config and allocation, no TM or KD;
+    with the same solver options the newest recorded before it, else the first after it; else (no such run) the
+    newest before it with other solver options."""
+    r = hist[i]
+    same = [(j, b) for j, b in enumerate(hist) if not refine_label(b) and (
+        b["model"], b["method"], b["config"], alloc_label(b)) == (r["model"], r["method"], r["config"], alloc_label(r))]
+    plain = _method(r | {"refine": None, "distill": None})
+    exact_before = [b for j, b in same if j < i and _method(b) == plain]
+    exact_after = [b for j, b in same if j > i and _method(b) == plain]
+    other_before = [b for j, b in same if j < i]
+    for found in (exact_before[-1:], exact_after[:1], other_before[-1:]):
+        if found:
+            return found[0]
+    return None
 
 
 ALLOC_KEYS = ("allocator", "budget", "achieved_fraction", "normalize", "fisher_power", "fisher_windows", "rank_floor",
@@ -335,18 +354,18 @@ def allocation_tables(recs: list[dict], history: list[dict] | None = None) -> li
     newest = {_schedule(r): r for r in hist if refine_label(r)}
     for i, r in enumerate(hist):
         if refine_label(r) and (r in recs or newest[_schedule(r)] is r):
-            base = [b for b in hist[:i] if not refine_label(b) and (b["model"], b["method"], b["config"],
-                    alloc_label(b)) == (r["model"], r["method"], r["config"], alloc_label(r))]
-            if base:  # the newest run without TM or distillation recorded before it
-                pairs.append((base[-1], r))
+            base = _base_run(hist, i)
+            if base is not None:
+                pairs.append((base, r))
     if pairs:
         out += ["### Transformer matching and distillation before / after", "",
                 "TM: per-block transformer matching; held-out = windows TM never trains on and judges on (n/a: runs "
                 "before held-out judging, which judged on the training windows); lr and batch: Adam's, n/a = the "
                 "default of the time (2e-5, 8). KD: logit distillation of the whole model after compression "
                 "(slr.distill; epochs, training / held-out windows, lr, held-out KL before -> after). refine s and "
-                "distill s are part of compress s. Each row is paired with the newest run of the same model, method, "
-                "config and allocation without either, recorded before it.", "",
+                "distill s are part of compress s. Each row is paired with a run of the same model, method, config and "
+                "allocation without either: with the same solver options, the newest recorded before it, else the "
+                "first after it; without such a run, the newest before it with other solver options.", "",
                 "| method | config | allocate | ppl before | ppl after | TM (epochs, windows, held-out, lr, batch) | "
                 "KD (epochs, windows, held-out, lr) | KD held-out KL | refine s | distill s | compress s | commit |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -128,3 +128,14 @@ def test_each_tm_schedule_keeps_its_row(bench):
     history = [base, a, b, c]
     text = "\n".join(bench.allocation_tables(bench.latest(history), history))
     assert "| 35.000 | 33.500 |" in text and "| 35.000 | 32.900 |" in text and "| 35.000 | 33.000 |" not in text
+
+
+def test_refined_runs_pair_with_the_base_of_their_solver_options(bench):
+    old = rec("uniform", 36.0)  # other solver options (the defaults of its time)
+    tm = rec("uniform", 33.2, "tm") | {"solver_opts": {"rho_grow": [1.07, 1.2, 1.5]}}
+    base = rec("uniform", 33.8) | {"solver_opts": {"rho_grow": [1.07, 1.2, 1.5]}}  # recorded after the TM run
+    kd = rec("uniform", 31.6) | {"distill": {"epochs": 2, "lr": 1e-4}, "solver_opts": {"max_iters": 130}}
+    history = [old, kd, tm, base]
+    text = "\n".join(bench.allocation_tables(bench.latest(history), history))
+    assert "| 33.800 | 33.200 |" in text  # the base with its options, though recorded after it
+    assert "| 36.000 | 31.600 |" in text  # no base with max_iters=130: the newest before it
