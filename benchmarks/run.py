@@ -192,8 +192,8 @@ def _schedule(r: dict) -> tuple:
     """A refined run's key for the TM / KD table: the run's identity plus TM's and distillation's settings."""
     tm = tuple(str(r.get(k)) for k in ("tm_epochs", "tm_windows", "tm_samples", "tm_lr", "tm_batch_size",
                                        "tm_dense_targets"))
-    return (r["model"], _method(r), r["config"], alloc_label(r), refine_label(r), r.get("calib_samples"), tm,
-            json.dumps(r.get("distill", {}).get("epochs")), json.dumps(r.get("distill", {}).get("lr")))
+    kd = r.get("distill") or {}
+    return (*_run_key(r), tm, json.dumps(kd.get("epochs")), json.dumps(kd.get("lr")))
 
 
 def refine_label(r: dict) -> str | None:
@@ -259,11 +259,16 @@ def alloc_label(r: dict) -> str | None:
     return f"{a} ({', '.join(f'{k}={v}' for k, v in sorted(opts.items()))})" if opts else a
 
 
+def _run_key(r: dict) -> tuple:
+    """(model, method with its options, config, allocator with its options, refine, calib_samples)."""
+    return (r["model"], _method(r), r["config"], alloc_label(r), refine_label(r), r.get("calib_samples"))
+
+
 def latest(records: list[dict]) -> list[dict]:
-    """Keep the newest record per (model, method, config, allocator with its options, refine, calib_samples)."""
+    """Keep the newest record per ``_run_key``."""
     out: dict[tuple, dict] = {}
     for r in records:
-        out[(r["model"], _method(r), r["config"], alloc_label(r), refine_label(r), r.get("calib_samples"))] = r
+        out[_run_key(r)] = r
     return list(out.values())
 
 
@@ -350,10 +355,11 @@ def allocation_tables(recs: list[dict], history: list[dict] | None = None) -> li
     out.append("")
     pairs = []
     hist = history if history is not None else recs
-    # one row per TM / KD schedule: the newest run of each (a new schedule does not hide the older one's row)
+    # one row per TM / KD schedule: the newest run of each (a new schedule does not hide the older one's row; the
+    # newest run of a _run_key, the one in recs, is also the newest of its schedule)
     newest = {_schedule(r): r for r in hist if refine_label(r)}
     for i, r in enumerate(hist):
-        if refine_label(r) and (r in recs or newest[_schedule(r)] is r):
+        if refine_label(r) and newest[_schedule(r)] is r:
             base = _base_run(hist, i)
             if base is not None:
                 pairs.append((base, r))
