@@ -131,6 +131,195 @@ def masked_cg(S0: torch.Tensor, mask: torch.Tensor, T: torch.Tensor, A: torch.Te
     return X
 
 
+class _Scaled:
+    """One solve's problem in scaled coordinates (W~ = W D, module docstring) and the steps that work on it.
+
+    L~ = U Rt Ĥ^-1/2 is kept as (U [d_out, r], Rt [r, d_in]: right singular vectors of the whitened fit) plus
+    VH = Rt Ĥ^1/2 = V~ Ĥ [r, d_in], the only right factor the B step needs.
+    """
+
+    def __init__(self, W, sh: ScaledHessian, spec: LayerSpec, dtype, lr_oversample: int, lr_niter: int):
+        self.sh, self.spec, self.dtype, self.r, self.quant = sh, spec, dtype, spec.rank, spec.quant
+        self.lr_niter = lr_niter
+        self.Hh, self.Sq, self.Sqi, _ = sh.roots(dtype)  # Ĥ, Ĥ^1/2, Ĥ^-1/2 [d_in, d_in]
+        self.Wt64 = W.double() * sh.d  # [d_out, d_in] scaled weights
+        self.Wt = self.Wt64.to(dtype)
+        self.WH = self.Wt @ self.Hh  # W~ Ĥ, the fixed part of every B step's right-hand side
+        self.d_it = sh.d.to(dtype)
+        d_out, d_in = W.shape
+        q = min(self.r + lr_oversample, d_out, d_in)
+        self.exact_lr = q >= min(d_out, d_in) // 2  # a dense SVD is as cheap as the randomized one here
+        # Ĥ^1/2 Ω for the seeded Gaussian Ω
+        self.SqO = None if self.r == 0 or self.exact_lr else self.Sq @ sketch(d_in, q, None, dtype)
+
+    def objective(self, Z: torch.Tensor, U: torch.Tensor, Rt: torch.Tensor) -> float:
+        """Exact float64 undamped objective of (S~ = Z, L~ = U Rt Ĥ^-1/2)."""
+        return self.sh.objective(self.Wt64 - Z.double() - U.double() @ (Rt @ self.Sqi).double())
+
+    def loop_objective(self, Z: torch.Tensor, U: torch.Tensor, Rt: torch.Tensor) -> float:
+        """Same value in the iteration's dtype (one [d_out, d_in] x [d_in, d_in] product), summed in float64."""
+        Et = self.Wt - Z - U @ (Rt @ self.Sqi)
+        return float(((Et @ self.Hh) * Et).sum(0).double().sum() - (Et * Et).sum(0).double() @ self.sh.c)
+
+    def on_grid(self, Zt: torch.Tensor, m: torch.Tensor):
+        """(Z~ with its kept values rounded to S's grid, fitted on the kept entries of each group; (scale, zero))."""
+        Sq, scale, zero = round_to_grid(Zt / self.d_it, self.quant, m)
+        return Sq.to(self.dtype) * self.d_it, (scale, zero)
+
+    def project(self, B: torch.Tensor):
+        """(support mask, B on it (in place; on S's grid when quantized), the grid or None)."""
+        mask = select(B.abs(), self.spec, rowwise=False)
+        Z = B.mul_(mask)
+        return (mask, *self.on_grid(Z, mask)) if self.quant is not None else (mask, Z, None)
+
+    def lowrank_step(self, A: torch.Tensor, VH: torch.Tensor | None):
+        """Whitened rank-r fit of A: L~ = argmin ||(A - L~) Ĥ^1/2||, by a randomized SVD of M = A Ĥ^1/2.
+
+        M is never formed: Y = A (Ĥ^1/2 Ω) and Y^T M = (Y^T A) Ĥ^1/2 are thin products. The test matrix Ω is warm-
+        started with the previous right singular vectors Rt^T, whose image Ĥ^1/2 Rt^T = VH^T is already known, so the
+        subspace iteration converges together with the ADMM. Returns (U [d_out, r], Rt [r, d_in], VH = Rt Ĥ^1/2).
+        """
+        r, Sq = self.r, self.Sq
+        if self.exact_lr:
+            P, s, Rt = truncated_svd(A @ Sq, r, "exact")
+        else:
+            SO = self.SqO if VH is None else torch.cat([VH.T, self.SqO[:, r:]], 1)  # [d_in, q]
+            Y = A @ SO  # [d_out, q]
+            for _ in range(self.lr_niter):
+                Y = A @ (Sq @ torch.linalg.qr(Sq @ (A.T @ torch.linalg.qr(Y).Q)).Q)
+            P, s, Rt = range_svd(Y, (Y.T @ A) @ Sq, r)
+        return P * s, Rt, Rt @ Sq
+
+    def refit(self, St: torch.Tensor):
+        """Exact whitened rank-r fit (U [d_out, r], V~ [r, d_in]) of W~ - S~, in float64."""
+        sh = self.sh
+        P, s, Rt = truncated_svd(((self.Wt64 - St) @ sh.Q) * sh.lam.sqrt(), self.r, "exact")
+        return P * s, (Rt / sh.lam.sqrt()) @ sh.Q.T
+
+
+def _iterate(p: _Scaled, B0, U, Rt, VH, timer: Timer, *, max_iters, min_iters, check_every, rho0, rho_grow,
+             stop_delta, rho_max, diverge_factor) -> dict:
+    """The ADMM loop from B0 and L~ = (U, Rt, VH) with the rho schedule and the divergence guard (module docstring).
+
+    Returns best (objective, mask, Z, U, Rt, VH, grid) of the checked projected iterates, the objective trace, the
+    iterations, restarts, divergences and the last rho."""
+
+    def start():
+        with timer("projection"):
+            m, Z, g = p.project(B0.clone())
+        return m, Z, torch.zeros_like(B0), g
+
+    mask, Z, Vd, grid = start()  # Vd: dual variable (scaled coordinates); grid: S's (scale, zero) or None
+    kept = max(int(mask.sum()), 1)
+    with timer("objective"):
+        obj = p.objective(Z, U, Rt)
+    trace = [obj]
+    best = (obj, mask, Z, U, Rt, VH, grid)
+    prev_mask = mask
+    rho, grown = rho0, False
+    restarts = diverged = 0
+    G, G_rho = None, None
+    it = 0
+    for it in range(1, max_iters + 1):
+        with timer("B-update"):
+            if G_rho != rho:  # (Ĥ + rho I)^-1 from the eigendecomposition, rebuilt only when rho changes
+                G, G_rho = p.sh.resolvent(rho, p.dtype), rho
+            # B = [(W~ - L~) Ĥ - V + rho Z] (Ĥ + rho I)^-1: one [d_out, d_in] x [d_in, d_in] product
+            R = p.WH - Vd if VH is None else torch.addmm(p.WH, U, VH, alpha=-1.0).sub_(Vd)
+            B = R.add_(Z, alpha=rho) @ G
+        with timer("projection"):
+            mask, Z, grid = p.project(torch.add(B, Vd, alpha=1.0 / rho))
+        with timer("B-update"):
+            Vd.add_(B, alpha=rho).sub_(Z, alpha=rho)  # V += rho (B - Z)
+        if p.r > 0:
+            with timer("L-step"):
+                U, Rt, VH = p.lowrank_step(B.neg_().add_(p.Wt), VH)  # fit of W~ - B (B is not needed again)
+        if it % check_every:
+            continue
+        with timer("objective"):
+            obj = p.loop_objective(Z, U, Rt)
+        trace.append(obj)
+        if not math.isfinite(obj) or obj > diverge_factor * best[0]:
+            # divergence guard: back to the best iterate with a clean dual and a much larger rho
+            diverged += 1
+            _, mask, Z, U, Rt, VH, grid = best
+            Vd = torch.zeros_like(Vd)
+            rho, grown, prev_mask = min(rho * 10, rho_max), True, mask
+            if diverged > 5:
+                break
+            continue
+        if obj < best[0]:
+            best = (obj, mask, Z, U, Rt, VH, grid)
+        delta = float((mask ^ prev_mask).sum()) / kept
+        prev_mask = mask
+        if delta > 0.1:
+            rho, grown = rho * rho_grow[0], True
+        elif delta > 0.005:
+            rho, grown = rho * rho_grow[1], True
+        elif delta > 0:
+            if grown:
+                rho *= rho_grow[2]
+            else:  # rho0 froze the support too early: shrink and restart B, Z, V
+                rho /= 5
+                restarts += 1
+                mask, Z, Vd, grid = start()
+                prev_mask = mask
+        elif grown:
+            break
+        else:
+            rho /= 5
+        rho = min(rho, rho_max)
+        if it >= min_iters and delta < stop_delta:
+            break
+    return {"best": best, "trace": trace, "iterations": it, "restarts": restarts, "diverged": diverged, "rho": rho}
+
+
+def _polish(p: _Scaled, Hd, mask, St, U, Vt, grid, obj, trace, timer: Timer, *, polish_rounds, polish_tol, backsolve,
+            cg_iters):
+    """Alternate the exact L refit and the S backsolve on the fixed support (on S's grid when quantized) while a round
+    lowers the objective by more than ``polish_tol``; float64 throughout. Appends accepted objectives to ``trace``;
+    returns (S~, U, V~, grid, objective). Hd: the damped H (GPTQ's metric when S is quantized)."""
+    sh, r, quant, Wt64 = p.sh, p.r, p.quant, p.Wt64
+
+    def requantize(X: torch.Tensor):
+        """GPTQ of the scaled X [d_out, d_in] on S's support and grid (the damped metric), back in scaled coords."""
+        Sq, _, g = prune_quantize(X / sh.d, Hd, p.spec, quant, percdamp=0.0, fixed_mask=mask)
+        return Sq.double() * sh.d, g
+
+    for _ in range(polish_rounds):
+        if r > 0:
+            with timer("refit"):  # exact whitened fit of L against the PROJECTED S
+                U2, Vt2 = p.refit(St)
+        else:
+            U2, Vt2 = U, Vt
+        cands = [(St, grid)]  # (S~, its grid): candidates for S given the refit L
+        if backsolve:
+            with timer("backsolve"):
+                T = Wt64 - U2 @ Vt2
+                S2 = masked_cg(St, mask, T, sh.Hh, cg_iters)
+            cands = [(S2, None)]
+            if quant is not None:  # back onto the grid: GPTQ of the backsolve, or S as it was
+                with timer("requantize"):
+                    cands = [(St, grid), requantize(S2)]
+        with timer("objective"):
+            obj2, S2, grid2 = min(((sh.objective(Wt64 - c - U2 @ Vt2), c, g) for c, g in cands), key=lambda x: x[0])
+        if not obj2 < obj:
+            break
+        trace.append(obj2)
+        gain = (obj - obj2) / obj if obj > 0 else 0.0
+        obj, St, U, Vt, grid = obj2, S2, U2, Vt2, grid2
+        if gain <= polish_tol:
+            break
+    if quant is not None and r > 0:  # S moved on its grid after the last L refit: refit L once more
+        with timer("refit"):
+            U2, Vt2 = p.refit(St)
+            obj2 = sh.objective(Wt64 - St - U2 @ Vt2)
+        if obj2 < obj:
+            trace.append(obj2)
+            obj, U, Vt = obj2, U2, Vt2
+    return St, U, Vt, grid, obj
+
+
 @register("admm", kind="slr", bits=True)
 def admm(
     W: torch.Tensor,
@@ -186,198 +375,41 @@ def admm(
     timer = Timer()
     d_out, d_in = W.shape
     r = spec.rank
+    if init not in ("weights", "residual", "hybrid"):
+        raise ValueError(f"unknown init {init!r}")
 
     with timer("eig"):
         sh = scaled_hessian(H, percdamp, diag_frac)
-        root = sh.roots(dtype)
-    Hh, Sq, Sqi, _ = root  # Ĥ, Ĥ^1/2, Ĥ^-1/2 [d_in, d_in]
-    Wt64 = W.double() * sh.d  # [d_out, d_in] scaled weights
-    Wt = Wt64.to(dtype)
-    WH = Wt @ Hh  # W~ Ĥ, the fixed part of every B step's right-hand side
-    c64 = sh.c
-    quant = spec.quant
-    d_it = sh.d.to(dtype)
-
-    def on_grid(Zt: torch.Tensor, m: torch.Tensor):
-        """(Z~ with its kept values rounded to S's grid, fitted on the kept entries of each group; (scale, zero))."""
-        Sq, scale, zero = round_to_grid(Zt / d_it, quant, m)
-        return Sq.to(dtype) * d_it, (scale, zero)
-
-    # L~ = U Rt Ĥ^-1/2 is kept as (U [d_out, r], Rt [r, d_in]: right singular vectors of the whitened fit) plus
-    # VH = Rt Ĥ^1/2 = V~ Ĥ [r, d_in], the only right factor the B step needs
-    def objective(Z: torch.Tensor, U: torch.Tensor, Rt: torch.Tensor) -> float:
-        """Exact float64 undamped objective of (S~ = Z, L~ = U Rt Ĥ^-1/2)."""
-        return sh.objective(Wt64 - Z.double() - U.double() @ (Rt @ Sqi).double())
-
-    def loop_objective(Z: torch.Tensor, U: torch.Tensor, Rt: torch.Tensor) -> float:
-        """Same value in the iteration's dtype (one [d_out, d_in] x [d_in, d_in] product), summed in float64."""
-        Et = Wt - Z - U @ (Rt @ Sqi)
-        return float(((Et @ Hh) * Et).sum(0).double().sum() - (Et * Et).sum(0).double() @ c64)
-
-    q = min(r + lr_oversample, d_out, d_in)
-    exact_lr = q >= min(d_out, d_in) // 2  # a dense SVD is as cheap as the randomized one here
-    SqO = None if r == 0 or exact_lr else Sq @ sketch(d_in, q, None, dtype)  # Ĥ^1/2 Ω for the seeded Gaussian Ω
-
-    def lowrank_step(A: torch.Tensor, VH: torch.Tensor | None):
-        """Whitened rank-r fit of A: L~ = argmin ||(A - L~) Ĥ^1/2||, by a randomized SVD of M = A Ĥ^1/2.
-
-        M is never formed: Y = A (Ĥ^1/2 Ω) and Y^T M = (Y^T A) Ĥ^1/2 are thin products. The test matrix Ω is warm-
-        started with the previous right singular vectors Rt^T, whose image Ĥ^1/2 Rt^T = VH^T is already known, so the
-        subspace iteration converges together with the ADMM. Returns (U [d_out, r], Rt [r, d_in], VH = Rt Ĥ^1/2).
-        """
-        if exact_lr:
-            P, s, Rt = truncated_svd(A @ Sq, r, "exact")
-        else:
-            SO = SqO if VH is None else torch.cat([VH.T, SqO[:, r:]], 1)  # [d_in, q]
-            Y = A @ SO  # [d_out, q]
-            for _ in range(lr_niter):
-                Y = A @ (Sq @ torch.linalg.qr(Sq @ (A.T @ torch.linalg.qr(Y).Q)).Q)
-            P, s, Rt = range_svd(Y, (Y.T @ A) @ Sq, r)
-        return P * s, Rt, Rt @ Sq
-
+        p = _Scaled(W, sh, spec, dtype, lr_oversample, lr_niter)
     U = torch.zeros(d_out, r, dtype=dtype)
     Rt = torch.zeros(r, d_in, dtype=dtype)
     VH = None  # None until the first L step (L~ = 0)
-    if init not in ("weights", "residual", "hybrid"):
-        raise ValueError(f"unknown init {init!r}")
     if r > 0 and init != "weights":
         with timer("L-step"):
-            P, s, Rt = truncated_svd(Wt @ Sq, r, "exact")
-            U, VH = P * s, Rt @ Sq
-    B0 = Wt - U @ (Rt @ Sqi) if init == "residual" else Wt  # W~ - L~0, or W~ as in 3BASiL
+            P, s, Rt = truncated_svd(p.Wt @ p.Sq, r, "exact")
+            U, VH = P * s, Rt @ p.Sq
+    B0 = p.Wt - U @ (Rt @ p.Sqi) if init == "residual" else p.Wt  # W~ - L~0, or W~ as in 3BASiL
+    run = _iterate(p, B0, U, Rt, VH, timer, max_iters=max_iters, min_iters=min_iters, check_every=check_every,
+                   rho0=rho0, rho_grow=rho_grow, stop_delta=stop_delta, rho_max=rho_max,
+                   diverge_factor=diverge_factor)
+    trace = run["trace"]
 
-    def start():
-        with timer("projection"):
-            m = select(B0.abs(), spec, rowwise=False)
-            Z = B0 * m
-            g = None
-            if quant is not None:
-                Z, g = on_grid(Z, m)
-        return m, Z, torch.zeros_like(B0), g
-
-    mask, Z, Vd, grid = start()  # Vd: dual variable (scaled coordinates); grid: S's (scale, zero) or None
-    kept = max(int(mask.sum()), 1)
-    with timer("objective"):
-        obj = objective(Z, U, Rt)
-    trace = [obj]
-    best = (obj, mask, Z, U, Rt, VH, grid)
-    prev_mask = mask
-    rho, grown = rho0, False
-    restarts = diverged = 0
-    G, G_rho = None, None
-    it = 0
-    for it in range(1, max_iters + 1):
-        with timer("B-update"):
-            if G_rho != rho:  # (Ĥ + rho I)^-1 from the eigendecomposition, rebuilt only when rho changes
-                G, G_rho = sh.resolvent(rho, dtype), rho
-            # B = [(W~ - L~) Ĥ - V + rho Z] (Ĥ + rho I)^-1: one [d_out, d_in] x [d_in, d_in] product
-            R = WH - Vd if VH is None else torch.addmm(WH, U, VH, alpha=-1.0).sub_(Vd)
-            B = R.add_(Z, alpha=rho) @ G
-        with timer("projection"):
-            score = torch.add(B, Vd, alpha=1.0 / rho)
-            mask = select(score.abs(), spec, rowwise=False)
-            Z = score.mul_(mask)
-            if quant is not None:
-                Z, grid = on_grid(Z, mask)
-        with timer("B-update"):
-            Vd.add_(B, alpha=rho).sub_(Z, alpha=rho)  # V += rho (B - Z)
-        if r > 0:
-            with timer("L-step"):
-                U, Rt, VH = lowrank_step(B.neg_().add_(Wt), VH)  # fit of W~ - B (B is not needed again)
-        if it % check_every:
-            continue
-        with timer("objective"):
-            obj = loop_objective(Z, U, Rt)
-        trace.append(obj)
-        if not math.isfinite(obj) or obj > diverge_factor * best[0]:
-            # divergence guard: back to the best iterate with a clean dual and a much larger rho
-            diverged += 1
-            _, mask, Z, U, Rt, VH, grid = best
-            Vd = torch.zeros_like(Vd)
-            rho, grown, prev_mask = min(rho * 10, rho_max), True, mask
-            if diverged > 5:
-                break
-            continue
-        if obj < best[0]:
-            best = (obj, mask, Z, U, Rt, VH, grid)
-        delta = float((mask ^ prev_mask).sum()) / kept
-        prev_mask = mask
-        if delta > 0.1:
-            rho, grown = rho * rho_grow[0], True
-        elif delta > 0.005:
-            rho, grown = rho * rho_grow[1], True
-        elif delta > 0:
-            if grown:
-                rho *= rho_grow[2]
-            else:  # rho0 froze the support too early: shrink and restart B, Z, V
-                rho /= 5
-                restarts += 1
-                mask, Z, Vd, grid = start()
-                prev_mask = mask
-        elif grown:
-            break
-        else:
-            rho /= 5
-        rho = min(rho, rho_max)
-        if it >= min_iters and delta < stop_delta:
-            break
-
-    _, mask, Z, U, Rt, _, grid = best
+    _, mask, Z, U, Rt, _, grid = run["best"]
     St = Z.double()
-    U, Vt = U.double(), (Rt @ Sqi).double()
-    Hd = damp_hessian(H, percdamp, diag_frac) if quant is not None or spec.factor_bits != 16 else None
-
-    def refit(St: torch.Tensor):
-        """Exact whitened rank-r fit (U [d_out, r], V~ [r, d_in]) of W~ - S~."""
-        P, s, Rt = truncated_svd(((Wt64 - St) @ sh.Q) * sh.lam.sqrt(), r, "exact")
-        return P * s, (Rt / sh.lam.sqrt()) @ sh.Q.T
-
-    def requantize(X: torch.Tensor):
-        """GPTQ of the scaled X [d_out, d_in] on S's support and grid (the damped metric), back in scaled coords."""
-        Sq, _, g = prune_quantize(X / sh.d, Hd, spec, quant, percdamp=0.0, fixed_mask=mask)
-        return Sq.double() * sh.d, g
-
+    U, Vt = U.double(), (Rt @ p.Sqi).double()
     with timer("objective"):
-        obj = sh.objective(Wt64 - St - U @ Vt)  # exact float64 value of the best iterate
-    for _ in range(polish_rounds):
-        if r > 0:
-            with timer("refit"):  # exact whitened fit of L against the PROJECTED S
-                U2, Vt2 = refit(St)
-        else:
-            U2, Vt2 = U, Vt
-        cands = [(St, grid)]  # (S~, its grid): candidates for S given the refit L
-        if backsolve:
-            with timer("backsolve"):
-                T = Wt64 - U2 @ Vt2
-                S2 = masked_cg(St, mask, T, sh.Hh, cg_iters)
-            cands = [(S2, None)]
-            if quant is not None:  # back onto the grid: GPTQ of the backsolve, or S as it was
-                with timer("requantize"):
-                    cands = [(St, grid), requantize(S2)]
-        with timer("objective"):
-            obj2, S2, grid2 = min(((sh.objective(Wt64 - c - U2 @ Vt2), c, g) for c, g in cands), key=lambda x: x[0])
-        if not obj2 < obj:
-            break
-        trace.append(obj2)
-        gain = (obj - obj2) / obj if obj > 0 else 0.0
-        obj, St, U, Vt, grid = obj2, S2, U2, Vt2, grid2
-        if gain <= polish_tol:
-            break
-    if quant is not None and r > 0:  # S moved on its grid after the last L refit: refit L once more
-        with timer("refit"):
-            U2, Vt2 = refit(St)
-            obj2 = sh.objective(Wt64 - St - U2 @ Vt2)
-        if obj2 < obj:
-            trace.append(obj2)
-            obj, U, Vt = obj2, U2, Vt2
+        obj = sh.objective(p.Wt64 - St - U @ Vt)  # exact float64 value of the best iterate
+    Hd = damp_hessian(H, percdamp, diag_frac) if spec.quant is not None or spec.factor_bits != 16 else None
+    St, U, Vt, grid, obj = _polish(p, Hd, mask, St, U, Vt, grid, obj, trace, timer, polish_rounds=polish_rounds,
+                                   polish_tol=polish_tol, backsolve=backsolve, cg_iters=cg_iters)
 
     S = (St / sh.d).float() * mask
     V = (Vt / sh.d).float()
     U = U.float().contiguous() if r > 0 else None
     V = V if r > 0 else None
     qparams = {}
-    if quant is not None:  # exactly on the grid (S~ / d is, up to the rounding of the scaling)
-        S = dequantize(quantize(S, *grid, quant), *grid, quant) * mask
+    if spec.quant is not None:  # exactly on the grid (S~ / d is, up to the rounding of the scaling)
+        S = dequantize(quantize(S, *grid, spec.quant), *grid, spec.quant) * mask
         qparams["S"] = grid
     if r > 0 and spec.factor_bits != 16:
         with timer("factor-quant"):
@@ -387,14 +419,7 @@ def admm(
         with timer("objective"):
             obj = layer_objective(W, H, S + U @ V if r > 0 else S)
         trace.append(obj)
-    info = {
-        "objective": trace,
-        "best_objective": obj,
-        "iterations": it,
-        "restarts": restarts,
-        "diverged": diverged,
-        "rho": rho,
-        "seconds": time.perf_counter() - t_start,
-        "time": timer.s,
-    }
+    info = {"objective": trace, "best_objective": obj, "iterations": run["iterations"], "restarts": run["restarts"],
+            "diverged": run["diverged"], "rho": run["rho"], "seconds": time.perf_counter() - t_start,
+            "time": timer.s}
     return SolveResult(S=S, mask=mask, U=U, V=V, info=info, qparams=qparams)
