@@ -78,23 +78,10 @@ def drift_map(H: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> torch.Ten
     return torch.linalg.solve(H + lam * eye, (C + lam * eye).T).T
 
 
-def drift_maps(block: nn.Module, index: int, inputs: BlockInputs, dense_in: list[torch.Tensor], linears, groups,
-               Hs: dict, group=None) -> dict[tuple[str, ...], torch.Tensor]:
-    """M per input group of block ``index`` (``drift_map`` of its H and C): W* = W M fits the dense path's outputs.
-
-    ``inputs.hidden`` are the compressed path's batches, ``dense_in`` the dense path's (the same windows)."""
-    coll = CrossCollector(linears, groups)
-    with torch.no_grad():
-        for hc, hd in zip(inputs.hidden, dense_in):
-            coll.add(block, inputs, index, hc, hd)
-    Cs = coll.finish(group)
-    return {g: drift_map(Hs[g], Cs[g]) for g in groups}
-
-
 def corrected(W: torch.Tensor, M: torch.Tensor, a: float) -> torch.Tensor:
     """W + a (W M - W) [d_out, d_in], in W's dtype."""
     W64 = W.double()
     return (W64 + a * (W64 @ M - W64)).to(W.dtype)
 
 
-__all__ = ["CrossCollector", "corrected", "drift_map", "drift_maps"]
+__all__ = ["CrossCollector", "corrected", "drift_map"]

@@ -38,7 +38,7 @@ from .calibration import (
 from .config import CompressConfig
 from .distill import distill_
 from .distributed import bin_pack
-from .drift import corrected, drift_maps
+from .drift import CrossCollector, corrected, drift_map
 from .errors import SLRError
 from .heap import trim_heap
 from .models.adapters import ArchAdapter, get_adapter
@@ -375,7 +375,7 @@ class _BlockLoop:
             report.add_time("hessian", time.perf_counter() - t)
         if dense_in is not None:
             t = time.perf_counter()
-            maps = drift_maps(block, i, inputs, dense_in, linears, groups, Hs, self.group)
+            maps = _drift_maps(block, i, inputs, dense_in, linears, groups, Hs, self.group)
             report.add_time("drift", time.perf_counter() - t)
         t = time.perf_counter()
         results, records = _solve_block(i, linears, groups, Hs, self.config, self.plan, self.data_free, self.group,
@@ -424,6 +424,16 @@ def _collect(block, i: int, inputs: BlockInputs, linears, groups, keep_targets: 
             if keep_targets:
                 targets.append(out)
     return coll.finish(group), (targets if keep_targets else None)
+
+
+def _drift_maps(block, i: int, inputs: BlockInputs, dense_in, linears, groups, Hs: dict, group) -> dict:
+    """M per input group of block ``i`` (slr.drift.drift_map): W* = W M fits the dense path's layer outputs."""
+    coll = CrossCollector(linears, groups)
+    with torch.no_grad():
+        for hc, hd in zip(inputs.hidden, dense_in):
+            coll.add(block, inputs, i, hc, hd)
+    Cs = coll.finish(group)
+    return {g: drift_map(Hs[g], Cs[g]) for g in groups}
 
 
 class _KillSwitch:
