@@ -140,10 +140,9 @@ def config_id_of(cfg: dict) -> str | None:
 
 
 def _method(r: dict) -> str:
-    """The method, its non-default solver options, embedding bits and drift correction, and its refinements, e.g.
-    "gptq (actorder=True, embed_bits=8)" or "wanda + tm + kd"."""
+    """The method, its non-default solver options and embedding bits, and its refinements, e.g. "gptq (actorder=True,
+    embed_bits=8)" or "wanda + tm + kd"."""
     o = dict(r.get("solver_opts") or {}) | ({"embed_bits": r["embed_bits"]} if r.get("embed_bits") else {})
-    o |= {"drift_correction": r["drift_correction"]} if r.get("drift_correction") else {}
     tail = "".join(f" + {x}" for x in (refine_label(r) or "").split("+") if x)
     return r["method"] + (" (" + ", ".join(f"{k}={v}" for k, v in o.items()) + ")" if o else "") + tail
 
@@ -165,7 +164,6 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
         **({"allocate_s": round(r["seconds"]["allocate"], 1)} if "allocate" in r["seconds"] else {}),
         **({"alloc_opts": c["alloc_opts"]} if c.get("alloc_opts") else {}),
         **({"solver_opts": c["solver_opts"]} if c.get("solver_opts") else {}),
-        **({"drift_correction": c["drift_correction"]} if c.get("drift_correction") else {}),
         **({"allocation": _alloc_summary(r["allocation"])} if r.get("allocation") else {}),
         "retained_fraction": round(r["retained_fraction"], 6),
         **({"bpw": b["bpw"]} if b.get("bpw") is not None else {}),

@@ -139,16 +139,3 @@ def test_refined_runs_pair_with_the_base_of_their_solver_options(bench):
     text = "\n".join(bench.allocation_tables(bench.latest(history), history))
     assert "| 33.800 | 33.200 |" in text  # the base with its options, though recorded after it
     assert "| 36.000 | 31.600 |" in text  # no base with max_iters=130: the newest before it
-
-
-def test_drift_corrected_runs_are_their_own_rows(bench):
-    res = {"model": "m", "method": "sparsegpt", "config": {"sparsity": None, "pattern": "2:4", "rank": 0,
-                                                          "drift_correction": 1.0},
-           "spec": "nm24", "calibration": {"samples": 8}, "seconds": {"compress": 1.0, "eval": 2.0},
-           "retained_fraction": 0.5, "ppl": {"ppl": 30.0, "windows": 64, "text": "t"}, "dense_ppl": {"ppl": 20.0},
-           "mean_rel_error": 0.01, "git_commit": "x", "seed": 0}
-    r = bench.record(res, "nm24")
-    plain = bench.record(res | {"config": res["config"] | {"drift_correction": 0.0}}, "nm24")
-    assert r["drift_correction"] == 1.0 and "drift_correction" not in plain
-    assert bench._method(r) == "sparsegpt (drift_correction=1.0)" and bench._method(plain) == "sparsegpt"
-    assert len(bench.latest([plain, r])) == 2
