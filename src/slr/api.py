@@ -293,7 +293,7 @@ class _Run:
                            allocate=config.alloc.method, refine=config.refine and config.refine.method,
                            tm_samples=config.refine and config.refine.max_samples,
                            tm_dense_targets=bool(config.refine and config.refine.dense_targets > 0),
-                           distill=config.distill is not None, drift=config.drift_correction > 0,
+                           distill=config.distill is not None,
                            solved=getattr(config.alloc.options, "pools", None) == "solved")
         check_fits(est)  # before printing it, so a refusal stays one line
         if self.progress:

@@ -104,10 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-text", default=D, metavar="FILE", help="calibrate on your own text file")
     c.add_argument("--text", default=D, metavar="FILE", help="evaluate on your own text file")
     c.add_argument("--seed", type=int, default=D, help="calibration sampling seed [default: 0]")
-    c.add_argument("--drift-correction", type=float, default=D, metavar="A",
-                   help="fit each linear to the dense model's outputs of it (W x_dense) instead of its outputs on "
-                   "the compressed path's inputs, so that the error earlier blocks pass on is corrected too; A in "
-                   "[0, 1] mixes the two targets [default: 0]")
     c.add_argument("--windows", default=D, help="eval windows, or 'all' [default: 64]")
     c.add_argument("--no-eval", action="store_true", default=D, help="skip perplexity evaluation")
     c.add_argument("--tasks", default=D, metavar="T1,T2", help="also score zero-shot tasks on the compressed model")
@@ -247,8 +243,7 @@ def cmd_eval(a) -> int:
 # flag -> (table, key) of the TOML layout (slr.config); None = the top level (CompressConfig)
 _FLAGS = {
     "method": (None, "method"), "sparsity": (None, "sparsity"), "pattern": (None, "pattern"), "rank": (None, "rank"),
-    "calib_samples": (None, "calib_samples"), "seed": (None, "seed"),
-    "drift_correction": (None, "drift_correction"), "opt": (None, "solver"),
+    "calib_samples": (None, "calib_samples"), "seed": (None, "seed"), "opt": (None, "solver"),
     "bits": (None, "bits"), "group_size": (None, "group_size"), "asym": (None, "sym"),
     "factor_bits": (None, "factor_bits"),
     "allocate": ("alloc", "method"), "budget": ("alloc", "budget"), "budget_bits": ("alloc", "budget_bits"),

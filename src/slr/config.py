@@ -207,11 +207,6 @@ class CompressConfig:
               inside the solve: ``Method.bits``); with bits and no sparsity or pattern, S is dense (sparsity 0).
     factor_bits: U and V at 16 (fp16), 8 or 4 bits.
     solver:   the method's typed options (a dict is converted).
-    drift_correction: A in [0, 1]. 0: each linear is fitted to its own outputs on the compressed path's inputs,
-              W x_c (the usual target). 1: to the dense model's outputs of that linear, W x_d, so that the error the
-              earlier blocks pass on is corrected as well (asymmetric calibration, as in GPTAQ); the solver then sees
-              the least-squares target W* = W (X_d^T X_c)(X_c^T X_c)^-1 (damped) and the same H. Between: the
-              targets mixed, W + A (W* - W). Needs calibration windows; costs one more copy of the activations.
     alloc:    ``AllocConfig``; refine: ``RefineConfig`` or None (per block); distill: ``DistillConfig`` or None
               (the whole model, after the blocks).
     """
@@ -228,7 +223,6 @@ class CompressConfig:
     seqlen: int = 512
     seed: int = 0
     solver: Any = None
-    drift_correction: float = 0.0
     alloc: AllocConfig = field(default_factory=AllocConfig)
     refine: RefineConfig | None = None
     distill: DistillConfig | None = None
@@ -246,12 +240,6 @@ class CompressConfig:
             raise SLRError(f"--calib-samples {self.calib_samples} is negative", "pass --calib-samples N with N >= 0")
         if self.rank < 0:
             raise SLRError(f"rank {self.rank} is negative", "pass --rank 0 or a positive integer")
-        if not 0.0 <= self.drift_correction <= 1.0:
-            raise SLRError(f"--drift-correction {self.drift_correction} is outside [0, 1]",
-                           "pass e.g. --drift-correction 1 (0 = off)")
-        if self.drift_correction > 0 and self.calib_samples == 0:
-            raise SLRError("--drift-correction fits each layer to the dense model's activations, which need "
-                           "calibration windows", "pass --calib-samples N > 0, or drop --drift-correction")
         h = self.refine.heldout if self.refine is not None else None
         if h and self.calib_samples and h >= self.calib_samples:
             raise SLRError(f"--tm-heldout {h} leaves none of the {self.calib_samples} calibration windows for "

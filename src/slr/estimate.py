@@ -113,7 +113,7 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
                  offload_activations: bool = False, batch_size: int = 8, rebuild: bool = True,
                  max_shard_bytes: int = 4 << 30, allocate: str = "uniform", refine: str | None = None,
                  tm_samples: int | None = None, tm_dense_targets: bool = False, distill: bool = False,
-                 solved: bool = False, drift: bool = False) -> dict:
+                 solved: bool = False) -> dict:
     """{"model", "block", "compressed", "runtime", "phases", "total", ...} in bytes for compressing ``model``.
 
     ``total`` is the largest of ``phases`` (capture, blocks, allocate, evaluate / final; see the module docstring).
@@ -127,8 +127,6 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
     for every window); ``tm_dense_targets``: TM's dense path, a second copy of every window's activations.
     ``distill``: slr.distill's phase (the teacher, optimizer state, one window's backward).
     ``solved``: the allocator keeps S solved at every bit width (allocator option proxy=solved or pools=solved).
-    ``drift``: drift correction (slr.drift): the dense path (a copy of every window's activations, and its inputs of
-    the current block: a second one) and one C per input group.
     """
     ad = get_adapter(model)
     blocks = ad.blocks(model)
@@ -149,13 +147,10 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
     heads = int(getattr(cfg, "num_attention_heads", 0) or max(d_model // 64, 1))
     parts["forward workspace (one batch)"] = forward_workspace_bytes(batch, seqlen, heads, d_ff)
     block_lin_b = sum(m * n for m, n in shapes) * 4
-    if drift and data:
-        parts["dense path, inputs and outputs (every window, fp32)"] = 2 * windows * seqlen * d_model * 4
-        parts["drift-correction C (fp64)"] = 8 * sum(n * n for n in gdin)
     if refine == "tm" and data:
         chunk = max(min(TM_BATCH, batch, tm_samples or windows, windows), 1)
         parts["TM targets (every window, fp32)"] = windows * seqlen * d_model * 4
-        if tm_dense_targets and not drift:  # else counted above
+        if tm_dense_targets:
             parts["TM dense path (every window, fp32)"] = windows * seqlen * d_model * 4
         parts["TM autograd graph (one chunk)"] = backward_bytes(chunk * seqlen, d_model, d_ff)
         parts["TM optimizer state and copies"] = TM_STATE_COPIES * block_lin_b

@@ -4,9 +4,8 @@ For each decoder block in order: collect H = X^T X for every compressed linear (
 linears that share an input), solve each matrix, optionally refine the block (transformer matching),
 replace its linears, and propagate the calibration inputs through the *compressed* block so that the
 next block sees compressed-path inputs (as in SparseGPT). Peak memory is one block's activations
-plus its H's. With ``config.drift_correction`` a dense path runs beside it, and each linear is fitted to the
-dense model's outputs of it (``slr.drift``). With ``config.distill``, the whole compressed model is then
-fitted to a dense copy's next-token distributions (``slr.distill``).
+plus its H's. With ``config.distill``, the whole compressed model is then fitted to a dense copy's next-token
+distributions (``slr.distill``).
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from .calibration import (
 from .config import CompressConfig
 from .distill import distill_
 from .distributed import bin_pack
-from .drift import CrossCollector, corrected, drift_map
 from .errors import SLRError
 from .heap import trim_heap
 from .models.adapters import ArchAdapter, get_adapter
@@ -300,17 +298,14 @@ class _BlockLoop:
     pristine: list[nn.Module] | None
     data_free: bool
     group: object
-    dense_hidden: list[torch.Tensor] | None = None  # dense-path activations (TM's dense_targets, drift correction)
+    dense_hidden: list[torch.Tensor] | None = None  # dense-path activations, for TM's dense_targets
 
     def __post_init__(self):
         cfg = self.config.refine
-        tm_dense = self.refiner is not None and cfg is not None and cfg.dense_targets > 0
-        drift = self.config.drift_correction > 0
-        if self.inputs is not None and (tm_dense or drift):
+        if self.refiner is not None and self.inputs is not None and cfg is not None and cfg.dense_targets > 0:
             if isinstance(self.inputs.hidden, DiskActivations):
-                flag = "--tm-dense-targets" if tm_dense else "--drift-correction"
-                raise SLRError(f"{flag} keeps the dense path's activations in memory",
-                               f"drop --offload-activations, or {flag}")
+                raise SLRError("--tm-dense-targets keeps the dense path's activations in memory",
+                               "drop --offload-activations, or --tm-dense-targets")
             self.dense_hidden = [h.clone() for h in self.inputs.hidden]
 
     def run(self, progress: bool) -> None:
@@ -324,27 +319,25 @@ class _BlockLoop:
                 self.blocks[i] = copy.deepcopy(self.pristine[i])
                 self.onload.load(i, self.blocks[i])
                 self.report.add_time("onload.load", time.perf_counter() - t)
-            dense_in, dense_out = self._dense_step(i, self.blocks[i])  # while block i is still dense
+            dense_out = self._dense_step(i, self.blocks[i])  # while block i is still dense
             if i < done:  # finished by an interrupted run: rebuild it exactly, then propagate as that run did
                 self._resume(i, self.blocks[i])
                 bar.set_postfix(resumed=i + 1)
             else:
-                err = self._solve(i, self.blocks[i], kill, dense_in, dense_out)
+                err = self._solve(i, self.blocks[i], kill, dense_out)
                 if err is not None:
                     bar.set_postfix(rel_err=f"{err:.4f}")
             if self.onload is not None:
                 self.onload.release(self.blocks[i])
             trim_heap()
 
-    def _dense_step(self, i: int, block: nn.Module):
-        """(the dense path's inputs of block i when drift correction needs them, the dense block's outputs on them,
-        which the dense path moves on to); (None, None) when there is no dense path."""
+    def _dense_step(self, i: int, block: nn.Module) -> list[torch.Tensor] | None:
+        """The dense block's outputs on the dense-path activations (which move on to them); None when unused."""
         if self.dense_hidden is None:
-            return None, None
-        dense_in = self.dense_hidden if self.config.drift_correction > 0 else None
+            return None
         with torch.no_grad():
             self.dense_hidden = [block_forward(block, self.inputs, i, h) for h in self.dense_hidden]
-        return dense_in, (self.dense_hidden if self.refiner is not None else None)
+        return self.dense_hidden
 
     def _resume(self, i: int, block: nn.Module) -> None:
         report = self.report
@@ -359,27 +352,22 @@ class _BlockLoop:
             self.refiner.stats.append(stats)
         self._propagate(i, block, timed=False)
 
-    def _solve(self, i: int, block: nn.Module, kill: _KillSwitch, dense_in=None, dense_out=None) -> float | None:
+    def _solve(self, i: int, block: nn.Module, kill: _KillSwitch, dense_out=None) -> float | None:
         """Collect H, solve, replace the linears, refine, checkpoint, propagate; returns the mean layer error.
 
-        dense_in: the dense path's inputs of block i, for drift correction (slr.drift); dense_out: the dense path's
-        outputs of block i, mixed into TM's targets (RefineConfig.dense_targets)."""
+        dense_out: the dense path's outputs of block i, mixed into TM's targets (RefineConfig.dense_targets)."""
         report, inputs, refiner = self.report, self.inputs, self.refiner
         before = dict(report.seconds)
         linears = self.adapter.linears(block)
         groups = [g for g in self.adapter.groups if all(n in linears for n in g)]
-        Hs, targets, stats, maps = {}, None, None, None
+        Hs, targets, stats = {}, None, None
         if inputs is not None:
             t = time.perf_counter()
             Hs, targets = _collect(block, i, inputs, linears, groups, refiner is not None, self.group)
             report.add_time("hessian", time.perf_counter() - t)
-        if dense_in is not None:
-            t = time.perf_counter()
-            maps = _drift_maps(block, i, inputs, dense_in, linears, groups, Hs, self.group)
-            report.add_time("drift", time.perf_counter() - t)
         t = time.perf_counter()
         results, records = _solve_block(i, linears, groups, Hs, self.config, self.plan, self.data_free, self.group,
-                                        kill, maps)
+                                        kill)
         report.records += records
         report.add_time("solve", time.perf_counter() - t)
         _apply_results(block, self.adapter, results, self.materialize)
@@ -426,16 +414,6 @@ def _collect(block, i: int, inputs: BlockInputs, linears, groups, keep_targets: 
     return coll.finish(group), (targets if keep_targets else None)
 
 
-def _drift_maps(block, i: int, inputs: BlockInputs, dense_in, linears, groups, Hs: dict, group) -> dict:
-    """M per input group of block ``i`` (slr.drift.drift_map): W* = W M fits the dense path's layer outputs."""
-    coll = CrossCollector(linears, groups)
-    with torch.no_grad():
-        for hc, hd in zip(inputs.hidden, dense_in):
-            coll.add(block, inputs, i, hc, hd)
-    Cs = coll.finish(group)
-    return {g: drift_map(Hs[g], Cs[g]) for g in groups}
-
-
 class _KillSwitch:
     """Fault injection for the resume tests: SIGKILL after ``after`` solved matrices (None: never)."""
 
@@ -449,11 +427,9 @@ class _KillSwitch:
 
 
 def _solve_block(i: int, linears, groups, Hs: dict, config: CompressConfig, plan: Plan, data_free: bool, group,
-                 kill: _KillSwitch, maps: dict | None = None) -> tuple[dict[str, SolveResult], list[MatrixRecord]]:
+                 kill: _KillSwitch) -> tuple[dict[str, SolveResult], list[MatrixRecord]]:
     """Solve every matrix of block ``i``: whole groups for group solvers, else one task per linear, bin-packed over
-    the ranks by cost; every rank gets every result. Inputs are validated on every rank first. ``maps``: per group
-    the drift-correction map M; the solvers then fit W + a (W M - W) (a = config.drift_correction), and the records'
-    errors are against that target."""
+    the ranks by cost; every rank gets every result. Inputs are validated on every rank first."""
     is_group = method(config.method).group
     jobs = []  # (group, weights, H, specs)
     for g in groups:
@@ -462,8 +438,6 @@ def _solve_block(i: int, linears, groups, Hs: dict, config: CompressConfig, plan
         Ws = {n: linears[n].weight.detach().float() for n in g}
         for n, W in Ws.items():
             check_finite(f"weight {key(i, n)}", W)
-        if maps is not None:
-            Ws = {n: corrected(W, maps[g], config.drift_correction) for n, W in Ws.items()}
         specs = {n: plan.get(i, n) for n in g}
         for n, W in Ws.items():
             # a shared group rank may exceed a member's own min(m, n); the group solver checks it against n
