@@ -380,7 +380,8 @@ def admm(
 
     with timer("eig"):
         sh = scaled_hessian(H, percdamp, diag_frac)
-        p = _Scaled(W, sh, spec, dtype, lr_oversample, lr_niter)
+        sh.roots(dtype)  # built once per (H, dtype); _Scaled reads them from the cache
+    p = _Scaled(W, sh, spec, dtype, lr_oversample, lr_niter)
     U = torch.zeros(d_out, r, dtype=dtype)
     Rt = torch.zeros(r, d_in, dtype=dtype)
     VH = None  # None until the first L step (L~ = 0)
