@@ -125,7 +125,7 @@ COMBOS = [(lay, f, *s, False) for lay in S_LAYOUTS for f in FACTORS for s in SMO
 @pytest.mark.parametrize("layout,factors,d_in,d_out,sym", COMBOS)
 def test_layer_matches_float64_and_the_fallback(layout, factors, d_in, d_out, sym):
     lin, S, Ud, Vd, b = make_layer(layout, factors, d_out, d_in, sym=sym)
-    for M in (1, 2, 3, 4, 6):
+    for M in (1, 2, 3, 4, 6, packed.DECODE_MAX_TOKENS + 1):  # the last: unpacked S and one GEMM
         x = torch.randn(M, d_in, generator=GEN)
         want = x.double() @ S.t() + b.double()
         if Ud is not None:

@@ -43,6 +43,22 @@ def test_rows_mm_int8_float16_float32(K):
         csrc.rows_mm(x, q)  # int8 rows need their scales
 
 
+def test_packed_head_kernel_and_gemm_paths():
+    """PackedHead: int8 rows with a row scale give float64's logits through the kernel (up to HEAD_MAX_TOKENS tokens)
+    and through float32 slices and GEMMs (more tokens, slices shorter than the vocabulary)."""
+    V = packed.HEAD_SLICE + 300
+    q = torch.randint(-127, 128, (V, 64), generator=GEN, dtype=torch.int8)
+    s = torch.rand(V, generator=GEN) * 0.01
+    head = packed.PackedHead(q, s)
+    for T in (1, packed.HEAD_MAX_TOKENS, packed.HEAD_MAX_TOKENS + 1):
+        x = torch.randn(T, 64, generator=GEN)
+        kernels.CALLS.clear()
+        got = head(x)
+        assert kernels.CALLS["head"] == (T <= packed.HEAD_MAX_TOKENS)
+        assert rel(got, x.double() @ (q.double() * s.double()[:, None]).t()) < 1e-5, T
+        assert got.shape == (T, V)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_lowrank_add(dtype):
     """y += (x V^T) U^T in one call, with V or with a given z = x V^T."""
@@ -129,7 +145,7 @@ def test_packed_load_keeps_logits_and_text(tmp_path, name):
         assert isinstance(got.get_input_embeddings(), packed.RowsEmbedding)
         assert got.get_input_embeddings().rows.dtype == {8: torch.int8, 16: torch.float16}[eb]
         assert got.get_input_embeddings().weight.untyped_storage().nbytes() <= 4
-    seq = torch.randint(3, 120, (2, 9), generator=GEN)
+    seq = torch.randint(3, 120, (2, packed.DECODE_MAX_TOKENS // 2 + 1), generator=GEN)  # more tokens than decode
     with torch.no_grad():
         want = ref(seq).logits
         assert rel(got(seq).logits, want) < 1e-5  # prefill: unpacked GEMMs

@@ -14,8 +14,9 @@ setting is not ``torch``) converts, after building each layer:
   or float16): ``PackedHead`` and ``RowsEmbedding``.
 
 A call of at most ``DECODE_MAX_TOKENS`` tokens reads the packed bytes, S, factors and bias in one C++ call
-(``slr_layer_mm``; decode); a longer one unpacks S into a float32 matrix once and runs one GEMM, plus the two thin
-low-rank GEMMs (prefill: at 512 tokens the GEMM's arithmetic dwarfs the unpacking). Under
+(``slr_layer_mm``; decode, and short prompts); a longer one unpacks S into a float32 matrix once and runs one GEMM,
+plus the two thin low-rank GEMMs (prefill: at 512 tokens the GEMM's arithmetic dwarfs the unpacking). The head does the
+same below and above ``HEAD_MAX_TOKENS``. Both limits are the measured crossovers of benchmarks/prefill_rule.py. Under
 ``slr.kernels.use_kernel("torch")`` every layer computes the same products in pure torch from the same bytes
 (``PackedLinear.unpacked(False)``, ``factors()``), so the numbers agree up to summation order. These layers have no
 gradients and cannot be saved again: load with ``packed=False`` to fine-tune, re-save or export.
@@ -33,7 +34,10 @@ from . import csrc, kernels, lowbit
 from .models.adapters import set_module
 from .nn import SharedProjection, SLRLinear
 
-DECODE_MAX_TOKENS = 4  # the kernels' rows of x per pass over the weights (int4_gemv.cpp MAX_M)
+# Up to these many tokens per call the C++ kernels (passes of 4 rows of x over the packed weights) beat unpacking and
+# one GEMM, for every S layout (block linears) and for the int8 head (benchmarks/prefill_rule.py, 2 threads).
+DECODE_MAX_TOKENS = 24
+HEAD_MAX_TOKENS = 64
 HEAD_SLICE = 8192  # output-head rows unpacked at a time at prefill
 
 
@@ -174,7 +178,7 @@ class PackedLinear(nn.Module):
         return self._desc
 
     def _decode(self, x2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x2 [T <= 4, K] float32 contiguous -> y [T, N] by one kernel call: S, the low-rank part and the bias."""
+        """x2 [T, K] float32 contiguous -> y [T, N] by one kernel call: S, the low-rank part and the bias."""
         addr = (self.__dict__.get("_desc") or self._layer())[1]
         T = x2.shape[0]
         zp = None
@@ -307,8 +311,9 @@ class PackedHead(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x.float())
-        if _use_cpp(x2) and x2.shape[0] <= DECODE_MAX_TOKENS:
+        if _use_cpp(x2) and x2.shape[0] <= HEAD_MAX_TOKENS:
             y = csrc.rows_mm(x2, self.rows, self.row_scale)
+            kernels.CALLS["head"] += 1
         else:  # many tokens: a GEMM per slice of the vocabulary (a float32 copy of one slice at a time)
             V, step = self.out_features, HEAD_SLICE
             y = torch.cat([F.linear(x2, self.dense(i, i + step)) for i in range(0, V, step)], 1)
