@@ -445,9 +445,9 @@ def write_report() -> None:
     lines += zeroshot_table()
     # notes and the benchmark scripts' reports
     for part in ("extra.md", "alloc_time.md", "inference.md", "inference_gemma.md", "inference_nm24.md",
-                 "inference_ffd802d.md", "inference_1thread.md", "decode_profile.md", "onload.md", "memory.md",
-                 "torchrun.md", "quant_layers.md", "lane_kernels.md", "layers.md", "tm_sweep.md",
-                 "tuning.md"):
+                 "inference_ffd802d.md", "inference_1thread.md", "inference_5rounds.md", "prefill_rule.md",
+                 "decode_profile.md", "onload.md", "memory.md", "torchrun.md", "quant_layers.md", "lane_kernels.md",
+                 "layers.md", "tm_sweep.md", "tm_sweep_windows.md", "tuning.md"):
         if (HERE / part).exists():
             lines += [(HERE / part).read_text()]
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
