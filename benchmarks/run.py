@@ -172,10 +172,17 @@ def record(r: dict, config_id: str | None, wall_s: float | None = None) -> dict:
         "ppl_windows": r["ppl"]["windows"], "ppl_text": r["ppl"]["text"], "dense_ppl": r["dense_ppl"]["ppl"],
         "mean_rel_error": r["mean_rel_error"], "calib_samples": calib_samples,
         "compress_s": round(r["seconds"]["compress"], 1), "eval_s": round(r["seconds"]["eval"], 1),
+        **({"resumed_blocks": r["resumed_blocks"]} if r.get("resumed_blocks") else {}),
         "stage_s": {k: round(v, 1) for k, v in r["seconds"].items() if k.startswith("compress.")},
         **{k: round(r[k]) for k in ("peak_rss_mib", "memory_estimate_mib") if r.get(k) is not None},
         "wall_s": round(wall_s, 1) if wall_s else None, "git_commit": _COMMIT or r["git_commit"], "seed": r["seed"],
     }
+
+
+def _compress_s(r: dict) -> str:
+    """compress s as recorded; a resumed run's covers only the process that finished it."""
+    n = r.get("resumed_blocks")
+    return f"{r['compress_s']}" + (f" (last process; {n} blocks resumed)" if n else "")
 
 
 def _distill_summary(cfg: dict, stats: dict) -> dict:
@@ -318,7 +325,7 @@ def pruning_allocation_table(recs: list[dict]) -> list[str]:
         if "heldout_final_loss" in a:
             kl += f" (held out {a['heldout_start_loss']:.4f} -> {a['heldout_final_loss']:.4f}, kept {a['kept']})"
         out.append(f"| {r['method']} | {r['config']} | {alloc_label(r)} | {r['ppl']:.3f} | {closed} | {kl} | "
-                   f"{r.get('allocate_s', 'n/a')} | {r['compress_s']} | {r['git_commit']} |")
+                   f"{r.get('allocate_s', 'n/a')} | {_compress_s(r)} | {r['git_commit']} |")
     return out + [""]
 
 
@@ -351,7 +358,7 @@ def allocation_tables(recs: list[dict], history: list[dict] | None = None) -> li
         out.append(f"| {r['method']} | {alloc_label(r)} | {tm} | {r['retained_fraction']:.4f} | {_bpw(r)} | "
                    f"{r['ppl']:.3f} | "
                    f"{closed(r['ppl'], uni.get(r['method']))} | {closed(r['ppl'], best_uni)} | "
-                   f"{r.get('allocate_s', 'n/a')} | {r['compress_s']} | {r['git_commit']} |")
+                   f"{r.get('allocate_s', 'n/a')} | {_compress_s(r)} | {r['git_commit']} |")
     out.append("")
     pairs = []
     hist = history if history is not None else recs
@@ -388,7 +395,7 @@ def allocation_tables(recs: list[dict], history: list[dict] | None = None) -> li
             kl = f"{d['kl_before']:.4f} -> {d['kl_after']:.4f}" if d.get("kl_before") is not None else "-"
             out.append(f"| {r['method']} | {r['config']} | {alloc_label(r)} | {b['ppl']:.3f} | {r['ppl']:.3f} | "
                        f"{tm} | {kd} | {kl} | {r['stage_s'].get('compress.refine', '-')} | "
-                       f"{r['stage_s'].get('compress.distill', '-')} | {r['compress_s']} | {r['git_commit']} |")
+                       f"{r['stage_s'].get('compress.distill', '-')} | {_compress_s(r)} | {r['git_commit']} |")
         out.append("")
     return out
 
@@ -437,7 +444,7 @@ def write_report() -> None:
             lines.append(f"| {r['model'].split(' ')[0]} | {r['config']} | {_method(r)} | "
                          f"{r['retained_fraction']:.4f} | {_bpw(r)} | "
                          f"{r['ppl']:.3f} | {r['ppl_windows']} | {r['dense_ppl']:.4f} | {_err(r)} | "
-                         f"{_calib(r)} | {r['compress_s']} | {r['eval_s']} | {r['git_commit']} |")
+                         f"{_calib(r)} | {_compress_s(r)} | {r['eval_s']} | {r['git_commit']} |")
         lines.append("")
     lines += allocation_tables(recs, history)
     lines += pruning_allocation_table(recs)

@@ -68,6 +68,7 @@ def test_sigkill_mid_block_then_resume_is_bit_identical(setup, tmp_path, capsys)
     a, b = (json.loads((d / "results.json").read_text()) for d in (ref, out))
     assert a["ppl"]["ppl"] == b["ppl"]["ppl"]
     assert [m["rel_error"] for m in a["matrices"]] == [m["rel_error"] for m in b["matrices"]]
+    assert "resumed_blocks" not in a and b["resumed_blocks"] == 1  # block 0 came from the checkpoint
 
 
 def test_overwrite_discards_checkpoints(setup, tmp_path):

@@ -329,6 +329,8 @@ class _Run:
             if calib is None or (method(config.method).data_free and config.refine is None) else "activation",
             "matrices": [vars(r) | {"shape": list(r.shape)} for r in report.records],
         })
+        if report.resumed:  # seconds["compress"] is this process's; the compress.* stages include those blocks
+            results["resumed_blocks"] = report.resumed
         if report.refine:
             results["refine"] = report.refine
         if report.distill is not None:

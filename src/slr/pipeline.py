@@ -92,6 +92,7 @@ class CompressReport:
     refine: list[dict] = field(default_factory=list)  # transformer matching's per-block stats
     distill: dict | None = None  # slr.distill's stats
     blocks: CompressedBlocks | None = None  # onloading without the final rebuild (compress_(rebuild=False))
+    resumed: int = 0  # leading blocks rebuilt from an interrupted run's checkpoints (their seconds are that run's)
 
     def add_time(self, stage: str, s: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + s
@@ -341,6 +342,7 @@ class _BlockLoop:
 
     def _resume(self, i: int, block: nn.Module) -> None:
         report = self.report
+        report.resumed += 1
         results, recs, secs = _rebuild(block, self.adapter, i, self.checkpoints, self.materialize)
         report.records += [MatrixRecord(**(r | {"shape": tuple(r["shape"])})) for r in recs]
         for k, v in secs.items():
