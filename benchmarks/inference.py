@@ -9,7 +9,7 @@ Usage:
 Per (model, strategy), in a fresh subprocess (``--_child``) so that memory figures do not mix. Strategies: an
 artifact's SLRLinear strategies in transformers' model, and ``slr-runtime`` (slr.runtime's decoder, packed as "auto",
 with no transformers import; the dense model runs it too, after its transformers row, which stays the baseline of
-every ratio):
+every ratio), and ``slr-runtime-q8`` (the same under the kernel setting "q8": int8 activations at decode):
   * bytes: the artifact manifest's "bytes" report (compressed layers actual / theory / dense, dense remainder,
     total on disk); for the dense model the fp32 and fp16 sizes of the same (block linear) layers;
   * memory: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the imports, right after load, and after the
@@ -44,8 +44,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STRATEGIES = ("auto", "dense-onthefly", "sparse", "dense-cached", "slr-runtime")
+STRATEGIES = ("auto", "dense-onthefly", "sparse", "dense-cached", "slr-runtime", "slr-runtime-q8")
 RUNTIME = "slr-runtime"  # slr.runtime's decoder (no transformers import), packed as "auto"; dense models too
+RUNTIME_Q8 = "slr-runtime-q8"  # the same under the kernel setting "q8" (int8 activations at decode; artifacts only)
+RUNTIMES = (RUNTIME, RUNTIME_Q8)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 MIB = 1 << 20
 
@@ -91,12 +93,13 @@ def _load(target: dict, strategy: str | None):
     """-> (model, tokenizer or None, info). Both kinds load their tokenizer iff the folder has one."""
     import torch
 
-    if strategy == RUNTIME:
-        from slr import runtime
+    if strategy in RUNTIMES:
+        from slr import kernels, runtime
         from slr.models.load import resolve
 
         folder = Path(target["path"]) if target["kind"] == "artifact" else resolve(target["path"])[0]
         model, tok = runtime.load(folder)
+        kernels.set_kernel("q8" if strategy == RUNTIME_Q8 else "auto")
         return model, tok, {"path": str(folder)}
     if target["kind"] == "artifact":
         from slr import io
@@ -124,7 +127,7 @@ def _model_bytes(model) -> int:
 
 
 def _strategy_name(target: dict, strategy: str | None) -> str:
-    return strategy if target["kind"] == "artifact" or strategy == RUNTIME else "dense"
+    return strategy if target["kind"] == "artifact" or strategy in RUNTIMES else "dense"
 
 
 def runtime_layer_bytes(model) -> dict:
@@ -204,7 +207,7 @@ def measure(target: dict, strategy: str | None, ids, *, prefill: int = 512, deco
         rec["bytes"] = artifact_byte_report(target["path"])
         rec["slr_layers"] = sum(isinstance(m, (SLRLinear, PackedLinear)) for m in model.modules())
         rec["packed_layers"] = sum(isinstance(m, PackedLinear) for m in model.modules())
-    elif strategy == RUNTIME:
+    elif strategy in RUNTIMES:
         rec["bytes"] = runtime_layer_bytes(model)
     else:
         rec["bytes"] = dense_layer_bytes(model)
@@ -221,13 +224,13 @@ def measure(target: dict, strategy: str | None, ids, *, prefill: int = 512, deco
     n_new = []
 
     def run_prefill():
-        if strategy == RUNTIME:
+        if strategy in RUNTIMES:
             model(x, model.new_cache(1, prefill))  # last-position logits
         else:
             model(input_ids=x, use_cache=True, logits_to_keep=1)
 
     def run_decode(n=decode):
-        if strategy == RUNTIME:
+        if strategy in RUNTIMES:
             out = model.generate(prompt, n)  # greedy, no end-of-sequence stop: n new tokens
         else:
             out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **gen_kw)

@@ -158,3 +158,36 @@ def test_layer_mm_refuses_what_it_does_not_take():
         csrc.layer_mm(L, x)
     with pytest.raises(ValueError):
         csrc.layer_mm(lin._layer()[0], torch.randn(1, 64))
+
+
+@pytest.mark.parametrize("layout,sym", [("nibble", False), ("lanes2", False), ("lanes2", True), ("lanes3", False)])
+@pytest.mark.parametrize("d_in,d_out", SMOL_SHAPES)
+def test_q8_activations_kernel_matches_its_torch_emulation(monkeypatch, layout, sym, d_in, d_out):
+    """Under the "q8" setting a one-token call hands a nibble or 2-bit S int8 activations (blocks of 64 inputs, an
+    all-zero block and an outlier included), in the kernel and the torch path alike; the factors, the bias, other
+    layouts and calls of more tokens stay float32."""
+    lin, S, Ud, Vd, b = make_layer(layout, "int8", d_out, d_in, sym=sym)
+    x = torch.randn(1, d_in, generator=GEN)
+    x[0, 64:128] = 0
+    x[0, 3] = 300.0
+    lowrank = (x.double() @ Vd.t()) @ Ud.t() + b.double()
+    xq = packed.q8_activations(x)
+    d = (x.view(-1, 64).abs().amax(1) / 127).repeat_interleave(64)
+    assert ((xq - x).abs() <= d / 2 + 1e-6).all() and (xq[0, 64:128] == 0).all()
+    steps = xq / torch.where(d > 0, d, 1)
+    assert ((steps - steps.round()).abs() < 1e-3).all() and (steps.abs().max() - 127).abs() < 1e-3  # int8 grid
+    taken = layout != "lanes3"
+    assert lin.takes_q8() == taken
+    want = (xq if taken else x).double() @ S.t() + lowrank
+    with kernels.use_kernel("q8"):
+        kernels.CALLS.clear()
+        got = lin(x)
+        assert kernels.CALLS["packed"] == 1
+        assert rel(got, want) < 1e-4
+        monkeypatch.setattr(packed, "_use_cpp", lambda x: False)
+        assert rel(lin(x), want) < 1e-5
+        monkeypatch.undo()
+        x2 = torch.cat([x, x])  # two tokens: float activations
+        assert rel(lin(x2)[1], x.double()[0] @ S.t() + lowrank[0]) < 1e-4
+    plain = x.double() @ S.t() + lowrank
+    assert (rel(got, plain) > 1e-4) == taken  # the int8 activations are really used

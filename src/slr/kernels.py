@@ -30,6 +30,9 @@ GEMM; benchmarks/kernels.md). Hence the settings (``set_kernel`` / ``use_kernel`
            activations: torch's kernel in bfloat16, always. Same numbers as the torch path up to summation order.
     bf16   float32 / float16 activations run through torch's bfloat16 kernel (cast in and out), at any token count:
            faster than a dense float32 GEMM at decode, at bfloat16 accuracy (~3e-3 of max|y|).
+    q8     auto, and a single-token call of an artifact's packed layer whose S is 4-bit dense (groups of 64k) or
+           2-bit reads x as int8 activations (blocks of 64 inputs, llama.cpp's Q8 way; slr.packed): faster decode,
+           activations at int8 accuracy. The low-rank part, the head and other calls stay float32.
     torch  never: S is dequantized and multiplied in pure torch (SLRLinear's strategies; slr.packed's layers unpack
            their bytes in pure torch). ``io.load`` does not pack under this setting.
 
@@ -51,7 +54,7 @@ from . import csrc
 from .errors import SLRError
 from .qlinear import scale_values, zero_of
 
-KERNELS = ("auto", "bf16", "torch")
+KERNELS = ("auto", "bf16", "q8", "torch")
 GROUP_SIZES = (32, 64, 128, 256)
 N_ALIGN = 16
 AUTO_FP32_MAX_TOKENS = 2  # float32 kernel vs the torch path on a dense 4-bit S: ~2.6x faster at 1 token, slower at 7
@@ -75,7 +78,7 @@ def _check(mode: str) -> None:
 
 
 def set_kernel(mode: str) -> str:
-    """Set the process-wide kernel setting (``auto``, ``bf16`` or ``torch``); returns the previous one."""
+    """Set the process-wide kernel setting (``auto``, ``bf16``, ``q8`` or ``torch``); returns the previous one."""
     global _MODE, _WARNED
     _check(mode)
     prev, _MODE = _MODE, mode

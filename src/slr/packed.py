@@ -18,7 +18,9 @@ A call of at most ``DECODE_MAX_TOKENS`` tokens reads the packed bytes, S, factor
 plus the two thin low-rank GEMMs (prefill: at 512 tokens the GEMM's arithmetic dwarfs the unpacking). The head does the
 same below and above ``HEAD_MAX_TOKENS``. Both limits are the measured crossovers of benchmarks/prefill_rule.py. Under
 ``slr.kernels.use_kernel("torch")`` every layer computes the same products in pure torch from the same bytes
-(``PackedLinear.unpacked(False)``, ``factors()``), so the numbers agree up to summation order. These layers have no
+(``PackedLinear.unpacked(False)``, ``factors()``), so the numbers agree up to summation order. Under the ``q8``
+setting a single-token call hands S int8 activations (``q8_activations``; ``PackedLinear.takes_q8``), in the kernel
+and in the torch path alike. These layers have no
 gradients and cannot be saved again: load with ``packed=False`` to fine-tune, re-save or export.
 """
 
@@ -39,6 +41,7 @@ from .nn import SharedProjection, SLRLinear
 DECODE_MAX_TOKENS = 24
 HEAD_MAX_TOKENS = 64
 HEAD_SLICE = 8192  # output-head rows unpacked at a time at prefill
+Q8_BLOCK = 64  # inputs per activation scale under the "q8" kernel setting (int4_gemv.cpp's Q8_BLOCK)
 
 
 def enabled(device, dtype: torch.dtype) -> bool:
@@ -54,6 +57,15 @@ def _use_cpp(x: torch.Tensor) -> bool:
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.is_contiguous() else x2.contiguous()
+
+
+def q8_activations(x: torch.Tensor, block: int = Q8_BLOCK) -> torch.Tensor:
+    """x [T, K] float32 as the "q8" kernels read it: per block of 64 inputs, d = max |x| / 127 and x^ = round(x / d) d
+    (half to even; 0 for an all-zero block), in float32 as int4_gemv.cpp computes it."""
+    xb = x.reshape(*x.shape[:-1], -1, block)  # [T, K/64, 64]
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, xb / torch.where(d > 0, d, 1), 0).round()
+    return (q * d).reshape(x.shape)
 
 
 def unnibble(packed: torch.Tensor) -> torch.Tensor:
@@ -147,6 +159,12 @@ class PackedLinear(nn.Module):
         return U, (lowbit.dequant(self.V, self.v_scale, self.v_sz, self.v_group, 1) if self.v_scale is not None else
                    self.V.float())
 
+    def takes_q8(self) -> bool:
+        """Whether S reads int8 activations under the "q8" kernel setting (int4_gemv.cpp's q8_takes)."""
+        kind = self._s_kind()
+        return kind == "lanes2" or (kind == "nibble" and self.in_features % Q8_BLOCK == 0
+                                    and self.group_size % Q8_BLOCK == 0)
+
     def _apply(self, fn, recurse=True):
         self._desc = None  # the buffers may move: rebuild the kernel's layer record
         return super()._apply(fn, recurse)
@@ -179,7 +197,8 @@ class PackedLinear(nn.Module):
 
     def _decode(self, x2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x2 [T, K] float32 contiguous -> y [T, N] by one kernel call: S, the low-rank part and the bias."""
-        addr = (self.__dict__.get("_desc") or self._layer())[1]
+        L, addr, _ = self.__dict__.get("_desc") or self._layer()
+        L.act8 = kernels.get_kernel() == "q8"
         T = x2.shape[0]
         zp = None
         if self.shared is not None and self.r:  # z = x V^T from the shared projection
@@ -212,7 +231,8 @@ class PackedLinear(nn.Module):
         if cpp and x2.shape[0] <= DECODE_MAX_TOKENS:
             y = self._decode(x2, x)  # [T, N], bias included
         else:
-            y = F.linear(x2, self.unpacked(cpp))
+            q8 = x2.shape[0] == 1 and kernels.get_kernel() == "q8" and self.takes_q8()
+            y = F.linear(q8_activations(x2) if q8 else x2, self.unpacked(cpp))
             if self.r:
                 y += self._lowrank(x2, x, cpp)
             if self.bias is not None and not (cpp and self.r):

@@ -27,7 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "int4_gemv.cpp"
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
-ABI = 6  # slr_int4_abi() of the source this module speaks to
+ABI = 7  # slr_int4_abi() of the source this module speaks to
 ERRORS = {-1: "shapes it does not take", -2: "this CPU has no AVX2 + FMA + F16C"}
 
 _lib: ctypes.CDLL | None = None
@@ -267,7 +267,7 @@ class Layer(ctypes.Structure):
         (n, ctypes.c_void_p) for n in ("s", "idx", "scale", "sz")] + [
         (n, ctypes.c_int64) for n in ("r", "vkind")] + [(n, ctypes.c_void_p) for n in ("v", "vscale", "vsz")] + [
         (n, ctypes.c_int64) for n in ("vgs", "ukind")] + [(n, ctypes.c_void_p) for n in ("u", "uscale", "usz")] + [
-        ("ugs", ctypes.c_int64), ("bias", ctypes.c_void_p), ("zc", ctypes.c_float), ("pad_", ctypes.c_float)]
+        ("ugs", ctypes.c_int64), ("bias", ctypes.c_void_p), ("zc", ctypes.c_float), ("act8", ctypes.c_int32)]
 
 
 def layer_mm(layer: Layer, x: torch.Tensor, z: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:

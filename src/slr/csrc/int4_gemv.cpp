@@ -723,6 +723,141 @@ SLR_F16 void unpack_lanes_rows(int64_t K, const uint8_t* w, const uint16_t* hs, 
         }
 }
 
+// ---- int8 activations (slr.kernels setting "q8"): one row of x, a dense S of 4-bit nibbles or 2-bit lanes ----------
+//
+// x is quantized once per call in blocks of 64 inputs, as llama.cpp's Q8 activations are: d_b = max |x| / 127 over
+// block b, q = round(x / d_b) (half to even; 0 for an all-zero block), and S reads x^ = q d_b:
+//   y[n] = sum_b scale[n, g(b)] d_b sum_{k in b} code[n, k] q[k]  -  sum_g sz[n, g] sum_{k in g} x^[k]
+// The code sums are exact integer dot products: unsigned codes times signed bytes with pairs added into 16 bits
+// (maddubs: at most 2 * 15 * 127 per pair), then into 32 bits (madd); about a third of the float path's instructions
+// per weight (no int-to-float conversion, 32 products an instruction). slr.packed's torch path computes x^ S^T from
+// the same x^, so only the summation order differs. The low-rank part and the bias read x unquantized.
+//
+// q holds each block's 64 bytes in the order the layout's codes come out of two shift-and-mask steps, so that code
+// and input meet lane for lane with no shuffle in the loop (q8_input):
+//   4 bits (a 64-input block = two 32-code blocks, 32 bytes): v & 15 gives, per 128-bit half h (code block h),
+//      byte 2 i -> input 32 h + i and byte 2 i + 1 -> 32 h + 16 + i; (v >> 4) & 15 the same at + 8
+//   2 bits (16 bytes, loaded into both halves): half h of (v >> 2 (2 s + h)) & 3, s = 0, 1, holds field 2 s + h of
+//      lane i in byte 2 i (input 8 (2 s + h) + i) and field 2 s + h + 4 in byte 2 i + 1 (input 8 (2 s + h + 4) + i)
+
+constexpr int64_t Q8_BLOCK = 64;
+
+// The input (0..63) that byte t of a block's quantized x meets, for codes of B bits.
+inline int q8_input(int B, int t) {
+    const int s = t / 32, h = (t % 32) / 16, i = (t % 16) / 2, odd = t % 2;
+    if (B == 4) return 32 * h + 16 * odd + 8 * s + i;
+    const int field = 2 * s + h + 4 * odd;
+    return 8 * field + i;
+}
+
+// x [K] quantized for S's kernel: q in the layout's order, d per block, and the sums of x^ over S's groups. The
+// division and the rounding (half to even) are IEEE float32 operations, as in slr.packed.q8_activations.
+struct Q8 {
+    std::vector<int8_t> q;
+    std::vector<float> d, gsum;
+    SLR_AVX2 Q8(const float* x, int64_t K, int64_t gs, int B) : q(K), d(K / Q8_BLOCK), gsum(K / gs, 0.f) {
+        int order[Q8_BLOCK];
+        for (int t = 0; t < Q8_BLOCK; ++t) order[t] = q8_input(B, t);
+        const __m256 sign = _mm256_set1_ps(-0.f);
+        for (int64_t b = 0; b < K / Q8_BLOCK; ++b) {
+            const float* xb = x + Q8_BLOCK * b;
+            __m256 amax = _mm256_setzero_ps();
+            for (int k = 0; k < Q8_BLOCK; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + k)));
+            __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+            m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            const float db = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))) / 127.f;
+            d[b] = db;
+            alignas(32) int32_t qi[Q8_BLOCK];
+            __m256 xs = _mm256_setzero_ps();
+            if (db > 0.f) {
+                const __m256 dv = _mm256_set1_ps(db);
+                for (int k = 0; k < Q8_BLOCK; k += 8) {
+                    const __m256 qf = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xb + k), dv),
+                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    xs = _mm256_add_ps(xs, _mm256_mul_ps(qf, dv));
+                    _mm256_store_si256(reinterpret_cast<__m256i*>(qi + k), _mm256_cvtps_epi32(qf));
+                }
+            } else {
+                for (int k = 0; k < Q8_BLOCK; ++k) qi[k] = 0;
+            }
+            gsum[Q8_BLOCK * b / gs] += hsum(xs);
+            for (int t = 0; t < Q8_BLOCK; ++t) q[Q8_BLOCK * b + t] = static_cast<int8_t>(qi[order[t]]);
+        }
+    }
+};
+
+// S's codes and groups for the int8 kernel: B = 4 (nibbles, float32 scale and sz) or 2 (lanes, float16 scales and
+// zero points or the constant zc).
+template <int B>
+struct Q8S {
+    const uint8_t* w;
+    const float* scale;
+    const float* sz;
+    const uint16_t* hs;
+    const uint8_t* zero;
+    float zc;
+    SLR_F16 float s(int64_t i) const { return B == 4 ? scale[i] : _cvtsh_ss(hs[i]); }
+    SLR_F16 float szv(int64_t i) const {
+        return B == 4 ? sz[i] : _cvtsh_ss(hs[i]) * (zero ? static_cast<float>(zero[i]) : zc);
+    }
+};
+
+// The two code vectors (unsigned bytes) of block b of the row at p, in q8_input's order.
+template <int B>
+SLR_AVX2 inline void q8_codes(const uint8_t* p, __m256i& lo, __m256i& hi) {
+    if (B == 4) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), m = _mm256_set1_epi8(15);
+        lo = _mm256_and_si256(v, m);
+        hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    } else {
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        const __m256i m = _mm256_set1_epi8(3);
+        lo = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), m);
+        hi = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)), m);
+    }
+}
+
+// Output rows n .. n + R - 1.
+template <int B, int R>
+SLR_F16 __attribute__((noinline)) void q8_rows(const Q8S<B>& a, const Q8& x, int64_t K, int64_t gs, float* y,
+                                               int64_t n) {
+    const int64_t G = K / gs, per_group = gs / Q8_BLOCK, row = K / 8 * B, bb = Q8_BLOCK / 8 * B;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 tot[R];
+    for (int r = 0; r < R; ++r) tot[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        float ws[R];
+        for (int r = 0; r < R; ++r) ws[r] = a.s((n + r) * G + g);
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+            const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + Q8_BLOCK * b));
+            const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + Q8_BLOCK * b + 32));
+            const float db = x.d[b];
+            for (int r = 0; r < R; ++r) {
+                const uint8_t* p = a.w + (n + r) * row + bb * b;
+                if ((bb * b) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(p + 2 * R * row), _MM_HINT_T0);
+                __m256i lo, hi;
+                q8_codes<B>(p, lo, hi);
+                const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
+                tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), _mm256_set1_ps(ws[r] * db),
+                                         tot[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        float zs = 0.f;
+        for (int64_t g = 0; g < G; ++g) zs += a.szv((n + r) * G + g) * x.gsum[g];
+        y[n + r] = hsum(tot[r]) - zs;
+    }
+}
+
+template <int B>
+SLR_F16 void q8_run(const Q8S<B>& a, const Q8& x, int64_t K, int64_t gs, float* y, int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) q8_rows<B, 4>(a, x, K, gs, y, n);
+    for (; n + 2 <= n1; n += 2) q8_rows<B, 2>(a, x, K, gs, y, n);
+    for (; n < n1; ++n) q8_rows<B, 1>(a, x, K, gs, y, n);
+}
+
 // One layer y = x (S + U V)^T + bias, described once by the caller (slr.csrc.Layer; every field 8 bytes).
 //   S: skind S_NIBBLE (the 4-bit kernel's layout), S_NIBBLE_NM24 (4-bit 2:4), S_F16_NM24 (float16 2:4; no scale),
 //      S_LANES2 / 3 / 8 (above); s the codes or values, idx the 2:4 positions, scale / sz [N, K / gs] float32; for
@@ -754,15 +889,24 @@ struct Layer {
     int64_t ugs;
     const float* bias;
     float zc;  // lanes: the zero point of every group when sz (their zero codes) is null
-    float pad_;
+    int32_t act8;  // 1: one row of x reaches a nibble or 2-bit-lane S as int8 activations (the "q8" section)
     // lanes: scale holds float16 scales, sz uint8 zero points (or null)
     const uint16_t* hscale() const { return reinterpret_cast<const uint16_t*>(scale); }
     const uint8_t* zero() const { return reinterpret_cast<const uint8_t*>(sz); }
 };
 
-// S's output rows [n0, n1).
-SLR_F16 void s_rows(const Layer& L, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
+// Whether the layer's S takes int8 activations (for one row of x).
+bool q8_takes(const Layer& L) {
+    return L.act8 && (L.skind == S_LANES2 || (L.skind == S_NIBBLE && L.K % Q8_BLOCK == 0 && L.gs % Q8_BLOCK == 0));
+}
+
+// S's output rows [n0, n1); q8: x quantized (one row, q8_takes), else null.
+SLR_F16 void s_rows(const Layer& L, const float* x, int64_t M, float* y, int64_t n0, int64_t n1, const Q8* q8) {
     const uint8_t* s = static_cast<const uint8_t*>(L.s);
+    if (q8 && L.skind == S_NIBBLE)
+        return q8_run<4>(Q8S<4>{s, L.scale, L.sz, nullptr, nullptr, 0.f}, *q8, L.K, L.gs, y, n0, n1);
+    if (q8)
+        return q8_run<2>(Q8S<2>{s, nullptr, nullptr, L.hscale(), L.zero(), L.zc}, *q8, L.K, L.gs, y, n0, n1);
     switch (L.skind) {
         case S_NONE:
             for (int64_t m = 0; m < M; ++m)
@@ -961,7 +1105,7 @@ int check_layer(const Layer& L) {
 extern "C" {
 
 // The calling convention and the weight layout; bumped whenever either changes.
-int slr_int4_abi(void) { return 6; }
+int slr_int4_abi(void) { return 7; }
 
 // 1 when this CPU has AVX2, FMA and F16C (the kernel runs), 0 otherwise.
 int slr_int4_cpu_ok(void) {
@@ -1059,6 +1203,8 @@ int slr_layer_mm(const void* layer, const float* x, int64_t M, const float* z, f
     if (!slr_int4_cpu_ok()) return -2;
     if (M == 0 || L.N == 0) return 0;
     const bool own_z = L.r > 0 && L.vkind != F_GIVEN;
+    std::vector<Q8> q8;  // x quantized once, read by every thread
+    if (M == 1 && q8_takes(L)) q8.emplace_back(x, L.K, L.gs, L.skind == S_NIBBLE ? 4 : 2);
     const int64_t nt = thread_count(threads, L.N, L.skind == S_NIBBLE_NM24 ? L.K / 2 : L.K);
     // each thread: the whole of z = x V^T (r K multiply-adds, a few percent of its rows of S; computing it once and
     // sharing it would need a barrier, which costs more at decode), its rows of S, then its rows of U z. The factors'
@@ -1073,7 +1219,7 @@ int slr_layer_mm(const void* layer, const float* x, int64_t M, const float* z, f
             prefetch(static_cast<const char*>(L.u) + 8 * L.r * (n0 / 8) * ub, 8 * L.r * ((n1 + 7) / 8 - n0 / 8) * ub);
         }
         if (own_z) lowrank_z(L, x, M, zs.data(), 0, L.r);
-        s_rows(L, x, M, y, n0, n1);
+        s_rows(L, x, M, y, n0, n1, q8.empty() ? nullptr : q8.data());
         if (L.r > 0) lowrank_u(L, own_z ? zs.data() : z, M, y, n0, n1);
         else if (L.bias) bias_rows(L.bias, M, L.N, y, n0, n1);
     };
