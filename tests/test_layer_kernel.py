@@ -160,10 +160,11 @@ def test_layer_mm_refuses_what_it_does_not_take():
         csrc.layer_mm(lin._layer()[0], torch.randn(1, 64))
 
 
-@pytest.mark.parametrize("layout,sym", [("nibble", False), ("lanes2", False), ("lanes2", True), ("lanes3", False)])
+@pytest.mark.parametrize("layout,sym", [("nibble", False), ("lanes2", False), ("lanes2", True), ("lanes3", False),
+                                        ("lanes3", True), ("lanes8", False), ("nibble-2:4", False)])
 @pytest.mark.parametrize("d_in,d_out", SMOL_SHAPES)
 def test_q8_activations_kernel_matches_its_torch_emulation(monkeypatch, layout, sym, d_in, d_out):
-    """Under the "q8" setting a one-token call hands a nibble or 2-bit S int8 activations (blocks of 64 inputs, an
+    """Under the "q8" setting a one-token call hands a nibble, 2- or 3-bit S int8 activations (blocks of 64 inputs, an
     all-zero block and an outlier included), in the kernel and the torch path alike; the factors, the bias, other
     layouts and calls of more tokens stay float32."""
     lin, S, Ud, Vd, b = make_layer(layout, "int8", d_out, d_in, sym=sym)
@@ -176,7 +177,7 @@ def test_q8_activations_kernel_matches_its_torch_emulation(monkeypatch, layout, 
     assert ((xq - x).abs() <= d / 2 + 1e-6).all() and (xq[0, 64:128] == 0).all()
     steps = xq / torch.where(d > 0, d, 1)
     assert ((steps - steps.round()).abs() < 1e-3).all() and (steps.abs().max() - 127).abs() < 1e-3  # int8 grid
-    taken = layout != "lanes3"
+    taken = layout in ("nibble", "lanes2", "lanes3")
     assert lin.takes_q8() == taken
     want = (xq if taken else x).double() @ S.t() + lowrank
     with kernels.use_kernel("q8"):

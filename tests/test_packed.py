@@ -59,6 +59,30 @@ def test_packed_head_kernel_and_gemm_paths():
         assert got.shape == (T, V)
 
 
+def test_packed_head_q8_matches_its_torch_emulation(monkeypatch):
+    """Under the "q8" setting a one-token call reads an int8 head with int8 activations (kernel and torch path alike);
+    more tokens, and float16 rows, stay float32."""
+    V, D = 1000, 576
+    q = torch.randint(-127, 128, (V, D), generator=GEN, dtype=torch.int8)
+    s = torch.rand(V, generator=GEN) * 0.01
+    head, W = packed.PackedHead(q, s), q.double() * s.double()[:, None]
+    x = torch.randn(1, D, generator=GEN)
+    x[0, 5] = 50.0
+    want = packed.q8_activations(x).double() @ W.t()
+    with kernels.use_kernel("q8"):
+        got = head(x)
+        assert rel(got, want) < 1e-5 and rel(got, x.double() @ W.t()) > 1e-4
+        assert rel(csrc.rows_mm(torch.cat([x, x]), q, s, q8=True)[1], want[0]) < 1e-5
+        monkeypatch.setattr(packed, "_use_cpp", lambda x: False)
+        assert rel(head(x), want) < 1e-5
+        monkeypatch.undo()
+        assert rel(head(torch.cat([x, x]))[0], x.double()[0] @ W.t()) < 1e-5
+        h16 = packed.PackedHead(W.half(), None)
+        assert not h16.takes_q8() and rel(h16(x), x.double() @ W.half().double().t()) < 1e-5
+    with pytest.raises(ValueError, match="q8"):
+        csrc.rows_mm(torch.randn(1, 100), q[:, :100].contiguous(), s, q8=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_lowrank_add(dtype):
     """y += (x V^T) U^T in one call, with V or with a given z = x V^T."""

@@ -42,7 +42,9 @@ def _kernel(p):
                    help="CPU kernels: auto = an artifact loads packed (slr.packed: a 2-4 bit or 2:4 S, and an int8 or "
                    "float16 head, stay at their stored width and run slr's C++ kernels at decode; one GEMM per layer "
                    "at prefill) and an in-memory 4-bit S runs an int4 kernel where it keeps the numbers; bf16 = also "
-                   "float32 activations through torch's int4 kernel in bfloat16; torch = the pure-torch path "
+                   "float32 activations through torch's int4 kernel in bfloat16; q8 = auto, and a decode step "
+                   "hands a packed 2-4 bit dense S and an int8 head int8 activations (faster, llama.cpp-style "
+                   "activation rounding; benchmarks/q8_quality.md); torch = the pure-torch path "
                    "(dequantize and matmul)  [default: auto]")
 
 

@@ -31,8 +31,8 @@ GEMM; benchmarks/kernels.md). Hence the settings (``set_kernel`` / ``use_kernel`
     bf16   float32 / float16 activations run through torch's bfloat16 kernel (cast in and out), at any token count:
            faster than a dense float32 GEMM at decode, at bfloat16 accuracy (~3e-3 of max|y|).
     q8     auto, and a single-token call of an artifact's packed layer whose S is 4-bit dense (groups of 64k) or
-           2-bit reads x as int8 activations (blocks of 64 inputs, llama.cpp's Q8 way; slr.packed): faster decode,
-           activations at int8 accuracy. The low-rank part, the head and other calls stay float32.
+           2- or 3-bit, or an int8 output head, reads x as int8 activations (blocks of 64 inputs, llama.cpp's Q8 way;
+           slr.packed): faster decode, activations at int8 accuracy. The low-rank part and other calls stay float32.
     torch  never: S is dequantized and multiplied in pure torch (SLRLinear's strategies; slr.packed's layers unpack
            their bytes in pure torch). ``io.load`` does not pack under this setting.
 

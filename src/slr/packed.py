@@ -19,8 +19,8 @@ plus the two thin low-rank GEMMs (prefill: at 512 tokens the GEMM's arithmetic d
 same below and above ``HEAD_MAX_TOKENS``. Both limits are the measured crossovers of benchmarks/prefill_rule.py. Under
 ``slr.kernels.use_kernel("torch")`` every layer computes the same products in pure torch from the same bytes
 (``PackedLinear.unpacked(False)``, ``factors()``), so the numbers agree up to summation order. Under the ``q8``
-setting a single-token call hands S int8 activations (``q8_activations``; ``PackedLinear.takes_q8``), in the kernel
-and in the torch path alike. These layers have no
+setting a single-token call hands S, and an int8 head, int8 activations (``q8_activations``; ``takes_q8``), in the
+kernel and in the torch path alike. These layers have no
 gradients and cannot be saved again: load with ``packed=False`` to fine-tune, re-save or export.
 """
 
@@ -162,7 +162,7 @@ class PackedLinear(nn.Module):
     def takes_q8(self) -> bool:
         """Whether S reads int8 activations under the "q8" kernel setting (int4_gemv.cpp's q8_takes)."""
         kind = self._s_kind()
-        return kind == "lanes2" or (kind == "nibble" and self.in_features % Q8_BLOCK == 0
+        return kind in ("lanes2", "lanes3") or (kind == "nibble" and self.in_features % Q8_BLOCK == 0
                                     and self.group_size % Q8_BLOCK == 0)
 
     def _apply(self, fn, recurse=True):
@@ -328,15 +328,20 @@ class PackedHead(nn.Module):
         w = self.rows[i:j].float()
         return w if self.row_scale is None else w * self.row_scale[i:j, None]
 
+    def takes_q8(self) -> bool:
+        """Whether the head reads int8 activations under the "q8" kernel setting (int8 rows, d a multiple of 64)."""
+        return self.rows.dtype == torch.int8 and self.in_features % Q8_BLOCK == 0
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x.float())
+        q8 = x2.shape[0] == 1 and kernels.get_kernel() == "q8" and self.takes_q8()
         if _use_cpp(x2) and x2.shape[0] <= HEAD_MAX_TOKENS:
-            y = csrc.rows_mm(x2, self.rows, self.row_scale)
+            y = csrc.rows_mm(x2, self.rows, self.row_scale, q8=q8)
             kernels.CALLS["head"] += 1
         else:  # many tokens: a GEMM per slice of the vocabulary (a float32 copy of one slice at a time)
-            V, step = self.out_features, HEAD_SLICE
-            y = torch.cat([F.linear(x2, self.dense(i, i + step)) for i in range(0, V, step)], 1)
+            V, step, xs = self.out_features, HEAD_SLICE, q8_activations(x2) if q8 else x2
+            y = torch.cat([F.linear(xs, self.dense(i, i + step)) for i in range(0, V, step)], 1)
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)

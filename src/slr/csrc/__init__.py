@@ -112,6 +112,8 @@ def load() -> ctypes.CDLL | None:
         lib.slr_rows_mm.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int, ctypes.c_int]
         lib.slr_unpack.argtypes = [i64, p, p, p, p, p, i64, i64, p, ctypes.c_int]
         lib.slr_lowrank_add.argtypes = [p, i64, i64, p, ctypes.c_int, p, p, ctypes.c_int, i64, i64, p, ctypes.c_int]
+        lib.slr_rows_q8_mm.restype = ctypes.c_int
+        lib.slr_rows_q8_mm.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
         lib.slr_layer_mm.restype = lib.slr_layer_unpack.restype = ctypes.c_int
         lib.slr_layer_mm.argtypes = [p, p, i64, p, p, ctypes.c_int]
         lib.slr_layer_unpack.argtypes = [p, p, ctypes.c_int]
@@ -203,10 +205,13 @@ ROWS_KINDS = {torch.float16: 0, torch.int8: 1, torch.float32: 2}  # int4_gemv.cp
 
 
 def rows_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-            threads: int | None = None) -> torch.Tensor:
+            threads: int | None = None, q8: bool = False) -> torch.Tensor:
     """x [M, K] float32 -> x W^T [M, N] float32 for W = ``weight`` float16 or float32 [N, K], or int8 [N, K] times the
-    float32 row ``scale`` [N]: the output head read at the width the artifact stores it, the low-rank factors."""
+    float32 row ``scale`` [N]: the output head read at the width the artifact stores it, the low-rank factors.
+    ``q8`` (int8 rows, K a multiple of 64): each row of x is read as int8 activations (slr.packed.q8_activations)."""
     i8 = weight.dtype == torch.int8
+    if q8 and (not i8 or x.shape[1] % 64):
+        raise ValueError(f"rows_mm: q8 needs int8 rows and K a multiple of 64, got {weight.dtype} K={x.shape[1]}")
     if weight.dtype not in ROWS_KINDS:
         raise ValueError(f"rows_mm: weight dtype {weight.dtype} is not one of {list(ROWS_KINDS)}")
     _check("rows_mm", x, (weight, weight.dtype), (scale, torch.float32))
@@ -216,8 +221,12 @@ def rows_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = 
         raise ValueError(f"rows_mm: weight {weight.dtype} {tuple(weight.shape)} with scale "
                          f"{None if scale is None else tuple(scale.shape)} does not fit x {tuple(x.shape)}")
     y = torch.empty(M, N)
-    _run("rows_mm", x.data_ptr(), M, K, weight.data_ptr(), _ptr(scale), N, y.data_ptr(),
-         torch.get_num_threads() if threads is None else threads, ROWS_KINDS[weight.dtype])
+    threads = torch.get_num_threads() if threads is None else threads
+    if q8:
+        _run("rows_q8_mm", x.data_ptr(), M, K, weight.data_ptr(), scale.data_ptr(), N, y.data_ptr(), threads)
+    else:
+        _run("rows_mm", x.data_ptr(), M, K, weight.data_ptr(), _ptr(scale), N, y.data_ptr(), threads,
+             ROWS_KINDS[weight.dtype])
     return y
 
 

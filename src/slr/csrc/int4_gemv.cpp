@@ -723,7 +723,7 @@ SLR_F16 void unpack_lanes_rows(int64_t K, const uint8_t* w, const uint16_t* hs, 
         }
 }
 
-// ---- int8 activations (slr.kernels setting "q8"): one row of x, a dense S of 4-bit nibbles or 2-bit lanes ----------
+// ---- int8 activations (slr.kernels setting "q8"): one row of x, a dense S of 4-bit nibbles or 2- or 3-bit lanes -----
 //
 // x is quantized once per call in blocks of 64 inputs, as llama.cpp's Q8 activations are: d_b = max |x| / 127 over
 // block b, q = round(x / d_b) (half to even; 0 for an all-zero block), and S reads x^ = q d_b:
@@ -739,13 +739,22 @@ SLR_F16 void unpack_lanes_rows(int64_t K, const uint8_t* w, const uint16_t* hs, 
 //      byte 2 i -> input 32 h + i and byte 2 i + 1 -> 32 h + 16 + i; (v >> 4) & 15 the same at + 8
 //   2 bits (16 bytes, loaded into both halves): half h of (v >> 2 (2 s + h)) & 3, s = 0, 1, holds field 2 s + h of
 //      lane i in byte 2 i (input 8 (2 s + h) + i) and field 2 s + h + 4 in byte 2 i + 1 (input 8 (2 s + h + 4) + i)
+//   3 bits (24 bytes: bytes 0-15 in the low half, 8-23 in the high one, as lanes<3> loads them): four byte shuffles
+//      put in 16-bit lane l of vector k, half h, the two bytes that hold field J = 2 k + l / 4 of lane i = 4 h + l % 4;
+//      a multiply by 2^(13 - o) (o = 3 J mod 8, the field's offset in them) and a shift right by 13 leave the field;
+//      packing vectors 0, 1 and 2, 3 into bytes gives the two code vectors (Q8Lanes3 holds the tables)
 
 constexpr int64_t Q8_BLOCK = 64;
 
 // The input (0..63) that byte t of a block's quantized x meets, for codes of B bits.
 inline int q8_input(int B, int t) {
     const int s = t / 32, h = (t % 32) / 16, i = (t % 16) / 2, odd = t % 2;
+    if (B == 8) return t;  // int8 rows: the plain order
     if (B == 4) return 32 * h + 16 * odd + 8 * s + i;
+    if (B == 3) {  // byte pos of half h of pack(vector 2 s, 2 s + 1): lane pos % 8 of vector 2 s + pos / 8
+        const int pos = t % 16, k = 2 * s + pos / 8, l = pos % 8;
+        return 8 * (2 * k + l / 4) + 4 * h + l % 4;
+    }
     const int field = 2 * s + h + 4 * odd;
     return 8 * field + i;
 }
@@ -802,9 +811,41 @@ struct Q8S {
     }
 };
 
+// The 3-bit extraction's byte shuffles and multipliers (see the top of this section).
+struct Q8Lanes3 {
+    alignas(32) int8_t shuf[4][32];
+    alignas(32) int16_t mul[4][16];
+    Q8Lanes3() {
+        for (int k = 0; k < 4; ++k)
+            for (int h = 0; h < 2; ++h)
+                for (int l = 0; l < 8; ++l) {
+                    const int J = 2 * k + l / 4, i = 4 * h + l % 4, o = 3 * J % 8;
+                    const int b0 = 3 * i + 3 * J / 8 - 8 * h;  // the field's first byte in the half
+                    shuf[k][16 * h + 2 * l] = static_cast<int8_t>(b0);
+                    shuf[k][16 * h + 2 * l + 1] = static_cast<int8_t>(o + 3 > 8 ? b0 + 1 : -1);
+                    mul[k][8 * h + l] = static_cast<int16_t>(1 << (13 - o));
+                }
+    }
+};
+const Q8Lanes3 Q8_LANES3;
+
 // The two code vectors (unsigned bytes) of block b of the row at p, in q8_input's order.
 template <int B>
 SLR_AVX2 inline void q8_codes(const uint8_t* p, __m256i& lo, __m256i& hi) {
+    if (B == 3) {
+        const __m256i v = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)), 1);
+        __m256i f[4];
+        for (int k = 0; k < 4; ++k) {
+            const __m256i b = _mm256_shuffle_epi8(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(Q8_LANES3.shuf[k])));
+            f[k] = _mm256_srli_epi16(
+                _mm256_mullo_epi16(b, _mm256_load_si256(reinterpret_cast<const __m256i*>(Q8_LANES3.mul[k]))), 13);
+        }
+        lo = _mm256_packus_epi16(f[0], f[1]);
+        hi = _mm256_packus_epi16(f[2], f[3]);
+        return;
+    }
     if (B == 4) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), m = _mm256_set1_epi8(15);
         lo = _mm256_and_si256(v, m);
@@ -834,7 +875,7 @@ SLR_F16 __attribute__((noinline)) void q8_rows(const Q8S<B>& a, const Q8& x, int
             const float db = x.d[b];
             for (int r = 0; r < R; ++r) {
                 const uint8_t* p = a.w + (n + r) * row + bb * b;
-                if ((bb * b) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(p + 2 * R * row), _MM_HINT_T0);
+                if (bb * b % 64 < bb) _mm_prefetch(reinterpret_cast<const char*>(p + 2 * R * row), _MM_HINT_T0);
                 __m256i lo, hi;
                 q8_codes<B>(p, lo, hi);
                 const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
@@ -856,6 +897,33 @@ SLR_F16 void q8_run(const Q8S<B>& a, const Q8& x, int64_t K, int64_t gs, float* 
     for (; n + 4 <= n1; n += 4) q8_rows<B, 4>(a, x, K, gs, y, n);
     for (; n + 2 <= n1; n += 2) q8_rows<B, 2>(a, x, K, gs, y, n);
     for (; n < n1; ++n) q8_rows<B, 1>(a, x, K, gs, y, n);
+}
+
+// int8 rows (the output head, slr.embeddings' codes in [-127, 127]) times int8 activations, output rows n .. n + R - 1
+// of one row of x: y[n] = scale[n] sum_b d_b sum_{k in b} w[n, k] q[k]. |w| times q with w's sign, as unsigned by
+// signed bytes (at most 2 * 127 * 127 per pair, so each product vector goes to 32 bits on its own).
+template <int R>
+SLR_AVX2 __attribute__((noinline)) void q8_int8_rows(const int8_t* w, const float* scale, const Q8& x, int64_t K,
+                                                     int64_t N, float* y, int64_t n) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 tot[R];
+    for (int r = 0; r < R; ++r) tot[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / Q8_BLOCK; ++b) {
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + Q8_BLOCK * b));
+        const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + Q8_BLOCK * b + 32));
+        const __m256 db = _mm256_set1_ps(x.d[b]);
+        for (int r = 0; r < R; ++r) {
+            const int8_t* p = w + (n + r) * K + Q8_BLOCK * b;
+            if (n + r + 2 * R < N) _mm_prefetch(reinterpret_cast<const char*>(p + 2 * R * K), _MM_HINT_T0);
+            const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+            const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+            const __m256i s = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(xa, w0)), ones),
+                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(xb, w1)), ones));
+            tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), db, tot[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) y[n + r] = hsum(tot[r]) * scale[n + r];
 }
 
 // One layer y = x (S + U V)^T + bias, described once by the caller (slr.csrc.Layer; every field 8 bytes).
@@ -889,7 +957,7 @@ struct Layer {
     int64_t ugs;
     const float* bias;
     float zc;  // lanes: the zero point of every group when sz (their zero codes) is null
-    int32_t act8;  // 1: one row of x reaches a nibble or 2-bit-lane S as int8 activations (the "q8" section)
+    int32_t act8;  // 1: one row of x reaches a nibble or 2- or 3-bit-lane S as int8 activations (the "q8" section)
     // lanes: scale holds float16 scales, sz uint8 zero points (or null)
     const uint16_t* hscale() const { return reinterpret_cast<const uint16_t*>(scale); }
     const uint8_t* zero() const { return reinterpret_cast<const uint8_t*>(sz); }
@@ -897,7 +965,7 @@ struct Layer {
 
 // Whether the layer's S takes int8 activations (for one row of x).
 bool q8_takes(const Layer& L) {
-    return L.act8 && (L.skind == S_LANES2 || (L.skind == S_NIBBLE && L.K % Q8_BLOCK == 0 && L.gs % Q8_BLOCK == 0));
+    return L.act8 && (L.skind == S_LANES2 || L.skind == S_LANES3 || (L.skind == S_NIBBLE && L.K % Q8_BLOCK == 0 && L.gs % Q8_BLOCK == 0));
 }
 
 // S's output rows [n0, n1); q8: x quantized (one row, q8_takes), else null.
@@ -905,6 +973,8 @@ SLR_F16 void s_rows(const Layer& L, const float* x, int64_t M, float* y, int64_t
     const uint8_t* s = static_cast<const uint8_t*>(L.s);
     if (q8 && L.skind == S_NIBBLE)
         return q8_run<4>(Q8S<4>{s, L.scale, L.sz, nullptr, nullptr, 0.f}, *q8, L.K, L.gs, y, n0, n1);
+    if (q8 && L.skind == S_LANES3)
+        return q8_run<3>(Q8S<3>{s, nullptr, nullptr, L.hscale(), L.zero(), L.zc}, *q8, L.K, L.gs, y, n0, n1);
     if (q8)
         return q8_run<2>(Q8S<2>{s, nullptr, nullptr, L.hscale(), L.zero(), L.zc}, *q8, L.K, L.gs, y, n0, n1);
     switch (L.skind) {
@@ -1160,6 +1230,24 @@ int slr_rows_mm(const float* x, int64_t M, int64_t K, const void* w, const float
     return 0;
 }
 
+// y = x W^T for int8 rows W [N, K] with float32 row scales, x read as int8 activations row by row (the "q8"
+// section; K a multiple of 64). Returns 0; -1 for shapes it does not take; -2 on a CPU without AVX2 + FMA + F16C.
+int slr_rows_q8_mm(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N, float* y,
+                   int threads) {
+    if (M < 0 || N < 0 || K <= 0 || K % Q8_BLOCK || !scale) return -1;
+    if (!slr_int4_cpu_ok()) return -2;
+    for (int64_t m = 0; m < M; ++m) {
+        const Q8 q(x + m * K, K, K, 8);
+        float* ym = y + m * N;
+        parallel_rows(thread_count(threads, N, K / 4), N, [&](int64_t n0, int64_t n1) {
+            int64_t n = n0;
+            for (; n + 4 <= n1; n += 4) q8_int8_rows<4>(w, scale, q, K, N, ym, n);
+            for (; n < n1; ++n) q8_int8_rows<1>(w, scale, q, K, N, ym, n);
+        });
+    }
+    return 0;
+}
+
 // y [M, N] += (x V^T) U^T: the low-rank part of a layer in one call. V [r, K] and U [N, r] are rows of `vkind` /
 // `ukind` (float16 or float32); with V null, z [M, r] = x V^T is given (a shared projection's output).
 int slr_lowrank_add(const float* x, int64_t M, int64_t K, const void* V, int vkind, const float* z, const void* U,
@@ -1204,7 +1292,7 @@ int slr_layer_mm(const void* layer, const float* x, int64_t M, const float* z, f
     if (M == 0 || L.N == 0) return 0;
     const bool own_z = L.r > 0 && L.vkind != F_GIVEN;
     std::vector<Q8> q8;  // x quantized once, read by every thread
-    if (M == 1 && q8_takes(L)) q8.emplace_back(x, L.K, L.gs, L.skind == S_NIBBLE ? 4 : 2);
+    if (M == 1 && q8_takes(L)) q8.emplace_back(x, L.K, L.gs, L.skind == S_NIBBLE ? 4 : L.skind == S_LANES3 ? 3 : 2);
     const int64_t nt = thread_count(threads, L.N, L.skind == S_NIBBLE_NM24 ? L.K / 2 : L.K);
     // each thread: the whole of z = x V^T (r K multiply-adds, a few percent of its rows of S; computing it once and
     // sharing it would need a barrier, which costs more at decode), its rows of S, then its rows of U z. The factors'
