@@ -792,6 +792,18 @@ struct Q8 {
             gsum[Q8_BLOCK * b / gs] += hsum(xs);
             for (int t = 0; t < Q8_BLOCK; ++t) q[Q8_BLOCK * b + t] = static_cast<int8_t>(qi[order[t]]);
         }
+        if (B == 2) pair_order(K);
+    }
+    // 2 bits: blocks 2 P and 2 P + 1 are read together (q8_rows2), so their 128 bytes hold, at 32 s + 16 h + 2 i
+    // (+ 1), block 2 P + h's input 8 s + i (8 (s + 4) + i); an odd last block keeps q8_input's order.
+    void pair_order(int64_t K) {
+        const std::vector<int8_t> one(q);  // q8_input's order per block: input 8 f + i of field f at [f % 4][f / 4]
+        for (int64_t b = 0; b + 1 < K / Q8_BLOCK; b += 2)
+            for (int u = 0; u < 2 * Q8_BLOCK; ++u) {
+                const int s = u / 32, h = (u % 32) / 16, i = (u % 16) / 2, odd = u % 2, f = s + 4 * odd;
+                // where q8_input put input 8 f + i of block b + h: vector f % 4 / 2, half f % 2, byte 2 i + f / 4
+                q[Q8_BLOCK * b + u] = one[Q8_BLOCK * (b + h) + 32 * (f % 4 / 2) + 16 * (f % 2) + 2 * i + f / 4];
+            }
     }
 };
 
@@ -891,9 +903,61 @@ SLR_F16 __attribute__((noinline)) void q8_rows(const Q8S<B>& a, const Q8& x, int
     }
 }
 
+// 2 bits, output rows n .. n + R - 1: two blocks per load (block 2 P in the low half, 2 P + 1 in the high one), four
+// shifts of it by 2 s give field s and s + 4 of every lane (Q8::pair_order); a block's scale in its four int32 sums.
+template <int R>
+SLR_F16 __attribute__((noinline)) void q8_rows2(const Q8S<2>& a, const Q8& x, int64_t K, int64_t gs, float* y,
+                                                int64_t n) {
+    const int64_t G = K / gs, per_group = gs / Q8_BLOCK, row = K / 4, nb = K / Q8_BLOCK;
+    const __m256i ones = _mm256_set1_epi16(1), m = _mm256_set1_epi8(3);
+    __m256 tot[R];
+    for (int r = 0; r < R; ++r) tot[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b + 1 < nb; b += 2) {
+        __m256i xv[4];
+        for (int s = 0; s < 4; ++s)
+            xv[s] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + Q8_BLOCK * b + 32 * s));
+        const float d0 = x.d[b], d1 = x.d[b + 1];
+        const int64_t g0 = b / per_group, g1 = (b + 1) / per_group;
+        for (int r = 0; r < R; ++r) {
+            const uint8_t* p = a.w + (n + r) * row + 16 * b;
+            if (b % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(p + 2 * R * row), _MM_HINT_T0);
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+            __m256i s16 = _mm256_maddubs_epi16(_mm256_and_si256(v, m), xv[0]);
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), m), xv[1]));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m), xv[2]));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m), xv[3]));
+            const __m256 f = _mm256_set_m128(_mm_set1_ps(a.s((n + r) * G + g1) * d1),
+                                             _mm_set1_ps(a.s((n + r) * G + g0) * d0));
+            tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), f, tot[r]);
+        }
+    }
+    if (nb % 2) {  // the odd last block, as q8_rows reads it
+        const int64_t b = nb - 1;
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + Q8_BLOCK * b));
+        const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + Q8_BLOCK * b + 32));
+        for (int r = 0; r < R; ++r) {
+            __m256i lo, hi;
+            q8_codes<2>(a.w + (n + r) * row + 16 * b, lo, hi);
+            const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
+            tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)),
+                                     _mm256_set1_ps(a.s((n + r) * G + b / per_group) * x.d[b]), tot[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        float zs = 0.f;
+        for (int64_t g = 0; g < G; ++g) zs += a.szv((n + r) * G + g) * x.gsum[g];
+        y[n + r] = hsum(tot[r]) - zs;
+    }
+}
+
 template <int B>
 SLR_F16 void q8_run(const Q8S<B>& a, const Q8& x, int64_t K, int64_t gs, float* y, int64_t n0, int64_t n1) {
     int64_t n = n0;
+    if constexpr (B == 2) {
+        for (; n + 4 <= n1; n += 4) q8_rows2<4>(a, x, K, gs, y, n);
+        for (; n < n1; ++n) q8_rows2<1>(a, x, K, gs, y, n);
+        return;
+    }
     for (; n + 4 <= n1; n += 4) q8_rows<B, 4>(a, x, K, gs, y, n);
     for (; n + 2 <= n1; n += 2) q8_rows<B, 2>(a, x, K, gs, y, n);
     for (; n < n1; ++n) q8_rows<B, 1>(a, x, K, gs, y, n);
