@@ -44,6 +44,7 @@ from pathlib import Path
 # benchmarks/inference.py (the script folder is on sys.path)
 from inference import (
     RUNTIME,
+    RUNTIMES,
     _ArtifactAction,
     _f,
     _LabelAction,
@@ -226,7 +227,7 @@ def measure(target: dict, strategy: str, ids, *, prompt: int = 32, steps: int = 
     rec.update({k: v for k, v in info.items() if k != "path"})
     x = ids[:prompt].unsqueeze(0)  # [1, prompt]
 
-    if strategy == RUNTIME:  # slr.runtime's decoder: its own preallocated cache
+    if strategy in RUNTIMES:  # slr.runtime's decoder (slr-runtime-q8: kernel setting q8): its own preallocated cache
         def step(ids, cache):
             return model(ids, cache)
 

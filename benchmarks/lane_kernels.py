@@ -8,7 +8,8 @@ count, shape and layout:
   hot       one layer called again and again (its bytes stay in cache): the kernel's arithmetic
   streamed  one call each over a ring of distinct layers holding --stream-mb of packed S (more than the L3 cache),
             as a decode step reads a model's weights from memory
-Each is the best of 5 interleaved rounds. Layouts: nibble (4-bit), lanes2 / lanes3 / lanes8 (2-, 3- and 8-bit codes
+Each is the best of 5 interleaved rounds. "q8" rows: the same layers under the kernel setting q8 (x read as int8
+activations; slr.kernels). Layouts: nibble (4-bit), lanes2 / lanes3 / lanes8 (2-, 3- and 8-bit codes
 at their own width; slr.lowbit), nibble-2:4 / float16-2:4 (2:4 sparse S, two kept inputs of every four at random,
 4-bit codes or float16 values, with their 2-bit positions; ns per weight of the dense shape). Bytes per weight counts
 the codes or values, the positions, and the per-group scale and zero point as stored.
@@ -18,6 +19,7 @@ Writes benchmarks/lane_kernels.json and benchmarks/lane_kernels.md.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # (d_in, d_out)
 LAYOUTS = {"nibble": 4, "lanes2": 2, "lanes3": 3, "lanes8": 8, "nibble-2:4": 4, "float16-2:4": 16}
 GS, ROUNDS = 64, 5
+Q8 = ("nibble", "lanes2", "lanes3")  # layouts that also run under the kernel setting "q8" (int8 activations)
 
 
 def s_layer(layout: str, K: int, N: int, seed: int) -> PackedLinear:
@@ -84,9 +87,16 @@ def measure(K: int, N: int, threads: int, stream_mb: float) -> dict:
         one = s_layer(layout, K, N, 0)
         count = max(2, int(stream_mb * 2 ** 20 / stored_bytes(one)))
         mods = [one] + [s_layer(layout, K, N, i) for i in range(1, count)]
-        rings[layout] = (mods, [m._layer()[1] for m in mods])
+        descs = [m._layer() for m in mods]  # each module keeps its record alive (a second _layer() replaces it)
+        rings[layout] = (mods, [d[1] for d in descs])
         out[layout] = {"bytes_per_weight": stored_bytes(one) / (K * N), "ring_layers": count,
                        "hot_ns": float("inf"), "streamed_ns": float("inf")}
+        if layout in Q8:  # the same layers, read with int8 activations: copies of their records with act8 set
+            recs = [csrc.Layer.from_buffer_copy(d[0]) for d in descs]
+            for rec in recs:
+                rec.act8 = 1
+            rings[f"{layout} q8"] = ((mods, recs), [ctypes.addressof(rec) for rec in recs])
+            out[f"{layout} q8"] = dict(out[layout])
     hot_reps = max(20, int(2e7 / (K * N)))
     for _ in range(ROUNDS):
         for layout, (_, addrs) in rings.items():
@@ -102,7 +112,8 @@ def write_md(res: dict, path: Path) -> None:
              f"{res['cpu']}, torch {res['torch']}. One token through S alone in slr's C++ layer kernel; random codes, "
              "fp16 group scales, groups of 64; ns per weight, best of 5 interleaved rounds; hot = one layer again and "
              f"again, streamed = a ring of distinct layers holding {res['stream_mb']} MB of packed S. "
-             "The ratio is the layout's ns over the nibble layout's (< 1 = cheaper per weight).", ""]
+             "The ratio is the layout's ns over the nibble layout's (< 1 = cheaper per weight). A \"q8\" row is the "
+             "layout under the kernel setting q8 (int8 activations), its ratio against the float32 nibble row.", ""]
     for t, shapes in res["threads"].items():
         lines += [f"### {t} thread(s)", "", "| d_in x d_out | layout | bytes / weight | hot ns/w | hot vs nibble | "
                   "streamed ns/w | streamed vs nibble |", "|---|---|---:|---:|---:|---:|---:|"]
