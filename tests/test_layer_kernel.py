@@ -192,3 +192,13 @@ def test_q8_activations_kernel_matches_its_torch_emulation(monkeypatch, layout, 
         assert rel(lin(x2)[1], x.double()[0] @ S.t() + lowrank[0]) < 1e-4
     plain = x.double() @ S.t() + lowrank
     assert (rel(got, plain) > 1e-4) == taken  # the int8 activations are really used
+
+
+def test_packed_layer_takes_no_gradient():
+    """An x that requires grad gives the same y, with no graph behind it (kernel and torch path)."""
+    lin, *_ = make_layer("lanes2", "int8", 64, 128)
+    x = torch.randn(1, 1, 128, generator=GEN)
+    for mode in ("auto", "torch"):
+        with kernels.use_kernel(mode):
+            y = lin(x.clone().requires_grad_())
+            assert not y.requires_grad and y.grad_fn is None and torch.equal(y, lin(x))

@@ -221,10 +221,12 @@ class PackedLinear(nn.Module):
         U, V = self.factors()
         return F.linear(z if V is None else F.linear(x2, V), U)
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:  # no gradients through packed bytes (a check, not a no_grad block: 2 us a call at decode)
+            with torch.no_grad():
+                return self.forward(x.detach())
         K = self.in_features
-        x2 = x.reshape(-1, K)  # [T, K]
+        x2 = x.view(-1, K) if x.is_contiguous() else x.reshape(-1, K)  # [T, K]
         if x2.dtype is not torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
         cpp = _use_cpp(x2)
