@@ -20,8 +20,8 @@ same below and above ``HEAD_MAX_TOKENS``. Both limits are the measured crossover
 ``slr.kernels.use_kernel("torch")`` every layer computes the same products in pure torch from the same bytes
 (``PackedLinear.unpacked(False)``, ``factors()``), so the numbers agree up to summation order. Under the ``q8``
 setting a single-token call hands S, and an int8 head, int8 activations (``q8_activations``; ``takes_q8``), in the
-kernel and in the torch path alike. These layers have no
-gradients and cannot be saved again: load with ``packed=False`` to fine-tune, re-save or export.
+kernel and in the torch path alike. These layers have no gradients and cannot be saved again: load with
+``packed=False`` to fine-tune, re-save or export.
 """
 
 from __future__ import annotations

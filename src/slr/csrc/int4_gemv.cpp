@@ -738,7 +738,8 @@ SLR_F16 void unpack_lanes_rows(int64_t K, const uint8_t* w, const uint16_t* hs, 
 //   4 bits (a 64-input block = two 32-code blocks, 32 bytes): v & 15 gives, per 128-bit half h (code block h),
 //      byte 2 i -> input 32 h + i and byte 2 i + 1 -> 32 h + 16 + i; (v >> 4) & 15 the same at + 8
 //   2 bits (16 bytes, loaded into both halves): half h of (v >> 2 (2 s + h)) & 3, s = 0, 1, holds field 2 s + h of
-//      lane i in byte 2 i (input 8 (2 s + h) + i) and field 2 s + h + 4 in byte 2 i + 1 (input 8 (2 s + h + 4) + i)
+//      lane i in byte 2 i (input 8 (2 s + h) + i) and field 2 s + h + 4 in byte 2 i + 1 (input 8 (2 s + h + 4) + i);
+//      q8_rows2 reads two blocks per load instead and Q8::pair_order reorders q for it (an odd last block as here)
 //   3 bits (24 bytes: bytes 0-15 in the low half, 8-23 in the high one, as lanes<3> loads them): four byte shuffles
 //      put in 16-bit lane l of vector k, half h, the two bytes that hold field J = 2 k + l / 4 of lane i = 4 h + l % 4;
 //      a multiply by 2^(13 - o) (o = 3 J mod 8, the field's offset in them) and a shift right by 13 leave the field;
@@ -807,8 +808,8 @@ struct Q8 {
     }
 };
 
-// S's codes and groups for the int8 kernel: B = 4 (nibbles, float32 scale and sz) or 2 (lanes, float16 scales and
-// zero points or the constant zc).
+// S's codes and groups for the int8 kernel: B = 4 (nibbles, float32 scale and sz) or 2, 3 (lanes, float16 scales
+// and zero points or the constant zc).
 template <int B>
 struct Q8S {
     const uint8_t* w;
