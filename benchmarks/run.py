@@ -49,6 +49,8 @@ CONFIGS = {
     # S+LR at a global retained fraction of exactly 0.50 (issue 5): the allocator sets every matrix's sparsity and
     # rank; uniform keeps rank 32 everywhere and scales the sparsity to the budget
     "g50": dict(sparsity=0.6, pattern=None, rank=32, budget=0.5),
+    # the same at 0.30 retained (issue 22's g70): uniform is 80% sparsity + rank 32 (0.2 + 0.09 of the weights)
+    "g70": dict(sparsity=0.8, pattern=None, rank=32, budget=0.3),
     # pure pruning at a global retained fraction (issue 22): the allocator sets every matrix's sparsity; uniform is
     # u50 (pg50) or 70% everywhere (pg70)
     "pg50": dict(sparsity=0.5, pattern=None, rank=0, budget=0.5),
