@@ -739,7 +739,7 @@ SLR_F16 void unpack_lanes_rows(int64_t K, const uint8_t* w, const uint16_t* hs, 
 //      byte 2 i -> input 32 h + i and byte 2 i + 1 -> 32 h + 16 + i; (v >> 4) & 15 the same at + 8
 //   2 bits (16 bytes, loaded into both halves): half h of (v >> 2 (2 s + h)) & 3, s = 0, 1, holds field 2 s + h of
 //      lane i in byte 2 i (input 8 (2 s + h) + i) and field 2 s + h + 4 in byte 2 i + 1 (input 8 (2 s + h + 4) + i);
-//      q8_rows2 reads two blocks per load instead and Q8::pair_order reorders q for it (an odd last block as here)
+//      q8_rows2 reads two blocks per load instead, and Q8 lays q out for it (an odd last block as here)
 //   3 bits (24 bytes: bytes 0-15 in the low half, 8-23 in the high one, as lanes<3> loads them): four byte shuffles
 //      put in 16-bit lane l of vector k, half h, the two bytes that hold field J = 2 k + l / 4 of lane i = 4 h + l % 4;
 //      a multiply by 2^(13 - o) (o = 3 J mod 8, the field's offset in them) and a shift right by 13 leave the field;
@@ -762,14 +762,19 @@ inline int q8_input(int B, int t) {
 
 // x [K] quantized for S's kernel: q in the layout's order, d per block, and the sums of x^ over S's groups. The
 // division and the rounding (half to even) are IEEE float32 operations, as in slr.packed.q8_activations.
+// 2 bits: blocks 2 P and 2 P + 1 are read together (q8_rows2), so their 128 bytes hold, at 32 s + 16 h + 2 i (+ 1),
+// block 2 P + h's input 8 s + i (8 (s + 4) + i); an odd last block keeps q8_input's order.
 struct Q8 {
     std::vector<int8_t> q;
     std::vector<float> d, gsum;
     SLR_AVX2 Q8(const float* x, int64_t K, int64_t gs, int B) : q(K), d(K / Q8_BLOCK), gsum(K / gs, 0.f) {
-        int order[Q8_BLOCK];
-        for (int t = 0; t < Q8_BLOCK; ++t) order[t] = q8_input(B, t);
+        int solo[Q8_BLOCK], pair[2][Q8_BLOCK];  // the byte of input k: in its block's own span, in a 2-bit pair's
+        for (int t = 0; t < Q8_BLOCK; ++t) solo[q8_input(B, t)] = t;
+        for (int h = 0; h < 2; ++h)
+            for (int k = 0; k < Q8_BLOCK; ++k) pair[h][k] = 32 * (k / 8 % 4) + 16 * h + 2 * (k % 8) + k / 32;
+        const int64_t nb = K / Q8_BLOCK;
         const __m256 sign = _mm256_set1_ps(-0.f);
-        for (int64_t b = 0; b < K / Q8_BLOCK; ++b) {
+        for (int64_t b = 0; b < nb; ++b) {
             const float* xb = x + Q8_BLOCK * b;
             __m256 amax = _mm256_setzero_ps();
             for (int k = 0; k < Q8_BLOCK; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + k)));
@@ -791,20 +796,11 @@ struct Q8 {
                 for (int k = 0; k < Q8_BLOCK; ++k) qi[k] = 0;
             }
             gsum[Q8_BLOCK * b / gs] += hsum(xs);
-            for (int t = 0; t < Q8_BLOCK; ++t) q[Q8_BLOCK * b + t] = static_cast<int8_t>(qi[order[t]]);
+            const bool paired = B == 2 && (b % 2 || b + 1 < nb);
+            int8_t* dst = q.data() + Q8_BLOCK * (paired ? b - b % 2 : b);
+            const int* place = paired ? pair[b % 2] : solo;
+            for (int k = 0; k < Q8_BLOCK; ++k) dst[place[k]] = static_cast<int8_t>(qi[k]);
         }
-        if (B == 2) pair_order(K);
-    }
-    // 2 bits: blocks 2 P and 2 P + 1 are read together (q8_rows2), so their 128 bytes hold, at 32 s + 16 h + 2 i
-    // (+ 1), block 2 P + h's input 8 s + i (8 (s + 4) + i); an odd last block keeps q8_input's order.
-    void pair_order(int64_t K) {
-        const std::vector<int8_t> one(q);  // q8_input's order per block: input 8 f + i of field f at [f % 4][f / 4]
-        for (int64_t b = 0; b + 1 < K / Q8_BLOCK; b += 2)
-            for (int u = 0; u < 2 * Q8_BLOCK; ++u) {
-                const int s = u / 32, h = (u % 32) / 16, i = (u % 16) / 2, odd = u % 2, f = s + 4 * odd;
-                // where q8_input put input 8 f + i of block b + h: vector f % 4 / 2, half f % 2, byte 2 i + f / 4
-                q[Q8_BLOCK * b + u] = one[Q8_BLOCK * (b + h) + 32 * (f % 4 / 2) + 16 * (f % 2) + 2 * i + f / 4];
-            }
     }
 };
 
@@ -871,12 +867,27 @@ SLR_AVX2 inline void q8_codes(const uint8_t* p, __m256i& lo, __m256i& hi) {
     }
 }
 
+// The sums of code * q of one 64-input block in 8 int32 lanes, as floats (lo, hi: q8_codes; xa, xb: q's 64 bytes).
+SLR_AVX2 inline __m256 q8_dot(__m256i lo, __m256i hi, __m256i xa, __m256i xb) {
+    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+}
+
+// y[n + r] = the scaled code sums tot[r] minus the zero part, sum_g sz[n + r, g] sum_{k in g} x^[k].
+template <int B, int R>
+SLR_F16 inline void q8_store(const Q8S<B>& a, const Q8& x, int64_t G, const __m256* tot, float* y, int64_t n) {
+    for (int r = 0; r < R; ++r) {
+        float zs = 0.f;
+        for (int64_t g = 0; g < G; ++g) zs += a.szv((n + r) * G + g) * x.gsum[g];
+        y[n + r] = hsum(tot[r]) - zs;
+    }
+}
+
 // Output rows n .. n + R - 1.
 template <int B, int R>
 SLR_F16 __attribute__((noinline)) void q8_rows(const Q8S<B>& a, const Q8& x, int64_t K, int64_t gs, float* y,
                                                int64_t n) {
     const int64_t G = K / gs, per_group = gs / Q8_BLOCK, row = K / 8 * B, bb = Q8_BLOCK / 8 * B;
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 tot[R];
     for (int r = 0; r < R; ++r) tot[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
@@ -891,21 +902,15 @@ SLR_F16 __attribute__((noinline)) void q8_rows(const Q8S<B>& a, const Q8& x, int
                 if (bb * b % 64 < bb) _mm_prefetch(reinterpret_cast<const char*>(p + 2 * R * row), _MM_HINT_T0);
                 __m256i lo, hi;
                 q8_codes<B>(p, lo, hi);
-                const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
-                tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), _mm256_set1_ps(ws[r] * db),
-                                         tot[r]);
+                tot[r] = _mm256_fmadd_ps(q8_dot(lo, hi, xa, xb), _mm256_set1_ps(ws[r] * db), tot[r]);
             }
         }
     }
-    for (int r = 0; r < R; ++r) {
-        float zs = 0.f;
-        for (int64_t g = 0; g < G; ++g) zs += a.szv((n + r) * G + g) * x.gsum[g];
-        y[n + r] = hsum(tot[r]) - zs;
-    }
+    q8_store<B, R>(a, x, G, tot, y, n);
 }
 
 // 2 bits, output rows n .. n + R - 1: two blocks per load (block 2 P in the low half, 2 P + 1 in the high one), four
-// shifts of it by 2 s give field s and s + 4 of every lane (Q8::pair_order); a block's scale in its four int32 sums.
+// shifts of it by 2 s give field s and s + 4 of every lane (Q8's pair order); a block's scale in its four int32 sums.
 template <int R>
 SLR_F16 __attribute__((noinline)) void q8_rows2(const Q8S<2>& a, const Q8& x, int64_t K, int64_t gs, float* y,
                                                 int64_t n) {
@@ -939,16 +944,11 @@ SLR_F16 __attribute__((noinline)) void q8_rows2(const Q8S<2>& a, const Q8& x, in
         for (int r = 0; r < R; ++r) {
             __m256i lo, hi;
             q8_codes<2>(a.w + (n + r) * row + 16 * b, lo, hi);
-            const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xb));
-            tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)),
-                                     _mm256_set1_ps(a.s((n + r) * G + b / per_group) * x.d[b]), tot[r]);
+            tot[r] = _mm256_fmadd_ps(q8_dot(lo, hi, xa, xb), _mm256_set1_ps(a.s((n + r) * G + b / per_group) * x.d[b]),
+                                     tot[r]);
         }
     }
-    for (int r = 0; r < R; ++r) {
-        float zs = 0.f;
-        for (int64_t g = 0; g < G; ++g) zs += a.szv((n + r) * G + g) * x.gsum[g];
-        y[n + r] = hsum(tot[r]) - zs;
-    }
+    q8_store<2, R>(a, x, G, tot, y, n);
 }
 
 template <int B>
@@ -1030,7 +1030,8 @@ struct Layer {
 
 // Whether the layer's S takes int8 activations (for one row of x).
 bool q8_takes(const Layer& L) {
-    return L.act8 && (L.skind == S_LANES2 || L.skind == S_LANES3 || (L.skind == S_NIBBLE && L.K % Q8_BLOCK == 0 && L.gs % Q8_BLOCK == 0));
+    return L.act8 && (L.skind == S_LANES2 || L.skind == S_LANES3 ||
+                      (L.skind == S_NIBBLE && L.K % Q8_BLOCK == 0 && L.gs % Q8_BLOCK == 0));
 }
 
 // S's output rows [n0, n1); q8: x quantized (one row, q8_takes), else null.
