@@ -5,12 +5,14 @@
 CAP and the search allocator score plans on matrices rebuilt from whitened pools (``allocate.cap.Pools.rebuild``:
 the top ``rank`` directions of W G mapped back, W itself on each row's top-scored entries); the run then deploys admm's
 solve at the chosen (rank, kept fraction). A plan is chosen by how much each matrix's error falls when it gets more
-sparse entries, so the proxy is faithful when those falls rank the matrices as admm's do.
+sparse entries, so the proxy is faithful when those falls match admm's, across matrices and along f.
 
 On the layer benchmark's (W, H) pairs (``benchmarks/layers.py``: dense-propagated H of 32 windows, cached), for every
-matrix and every kept fraction f of S (rank fixed): the relative layer error ||X (W - What)^T||^2 / ||X W^T||^2 of the
-pool rebuild and of admm (its defaults, 1 thread). Summary: the error ratio admm / pool per fraction, and per step
-between neighbouring fractions the Spearman correlation over matrices of the error each one loses (pool vs admm).
+matrix and every kept fraction f of S (rank fixed), the relative layer error ||X (W - What)^T||^2 / ||X W^T||^2 of:
+the pool rebuild; the knapsack's loss model (``allocate.knapsack.matrix_curve``); a refit (the pool rebuild, then S
+backsolved on its support and L refitted, ``--rounds`` times); and admm (its defaults, 1 thread). Summary per proxy:
+the mean error ratio admm / proxy per fraction, and per step between neighbouring fractions the Spearman correlation
+over matrices of the error each one loses (proxy vs admm) and the mean losses.
 Writes benchmarks/level_fidelity.json and .md.
 """
 
