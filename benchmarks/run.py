@@ -94,6 +94,8 @@ def run_one(model: str, method: str, config_id: str, calib_samples: int, windows
                          refine=RefineConfig(epochs=tm_epochs, max_samples=tm_samples) if refine == "tm" else None)
     t = time.perf_counter()
     parts = [model, method, config_id] + ([allocate] if allocate != "uniform" else []) + ([refine] if refine else [])
+    # allocator and solver options in the name, so runs that differ only by them do not overwrite each other
+    parts += [f"{k}{str(v).replace(' ', '')}" for k, v in sorted({**(alloc_opts or {}), **(solver_opts or {})}.items())]
     name = "-".join(parts)
     out = str(Path(save_dir) / name) if save_dir else None
     run = run_compress(model, cfg, RunOptions(windows=str(windows), out=out, save=out is not None, overwrite=True,
