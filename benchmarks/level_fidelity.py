@@ -120,6 +120,12 @@ def markdown(meta: dict, rows: list[dict], summ: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def write_json(stem: Path, d: dict) -> None:
+    tmp = stem.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(d, indent=1))
+    tmp.replace(stem.with_suffix(".json"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -142,6 +148,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     pairs, _, _ = pairs_for(a.model, a.calib_samples, a.blocks, False)
+    meta = {"commit": commit, "model": a.model, "calib_samples": a.calib_samples, "blocks": a.blocks,
+            "fractions": a.fractions, "rank": a.rank, "rounds": a.rounds, "threads": 1}
+    stem = Path(a.out)
     rows = []
     for key, (W, H) in pairs.items():
         block, name = key.split(".", 1)
@@ -162,13 +171,9 @@ def main() -> None:
                          "admm_seconds": secs})
             print(f"{key:22s} f={f:<5g} pool {pool:.5f}  knapsack {knap:.5f}  refit {refit:.5f}  "
                   f"admm {rows[-1]['admm']:.5f}  ({refit_s:.2f} s / {secs:.1f} s)", flush=True)
-    meta = {"commit": commit, "model": a.model, "calib_samples": a.calib_samples, "blocks": a.blocks,
-            "fractions": a.fractions, "rank": a.rank, "rounds": a.rounds, "threads": 1}
+        write_json(stem, {"meta": meta, "rows": rows})  # after every matrix, so a stopped run keeps its rows
     summ = summarize(rows, a.fractions)
-    stem = Path(a.out)
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "summary": summ, "rows": rows}, indent=1))
-    tmp.replace(stem.with_suffix(".json"))
+    write_json(stem, {"meta": meta, "summary": summ, "rows": rows})
     stem.with_suffix(".md").write_text(markdown(meta, rows, summ))
     print(markdown(meta, rows, summ))
 
