@@ -261,8 +261,8 @@ def test_solved_pools_rebuild_the_runs_own_solve():
 
 def test_solved_pools_search_and_their_errors(monkeypatch):
     """search with pools=solved under --budget-bits: its knapsack start ranks widths on the solved errors and hands
-    them to the pools (one solve per matrix, not two); without a bits budget, without data, or with a method that
-    does not quantize S it fails in one line."""
+    them to the pools (one solve per matrix, not two); without data, or under --budget with a method that is not
+    S+LR, it fails in one line."""
     from slr.allocate import bits, cap, search
 
     calls = []
@@ -281,7 +281,7 @@ def test_solved_pools_search_and_their_errors(monkeypatch):
     assert len(calls) == len(linears(model))
     for c, data, why in ((cfg, None, "needs calibration data"),
                          (CompressConfig(method="sparsegpt", sparsity=0.5, alloc=AllocConfig("search", budget=0.6)),
-                          calib(), "without --budget-bits")):
+                          calib(), "needs an S+LR method")):
         with pytest.raises(SLRError) as e:
             search.allocate(model, c, data, generations=1, pools="solved")
         assert why in one_line(e)

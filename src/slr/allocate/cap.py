@@ -81,6 +81,7 @@ from .bitlevels import BitSpace, bit_plan, make_bit_pools
 from .bits import info as bits_info
 from .bits import method_solver, solve_widths
 from .levels import Fitness, LevelSpace, fitness_info, heldout, judge, level_plan, rank_ladder
+from .solvedlevels import SolvedSpace, level_solver, solved_space
 
 if TYPE_CHECKING:
     from ..config import CompressConfig
@@ -219,7 +220,7 @@ class Setup:
     mats: list[Matrix]
     mode: str
     budget: float | None  # the retained fraction; None under a budget in bits (the space's)
-    space: LevelSpace | BitSpace
+    space: LevelSpace | BitSpace | SolvedSpace
     data: bool
     info: dict
 
@@ -260,17 +261,19 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
             levels: int, span: float, init: str, start: Plan | None, mode: str | None,
             rpca_iters: int = 5, max_samples: int | None = 8, norms: dict | None = None,
             residual_rank: int | None = None, normalize: str | None = None, fisher_samples: int | None = 4,
-            fisher_power: float = 0.25, rank_floor: int | None = None) -> Setup:
-    """Checks, candidate pools (stage 1) and the level space around the start plan."""
+            fisher_power: float = 0.25, rank_floor: int | None = None, level_solve: str = "fast",
+            level_cache: str = "") -> Setup:
+    """Checks, candidate pools (stage 1) and the level space around the start plan (``solvedlevels`` with
+    pools="solved" under a retained-fraction budget)."""
     t0 = time.perf_counter()
     given = start is not None
     check_span(span, who)
     if init not in ("knapsack", "uniform"):
         raise SLRError(f"unknown {who} init {init!r}", "use --alloc-opt init=knapsack or init=uniform")
     bits = config.alloc.budget_bits is not None
-    if pools not in ("rpca", "whitened", "solved") or (pools == "solved" and not bits):
-        raise SLRError(f"unknown {who} pools {pools!r}" + ("" if pools != "solved" else " without --budget-bits"),
-                       "use pools='whitened' (default), 'rpca' (the paper's) or, under --budget-bits, 'solved'")
+    if pools not in ("rpca", "whitened", "solved"):
+        raise SLRError(f"unknown {who} pools {pools!r}", "use pools='whitened' (default), 'rpca' (the paper's) or "
+                       "'solved' (each level solved by the run's method)")
     if levels < 3 or levels % 2 == 0:
         raise SLRError(f"{who} levels={levels} must be odd and at least 3", "use e.g. --alloc-opt levels=5")
     mode = alloc_mode(config, mode)
@@ -285,6 +288,9 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     if nm_of(config) is not None:
         raise SLRError(f"{who} allocates unstructured sparsity and ranks", "use --allocate knapsack with --pattern N:M")
     budget = resolve_budget(config, mats, mode)
+    if pools == "solved":
+        return _prepare_solved(model, config, calib, device, mats, mode, budget, data, levels, span, init, start,
+                               norms, kw, t0, level_solve, level_cache)
     full_h = pools == "whitened" and data and mode in ("slr", "rank") and norms is None
     if norms is None and not full_h:
         norms = input_sq_norms(model, calib, device, max_samples)
@@ -323,6 +329,31 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
             "rank_floor": floor, "span": span, "init": "given" if given else init,
             "normalize": normalize, "levels": levels, "variables": space.variables, "seconds_pools": t_pools,
             "seconds_start": time.perf_counter() - t0 - t_pools}
+    return Setup(mats, mode, budget, space, data, info)
+
+
+def _prepare_solved(model, config, calib, device, mats, mode, budget, data, levels, span, init, start, norms, kw,
+                    t0, level_solve: str, level_cache: str) -> Setup:
+    """``prepare`` with every level solved by the run's method (``solvedlevels``): S's row count per matrix at the
+    start plan's rank."""
+    if mode != "slr" or not data or norms is not None:
+        raise SLRError("pools=solved under --budget solves S + L levels on each matrix's H and needs an S+LR method "
+                       "and calibration data", "drop --alloc-opt pools=solved")
+    level_solver(config, level_solve)  # its one-line errors before the start plan's pass
+    given = start is not None
+    if start is None:
+        start = _start(model, config, calib, device, init, mode, {**kw, "span": span})
+    t_start = time.perf_counter() - t0
+    start_ch = []
+    for m in mats:
+        s = start.get(m.block, m.name)
+        start_ch.append(Choice(s.kept(m.d_out, m.d_in) // m.d_out, s.rank))
+    space = solved_space(model, config, calib, device, mats, start_ch, span, levels, kw["max_samples"], level_solve,
+                         level_cache)
+    info = {"pools": f"{config.method} solved per level ({level_solve})", "metric": "full H",
+            "span": span, "init": "given" if given else init, "normalize": kw["normalize"], "levels": levels,
+            "variables": space.variables, "solved_levels": sum(len(p.weights) for p in space.pools),
+            "seconds_start": t_start, "seconds_pools": time.perf_counter() - t0 - t_start}
     return Setup(mats, mode, budget, space, data, info)
 
 
@@ -373,7 +404,8 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              rpca_iters: int = 5, max_samples: int | None = 8, norms: dict | None = None,
              residual_rank: int | None = None, normalize: str | None = None, fisher_samples: int | None = 4,
              fisher_power: float = 0.25, rank_floor: int | None = None, span: float = SPAN, init: str = "knapsack",
-             start: Plan | None = None, mode: str | None = None) -> tuple[Plan, dict]:
+             start: Plan | None = None, mode: str | None = None, level_solve: str = "fast",
+             level_cache: str = "") -> tuple[Plan, dict]:
     """CAP plan (see the module docstring). ``steps`` × ``samples`` plans are scored on ``windows`` calibration
     windows of ``tokens`` tokens; ``levels`` per variable (odd); ``span`` = the trust region (each matrix's retained
     fraction stays within budget ± span; 1 = off) and the reach of the density levels; ``init`` = "knapsack" (the
@@ -382,7 +414,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     st = prepare(model, config, calib, device, "CAP", pools=pools, levels=levels, span=span, init=init, start=start,
                  mode=mode, rpca_iters=rpca_iters, max_samples=max_samples, norms=norms,
                  residual_rank=residual_rank, normalize=normalize, fisher_samples=fisher_samples,
-                 fisher_power=fisher_power, rank_floor=rank_floor)
+                 fisher_power=fisher_power, rank_floor=rank_floor, level_solve=level_solve, level_cache=level_cache)
     fitness = Fitness(model, st.space, calib if st.data else None, device, windows, tokens, batch_size)
     held = heldout(fitness, calib, windows)
     gen = torch.Generator().manual_seed(config.seed)

@@ -26,19 +26,20 @@ from ..plan import Plan
 from .base import SPAN
 from .cap import prepare
 from .levels import Fitness, fitness_info, heldout, judge
+from .solvedlevels import SolvedSpace
 
 if TYPE_CHECKING:
     from ..config import CompressConfig
 
 
-def mutate(x: torch.Tensor, kinds: torch.Tensor, levels: int, pairs: int, gen: torch.Generator) -> torch.Tensor:
-    """``pairs`` times: one variable a level up and another of the same kind (``kinds`` [V]) a level down, both
-    kept inside [0, levels - 1]."""
+def mutate(x: torch.Tensor, kinds: torch.Tensor, valid, pairs: int, gen: torch.Generator) -> torch.Tensor:
+    """``pairs`` times: one variable a level up and another of the same kind (``kinds`` [V]) a level down, both to
+    levels that ``valid(variable, level)`` admits."""
     y = x.clone()
     for _ in range(pairs):
         for _try in range(20):
             i, j = torch.randint(0, len(y), (2,), generator=gen).tolist()
-            if i != j and kinds[i] == kinds[j] and y[i] < levels - 1 and y[j] > 0:
+            if i != j and kinds[i] == kinds[j] and valid(i, int(y[i]) + 1) and valid(j, int(y[j]) - 1):
                 y[i] += 1
                 y[j] -= 1
                 break
@@ -51,7 +52,8 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              max_samples: int | None = 8, norms: dict | None = None, normalize: str | None = None,
              fisher_samples: int | None = 4, fisher_power: float = 0.25, rank_floor: int | None = None,
              span: float = SPAN, init: str = "knapsack", start: Plan | None = None,
-             mode: str | None = None, pools: str = "whitened") -> tuple[Plan, dict]:
+             mode: str | None = None, pools: str = "whitened", level_solve: str = "fast",
+             level_cache: str = "") -> tuple[Plan, dict]:
     """Search plan (see the module docstring); ``start`` (Python only) = a plan to start from; ``pools`` = "solved"
     (under --budget-bits) rebuilds S from the run's method solved at every width (``bitlevels``)."""
     t0 = time.perf_counter()
@@ -61,13 +63,17 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
                        f"windows={windows})", "use e.g. --alloc-opt offspring=16 --alloc-opt survivors=4")
     st = prepare(model, config, calib, device, "search", pools=pools, levels=levels, span=span, init=init,
                  start=start, mode=mode, max_samples=max_samples, norms=norms, normalize=normalize,
-                 fisher_samples=fisher_samples, fisher_power=fisher_power, rank_floor=rank_floor)
+                 fisher_samples=fisher_samples, fisher_power=fisher_power, rank_floor=rank_floor,
+                 level_solve=level_solve, level_cache=level_cache)
     data = calib if st.data else None
     screen = Fitness(model, st.space, data, device, screen_windows, tokens, batch_size)
     full = Fitness(model, st.space, data, device, windows, tokens, batch_size)
     held = heldout(full, data, windows)
     n = len(st.mats)
-    kinds = torch.arange(st.space.variables) // n  # S+LR: ranks then densities; otherwise one kind
+    if isinstance(st.space, SolvedSpace):  # one variable per matrix; a pair of one shape keeps the budget exact
+        kinds, valid = st.space.kinds, st.space.valid
+    else:  # S+LR: ranks then densities; otherwise one kind
+        kinds, valid = torch.arange(st.space.variables) // n, (lambda _j, lv: 0 <= lv < levels)
     gen = torch.Generator().manual_seed(config.seed)
     t1 = time.perf_counter()
     trace = []
@@ -76,7 +82,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
         best = full(parent)
         bar = tqdm(range(generations), desc="search", unit="gen", disable=None)  # None: only on a terminal
         for g in bar:
-            kids = [mutate(parent, kinds, levels, mutations, gen) for _ in range(offspring)]
+            kids = [mutate(parent, kinds, valid, mutations, gen) for _ in range(offspring)]
             kids.sort(key=screen)
             scored = [(full(k), i) for i, k in enumerate(kids[:survivors])]
             loss, i = min(scored)

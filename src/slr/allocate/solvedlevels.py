@@ -1,0 +1,182 @@
+"""Density levels solved by the run's own method (``--alloc-opt pools=solved`` under --budget, S+LR; issue 22).
+
+The pool rebuilds that CAP and the search score by default are a proxy for the deployed solve, and a biased one: their
+error falls by about the same amount at each step of the kept fraction, while admm's returns diminish
+(``benchmarks/level_fidelity.md``), so a plan that moves far from the start is scored too well. Here every candidate
+matrix is the run's method itself, solved once per level on the matrix's dense H and kept (bfloat16, and on disk with
+``level_cache``), so a search over thousands of plans re-solves nothing and scores what it will deploy.
+
+Levels: per matrix the start plan's rank is kept and S's row count k takes ``levels`` values k0 + (l - c) dk, c the
+centre, dk = round(span / c * d_in): steps of the same size in every matrix of a shape. A plan spends the budget
+exactly when the level offsets of each shape class sum to zero: the search's mutations move one matrix up and one of
+the same shape down, and ``resolve`` repairs any other draw (CAP's) by stepping the furthest-out matrix of an
+unbalanced class back toward its start. A level past the dense matrix or below zero entries is never solved.
+
+``level_solve="fast"`` solves admm's levels with a short schedule (40 iterations, fast rho growth; about 0.23 of the
+default's time, errors 1.4-2x the default's with the matrices' gains from a level step in proportion, measured on the
+layer benchmark's pairs); "full" with the run's own options. Other methods solve with their own options either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import SLRError
+from ..options import as_kwargs
+from ..solvers.base import method
+from ..spec import LayerSpec
+from .base import Choice, Matrix, to_spec
+
+FAST = {"admm": {"max_iters": 40, "min_iters": 10, "rho_grow": (1.3, 1.5, 1.5)}}
+
+
+def level_solver(config, level_solve: str) -> tuple:
+    """(name, solver fn, options) that solve one level: the run's per-matrix S+LR method."""
+    m = method(config.method)
+    if m.kind != "slr" or m.group:
+        raise SLRError(f"pools=solved under --budget solves S + L per matrix, and {config.method} is not such a method",
+                       "use --method admm (or hassle, oats), or drop --alloc-opt pools=solved")
+    if level_solve not in ("fast", "full"):
+        raise SLRError(f"unknown level_solve {level_solve!r}", "use --alloc-opt level_solve=fast or level_solve=full")
+    opts = as_kwargs(config.solver) if config.solver is not None else {}
+    if level_solve == "fast":
+        opts = {**opts, **FAST.get(config.method, {})}
+    return config.method, m.fn, opts
+
+
+@dataclass
+class SolvedPools:
+    """One matrix's solved levels: the dense weights (they restore the model after the search) and W_hat per k."""
+
+    W: torch.Tensor  # [m, n] float32
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)  # kept entries per row -> W_hat [m, n] bfloat16
+
+    def rebuild(self, m: Matrix, rank: int, entries: int) -> torch.Tensor:
+        return self.weights[int(round(entries / m.d_out))].float()
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p.detach().cpu().contiguous().numpy().tobytes() if isinstance(p, torch.Tensor) else repr(p).encode())
+    return h.hexdigest()[:20]
+
+
+def solve_levels(m: Matrix, H: torch.Tensor, ks: list[int], rank: int, base: LayerSpec, solver: tuple,
+                 cache: Path | None) -> SolvedPools:
+    """The run's method at (rank, k kept per row) for every k of ``ks`` on H [d_in, d_in]; read from / written to
+    ``cache`` (one file per matrix and level, named by a digest of W, H, the spec and the solver's options)."""
+    name, fn, opts = solver
+    W = m.weight.detach().float().cpu().clone()
+    pools = SolvedPools(W)
+    for k in ks:
+        spec = to_spec(m, Choice(k, rank), "slr", None, base)
+        path = None if cache is None else cache / f"{_digest(W, H, name, sorted(opts.items()), spec)}.pt"
+        if path is not None and path.exists():
+            pools.weights[k] = torch.load(path, weights_only=True)
+            continue
+        pools.weights[k] = fn(W, H.clone(), spec, **opts).dense().bfloat16()
+        if path is not None:
+            tmp = path.with_suffix(".tmp")
+            torch.save(pools.weights[k], tmp)
+            tmp.replace(path)
+    return pools
+
+
+@dataclass
+class SolvedSpace:
+    """Per matrix one variable, S's row-count level around the start plan at its rank (see the module docstring)."""
+
+    mats: list[Matrix]
+    pools: list[SolvedPools]
+    start: list[Choice]
+    k_levels: list[list[int | None]]  # [n_mats][levels]; None: past the dense matrix or below zero
+    mode: str = "slr"
+    loaded: dict = field(default_factory=dict, repr=False)  # matrix index -> the level its weights hold now
+
+    @property
+    def variables(self) -> int:
+        return len(self.mats)
+
+    @property
+    def kinds(self) -> torch.Tensor:
+        """[variables] the shape class of each matrix: mutations pair matrices of one class."""
+        shapes = {}
+        return torch.tensor([shapes.setdefault((m.d_out, m.d_in), len(shapes)) for m in self.mats])
+
+    def valid(self, j: int, level: int) -> bool:
+        return 0 <= level < len(self.k_levels[j]) and self.k_levels[j][level] is not None
+
+    def balanced(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with every level a solved one and each shape class's level offsets summed to zero (the budget spent
+        exactly)."""
+        y, c, kinds = x.clone(), len(self.k_levels[0]) // 2, self.kinds
+        for j in range(len(y)):  # a level that was not solved (past the dense matrix) steps back toward the start
+            while not self.valid(j, int(y[j])):
+                y[j] += 1 if y[j] < c else -1
+        for kind in kinds.unique().tolist():
+            idx = (kinds == kind).nonzero().flatten().tolist()
+            while (excess := sum(int(y[i]) - c for i in idx)) != 0:
+                sign = 1 if excess > 0 else -1  # step back the matrix furthest out on the excess side
+                i = max(idx, key=lambda i: (sign * (int(y[i]) - c), -i))
+                y[i] -= sign
+        return y
+
+    def resolve(self, x: torch.Tensor) -> list[tuple[int, int]]:
+        """(rank, kept entries) per matrix of the balanced levels."""
+        y = self.balanced(x)
+        return [(ch.rank, self.k_levels[j][int(y[j])] * m.d_out)
+                for j, (m, ch) in enumerate(zip(self.mats, self.start))]
+
+    def centre(self) -> torch.Tensor:
+        return torch.full((self.variables,), len(self.k_levels[0]) // 2, dtype=torch.long)
+
+    def choices(self, x: torch.Tensor) -> list[Choice]:
+        return [Choice(e // m.d_out, r) for m, (r, e) in zip(self.mats, self.resolve(x))]
+
+
+def k_ladder(m: Matrix, start: Choice, span: float, levels: int) -> list[int | None]:
+    """Row counts k0 + (l - c) dk of one matrix; None where the level would hold below 0 or more than W's entries."""
+    c = levels // 2
+    dk = max(1, int(round(span / c * m.d_in)))
+    out = []
+    for i in range(levels):
+        k = start.k_row + (i - c) * dk
+        ok = 0 <= k <= m.d_in and k * m.d_out + start.rank * m.lr_unit <= m.numel
+        out.append(k if ok or i == c else None)
+    return out
+
+
+def solved_space(model, config, calib: torch.Tensor, device, mats: list[Matrix], start: list[Choice], span: float,
+                 levels: int, max_samples: int | None, level_solve: str, level_cache: str) -> SolvedSpace:
+    """Every matrix's levels around ``start``, solved on the dense model's H (``whitened_metrics``' damped H, streamed
+    block by block), with a progress bar over the matrices."""
+    from tqdm.auto import tqdm
+
+    from .base import whitened_metrics
+
+    solver = level_solver(config, level_solve)
+    cache = None
+    if level_cache:
+        cache = Path(level_cache)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SLRError(f"cannot create the level cache {cache}: {e.strerror}",
+                           "pass a writable directory as --alloc-opt level_cache=DIR") from None
+    base = config.layer_spec()
+    ladders = [k_ladder(m, ch, span, levels) for m, ch in zip(mats, start)]
+    pools: list = [None] * len(mats)
+    bar = tqdm(total=len(mats), desc="solve levels", unit="matrix", disable=None)  # None: only on a terminal
+    for j, white in whitened_metrics(model, mats, calib, device, max_samples):
+        G = white[0].double()
+        H = (G @ G.T).float()  # [d_in, d_in] the whitener's damped H
+        pools[j] = solve_levels(mats[j], H, [k for k in ladders[j] if k is not None], start[j].rank, base, solver,
+                                cache)
+        bar.update()
+    bar.close()
+    return SolvedSpace(mats, pools, start, ladders)
