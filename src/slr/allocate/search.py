@@ -8,8 +8,11 @@ pairs of variables of the same kind, one a level up and the other a level down, 
 common shift makes it exact), screens the offspring on ``screen_windows`` windows, scores the best ``survivors`` on
 ``windows`` windows, and replaces the parent when one beats it there. Losses are memoised per plan, so a plan is
 never scored twice at the same fidelity. Under a budget in bits the levels are CAP's in bits (``bitlevels``): S's
-width and the rank per matrix. The last parent replaces the start plan only if it also scores lower on
-as many further calibration windows (``levels.judge``). Seeded, so the same seed gives the same plan.
+width and the rank per matrix. With ``pools="solved"`` under --budget (``solvedlevels``) every candidate matrix is the
+run's own method solved once per level, one variable per matrix (S's row count at the start plan's rank), and a
+mutation moves one matrix up a level and another down by about as many entries. The last parent replaces the start
+plan only if it also scores lower on as many further calibration windows (``levels.judge``). Seeded, so the same seed
+gives the same plan.
 """
 
 from __future__ import annotations
@@ -70,10 +73,12 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     full = Fitness(model, st.space, data, device, windows, tokens, batch_size)
     held = heldout(full, data, windows)
     n = len(st.mats)
-    if isinstance(st.space, SolvedSpace):  # one variable per matrix; a pair of one shape keeps the budget exact
-        kinds, valid = st.space.kinds, st.space.valid
-    else:  # S+LR: ranks then densities; otherwise one kind
-        kinds, valid = torch.arange(st.space.variables) // n, (lambda _j, lv: 0 <= lv < levels)
+    kinds = torch.arange(st.space.variables) // n  # S+LR: ranks then densities; otherwise one kind
+    if isinstance(st.space, SolvedSpace):  # one variable per matrix, moves that keep the plan's size
+        step = st.space.mutate
+    else:
+        def step(x, pairs, gen):
+            return mutate(x, kinds, lambda _j, lv: 0 <= lv < levels, pairs, gen)
     gen = torch.Generator().manual_seed(config.seed)
     t1 = time.perf_counter()
     trace = []
@@ -82,7 +87,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
         best = full(parent)
         bar = tqdm(range(generations), desc="search", unit="gen", disable=None)  # None: only on a terminal
         for g in bar:
-            kids = [mutate(parent, kinds, valid, mutations, gen) for _ in range(offspring)]
+            kids = [step(parent, mutations, gen) for _ in range(offspring)]
             kids.sort(key=screen)
             scored = [(full(k), i) for i, k in enumerate(kids[:survivors])]
             loss, i = min(scored)

@@ -7,10 +7,11 @@ matrix is the run's method itself, solved once per level on the matrix's dense H
 ``level_cache``), so a search over thousands of plans re-solves nothing and scores what it will deploy.
 
 Levels: per matrix the start plan's rank is kept and S's row count k takes ``levels`` values k0 + (l - c) dk, c the
-centre, dk = round(span / c * d_in): steps of the same size in every matrix of a shape. A plan spends the budget
-exactly when the level offsets of each shape class sum to zero: the search's mutations move one matrix up and one of
-the same shape down, and ``resolve`` repairs any other draw (CAP's) by stepping the furthest-out matrix of an
-unbalanced class back toward its start. A level past the dense matrix or below zero entries is never solved.
+centre, dk = round(span / c * d_in). A plan's size stays within one step of the widest matrix (under 0.1% of
+SmolLM2's budget at the defaults) of the start plan's, and ``fit_budget`` settles the rest: the search's mutations move
+one matrix a level up and another down by the whole number of its steps nearest that size, kept only within the
+tolerance, and ``resolve`` repairs any other draw (CAP's) by stepping the furthest-out matrix back toward its start. A
+level past the dense matrix or below zero entries is never solved.
 
 ``level_solve="fast"`` solves admm's levels with a short schedule (40 iterations, fast rho growth; about 0.23 of the
 default's time, errors 1.4-2x the default's with the matrices' gains from a level step in proportion, measured on the
@@ -102,28 +103,53 @@ class SolvedSpace:
     def variables(self) -> int:
         return len(self.mats)
 
-    @property
-    def kinds(self) -> torch.Tensor:
-        """[variables] the shape class of each matrix: mutations pair matrices of one class."""
-        shapes = {}
-        return torch.tensor([shapes.setdefault((m.d_out, m.d_in), len(shapes)) for m in self.mats])
-
     def valid(self, j: int, level: int) -> bool:
         return 0 <= level < len(self.k_levels[j]) and self.k_levels[j][level] is not None
 
+    def step(self, j: int) -> int:
+        """Entries of one level step of matrix j."""
+        ks, c = self.k_levels[j], len(self.k_levels[j]) // 2
+        near = ks[c + 1] if ks[c + 1] is not None else (2 * ks[c] - ks[c - 1] if ks[c - 1] is not None else ks[c] + 1)
+        return (near - ks[c]) * self.mats[j].d_out
+
+    def entries(self, y: torch.Tensor) -> int:
+        return sum(self.k_levels[j][int(lv)] * m.d_out for j, (m, lv) in enumerate(zip(self.mats, y)))
+
+    @property
+    def tol(self) -> int:
+        """How far (entries) a plan may sit from the start plan's size: one step of the widest matrix."""
+        return max(self.step(j) for j in range(len(self.mats)))
+
+    def mutate(self, x: torch.Tensor, pairs: int, gen: torch.Generator) -> torch.Tensor:
+        """``pairs`` times: matrix i one level up and matrix j down by the whole number of its steps nearest one of
+        i's (at least one), both to solved levels, the plan's size staying within ``tol`` of the start plan's."""
+        y, target, tol = x.clone(), self.entries(self.centre()), self.tol
+        for _ in range(pairs):
+            for _try in range(20):
+                i, j = torch.randint(0, len(y), (2,), generator=gen).tolist()
+                down = max(1, round(self.step(i) / self.step(j)))
+                if i == j or not (self.valid(i, int(y[i]) + 1) and self.valid(j, int(y[j]) - down)):
+                    continue
+                z = y.clone()
+                z[i] += 1
+                z[j] -= down
+                if abs(self.entries(z) - target) <= tol:
+                    y = z
+                    break
+        return y
+
     def balanced(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` with every level a solved one and each shape class's level offsets summed to zero (the budget spent
-        exactly)."""
-        y, c, kinds = x.clone(), len(self.k_levels[0]) // 2, self.kinds
+        """``x`` with every level a solved one and the plan's size within ``tol`` of the start plan's: the matrix
+        furthest out on the excess side steps back toward its start until it is."""
+        y, c = x.clone(), len(self.k_levels[0]) // 2
         for j in range(len(y)):  # a level that was not solved (past the dense matrix) steps back toward the start
             while not self.valid(j, int(y[j])):
                 y[j] += 1 if y[j] < c else -1
-        for kind in kinds.unique().tolist():
-            idx = (kinds == kind).nonzero().flatten().tolist()
-            while (excess := sum(int(y[i]) - c for i in idx)) != 0:
-                sign = 1 if excess > 0 else -1  # step back the matrix furthest out on the excess side
-                i = max(idx, key=lambda i: (sign * (int(y[i]) - c), -i))
-                y[i] -= sign
+        target, tol = self.entries(self.centre()), self.tol
+        while abs(excess := self.entries(y) - target) > tol:
+            sign = 1 if excess > 0 else -1
+            j = max(range(len(y)), key=lambda i: (sign * (int(y[i]) - c), -i))
+            y[j] -= sign
         return y
 
     def resolve(self, x: torch.Tensor) -> list[tuple[int, int]]:
