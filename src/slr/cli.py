@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--alloc-opt", action="append", default=D, metavar="KEY=VALUE",
                    help="allocator option (repeatable), e.g. span=0.2 (knapsack/cap/search trust region, default "
                         "0.1), steps=40 samples=32 tokens=256 (cap), generations=80 (search), pools=rpca, "
-                        "init=uniform, rank_floor=0")
+                        "pools=solved (cap/search: every level solved by the run's method; level_cache=DIR keeps "
+                        "them), init=uniform, rank_floor=0")
     c.add_argument("--opt", action="append", default=D, metavar="KEY=VALUE",
                    help="solver option, e.g. --opt max_iters=300 (repeatable)")
     c.add_argument("--device", default=D, help="auto (CUDA when present) | cpu | cuda  [default: auto]")

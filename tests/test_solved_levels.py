@@ -1,0 +1,133 @@
+"""pools=solved under --budget (allocate/solvedlevels.py): levels solved by the run's own S+LR method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slr.allocate import cap, search
+from slr.allocate.base import Choice, Matrix, matrices, to_spec
+from slr.allocate.solvedlevels import FAST, SolvedPools, SolvedSpace, k_ladder, level_solver, solve_levels
+from slr.config import AllocConfig, CompressConfig
+from slr.errors import SLRError
+from slr.models.tiny import tiny_model
+from slr.solvers import METHODS
+
+
+def spd(n: int, seed: int) -> torch.Tensor:
+    X = torch.randn(4 * n, n, generator=torch.Generator().manual_seed(seed))
+    return X.T @ X / (4 * n)
+
+
+def ids(n: int = 8, seqlen: int = 32) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+def admm_cfg(allocator: str = "search", **kw) -> CompressConfig:
+    return CompressConfig(method="admm", sparsity=0.6, rank=2, alloc=AllocConfig(allocator, budget=0.5), **kw)
+
+
+def test_levels_are_the_runs_own_solve_and_are_read_back_from_the_cache(tmp_path):
+    """Each level is admm (the fast schedule) at the deployed spec on the given H, kept in bfloat16; a second call
+    with the same cache solves nothing and returns the same weights; another H is a miss."""
+    W = torch.randn(24, 16, generator=torch.Generator().manual_seed(1))
+    m, H = Matrix(0, "mlp.up_proj", W), spd(16, 2)
+    solver = level_solver(admm_cfg(), "fast")
+    assert solver[2] == solver[2] | FAST["admm"]  # the run's options with the short schedule on top
+    base = admm_cfg().layer_spec()
+    pools = solve_levels(m, H, [4, 8], 2, base, solver, tmp_path)
+    for k in (4, 8):
+        want = METHODS["admm"].fn(W, H.clone(), to_spec(m, Choice(k, 2), "slr", None, base), **solver[2]).dense()
+        got = pools.rebuild(m, 2, k * m.d_out)
+        assert torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+        assert int((got != 0).sum(1).min()) > 0
+    calls = []
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return METHODS["admm"].fn(*a, **kw)
+
+    again = solve_levels(m, H, [4, 8], 2, base, ("admm", counting, solver[2]), tmp_path)
+    assert not calls and all(torch.equal(again.weights[k], pools.weights[k]) for k in (4, 8))
+    solve_levels(m, spd(16, 3), [4], 2, base, ("admm", counting, solver[2]), tmp_path)
+    assert len(calls) == 1
+
+
+def _space() -> SolvedSpace:
+    """Matrices of three shapes with unequal steps, levels around a start plan (no weights needed to resolve)."""
+    shapes = [(12, 8)] * 3 + [(4, 8)] * 2 + [(8, 20)] * 3
+    mats = [Matrix(i, "m", torch.zeros(o, n)) for i, (o, n) in enumerate(shapes)]
+    start = [Choice(n // 2 if i != 5 else n - 1, 1) for i, (_, n) in enumerate(shapes)]
+    ladders = [k_ladder(m, ch, 0.3, 5) for m, ch in zip(mats, start)]
+    return SolvedSpace(mats, [SolvedPools(m.weight) for m in mats], start, ladders)
+
+
+def test_every_draw_resolves_to_solved_levels_near_the_start_plans_size():
+    """Random draws (CAP's) and chains of mutations (search's) land on solved levels only, within one step of the
+    widest matrix of the start plan's size; a level past the dense matrix is not on the ladder."""
+    sp = _space()
+    assert sp.k_levels[5][3] is None and sp.k_levels[5][2] == 19  # k0 = 19 of 20: a step up is past W
+    target = sp.entries(sp.centre())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        y = sp.balanced(torch.randint(0, 5, (sp.variables,), generator=g))
+        assert all(sp.valid(j, int(lv)) for j, lv in enumerate(y)) and abs(sp.entries(y) - target) <= sp.tol
+    x, moved = sp.centre(), 0
+    for _ in range(30):
+        y = sp.mutate(x, 2, g)
+        assert all(sp.valid(j, int(lv)) for j, lv in enumerate(y)) and abs(sp.entries(y) - target) <= sp.tol
+        moved += int((y != x).any())
+        x = y
+    assert moved > 20 and not torch.equal(x, sp.centre())
+    assert torch.equal(sp.balanced(x), x)  # a mutated plan needs no repair
+
+
+def test_search_on_solved_levels_improves_on_its_start_and_keeps_the_model():
+    """From a start that starves down_proj (the only matrices that are not already sparse), the search on solved
+    levels cuts the KL of the deployed solves, lands on the budget, is deterministic, and leaves the weights as they
+    were."""
+    from slr.plan import Plan
+    from slr.spec import LayerSpec
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(3)
+    mats = matrices(model)
+    with torch.no_grad():
+        for m in mats:
+            if "down_proj" not in m.name:
+                m.weight.mul_(torch.rand(m.weight.shape, generator=g) < 0.15)
+    before = [m.weight.detach().clone() for m in mats]
+    total, down = sum(m.numel for m in mats), sum(m.numel for m in mats if "down_proj" in m.name)
+    other = (0.5 * total - sum(m.lr_unit for m in mats) - 0.1 * down) / (total - down)  # the start spends 0.5
+    start = Plan()
+    for m in mats:
+        f = 0.1 if "down_proj" in m.name else other
+        start.specs[m.key] = LayerSpec(sparsity=1 - round(f * m.d_in) / m.d_in, rank=1)
+    kw = dict(generations=12, offspring=8, survivors=2, span=0.2, start=start, pools="solved")
+    plan, info = search.allocate(model, admm_cfg(), ids(), **kw)
+    assert info["pools"] == "admm solved per level (fast)" and info["solved_levels"] > len(mats) * 2
+    assert info["final_loss"] < 0.7 * info["start_loss"] and info["kept"] == "search"
+    down = [m.key for m in mats if "down_proj" in m.name]
+    assert min(1 - info["per_matrix"][k]["sparsity"] for k in down) > 0.1
+    assert abs(info["achieved_fraction"] - 0.5) < 2e-3
+    assert all(torch.equal(m.weight, b) for m, b in zip(mats, before))
+    plan2, _ = search.allocate(model, admm_cfg(), ids(), **kw)
+    assert plan2.specs == plan.specs
+
+
+def test_cap_on_solved_levels_and_the_errors():
+    """CAP draws any levels and resolves them onto solved ones; pools=solved needs an S+LR per-matrix method and
+    calibration data, and a known level_solve; each is a one-line error."""
+    model = tiny_model("llama")
+    plan, info = cap.allocate(model, admm_cfg("cap"), ids(), steps=2, samples=4, pools="solved")
+    assert info["pools"] == "admm solved per level (fast)" and abs(info["achieved_fraction"] - 0.5) < 2e-3
+    assert level_solver(admm_cfg(), "full")[2]["max_iters"] == admm_cfg().solver.max_iters  # the run's own schedule
+    bad = [(admm_cfg(), None, {}, "calibration data"),
+           (CompressConfig(method="wanda", sparsity=0.5, alloc=AllocConfig("search", budget=0.5)), ids(), {},
+            "S+LR"),
+           (admm_cfg(), ids(), {"level_solve": "slow"}, "level_solve"),
+           (admm_cfg(), ids(), {"level_cache": "/proc/nope/levels"}, "level cache")]
+    for cfg, data, kw, why in bad:
+        with pytest.raises(SLRError) as e:
+            search.allocate(model, cfg, data, generations=1, pools="solved", **kw)
+        assert why in str(e.value) and "\n" not in str(e.value)
