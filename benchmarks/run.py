@@ -95,7 +95,8 @@ def run_one(model: str, method: str, config_id: str, calib_samples: int, windows
     t = time.perf_counter()
     parts = [model, method, config_id] + ([allocate] if allocate != "uniform" else []) + ([refine] if refine else [])
     # allocator and solver options in the name, so runs that differ only by them do not overwrite each other
-    parts += [f"{k}{str(v).replace(' ', '')}" for k, v in sorted({**(alloc_opts or {}), **(solver_opts or {})}.items())]
+    parts += [f"{k}{str(v).replace(' ', '')}" for k, v in sorted({**(alloc_opts or {}), **(solver_opts or {})}.items())
+              if k not in NOT_IN_LABEL]
     name = "-".join(parts)
     out = str(Path(save_dir) / name) if save_dir else None
     run = run_compress(model, cfg, RunOptions(windows=str(windows), out=out, save=out is not None, overwrite=True,
@@ -258,11 +259,14 @@ def load_records() -> list[dict]:
     return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
 
 
+NOT_IN_LABEL = ("level_cache",)  # allocator options that do not change the plan (a path of solves kept on disk)
+
+
 def alloc_label(r: dict) -> str | None:
     """The allocator with the options that change its plan: the explicit --alloc-opt values and the trust region
     (span) and initialisation it ran with, e.g. "knapsack (span=0.1)"."""
     a = r.get("allocate")
-    opts = dict(r.get("alloc_opts") or {})
+    opts = {k: v for k, v in (r.get("alloc_opts") or {}).items() if k not in NOT_IN_LABEL}
     for k in ("span", "init", "levels"):  # defaults the allocator ran with
         v = (r.get("allocation") or {}).get(k, opts.get(k))
         if v is not None:

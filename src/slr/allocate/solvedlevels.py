@@ -7,15 +7,15 @@ matrix is the run's method itself, solved once per level on the matrix's dense H
 ``level_cache``), so a search over thousands of plans re-solves nothing and scores what it will deploy.
 
 Levels: per matrix the start plan's rank is kept and S's row count k takes ``levels`` values k0 + (l - c) dk, c the
-centre, dk = round(span / c * d_in). A plan's size stays within one step of the widest matrix (under 0.1% of
-SmolLM2's budget at the defaults) of the start plan's, and ``fit_budget`` settles the rest: the search's mutations move
-one matrix a level up and another down by the whole number of its steps nearest that size, kept only within the
-tolerance, and ``resolve`` repairs any other draw (CAP's) by stepping the furthest-out matrix back toward its start. A
-level past the dense matrix or below zero entries is never solved.
+centre, dk = round(span / c * d_in). A plan's size stays within one step of the widest matrix of the start plan's
+(0.14% of SmolLM2's budget at g70 with the defaults), and ``fit_budget`` settles the rest: the search's mutations
+move one matrix a level up and another down by the whole number of its steps nearest that size, kept only within the
+tolerance, and ``resolve`` repairs any other draw (CAP's) by stepping the furthest-out matrix back toward its start.
+A level past the dense matrix or below zero entries is never solved.
 
-``level_solve="fast"`` solves admm's levels with a short schedule (40 iterations, fast rho growth; about 0.23 of the
-default's time, errors 1.4-2x the default's with the matrices' gains from a level step in proportion, measured on the
-layer benchmark's pairs); "full" with the run's own options. Other methods solve with their own options either way.
+``level_solve="fast"`` solves admm's levels with a short schedule (``FAST``: 40 iterations, fast rho growth; how its
+gains between levels follow the default's: ``benchmarks/fast_levels.md``); "full" with the run's own options. Other
+methods solve with their own options either way.
 """
 
 from __future__ import annotations
