@@ -86,16 +86,13 @@ def test_search_on_solved_levels_improves_on_its_start_and_keeps_the_model():
     """From a start that starves down_proj (the only matrices that are not already sparse), the search on solved
     levels cuts the KL of the deployed solves, lands on the budget, is deterministic, and leaves the weights as they
     were."""
+    from test_alloc_metric import _down_proj_problem
+
     from slr.plan import Plan
     from slr.spec import LayerSpec
 
-    model = tiny_model("llama")
-    g = torch.Generator().manual_seed(3)
+    model, _ = _down_proj_problem()  # every linear 15% dense but down_proj
     mats = matrices(model)
-    with torch.no_grad():
-        for m in mats:
-            if "down_proj" not in m.name:
-                m.weight.mul_(torch.rand(m.weight.shape, generator=g) < 0.15)
     before = [m.weight.detach().clone() for m in mats]
     total, down = sum(m.numel for m in mats), sum(m.numel for m in mats if "down_proj" in m.name)
     other = (0.5 * total - sum(m.lr_unit for m in mats) - 0.1 * down) / (total - down)  # the start spends 0.5

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import SLRError
 from ..options import as_kwargs
 from ..solvers.base import method
 from ..spec import LayerSpec
-from .base import Choice, Matrix, to_spec
+from .base import Choice, Matrix, to_spec, whitened_metrics
 
 FAST = {"admm": {"max_iters": 40, "min_iters": 10, "rho_grow": (1.3, 1.5, 1.5)}}
 
@@ -181,10 +182,6 @@ def solved_space(model, config, calib: torch.Tensor, device, mats: list[Matrix],
                  levels: int, max_samples: int | None, level_solve: str, level_cache: str) -> SolvedSpace:
     """Every matrix's levels around ``start``, solved on the dense model's H (``whitened_metrics``' damped H, streamed
     block by block), with a progress bar over the matrices."""
-    from tqdm.auto import tqdm
-
-    from .base import whitened_metrics
-
     solver = level_solver(config, level_solve)
     cache = None
     if level_cache:
