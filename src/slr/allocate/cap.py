@@ -409,7 +409,8 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     """CAP plan (see the module docstring). ``steps`` × ``samples`` plans are scored on ``windows`` calibration
     windows of ``tokens`` tokens; ``levels`` per variable (odd); ``span`` = the trust region (each matrix's retained
     fraction stays within budget ± span; 1 = off) and the reach of the density levels; ``init`` = "knapsack" (the
-    knapsack's plan) or "uniform"; ``start`` (Python only) = a plan to start from instead."""
+    knapsack's plan) or "uniform"; ``start`` (Python only) = a plan to start from instead; ``pools="solved"`` with
+    ``level_solve`` / ``level_cache``: S+LR levels solved by the run's method (``solvedlevels``)."""
     t0 = time.perf_counter()
     st = prepare(model, config, calib, device, "CAP", pools=pools, levels=levels, span=span, init=init, start=start,
                  mode=mode, rpca_iters=rpca_iters, max_samples=max_samples, norms=norms,

@@ -58,7 +58,9 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              mode: str | None = None, pools: str = "whitened", level_solve: str = "fast",
              level_cache: str = "") -> tuple[Plan, dict]:
     """Search plan (see the module docstring); ``start`` (Python only) = a plan to start from; ``pools`` = "solved"
-    (under --budget-bits) rebuilds S from the run's method solved at every width (``bitlevels``)."""
+    rebuilds S from the run's method solved at every width under --budget-bits (``bitlevels``), and scores S+LR levels
+    solved by the run's method under --budget (``solvedlevels``; ``level_solve`` = "fast" or "full", ``level_cache``
+    = a directory that keeps the solves)."""
     t0 = time.perf_counter()
     if not (0 < survivors <= offspring) or screen_windows < 1 or windows < screen_windows:
         raise SLRError(f"search needs 0 < survivors <= offspring and 1 <= screen_windows <= windows (got "
