@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_alloc_metric import _down_proj_problem, ids
 
 from slr.allocate import cap, search
 from slr.allocate.base import Choice, Matrix, matrices, to_spec
@@ -17,10 +18,6 @@ from slr.solvers import METHODS
 def spd(n: int, seed: int) -> torch.Tensor:
     X = torch.randn(4 * n, n, generator=torch.Generator().manual_seed(seed))
     return X.T @ X / (4 * n)
-
-
-def ids(n: int = 8, seqlen: int = 32) -> torch.Tensor:
-    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(0))
 
 
 def admm_cfg(allocator: str = "search", **kw) -> CompressConfig:
@@ -86,8 +83,6 @@ def test_search_on_solved_levels_improves_on_its_start_and_keeps_the_model():
     """From a start that starves down_proj (the only matrices that are not already sparse), the search on solved
     levels cuts the KL of the deployed solves, lands on the budget, is deterministic, and leaves the weights as they
     were."""
-    from test_alloc_metric import _down_proj_problem
-
     from slr.plan import Plan
     from slr.spec import LayerSpec
 
@@ -101,14 +96,14 @@ def test_search_on_solved_levels_improves_on_its_start_and_keeps_the_model():
         f = 0.1 if "down_proj" in m.name else other
         start.specs[m.key] = LayerSpec(sparsity=1 - round(f * m.d_in) / m.d_in, rank=1)
     kw = dict(generations=12, offspring=8, survivors=2, span=0.2, start=start, pools="solved")
-    plan, info = search.allocate(model, admm_cfg(), ids(), **kw)
+    plan, info = search.allocate(model, admm_cfg(), ids(8, 32), **kw)
     assert info["pools"] == "admm solved per level (fast)" and info["solved_levels"] > len(mats) * 2
     assert info["final_loss"] < 0.7 * info["start_loss"] and info["kept"] == "search"
     down = [m.key for m in mats if "down_proj" in m.name]
     assert min(1 - info["per_matrix"][k]["sparsity"] for k in down) > 0.1
     assert abs(info["achieved_fraction"] - 0.5) < 2e-3
     assert all(torch.equal(m.weight, b) for m, b in zip(mats, before))
-    plan2, _ = search.allocate(model, admm_cfg(), ids(), **kw)
+    plan2, _ = search.allocate(model, admm_cfg(), ids(8, 32), **kw)
     assert plan2.specs == plan.specs
 
 
@@ -116,14 +111,14 @@ def test_cap_on_solved_levels_and_the_errors():
     """CAP draws any levels and resolves them onto solved ones; pools=solved needs an S+LR per-matrix method and
     calibration data, and a known level_solve; each is a one-line error."""
     model = tiny_model("llama")
-    plan, info = cap.allocate(model, admm_cfg("cap"), ids(), steps=2, samples=4, pools="solved")
+    plan, info = cap.allocate(model, admm_cfg("cap"), ids(8, 32), steps=2, samples=4, pools="solved")
     assert info["pools"] == "admm solved per level (fast)" and abs(info["achieved_fraction"] - 0.5) < 2e-3
     assert level_solver(admm_cfg(), "full")[2]["max_iters"] == admm_cfg().solver.max_iters  # the run's own schedule
     bad = [(admm_cfg(), None, {}, "calibration data"),
-           (CompressConfig(method="wanda", sparsity=0.5, alloc=AllocConfig("search", budget=0.5)), ids(), {},
+           (CompressConfig(method="wanda", sparsity=0.5, alloc=AllocConfig("search", budget=0.5)), ids(8, 32), {},
             "S+LR"),
-           (admm_cfg(), ids(), {"level_solve": "slow"}, "level_solve"),
-           (admm_cfg(), ids(), {"level_cache": "/proc/nope/levels"}, "level cache")]
+           (admm_cfg(), ids(8, 32), {"level_solve": "slow"}, "level_solve"),
+           (admm_cfg(), ids(8, 32), {"level_cache": "/proc/nope/levels"}, "level cache")]
     for cfg, data, kw, why in bad:
         with pytest.raises(SLRError) as e:
             search.allocate(model, cfg, data, generations=1, pools="solved", **kw)

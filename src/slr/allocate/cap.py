@@ -257,6 +257,16 @@ def _start(model, config, calib, device, init: str, mode: str, kw: dict) -> Plan
     return uniform.allocate(model, config, calib, device, mode=mode)[0]
 
 
+def _start_choices(start: Plan, mats: list[Matrix], mode: str) -> list[Choice]:
+    """(kept per row, rank) of each matrix in the start plan (None per row for rank-only, rank 0 for pruning)."""
+    out = []
+    for m in mats:
+        s = start.get(m.block, m.name)
+        out.append(Choice(None if mode == "rank" else s.kept(m.d_out, m.d_in) // m.d_out,
+                          0 if mode == "sparse" else s.rank))
+    return out
+
+
 def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device, who: str, *, pools: str,
             levels: int, span: float, init: str, start: Plan | None, mode: str | None,
             rpca_iters: int = 5, max_samples: int | None = 8, norms: dict | None = None,
@@ -317,11 +327,7 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     floor = (config.layer_spec().rank if rank_floor is None else int(rank_floor)) if mode == "slr" else 0
     if start is None:
         start = _start(model, config, calib, device, init, mode, {**kw, "span": span})
-    start_ch = []
-    for m in mats:
-        s = start.get(m.block, m.name)
-        start_ch.append(Choice(None if mode == "rank" else s.kept(m.d_out, m.d_in) // m.d_out,
-                               0 if mode == "sparse" else s.rank))
+    start_ch = _start_choices(start, mats, mode)
     space = level_plan(mats, pl, start_ch, mode, budget, span, floor, levels)
     info = {"pools": pools if mode == "slr" else ("whitened" if mode == "rank" else "weights"),
             "metric": "full H" if full_h else ("diag H" if norms is not None else "weights"),
@@ -344,10 +350,7 @@ def _prepare_solved(model, config, calib, device, mats, mode, budget, data, leve
     if start is None:
         start = _start(model, config, calib, device, init, mode, {**kw, "span": span})
     t_start = time.perf_counter() - t0
-    start_ch = []
-    for m in mats:
-        s = start.get(m.block, m.name)
-        start_ch.append(Choice(s.kept(m.d_out, m.d_in) // m.d_out, s.rank))
+    start_ch = _start_choices(start, mats, mode)
     space = solved_space(model, config, calib, device, mats, start_ch, span, levels, kw["max_samples"], level_solve,
                          level_cache)
     info = {"pools": f"{config.method} solved per level ({level_solve})", "metric": "full H",

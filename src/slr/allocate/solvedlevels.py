@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SLRError
+from ..fsutil import atomic_file
 from ..options import as_kwargs
 from ..solvers.base import method
 from ..spec import LayerSpec
@@ -83,9 +84,8 @@ def solve_levels(m: Matrix, H: torch.Tensor, ks: list[int], rank: int, base: Lay
             continue
         pools.weights[k] = fn(W, H.clone(), spec, **opts).dense().bfloat16()
         if path is not None:
-            tmp = path.with_suffix(".tmp")
-            torch.save(pools.weights[k], tmp)
-            tmp.replace(path)
+            with atomic_file(path) as tmp:
+                torch.save(pools.weights[k], tmp)
     return pools
 
 
