@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_alloc_metric import _down_proj_problem, ids
@@ -25,14 +27,16 @@ def admm_cfg(allocator: str = "search", **kw) -> CompressConfig:
 
 
 def test_levels_are_the_runs_own_solve_and_are_read_back_from_the_cache(tmp_path):
-    """Each level is admm (the fast schedule) at the deployed spec on the given H, kept in bfloat16; a second call
-    with the same cache solves nothing and returns the same weights; another H is a miss."""
+    """Each level is admm (the fast schedule) at the deployed spec on the given H, kept on disk in bfloat16 (nothing
+    resident); a second call with the same cache solves nothing and returns the same weights; another H is a miss."""
     W = torch.randn(24, 16, generator=torch.Generator().manual_seed(1))
     m, H = Matrix(0, "mlp.up_proj", W), spd(16, 2)
     solver = level_solver(admm_cfg(), "fast")
     assert solver[2] == solver[2] | FAST["admm"]  # the run's options with the short schedule on top
     base = admm_cfg().layer_spec()
-    pools = solve_levels(m, H, [4, 8], 2, base, solver, tmp_path)
+    pools = solve_levels(m, H, [4, 8], 2, base, solver, tmp_path, tmp_path)
+    assert isinstance(pools.W, Path) and all(isinstance(p, Path) for p in pools.weights.values())  # on disk only
+    assert torch.equal(pools.original(), W)
     for k in (4, 8):
         want = METHODS["admm"].fn(W, H.clone(), to_spec(m, Choice(k, 2), "slr", None, base), **solver[2]).dense()
         got = pools.rebuild(m, 2, k * m.d_out)
@@ -44,9 +48,10 @@ def test_levels_are_the_runs_own_solve_and_are_read_back_from_the_cache(tmp_path
         calls.append(1)
         return METHODS["admm"].fn(*a, **kw)
 
-    again = solve_levels(m, H, [4, 8], 2, base, ("admm", counting, solver[2]), tmp_path)
-    assert not calls and all(torch.equal(again.weights[k], pools.weights[k]) for k in (4, 8))
-    solve_levels(m, spd(16, 3), [4], 2, base, ("admm", counting, solver[2]), tmp_path)
+    again = solve_levels(m, H, [4, 8], 2, base, ("admm", counting, solver[2]), tmp_path, tmp_path)
+    assert not calls and all(torch.equal(again.rebuild(m, 2, k * m.d_out), pools.rebuild(m, 2, k * m.d_out))
+                             for k in (4, 8))
+    solve_levels(m, spd(16, 3), [4], 2, base, ("admm", counting, solver[2]), tmp_path, tmp_path)
     assert len(calls) == 1
 
 
@@ -56,7 +61,7 @@ def _space() -> SolvedSpace:
     mats = [Matrix(i, "m", torch.zeros(o, n)) for i, (o, n) in enumerate(shapes)]
     start = [Choice(n // 2 if i != 5 else n - 1, 1) for i, (_, n) in enumerate(shapes)]
     ladders = [k_ladder(m, ch, 0.3, 5) for m, ch in zip(mats, start)]
-    return SolvedSpace(mats, [SolvedPools(m.weight) for m in mats], start, ladders)
+    return SolvedSpace(mats, [SolvedPools(Path()) for m in mats], start, ladders)
 
 
 def test_every_draw_resolves_to_solved_levels_near_the_start_plans_size():

@@ -81,7 +81,7 @@ from .bitlevels import BitSpace, bit_plan, make_bit_pools
 from .bits import info as bits_info
 from .bits import method_solver, solve_widths
 from .levels import Fitness, LevelSpace, fitness_info, heldout, judge, level_plan, rank_ladder
-from .solvedlevels import SolvedSpace, level_solver, solved_space
+from .solvedlevels import SolvedPools, SolvedSpace, level_solver, solved_space
 
 if TYPE_CHECKING:
     from ..config import CompressConfig
@@ -228,8 +228,8 @@ class Setup:
     def swapping(self):
         """Fitness evaluations write candidate weights into the model; the originals come back afterwards."""
         originals = None
-        if self.data:  # the pools' copy of W where they hold one
-            originals = [p.W if p.W is not None else m.weight.detach().clone()
+        if self.data:  # the pools' copy of W where they hold one (solved levels: on disk)
+            originals = [p if isinstance(p, SolvedPools) else p.W if p.W is not None else m.weight.detach().clone()
                          for m, p in zip(self.mats, self.space.pools)]
         try:
             yield
@@ -237,7 +237,7 @@ class Setup:
             self.space.loaded.clear()
             if originals is not None:
                 for m, w in zip(self.mats, originals):
-                    m.weight.data.copy_(w)
+                    m.weight.data.copy_(w.original() if isinstance(w, SolvedPools) else w)
 
     def finish(self, who: str, x: torch.Tensor, t0: float, extra: dict, base) -> tuple[Plan, dict]:
         """The plan of levels ``x`` [variables], fitted to the budget."""

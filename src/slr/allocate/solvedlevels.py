@@ -3,8 +3,8 @@
 The pool rebuilds that CAP and the search score by default are a proxy for the deployed solve, and a biased one: their
 error falls by about the same amount at each step of the kept fraction, while admm's returns diminish
 (``benchmarks/level_fidelity.md``), so a plan that moves far from the start is scored too well. Here every candidate
-matrix is the run's method itself, solved once per level on the matrix's dense H and kept (bfloat16, and on disk with
-``level_cache``), so a search over thousands of plans re-solves nothing and scores what it will deploy.
+matrix is the run's method itself, solved once per level on the matrix's dense H and kept on disk (bfloat16; across
+runs with ``level_cache``), so a search over thousands of plans re-solves nothing and scores what it will deploy.
 
 Levels: per matrix the start plan's rank is kept and S's row count k takes ``levels`` values k0 + (l - c) dk, c the
 centre, dk = round(span / c * d_in). A plan's size stays within one step of the widest matrix of the start plan's
@@ -12,6 +12,10 @@ centre, dk = round(span / c * d_in). A plan's size stays within one step of the 
 move one matrix a level up and another down by the whole number of its steps nearest that size, kept only within the
 tolerance, and ``resolve`` repairs any other draw (CAP's) by stepping the furthest-out matrix back toward its start.
 A level past the dense matrix or below zero entries is never solved.
+
+Nothing is held for the whole model: each level is written to disk as it is solved (under ``level_cache``, or a
+temporary directory that lives as long as the space) and read back when a plan puts it into the model, and so is
+each matrix's dense W that restores the model afterwards.
 
 ``level_solve="fast"`` solves admm's levels with a short schedule (``FAST``: 40 iterations, fast rho growth; how its
 gains between levels follow the default's: ``benchmarks/fast_levels.md``); "full" with the run's own options. Other
@@ -21,6 +25,7 @@ methods solve with their own options either way.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,13 +58,16 @@ def level_solver(config, level_solve: str) -> tuple:
 
 @dataclass
 class SolvedPools:
-    """One matrix's solved levels: the dense weights (they restore the model after the search) and W_hat per k."""
+    """One matrix's solved levels, on disk: its dense W (it restores the model after the search) and W_hat per k."""
 
-    W: torch.Tensor  # [m, n] float32
-    weights: dict[int, torch.Tensor] = field(default_factory=dict)  # kept entries per row -> W_hat [m, n] bfloat16
+    W: Path  # [m, n] float32
+    weights: dict[int, Path] = field(default_factory=dict)  # kept entries per row -> W_hat [m, n] bfloat16
 
     def rebuild(self, m: Matrix, rank: int, entries: int) -> torch.Tensor:
-        return self.weights[int(round(entries / m.d_out))].float()
+        return torch.load(self.weights[int(round(entries / m.d_out))], weights_only=True).float()
+
+    def original(self) -> torch.Tensor:
+        return torch.load(self.W, weights_only=True)
 
 
 def _digest(*parts) -> str:
@@ -69,23 +77,26 @@ def _digest(*parts) -> str:
     return h.hexdigest()[:20]
 
 
+def _save(t: torch.Tensor, path: Path) -> Path:
+    with atomic_file(path) as tmp:
+        torch.save(t, tmp)
+    return path
+
+
 def solve_levels(m: Matrix, H: torch.Tensor, ks: list[int], rank: int, base: LayerSpec, solver: tuple,
-                 cache: Path | None) -> SolvedPools:
-    """The run's method at (rank, k kept per row) for every k of ``ks`` on H [d_in, d_in]; read from / written to
-    ``cache`` (one file per matrix and level, named by a digest of W, H, the spec and the solver's options)."""
+                 cache: Path, scratch: Path) -> SolvedPools:
+    """The run's method at (rank, k kept per row) for every k of ``ks`` on H [d_in, d_in], each level read from or
+    written to ``cache`` (one file per matrix and level, named by a digest of W, H, the spec and the solver's
+    options); W itself goes to ``scratch``. Returns the files, not the tensors."""
     name, fn, opts = solver
     W = m.weight.detach().float().cpu().clone()
-    pools = SolvedPools(W)
+    pools = SolvedPools(_save(W, scratch / f"W-{m.block}-{m.name}-{_digest(W)}.pt"))
     for k in ks:
         spec = to_spec(m, Choice(k, rank), "slr", None, base)
-        path = None if cache is None else cache / f"{_digest(W, H, name, sorted(opts.items()), spec)}.pt"
-        if path is not None and path.exists():
-            pools.weights[k] = torch.load(path, weights_only=True)
-            continue
-        pools.weights[k] = fn(W, H.clone(), spec, **opts).dense().bfloat16()
-        if path is not None:
-            with atomic_file(path) as tmp:
-                torch.save(pools.weights[k], tmp)
+        path = cache / f"{_digest(W, H, name, sorted(opts.items()), spec)}.pt"
+        if not path.exists():
+            _save(fn(W, H.clone(), spec, **opts).dense().bfloat16(), path)
+        pools.weights[k] = path
     return pools
 
 
@@ -99,6 +110,7 @@ class SolvedSpace:
     k_levels: list[list[int | None]]  # [n_mats][levels]; None: past the dense matrix or below zero
     mode: str = "slr"
     loaded: dict = field(default_factory=dict, repr=False)  # matrix index -> the level its weights hold now
+    scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # W and uncached levels live here
 
     @property
     def variables(self) -> int:
@@ -181,16 +193,17 @@ def k_ladder(m: Matrix, start: Choice, span: float, levels: int) -> list[int | N
 def solved_space(model, config, calib: torch.Tensor, device, mats: list[Matrix], start: list[Choice], span: float,
                  levels: int, max_samples: int | None, level_solve: str, level_cache: str) -> SolvedSpace:
     """Every matrix's levels around ``start``, solved on the dense model's H (``whitened_metrics``' damped H, streamed
-    block by block), with a progress bar over the matrices."""
+    block by block) and kept on disk (``level_cache``, or a temporary directory), with a progress bar over the
+    matrices."""
     solver = level_solver(config, level_solve)
-    cache = None
     if level_cache:
-        cache = Path(level_cache)
         try:
-            cache.mkdir(parents=True, exist_ok=True)
+            Path(level_cache).mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise SLRError(f"cannot create the level cache {cache}: {e.strerror}",
+            raise SLRError(f"cannot create the level cache {level_cache}: {e.strerror}",
                            "pass a writable directory as --alloc-opt level_cache=DIR") from None
+    scratch = tempfile.TemporaryDirectory(prefix="slr-levels-")
+    cache = Path(level_cache or scratch.name)
     base = config.layer_spec()
     ladders = [k_ladder(m, ch, span, levels) for m, ch in zip(mats, start)]
     pools: list = [None] * len(mats)
@@ -199,7 +212,7 @@ def solved_space(model, config, calib: torch.Tensor, device, mats: list[Matrix],
         G = white[0].double()
         H = (G @ G.T).float()  # [d_in, d_in] the whitener's damped H
         pools[j] = solve_levels(mats[j], H, [k for k in ladders[j] if k is not None], start[j].rank, base, solver,
-                                cache)
+                                cache, Path(scratch.name))
         bar.update()
     bar.close()
-    return SolvedSpace(mats, pools, start, ladders)
+    return SolvedSpace(mats, pools, start, ladders, scratch=scratch)
