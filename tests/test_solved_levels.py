@@ -103,6 +103,7 @@ def test_search_on_solved_levels_improves_on_its_start_and_keeps_the_model():
     kw = dict(generations=12, offspring=8, survivors=2, span=0.2, start=start, pools="solved")
     plan, info = search.allocate(model, admm_cfg(), ids(8, 32), **kw)
     assert info["pools"] == "admm solved per level (fast)" and info["solved_levels"] > len(mats) * 2
+    assert info["loss"].startswith("KL(dense || solved levels)")
     assert info["final_loss"] < 0.7 * info["start_loss"] and info["kept"] == "search"
     down = [m.key for m in mats if "down_proj" in m.name]
     assert min(1 - info["per_matrix"][k]["sparsity"] for k in down) > 0.1

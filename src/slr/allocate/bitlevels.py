@@ -88,6 +88,7 @@ class BitSpace:
     bit_levels: list[list[int]]  # [n_mats][levels]
     _costs: dict = field(default_factory=dict)
     loaded: dict = field(default_factory=dict, repr=False)  # matrix index -> the level its weights hold now
+    candidate = "pool rebuild"  # what a plan's matrices are rebuilt from (not a field: no annotation)
 
     @property
     def variables(self) -> int:

@@ -429,7 +429,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
         x, trace = policy_search(fitness, st.space.variables, levels, steps=steps, samples=samples, lr=lr,
                                  sigma=sigma, gen=gen)
         take, losses = judge(fitness, held, centre, x)
-    extra = {**fitness_info(calib, windows, tokens), "steps": steps, "samples": samples, "lr": lr, "sigma": sigma,
-             **losses, "kept": "policy" if take else "start", "trace": trace, "loss_evals": fitness.evals,
-             "seconds_search": time.perf_counter() - t1}
+    extra = {**fitness_info(calib, windows, tokens, st.space.candidate), "steps": steps, "samples": samples, "lr": lr,
+             "sigma": sigma, **losses, "kept": "policy" if take else "start", "trace": trace,
+             "loss_evals": fitness.evals, "seconds_search": time.perf_counter() - t1}
     return st.finish("cap", x if take else centre, t0, extra, config.layer_spec())

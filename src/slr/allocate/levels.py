@@ -31,6 +31,7 @@ class LevelSpace:
     rank_levels: list[list[int]]  # [n_mats][levels]
     dens_off: list[list[float]]  # [n_mats][levels]: offsets of the sparse retained fraction
     loaded: dict = field(default_factory=dict, repr=False)  # matrix index -> the level its weights hold now
+    candidate = "pool rebuild"  # what a plan's matrices are rebuilt from (not a field: no annotation)
 
     @property
     def variables(self) -> int:
@@ -180,8 +181,9 @@ def judge(fitness: Fitness, held: Fitness | None, start: torch.Tensor, final: to
     return take, out
 
 
-def fitness_info(calib, windows: int, tokens: int) -> dict:
+def fitness_info(calib, windows: int, tokens: int, candidate: str = "pool rebuild") -> dict:
+    """How the plans were scored; ``candidate`` names what each matrix was rebuilt from."""
     data = calib is not None and len(calib) > 0
-    return {"loss": f"KL(dense || pool rebuild), {min(windows, len(calib))} windows x {tokens} tokens" if data
+    return {"loss": f"KL(dense || {candidate}), {min(windows, len(calib))} windows x {tokens} tokens" if data
             else "weight-only relative Frobenius (data-free)",
             "windows": min(windows, len(calib)) if data else 0, "tokens": tokens if data else 0}

@@ -98,8 +98,9 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
             trace.append({"generation": g, "best_loss": best, "survivor_losses": [s for s, _ in scored]})
             bar.set_postfix(loss=f"{best:.4f}")
         take, losses = judge(full, held, start, parent)
-    extra = {**fitness_info(calib, windows, tokens), "screen_windows": screen_windows if st.data else 0,
-             "generations": generations, "offspring": offspring, "survivors": survivors, "mutations": mutations,
+    extra = {**fitness_info(calib, windows, tokens, st.space.candidate),
+             "screen_windows": screen_windows if st.data else 0, "generations": generations, "offspring": offspring,
+             "survivors": survivors, "mutations": mutations,
              **losses, "kept": "search" if take else "start", "trace": trace,
              "loss_evals": {"screen": screen.evals, "full": full.evals}, "seconds_search": time.perf_counter() - t1}
     return st.finish("search", parent if take else start, t0, extra, config.layer_spec())

@@ -111,6 +111,7 @@ class SolvedSpace:
     mode: str = "slr"
     loaded: dict = field(default_factory=dict, repr=False)  # matrix index -> the level its weights hold now
     scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # W and uncached levels live here
+    candidate = "solved levels"  # what a plan's matrices are rebuilt from (not a field: no annotation)
 
     @property
     def variables(self) -> int:
