@@ -5,24 +5,30 @@ replaced by its level's short admm solve on the dense H). The deployed model is 
 schedule, block by block on H from the compressed model's own inputs. This script takes a saved search run, reads its
 plan and its start (the knapsack plan, rebuilt by the same code), and scores both plans three ways on the same data:
 the fitness KL (4 x 128 tokens), the wiki-sample ppl of the levels model (64 windows, as the benchmarks), and the
-deployed ppl from benchmarks/results.jsonl. Writes level_transfer.json and level_transfer.md.
+deployed ppl from benchmarks/results.jsonl. ``--full-start`` adds the start plan with every matrix solved on its own
+on the dense H by the run's full schedule, which separates the short schedule's share of the gap from the dense H's.
+Writes level_transfer.json and level_transfer.md.
 
     python benchmarks/level_transfer.py --run runs/g70-admm/smollm2-135m-admm-g70-search-generations20-poolssolved \
-        --level-cache benchmarks/.cache/levels
+        --level-cache benchmarks/.cache/levels [--full-start]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from run import _start_commit
+from tqdm import tqdm
 
+from slr.allocate.base import whitened_metrics
 from slr.allocate.cap import prepare
 from slr.allocate.levels import Fitness
+from slr.allocate.solvedlevels import level_solver, solve_levels
 from slr.api import _calibration_windows, open_model
 from slr.config import AllocConfig, CompressConfig
 from slr.data.corpora import load_text
@@ -45,6 +51,8 @@ def main() -> None:
     ap.add_argument("--run", help="a saved search run with pools=solved (its results.json)")
     ap.add_argument("--level-cache", default="benchmarks/.cache/levels")
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--full-start", action="store_true",
+                    help="add the start plan solved by the run's full schedule on the dense H (about 210 solves)")
     ap.add_argument("--report", action="store_true", help="only rebuild level_transfer.md from level_transfer.json")
     a = ap.parse_args()
     if a.report:
@@ -65,20 +73,48 @@ def main() -> None:
                  init="knapsack", start=None, mode=None, level_cache=a.level_cache)
     t_prep = time.perf_counter() - t
     text = load_text(None, "test")[0]
-    fit = Fitness(model, st.space, calib, "cpu", alloc["windows"], alloc["tokens"], 4)
-    plans = {"start (knapsack)": st.space.centre(), "search": levels_of(st.space, res["plan"])}
-    out = {"run": a.run, "run_commit": res["git_commit"], "seconds_prepare": t_prep, "plans": {}}
-    with st.swapping():
-        for name, x in plans.items():
-            kl = fit(x)  # also puts the plan's levels into the model
-            ppl = perplexity(model, tok, text, windows=a.windows, bos_per_window=info["bos_per_window"],
-                             progress=False).ppl
-            out["plans"][name] = {"fitness_kl": kl, "levels_model_ppl": ppl,
-                                  "moved_from_start": int((x != plans["start (knapsack)"]).sum())}
-            print(name, out["plans"][name], flush=True)
-    out |= {"commit": _start_commit(), "windows": a.windows, "fitness": [alloc["windows"], alloc["tokens"]]}
+
+    def ppl() -> float:
+        return perplexity(model, tok, text, windows=a.windows, bos_per_window=info["bos_per_window"],
+                          progress=False).ppl
+
+    if a.full_start:  # added to the json of an earlier run of the plans' measurement
+        out = json.loads((HERE / "level_transfer.json").read_text())
+        t = time.perf_counter()
+        with st.swapping():
+            full_start_(model, config, calib, st, Path(a.level_cache))
+            out["full_start"] = {"levels_model_ppl": ppl(), "seconds": time.perf_counter() - t,
+                                 "commit": _start_commit()}
+        print("full start", out["full_start"], flush=True)
+    else:
+        fit = Fitness(model, st.space, calib, "cpu", alloc["windows"], alloc["tokens"], 4)
+        plans = {"start (knapsack)": st.space.centre(), "search": levels_of(st.space, res["plan"])}
+        out = {"run": a.run, "run_commit": res["git_commit"], "seconds_prepare": t_prep, "plans": {}}
+        with st.swapping():
+            for name, x in plans.items():
+                kl = fit(x)  # also puts the plan's levels into the model
+                out["plans"][name] = {"fitness_kl": kl, "levels_model_ppl": ppl(),
+                                      "moved_from_start": int((x != plans["start (knapsack)"]).sum())}
+                print(name, out["plans"][name], flush=True)
+        out |= {"commit": _start_commit(), "windows": a.windows, "fitness": [alloc["windows"], alloc["tokens"]]}
     (HERE / "level_transfer.json").write_text(json.dumps(out, indent=1))
     report(out)
+
+
+def full_start_(model, config, calib, st, cache: Path) -> None:
+    """Put into the model the start plan with every matrix solved on its own on the dense H (as the levels are) but
+    by the run's full admm schedule, the deployed one's: the levels model without the short schedule."""
+    solver, base = level_solver(config, "full"), config.layer_spec()
+    with tempfile.TemporaryDirectory() as scratch:
+        solved = {}
+        for j, white in tqdm(whitened_metrics(model, st.mats, calib, "cpu", 8), total=len(st.mats), desc="full"):
+            G = white[0].double()
+            ch = st.space.start[j]
+            solved[j] = solve_levels(st.mats[j], (G @ G.T).float(), [ch.k_row], ch.rank, base, solver, cache,
+                                     Path(scratch))
+        for j, m in enumerate(st.mats):  # after the pass: it needs the dense weights
+            ch = st.space.start[j]
+            m.weight.data.copy_(solved[j].rebuild(m, ch.rank, ch.k_row * m.d_out))
 
 
 def deployed(run: str) -> dict[str, tuple[float, str]]:
@@ -110,6 +146,10 @@ def report(out: dict) -> None:
     for n, p in out["plans"].items():
         d = f"{dep[n][0]:.3f} ({dep[n][1]})" if n in dep else "-"
         rows.append(f"| {n} | {p['moved_from_start']} | {p['fitness_kl']:.4f} | {p['levels_model_ppl']:.3f} | {d} |")
+    if "full_start" in out:
+        f = out["full_start"]
+        rows.append(f"| start (knapsack), full schedule ({f['commit']}, {f['seconds']:.0f} s) | 0 | - | "
+                    f"{f['levels_model_ppl']:.3f} | {dep['start (knapsack)'][0]:.3f} |")
     (HERE / "level_transfer.md").write_text("\n".join(rows) + "\n")
 
 if __name__ == "__main__":
