@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from run import _start_commit
+from run import CONFIGS, _start_commit
 from tqdm import tqdm
 
 from slr.allocate.base import whitened_metrics
 from slr.allocate.cap import prepare
 from slr.allocate.levels import Fitness
-from slr.allocate.solvedlevels import level_solver, solve_levels
+from slr.allocate.solvedlevels import damped_h, level_solver, solve_levels
 from slr.api import _calibration_windows, open_model
 from slr.config import AllocConfig, CompressConfig
 from slr.data.corpora import load_text
@@ -108,13 +108,22 @@ def full_start_(model, config, calib, st, cache: Path) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         solved = {}
         for j, white in tqdm(whitened_metrics(model, st.mats, calib, "cpu", 8), total=len(st.mats), desc="full"):
-            G = white[0].double()
             ch = st.space.start[j]
-            solved[j] = solve_levels(st.mats[j], (G @ G.T).float(), [ch.k_row], ch.rank, base, solver, cache,
+            solved[j] = solve_levels(st.mats[j], damped_h(white), [ch.k_row], ch.rank, base, solver, cache,
                                      Path(scratch))
         for j, m in enumerate(st.mats):  # after the pass: it needs the dense weights
             ch = st.space.start[j]
             m.weight.data.copy_(solved[j].rebuild(m, ch.rank, ch.k_row * m.d_out))
+
+
+def config_id(cfg: dict) -> str | None:
+    """The benchmarks' config id (run.py's CONFIGS) of a results.json config: its sparsity, pattern, rank, budget."""
+    budget = (cfg.get("alloc") or {}).get("budget")
+    for cid, c in CONFIGS.items():
+        if (c.get("sparsity"), c.get("pattern"), c.get("rank"), c.get("budget")) == \
+                (cfg["sparsity"], cfg["pattern"], cfg["rank"], budget):
+            return cid
+    return None
 
 
 def deployed(run: str) -> dict[str, tuple[float, str]]:
@@ -122,9 +131,10 @@ def deployed(run: str) -> dict[str, tuple[float, str]]:
     same method and config with default options."""
     res = json.loads((Path(run) / "results.json").read_text())
     out = {"search": (res["ppl"]["ppl"], res["git_commit"])}
+    cid = config_id(res["config"])
     for line in (HERE / "results.jsonl").read_text().splitlines():
         r = json.loads(line)
-        if (r.get("method"), r.get("config"), r.get("allocate")) == (res["method"], "g70", "knapsack") and \
+        if (r.get("method"), r.get("config"), r.get("allocate")) == (res["method"], cid, "knapsack") and \
                 not r.get("alloc_opts"):
             out["start (knapsack)"] = (r["ppl"], r["git_commit"])
     return out

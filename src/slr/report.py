@@ -16,6 +16,7 @@ import html
 import io
 import json
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,7 +199,8 @@ def fig_heatmaps(runs: list[Run], plt):
             im = ax.imshow(g.T, aspect="auto", cmap=cmap, interpolation="nearest")
             ax.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=7)
             ax.set_xlabel("block")
-            ax.set_title(f"{r.name}: {title}", fontsize=9)
+            # the run's name once per row, on the left panel and wrapped, so long names do not run into each other
+            ax.set_title(textwrap.fill(f"{r.name}: {title}", 48) if ax is row[0] else title, fontsize=9)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     fig.tight_layout()
     return fig

@@ -37,6 +37,11 @@ class BitPools:
     factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # b -> (U σ [m, p], Vt [p, n])
     solved: Solved | None = None  # S of the run's method at every width (pools=solved), else rounding
 
+    has_original = True
+
+    def original(self) -> torch.Tensor:
+        return self.W
+
     def rebuild(self, m: Matrix, rank: int, entries: int, bits: int) -> torch.Tensor:
         """S at ``bits`` plus its rank-``rank`` refit (``entries`` is the fixed support's count)."""
         S = s_at(self.W, self.mask, self.base, bits, self.solved)

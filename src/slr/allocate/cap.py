@@ -81,7 +81,7 @@ from .bitlevels import BitSpace, bit_plan, make_bit_pools
 from .bits import info as bits_info
 from .bits import method_solver, solve_widths
 from .levels import Fitness, LevelSpace, fitness_info, heldout, judge, level_plan, rank_ladder
-from .solvedlevels import SolvedPools, SolvedSpace, level_solver, solved_space
+from .solvedlevels import SolvedSpace, level_solver, solved_space
 
 if TYPE_CHECKING:
     from ..config import CompressConfig
@@ -117,6 +117,14 @@ class Pools:
             return torch.where(keep, self.W, L)
         L.view(-1)[self.index[keep].long()] += self.values[keep]
         return L
+
+    @property
+    def has_original(self) -> bool:
+        """Whether ``original()`` gives the dense W (pools of every entry hold it; others do not)."""
+        return self.W is not None
+
+    def original(self) -> torch.Tensor:
+        return self.W
 
 
 def _row_pos(score: torch.Tensor) -> torch.Tensor:
@@ -227,17 +235,19 @@ class Setup:
     @contextmanager
     def swapping(self):
         """Fitness evaluations write candidate weights into the model; the originals come back afterwards."""
-        originals = None
-        if self.data:  # the pools' copy of W where they hold one (solved levels: on disk)
-            originals = [p if isinstance(p, SolvedPools) else p.W if p.W is not None else m.weight.detach().clone()
-                         for m, p in zip(self.mats, self.space.pools)]
+        # a copy of W only where the pools hold none; pools.original() is read after the search (solved levels keep
+        # W on disk, so nothing is loaded for the whole model up front)
+        copies = None
+        if self.data:
+            copies = [None if p.has_original else m.weight.detach().clone()
+                      for m, p in zip(self.mats, self.space.pools)]
         try:
             yield
         finally:
             self.space.loaded.clear()
-            if originals is not None:
-                for m, w in zip(self.mats, originals):
-                    m.weight.data.copy_(w.original() if isinstance(w, SolvedPools) else w)
+            if copies is not None:
+                for m, p, c in zip(self.mats, self.space.pools, copies):
+                    m.weight.data.copy_(p.original() if c is None else c)
 
     def finish(self, who: str, x: torch.Tensor, t0: float, extra: dict, base) -> tuple[Plan, dict]:
         """The plan of levels ``x`` [variables], fitted to the budget."""

@@ -66,7 +66,10 @@ class SolvedPools:
     def rebuild(self, m: Matrix, rank: int, entries: int) -> torch.Tensor:
         return torch.load(self.weights[int(round(entries / m.d_out))], weights_only=True).float()
 
+    has_original = True  # the dense W, on disk
+
     def original(self) -> torch.Tensor:
+        """The dense W, read from disk."""
         return torch.load(self.W, weights_only=True)
 
 
@@ -81,6 +84,12 @@ def _save(t: torch.Tensor, path: Path) -> Path:
     with atomic_file(path) as tmp:
         torch.save(t, tmp)
     return path
+
+
+def damped_h(white: tuple) -> torch.Tensor:
+    """H = G G^T [d_in, d_in] float32 from ``base.whitener``'s G: the damped H that the levels are solved on."""
+    G = white[0].double()
+    return (G @ G.T).float()
 
 
 def solve_levels(m: Matrix, H: torch.Tensor, ks: list[int], rank: int, base: LayerSpec, solver: tuple,
@@ -210,10 +219,8 @@ def solved_space(model, config, calib: torch.Tensor, device, mats: list[Matrix],
     pools: list = [None] * len(mats)
     bar = tqdm(total=len(mats), desc="solve levels", unit="matrix", disable=None)  # None: only on a terminal
     for j, white in whitened_metrics(model, mats, calib, device, max_samples):
-        G = white[0].double()
-        H = (G @ G.T).float()  # [d_in, d_in] the whitener's damped H
-        pools[j] = solve_levels(mats[j], H, [k for k in ladders[j] if k is not None], start[j].rank, base, solver,
-                                cache, Path(scratch.name))
+        pools[j] = solve_levels(mats[j], damped_h(white), [k for k in ladders[j] if k is not None], start[j].rank,
+                                base, solver, cache, Path(scratch.name))
         bar.update()
     bar.close()
     return SolvedSpace(mats, pools, start, ladders, scratch=scratch)
