@@ -129,3 +129,47 @@ def test_cap_on_solved_levels_and_the_errors():
         with pytest.raises(SLRError) as e:
             search.allocate(model, cfg, data, generations=1, pools="solved", **kw)
         assert why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pipeline_levels_hold_the_deployed_solves_and_the_api_runs_them():
+    """level_solve=pipeline: the start plan's levels are exactly the pipeline's deployed solves of that plan (float16
+    storage), another level of the last block is the run's method on the H the pipeline had there, the model is left
+    dense, and compress_ reaches it through plan_for (the allocator gets the pipeline)."""
+    import copy
+
+    from slr.allocate.cap import prepare
+    from slr.pipeline import compress_, plan_for
+
+    model, calib = tiny_model("llama"), ids(8, 32)
+    mats = matrices(model)
+    before = [m.weight.detach().clone() for m in mats]
+    cfg = admm_cfg()
+    st = prepare(model, cfg, calib, "cpu", "search", pools="solved", levels=3, span=0.2, init="knapsack", start=None,
+                 mode=None, level_solve="pipeline", compress=compress_)
+    assert all(torch.equal(m.weight, b) for m, b in zip(mats, before))
+    sp = st.space
+    plan = st.finish("search", sp.centre(), 0.0, {}, cfg.layer_spec())[0]
+    j = max(i for i in range(len(mats)) if sp.k_levels[i][0] is not None)  # a matrix of the last block
+    seen = {}
+
+    def grab(i, Hs, results):
+        seen.update({n: H.clone() for g, H in Hs.items() for n in g if i == mats[j].block})
+
+    deployed = copy.deepcopy(model)
+    compress_(deployed, cfg, calib, plan=plan, progress=False, materialize="dense", on_block=grab)
+    for m, dm, p, ch in zip(mats, matrices(deployed), sp.pools, sp.start):
+        want = dm.weight.detach()
+        got = p.rebuild(m, ch.rank, ch.k_row * m.d_out)
+        assert torch.allclose(got, want, rtol=2e-3, atol=1e-3 * float(want.abs().max())), m.key
+    k, m = sp.k_levels[j][0], mats[j]
+    name, fn, opts = level_solver(cfg, "full")
+    want = fn(m.weight.detach().float(), seen[m.name], to_spec(m, Choice(k, sp.start[j].rank), "slr", None,
+                                                                 cfg.layer_spec()), **opts).dense()
+    got = sp.pools[j].rebuild(m, sp.start[j].rank, k * m.d_out)
+    assert k != sp.start[j].k_row and torch.allclose(got, want, rtol=2e-3, atol=1e-3 * float(want.abs().max()))
+    cfg2 = CompressConfig(method="admm", sparsity=0.6, rank=2, alloc=AllocConfig(
+        "search", budget=0.5, options={"pools": "solved", "level_solve": "pipeline", "levels": 3, "generations": 2,
+                                       "offspring": 4, "survivors": 2}))
+    plan2, info = plan_for(model, cfg2, calib)
+    assert info["pools"] == "admm solved per level (pipeline)" and abs(info["achieved_fraction"] - 0.5) < 2e-3
+    assert all(torch.equal(m.weight, b) for m, b in zip(mats, before))

@@ -178,7 +178,7 @@ def plan_for(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     else the allocator's plan and its info."""
     if config.alloc.is_uniform:
         return Plan.uniform(config.layer_spec()), None
-    return make_plan(model, config, calib, device)
+    return make_plan(model, config, calib, device, compress=compress_)
 
 
 def compress_(
@@ -196,6 +196,7 @@ def compress_(
     onload=None,
     offload_activations: str | None = None,
     rebuild: bool = True,
+    on_block=None,
 ) -> CompressReport:
     """Compress ``model`` in place as ``config`` describes: the plan (``config.alloc``), every block in order (collect
     H, solve each matrix, replace the linears, refine with ``config.refine``, propagate), ``config.distill`` on the
@@ -213,6 +214,8 @@ def compress_(
     rebuild: with ``onload``, put every compressed block back into ``model`` after the last block (needed to evaluate
         it). False leaves the blocks on the meta device and returns them as ``report.blocks`` (a
         ``CompressedBlocks``) for a streaming ``io.save``: the peak then stays at about one block.
+    on_block: optional ``fn(i, Hs, results)`` called after block i is solved, with its H per input group and its
+        SolveResults, before the block is replaced (``solvedlevels`` solves a matrix's other levels there).
     """
     adapter = get_adapter(model)
     data_free = method(config.method).data_free
@@ -239,7 +242,7 @@ def compress_(
     report.add_time("capture", time.perf_counter() - t)
     try:
         _BlockLoop(adapter, blocks, config, plan, inputs, report, materialize, refiner, keep_results, checkpoints,
-                   onload, pristine, data_free, distributed.current()).run(progress)
+                   onload, pristine, data_free, distributed.current(), on_block=on_block).run(progress)
     finally:
         if inputs is not None and isinstance(inputs.hidden, DiskActivations):
             inputs.hidden.cleanup()
@@ -300,6 +303,7 @@ class _BlockLoop:
     data_free: bool
     group: object
     dense_hidden: list[torch.Tensor] | None = None  # dense-path activations, for TM's dense_targets
+    on_block: object | None = None  # compress_'s hook
 
     def __post_init__(self):
         cfg = self.config.refine
@@ -372,6 +376,10 @@ class _BlockLoop:
                                         kill)
         report.records += records
         report.add_time("solve", time.perf_counter() - t)
+        if self.on_block is not None:
+            t = time.perf_counter()
+            self.on_block(i, Hs, results)
+            report.add_time("on_block", time.perf_counter() - t)
         _apply_results(block, self.adapter, results, self.materialize)
         if self.keep_results:
             report.results.update({key(i, n): r for n, r in results.items()})

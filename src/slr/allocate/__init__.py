@@ -22,6 +22,7 @@ Allocator options (``config.alloc.options``, typed from each module's ``allocate
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -52,7 +53,8 @@ class Allocator:
 
 
 def _allocator(name: str, fn: Callable, check: Callable | None = None) -> Allocator:
-    return Allocator(name, fn, options_type(name, fn, skip=("device", "norms", "start", "visit", "solved")), check)
+    skip = ("device", "norms", "start", "visit", "solved", "compress")  # Python-only arguments, not options
+    return Allocator(name, fn, options_type(name, fn, skip=skip), check)
 
 
 ALLOCATORS = {a.name: a for a in (
@@ -71,11 +73,12 @@ def allocator(name: str) -> Allocator:
 
 
 def make_plan(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu",
-              norms: dict | None = None, **options) -> tuple[Plan, dict]:
+              norms: dict | None = None, compress: Callable | None = None, **options) -> tuple[Plan, dict]:
     """Per-matrix plan for ``model`` under ``config.alloc`` (allocator, budget, options); see the module doc.
 
     ``options`` override ``config.alloc.options`` (checked the same way); ``norms`` hands precomputed input norms to
-    the allocators that take them.
+    the allocators that take them; ``compress`` (``pipeline.compress_``, passed by ``plan_for``) lets CAP and search
+    solve their levels in the pipeline (``level_solve="pipeline"``).
     """
     a = allocator(config.alloc.method)
     opts = config.alloc.options
@@ -84,6 +87,8 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
         if a.check is not None:
             a.check(opts)
     kw = as_kwargs(opts) | ({"norms": norms} if norms is not None else {})
+    if compress is not None and "compress" in inspect.signature(a.fn).parameters:
+        kw["compress"] = compress
     return a.fn(model, config, calib, device, **kw)
 
 

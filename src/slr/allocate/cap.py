@@ -81,7 +81,7 @@ from .bitlevels import BitSpace, bit_plan, make_bit_pools
 from .bits import info as bits_info
 from .bits import method_solver, solve_widths
 from .levels import Fitness, LevelSpace, fitness_info, heldout, judge, level_plan, rank_ladder
-from .solvedlevels import SolvedSpace, level_solver, solved_space
+from .solvedlevels import SolvedSpace, level_solver, pipeline_space, solved_space
 
 if TYPE_CHECKING:
     from ..config import CompressConfig
@@ -282,9 +282,10 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
             rpca_iters: int = 5, max_samples: int | None = 8, norms: dict | None = None,
             residual_rank: int | None = None, normalize: str | None = None, fisher_samples: int | None = 4,
             fisher_power: float = 0.25, rank_floor: int | None = None, level_solve: str = "fast",
-            level_cache: str = "") -> Setup:
+            level_cache: str = "", compress=None) -> Setup:
     """Checks, candidate pools (stage 1) and the level space around the start plan (``solvedlevels`` with
-    pools="solved" under a retained-fraction budget)."""
+    pools="solved" under a retained-fraction budget; ``compress`` = ``pipeline.compress_`` for
+    level_solve="pipeline")."""
     t0 = time.perf_counter()
     given = start is not None
     check_span(span, who)
@@ -310,7 +311,7 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     budget = resolve_budget(config, mats, mode)
     if pools == "solved":
         return _prepare_solved(model, config, calib, device, mats, mode, budget, data, levels, span, init, start,
-                               norms, kw, t0, level_solve, level_cache)
+                               norms, kw, t0, level_solve, level_cache, compress)
     full_h = pools == "whitened" and data and mode in ("slr", "rank") and norms is None
     if norms is None and not full_h:
         norms = input_sq_norms(model, calib, device, max_samples)
@@ -349,7 +350,7 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
 
 
 def _prepare_solved(model, config, calib, device, mats, mode, budget, data, levels, span, init, start, norms, kw,
-                    t0, level_solve: str, level_cache: str) -> Setup:
+                    t0, level_solve: str, level_cache: str, compress) -> Setup:
     """``prepare`` with every level solved by the run's method (``solvedlevels``): S's row count per matrix at the
     start plan's rank."""
     if mode != "slr" or not data or norms is not None:
@@ -361,8 +362,14 @@ def _prepare_solved(model, config, calib, device, mats, mode, budget, data, leve
         start = _start(model, config, calib, device, init, mode, {**kw, "span": span})
     t_start = time.perf_counter() - t0
     start_ch = _start_choices(start, mats, mode)
-    space = solved_space(model, config, calib, device, mats, start_ch, span, levels, kw["max_samples"], level_solve,
-                         level_cache)
+    if level_solve == "pipeline":
+        if compress is None:
+            raise SLRError("level_solve=pipeline solves the levels in the compression pipeline, which this call "
+                           "was not given", "call through slr.compress_ / plan_for, or pass compress=")
+        space = pipeline_space(model, config, calib, device, mats, start_ch, span, levels, level_cache, compress)
+    else:
+        space = solved_space(model, config, calib, device, mats, start_ch, span, levels, kw["max_samples"],
+                             level_solve, level_cache)
     info = {"pools": f"{config.method} solved per level ({level_solve})", "metric": "full H",
             "span": span, "init": "given" if given else init, "normalize": kw["normalize"], "levels": levels,
             "variables": space.variables, "solved_levels": sum(len(p.weights) for p in space.pools),
@@ -418,7 +425,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              residual_rank: int | None = None, normalize: str | None = None, fisher_samples: int | None = 4,
              fisher_power: float = 0.25, rank_floor: int | None = None, span: float = SPAN, init: str = "knapsack",
              start: Plan | None = None, mode: str | None = None, level_solve: str = "fast",
-             level_cache: str = "") -> tuple[Plan, dict]:
+             level_cache: str = "", compress=None) -> tuple[Plan, dict]:
     """CAP plan (see the module docstring). ``steps`` × ``samples`` plans are scored on ``windows`` calibration
     windows of ``tokens`` tokens; ``levels`` per variable (odd); ``span`` = the trust region (each matrix's retained
     fraction stays within budget ± span; 1 = off) and the reach of the density levels; ``init`` = "knapsack" (the
@@ -428,7 +435,8 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     st = prepare(model, config, calib, device, "CAP", pools=pools, levels=levels, span=span, init=init, start=start,
                  mode=mode, rpca_iters=rpca_iters, max_samples=max_samples, norms=norms,
                  residual_rank=residual_rank, normalize=normalize, fisher_samples=fisher_samples,
-                 fisher_power=fisher_power, rank_floor=rank_floor, level_solve=level_solve, level_cache=level_cache)
+                 fisher_power=fisher_power, rank_floor=rank_floor, level_solve=level_solve, level_cache=level_cache,
+                 compress=compress)
     fitness = Fitness(model, st.space, calib if st.data else None, device, windows, tokens, batch_size)
     held = heldout(fitness, calib, windows)
     gen = torch.Generator().manual_seed(config.seed)

@@ -56,11 +56,12 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              fisher_samples: int | None = 4, fisher_power: float = 0.25, rank_floor: int | None = None,
              span: float = SPAN, init: str = "knapsack", start: Plan | None = None,
              mode: str | None = None, pools: str = "whitened", level_solve: str = "fast",
-             level_cache: str = "") -> tuple[Plan, dict]:
+             level_cache: str = "", compress=None) -> tuple[Plan, dict]:
     """Search plan (see the module docstring); ``start`` (Python only) = a plan to start from; ``pools`` = "solved"
     rebuilds S from the run's method solved at every width under --budget-bits (``bitlevels``), and scores S+LR levels
-    solved by the run's method under --budget (``solvedlevels``; ``level_solve`` = "fast" or "full", ``level_cache``
-    = a directory that keeps the solves)."""
+    solved by the run's method under --budget (``solvedlevels``; ``level_solve`` = "fast", "full" or "pipeline",
+    ``level_cache`` = a directory that keeps the solves; ``compress``, Python only: ``pipeline.compress_``, which
+    level_solve="pipeline" runs)."""
     t0 = time.perf_counter()
     if not (0 < survivors <= offspring) or screen_windows < 1 or windows < screen_windows:
         raise SLRError(f"search needs 0 < survivors <= offspring and 1 <= screen_windows <= windows (got "
@@ -69,7 +70,17 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     st = prepare(model, config, calib, device, "search", pools=pools, levels=levels, span=span, init=init,
                  start=start, mode=mode, max_samples=max_samples, norms=norms, normalize=normalize,
                  fisher_samples=fisher_samples, fisher_power=fisher_power, rank_floor=rank_floor,
-                 level_solve=level_solve, level_cache=level_cache)
+                 level_solve=level_solve, level_cache=level_cache, compress=compress)
+    x, extra = evolve(model, st, calib, device, config.seed, generations=generations, offspring=offspring,
+                      survivors=survivors, mutations=mutations, levels=levels, screen_windows=screen_windows,
+                      windows=windows, tokens=tokens, batch_size=batch_size)
+    return st.finish("search", x, t0, extra, config.layer_spec())
+
+
+def evolve(model: nn.Module, st, calib: torch.Tensor | None, device, seed: int, *, generations: int, offspring: int,
+           survivors: int, mutations: int, levels: int, screen_windows: int, windows: int, tokens: int,
+           batch_size: int) -> tuple[torch.Tensor, dict]:
+    """The search on a prepared ``cap.Setup``: (the kept plan's levels [variables], its info)."""
     data = calib if st.data else None
     screen = Fitness(model, st.space, data, device, screen_windows, tokens, batch_size)
     full = Fitness(model, st.space, data, device, windows, tokens, batch_size)
@@ -81,7 +92,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     else:
         def step(x, pairs, gen):
             return mutate(x, kinds, lambda _j, lv: 0 <= lv < levels, pairs, gen)
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(seed)
     t1 = time.perf_counter()
     trace = []
     with st.swapping():
@@ -103,4 +114,4 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              "survivors": survivors, "mutations": mutations,
              **losses, "kept": "search" if take else "start", "trace": trace,
              "loss_evals": {"screen": screen.evals, "full": full.evals}, "seconds_search": time.perf_counter() - t1}
-    return st.finish("search", parent if take else start, t0, extra, config.layer_spec())
+    return parent if take else start, extra

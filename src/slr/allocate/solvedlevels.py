@@ -19,14 +19,22 @@ each matrix's dense W that restores the model afterwards.
 
 ``level_solve="fast"`` solves admm's levels with a short schedule (``FAST``: 40 iterations, fast rho growth; how its
 gains between levels follow the default's: ``benchmarks/fast_levels.md``); "full" with the run's own options. Other
-methods solve with their own options either way.
+methods solve with their own options either way. Both solve every matrix on its own on the dense model's H.
+
+``level_solve="pipeline"`` solves the levels where the deployed model is solved: the compression pipeline runs the
+start plan on a copy of the model (block order, each block's H from the inputs that the compressed blocks before it
+produce, the run's own options), and as it reaches each matrix it solves that matrix's other levels on the same H.
+The start plan's levels are then exactly its deployed solves (stored in float16), and a plan's levels model differs
+from its own deployed model only in the H of the matrices after its first change. It costs one compression pass
+plus (levels - 1) solves per matrix.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +43,7 @@ from tqdm.auto import tqdm
 from ..errors import SLRError
 from ..fsutil import atomic_file
 from ..options import as_kwargs
+from ..plan import Plan
 from ..solvers.base import method
 from ..spec import LayerSpec
 from .base import Choice, Matrix, to_spec, whitened_metrics
@@ -48,8 +57,9 @@ def level_solver(config, level_solve: str) -> tuple:
     if m.kind != "slr" or m.group:
         raise SLRError(f"pools=solved under --budget solves S + L per matrix, and {config.method} is not such a method",
                        "use --method admm (or hassle, oats), or drop --alloc-opt pools=solved")
-    if level_solve not in ("fast", "full"):
-        raise SLRError(f"unknown level_solve {level_solve!r}", "use --alloc-opt level_solve=fast or level_solve=full")
+    if level_solve not in ("fast", "full", "pipeline"):
+        raise SLRError(f"unknown level_solve {level_solve!r}",
+                       "use --alloc-opt level_solve=fast, level_solve=full or level_solve=pipeline")
     opts = as_kwargs(config.solver) if config.solver is not None else {}
     if level_solve == "fast":
         opts = {**opts, **FAST.get(config.method, {})}
@@ -93,10 +103,12 @@ def damped_h(white: tuple) -> torch.Tensor:
 
 
 def solve_levels(m: Matrix, H: torch.Tensor, ks: list[int], rank: int, base: LayerSpec, solver: tuple,
-                 cache: Path, scratch: Path) -> SolvedPools:
+                 cache: Path, scratch: Path, known: dict[int, torch.Tensor] | None = None,
+                 dtype: torch.dtype = torch.bfloat16) -> SolvedPools:
     """The run's method at (rank, k kept per row) for every k of ``ks`` on H [d_in, d_in], each level read from or
-    written to ``cache`` (one file per matrix and level, named by a digest of W, H, the spec and the solver's
-    options); W itself goes to ``scratch``. Returns the files, not the tensors."""
+    written to ``cache`` in ``dtype`` (one file per matrix and level, named by a digest of W, H, the spec and the
+    solver's options); W itself goes to ``scratch``. ``known``: levels already solved (k -> W_hat [m, n]), stored
+    as they are. Returns the files, not the tensors."""
     name, fn, opts = solver
     W = m.weight.detach().float().cpu().clone()
     pools = SolvedPools(_save(W, scratch / f"W-{m.block}-{m.name}-{_digest(W)}.pt"))
@@ -104,7 +116,8 @@ def solve_levels(m: Matrix, H: torch.Tensor, ks: list[int], rank: int, base: Lay
         spec = to_spec(m, Choice(k, rank), "slr", None, base)
         path = cache / f"{_digest(W, H, name, sorted(opts.items()), spec)}.pt"
         if not path.exists():
-            _save(fn(W, H.clone(), spec, **opts).dense().bfloat16(), path)
+            W_hat = known[k] if known and k in known else fn(W, H.clone(), spec, **opts).dense()
+            _save(W_hat.to(dtype), path)
         pools.weights[k] = path
     return pools
 
@@ -200,12 +213,8 @@ def k_ladder(m: Matrix, start: Choice, span: float, levels: int) -> list[int | N
     return out
 
 
-def solved_space(model, config, calib: torch.Tensor, device, mats: list[Matrix], start: list[Choice], span: float,
-                 levels: int, max_samples: int | None, level_solve: str, level_cache: str) -> SolvedSpace:
-    """Every matrix's levels around ``start``, solved on the dense model's H (``whitened_metrics``' damped H, streamed
-    block by block) and kept on disk (``level_cache``, or a temporary directory), with a progress bar over the
-    matrices."""
-    solver = level_solver(config, level_solve)
+def _dirs(level_cache: str) -> tuple[tempfile.TemporaryDirectory, Path]:
+    """(a scratch directory that lives as long as the space, the level cache: ``level_cache`` or the scratch)."""
     if level_cache:
         try:
             Path(level_cache).mkdir(parents=True, exist_ok=True)
@@ -213,7 +222,16 @@ def solved_space(model, config, calib: torch.Tensor, device, mats: list[Matrix],
             raise SLRError(f"cannot create the level cache {level_cache}: {e.strerror}",
                            "pass a writable directory as --alloc-opt level_cache=DIR") from None
     scratch = tempfile.TemporaryDirectory(prefix="slr-levels-")
-    cache = Path(level_cache or scratch.name)
+    return scratch, Path(level_cache or scratch.name)
+
+
+def solved_space(model, config, calib: torch.Tensor, device, mats: list[Matrix], start: list[Choice], span: float,
+                 levels: int, max_samples: int | None, level_solve: str, level_cache: str) -> SolvedSpace:
+    """Every matrix's levels around ``start``, solved on the dense model's H (``whitened_metrics``' damped H, streamed
+    block by block) and kept on disk (``level_cache``, or a temporary directory), with a progress bar over the
+    matrices."""
+    solver = level_solver(config, level_solve)
+    scratch, cache = _dirs(level_cache)
     base = config.layer_spec()
     ladders = [k_ladder(m, ch, span, levels) for m, ch in zip(mats, start)]
     pools: list = [None] * len(mats)
@@ -223,4 +241,44 @@ def solved_space(model, config, calib: torch.Tensor, device, mats: list[Matrix],
                                 base, solver, cache, Path(scratch.name))
         bar.update()
     bar.close()
+    return SolvedSpace(mats, pools, start, ladders, scratch=scratch)
+
+
+def pipeline_space(model, config, calib: torch.Tensor, device, mats: list[Matrix], start: list[Choice], span: float,
+                   levels: int, level_cache: str, compress) -> SolvedSpace:
+    """Every matrix's levels around ``start``, solved in the pipeline (``level_solve="pipeline"``, module docstring):
+    ``compress`` (``pipeline.compress_``) runs the start plan on a copy of the model, and at each block the other
+    levels of its matrices are solved on the H that the pipeline solved them on. The copy is dropped afterwards."""
+    solver = level_solver(config, "pipeline")
+    scratch, cache = _dirs(level_cache)
+    base = config.layer_spec()
+    ladders = [k_ladder(m, ch, span, levels) for m, ch in zip(mats, start)]
+    plan = Plan()
+    for m, ch in zip(mats, start):
+        plan.specs[m.key] = to_spec(m, ch, "slr", None, base)
+    index = {(m.block, m.name): j for j, m in enumerate(mats)}
+    pools: list = [None] * len(mats)
+    bar = tqdm(total=len(mats), desc="solve levels (pipeline)", unit="matrix", disable=None)
+
+    def on_block(i: int, Hs: dict, results: dict) -> None:
+        for g, H in Hs.items():
+            for n in g:
+                j = index.get((i, n))
+                if j is None or n not in results:
+                    continue
+                ch = start[j]
+                pools[j] = solve_levels(mats[j], H, [k for k in ladders[j] if k is not None], ch.rank, base, solver,
+                                        cache, Path(scratch.name), known={ch.k_row: results[n].dense()},
+                                        dtype=torch.float16)
+                bar.update()
+
+    work = copy.deepcopy(model)
+    cfg = replace(config, refine=None, distill=None)  # the levels are the solves; TM and KD act on the final model
+    compress(work, cfg, calib, plan=plan, device=device, progress=False, materialize="dense", on_block=on_block)
+    del work
+    bar.close()
+    missing = [mats[j].key for j, p in enumerate(pools) if p is None]
+    if missing:
+        raise SLRError(f"the pipeline did not solve {len(missing)} of the planned matrices (first: {missing[0]})",
+                       "use level_solve=full")
     return SolvedSpace(mats, pools, start, ladders, scratch=scratch)
