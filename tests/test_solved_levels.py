@@ -124,6 +124,7 @@ def test_cap_on_solved_levels_and_the_errors():
            (CompressConfig(method="wanda", sparsity=0.5, alloc=AllocConfig("search", budget=0.5)), ids(8, 32), {},
             "S+LR"),
            (admm_cfg(), ids(8, 32), {"level_solve": "slow"}, "level_solve"),
+           (admm_cfg(), ids(8, 32), {"level_solve": "pipeline"}, "compression pipeline"),  # no compress= given
            (admm_cfg(), ids(8, 32), {"level_cache": "/proc/nope/levels"}, "level cache")]
     for cfg, data, kw, why in bad:
         with pytest.raises(SLRError) as e:

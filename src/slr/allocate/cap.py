@@ -357,15 +357,15 @@ def _prepare_solved(model, config, calib, device, mats, mode, budget, data, leve
         raise SLRError("pools=solved under --budget solves S + L levels on each matrix's H and needs an S+LR method "
                        "and calibration data", "drop --alloc-opt pools=solved")
     level_solver(config, level_solve)  # its one-line errors before the start plan's pass
+    if level_solve == "pipeline" and compress is None:
+        raise SLRError("level_solve=pipeline solves the levels in the compression pipeline, which this call was not "
+                       "given", "call through slr.compress_ or plan_for, or pass compress=slr.compress_")
     given = start is not None
     if start is None:
         start = _start(model, config, calib, device, init, mode, {**kw, "span": span})
     t_start = time.perf_counter() - t0
     start_ch = _start_choices(start, mats, mode)
     if level_solve == "pipeline":
-        if compress is None:
-            raise SLRError("level_solve=pipeline solves the levels in the compression pipeline, which this call "
-                           "was not given", "call through slr.compress_ / plan_for, or pass compress=")
         space = pipeline_space(model, config, calib, device, mats, start_ch, span, levels, level_cache, compress)
     else:
         space = solved_space(model, config, calib, device, mats, start_ch, span, levels, kw["max_samples"],
