@@ -113,8 +113,12 @@ def report(out: dict) -> None:
             f"({out['windows']} wiki-sample windows); deployed: the plan compressed again by the pipeline.", "",
             "| plan | matrices moved | fitness KL | levels-model ppl | deployed ppl |", "|---|---:|---:|---:|---:|"]
     for n, p in out["plans"].items():
-        d = f"{p['deployed_ppl']:.3f} ({p['seconds_deploy']:.0f} s)" if "deployed_ppl" in p else "-"
+        d = (f"{p['deployed_ppl']:.3f} ({p['seconds_deploy']:.0f} s)" if "deployed_ppl" in p
+             else "= levels model" if not p["moved_from_start"] else "-")
         rows.append(f"| {n} | {p['moved_from_start']} | {p['fitness_kl']:.4f} | {p['levels_model_ppl']:.3f} | {d} |")
+    total = out["seconds_levels"] + out["seconds_search"] + out["plans"]["search"].get("seconds_deploy", 0)
+    rows += ["", "The start plan's levels are its deployed solves (stored in float16), so its deployed model is its "
+             f"levels model. Levels + search + deploy: {total:.0f} s ({total / 60:.0f} min)."]
     (HERE / "pipeline_search.md").write_text("\n".join(rows) + "\n")
 
 
