@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from slr.allocate.solvedlevels import FAST, SolvedPools, SolvedSpace, k_ladder, 
 from slr.config import AllocConfig, CompressConfig
 from slr.errors import SLRError
 from slr.models.tiny import tiny_model
+from slr.plan import Plan
 from slr.solvers import METHODS
 
 
@@ -156,8 +158,9 @@ def test_pipeline_levels_hold_the_deployed_solves_and_the_api_runs_them():
     def grab(i, Hs, results):
         seen.update({n: H.clone() for g, H in Hs.items() for n in g if i == mats[j].block})
 
-    deployed = copy.deepcopy(model)
-    compress_(deployed, cfg, calib, plan=plan, progress=False, materialize="dense", on_block=grab)
+    deployed = copy.deepcopy(model)  # solved again (no reuse), so every H is the level pass's
+    compress_(deployed, cfg, calib, plan=Plan(plan.specs, plan.default), progress=False, materialize="dense",
+              on_block=grab)
     for m, dm, p, ch in zip(mats, matrices(deployed), sp.pools, sp.start):
         want = dm.weight.detach()
         got = p.rebuild(m, ch.rank, ch.k_row * m.d_out)
@@ -174,3 +177,46 @@ def test_pipeline_levels_hold_the_deployed_solves_and_the_api_runs_them():
     plan2, info = plan_for(model, cfg2, calib)
     assert info["pools"] == "admm solved per level (pipeline)" and abs(info["achieved_fraction"] - 0.5) < 2e-3
     assert all(torch.equal(m.weight, b) for m, b in zip(mats, before))
+
+
+def test_a_plan_on_pipeline_levels_deploys_the_levels_without_solving_them(monkeypatch):
+    """level_solve=pipeline: the plan carries each matrix's solved level, and compress_ puts exactly those parts in
+    (float16 storage read back as float32) without calling the solver, its records marked reused; a matrix whose
+    planned spec was not solved (here one moved off the ladder) is solved as usual."""
+    import copy
+
+    from slr import pipeline
+    from slr.allocate.cap import prepare
+    from slr.pipeline import compress_
+
+    model, calib = tiny_model("llama"), ids(8, 32)
+    cfg = admm_cfg()
+    st = prepare(model, cfg, calib, "cpu", "search", pools="solved", levels=3, span=0.2, init="knapsack", start=None,
+                 mode=None, level_solve="pipeline", compress=compress_)
+    sp = st.space
+    x = sp.mutate(sp.centre(), 3, torch.Generator().manual_seed(0))
+    plan, info = st.finish("search", x, 0.0, {}, cfg.layer_spec())
+    mats = matrices(model)
+    base = cfg.layer_spec()
+    level = {m.key: k for j, m in enumerate(mats) for k in sp.pools[j].weights  # the budget fit moves some off
+             if plan.get(m.block, m.name) == to_spec(m, Choice(k, sp.start[j].rank), "slr", None, base)}
+    on_level = set(level)
+    assert len(on_level) >= 3 and any(level[m.key] != sp.start[j].k_row for j, m in enumerate(mats)
+                                      if m.key in level)  # off-centre levels among them
+    assert info["reused_levels"] == len(plan.solved) and set(plan.solved) == on_level
+    down = next(j for j, m in enumerate(mats) if m.key in on_level)
+    off = mats[down]
+    plan.set(off.block, off.name, replace(plan.get(off.block, off.name), rank=1))  # not a solved spec any more
+    calls = []
+    solve = pipeline.solve_group
+    monkeypatch.setattr(pipeline, "solve_group", lambda *a, **kw: calls.append(a[1]) or solve(*a, **kw))
+    deployed = copy.deepcopy(model)
+    rep = compress_(deployed, cfg, calib, plan=plan, progress=False, materialize="dense")
+    assert sorted(n for Ws in calls for n in Ws) == sorted(  # only what has no solved level is solved
+        m.name for m in mats if m.key not in on_level or m is off)
+    for j, (m, dm) in enumerate(zip(mats, matrices(deployed))):
+        rec = next(r for r in rep.records if (r.block, r.name) == (m.block, m.name))
+        if m.key not in on_level or j == down:
+            assert "reused" not in rec.info and (rec.rank == 1) == (j == down)
+            continue
+        assert rec.info["reused"] and torch.equal(dm.weight.detach(), sp.pools[j].result(level[m.key]).dense())

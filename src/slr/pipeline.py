@@ -466,7 +466,9 @@ def _solve_block(i: int, linears, groups, Hs: dict, config: CompressConfig, plan
             continue
         g, Ws, H, specs = jobs[j]
         tg = time.perf_counter()
-        out = solve_group(config.method, Ws if n is None else {n: Ws[n]}, H, specs, config.solver)
+        reused = plan.presolved(i, n, specs[n]) if n is not None else None  # the allocator solved it already
+        out = {n: reused} if reused is not None else solve_group(config.method, Ws if n is None else {n: Ws[n]}, H,
+                                                                 specs, config.solver)
         solved_tasks[k] = (out, time.perf_counter() - tg)
         kill.count(len(out))
     if group.active:  # every rank gets every result from its owner
@@ -488,7 +490,7 @@ def _solve_block(i: int, linears, groups, Hs: dict, config: CompressConfig, plan
                 # without H (data-free methods) this is the plain Frobenius relative error
                 rel_error=relative_error(W, H, res.dense()),
                 seconds=res.info.get("seconds", dt / len(solved)),
-                info={k: v for k, v in res.info.items() if k in ("iterations", "time", "best_iter")},
+                info={k: v for k, v in res.info.items() if k in ("iterations", "time", "best_iter", "reused")},
             ))
             results[n] = res
     return results, records

@@ -18,6 +18,9 @@ def key(block: int, name: str) -> str:
 class Plan:
     specs: dict[str, LayerSpec] = field(default_factory=dict)
     default: LayerSpec | None = None
+    # key -> (spec, load() -> SolveResult): a solve an allocator already made for that matrix at that spec
+    # (level_solve=pipeline); the pipeline takes it instead of solving. Not part of to_dict: it lives in this process.
+    solved: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def uniform(cls, spec: LayerSpec) -> Plan:
@@ -28,6 +31,11 @@ class Plan:
         if spec is None:
             raise KeyError(key(block, name))
         return spec
+
+    def presolved(self, block: int, name: str, spec: LayerSpec):
+        """The SolveResult in ``solved`` for this matrix when it was solved at exactly ``spec``, else None."""
+        got = self.solved.get(key(block, name))
+        return got[1]() if got is not None and got[0] == spec else None
 
     def set(self, block: int, name: str, spec: LayerSpec) -> None:
         self.specs[key(block, name)] = spec

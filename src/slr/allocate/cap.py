@@ -258,7 +258,11 @@ class Setup:
             return finish(who, self.mats, choices, self.mode, sp.nm, None, t0, {**self.info, **extra}, base=base)
         target = int(self.budget * sum(m.numel for m in self.mats))
         choices = fit_budget(self.mats, sp.choices(x), target, self.mode, None)
-        return finish(who, self.mats, choices, self.mode, None, self.budget, t0, {**self.info, **extra}, base=base)
+        plan, info = finish(who, self.mats, choices, self.mode, None, self.budget, t0, {**self.info, **extra},
+                            base=base)
+        if isinstance(sp, SolvedSpace) and sp.attach(plan, base):
+            info["reused_levels"] = len(plan.solved)  # matrices the pipeline takes from the level pass
+        return plan, info
 
 
 def _start(model, config, calib, device, init: str, mode: str, kw: dict) -> Plan:

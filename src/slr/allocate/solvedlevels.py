@@ -25,8 +25,11 @@ methods solve with their own options either way. Both solve every matrix on its 
 start plan on a copy of the model (block order, each block's H from the inputs that the compressed blocks before it
 produce, the run's own options), and as it reaches each matrix it solves that matrix's other levels on the same H.
 The start plan's levels are then exactly its deployed solves (stored in float16), and a plan's levels model differs
-from its own deployed model only in the H of the matrices after its first change. It costs one compression pass
-plus (levels - 1) solves per matrix.
+from a fresh compression of that plan only in the H of the matrices after its first change. It costs one compression
+pass plus (levels - 1) solves per matrix. The levels are kept as their parts (S, mask, U, V), and the plan that the
+allocator returns carries them (``SolvedSpace.attach``, ``Plan.solved``): the pipeline puts each matrix's level in
+as it is instead of solving it again, so the deployed model is the levels model the fitness scored, and only a
+matrix that the budget fit moved off its levels is solved.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from ..errors import SLRError
 from ..fsutil import atomic_file
 from ..options import as_kwargs
 from ..plan import Plan
-from ..solvers.base import method
+from ..solvers.base import SolveResult, method
 from ..spec import LayerSpec
 from .base import Choice, Matrix, to_spec, whitened_metrics
 
@@ -66,15 +69,25 @@ def level_solver(config, level_solve: str) -> tuple:
     return config.method, m.fn, opts
 
 
+PARTS = ("S", "mask", "U", "V")
+
+
 @dataclass
 class SolvedPools:
-    """One matrix's solved levels, on disk: its dense W (it restores the model after the search) and W_hat per k."""
+    """One matrix's solved levels, on disk: its dense W (it restores the model after the search) and, per k, the
+    solve's parts S, mask, U, V (S and the factors in the level's storage dtype)."""
 
     W: Path  # [m, n] float32
-    weights: dict[int, Path] = field(default_factory=dict)  # kept entries per row -> W_hat [m, n] bfloat16
+    weights: dict[int, Path] = field(default_factory=dict)  # kept entries per row -> the level's parts
+
+    def result(self, k: int) -> SolveResult:
+        """Level k as a float32 SolveResult (``info["reused"]``: the pipeline takes it instead of solving)."""
+        parts = torch.load(self.weights[k], weights_only=True)
+        return SolveResult(**{p: (t if p == "mask" else t.float()) if (t := parts.get(p)) is not None else None
+                              for p in PARTS}, info={"reused": True})
 
     def rebuild(self, m: Matrix, rank: int, entries: int) -> torch.Tensor:
-        return torch.load(self.weights[int(round(entries / m.d_out))], weights_only=True).float()
+        return self.result(int(round(entries / m.d_out))).dense()
 
     has_original = True  # the dense W, on disk
 
@@ -90,7 +103,7 @@ def _digest(*parts) -> str:
     return h.hexdigest()[:20]
 
 
-def _save(t: torch.Tensor, path: Path) -> Path:
+def _save(t: torch.Tensor | dict, path: Path) -> Path:
     with atomic_file(path) as tmp:
         torch.save(t, tmp)
     return path
@@ -103,21 +116,22 @@ def damped_h(white: tuple) -> torch.Tensor:
 
 
 def solve_levels(m: Matrix, H: torch.Tensor, ks: list[int], rank: int, base: LayerSpec, solver: tuple,
-                 cache: Path, scratch: Path, known: dict[int, torch.Tensor] | None = None,
+                 cache: Path, scratch: Path, known: dict[int, SolveResult] | None = None,
                  dtype: torch.dtype = torch.bfloat16) -> SolvedPools:
-    """The run's method at (rank, k kept per row) for every k of ``ks`` on H [d_in, d_in], each level read from or
-    written to ``cache`` in ``dtype`` (one file per matrix and level, named by a digest of W, H, the spec and the
-    solver's options); W itself goes to ``scratch``. ``known``: levels already solved (k -> W_hat [m, n]), stored
-    as they are. Returns the files, not the tensors."""
+    """The run's method at (rank, k kept per row) for every k of ``ks`` on H [d_in, d_in], each level's parts read
+    from or written to ``cache`` with S, U, V in ``dtype`` (one file per matrix and level, named by a digest of W, H,
+    the spec and the solver's options); W itself goes to ``scratch``. ``known``: levels already solved (k -> their
+    SolveResult). Returns the files, not the tensors."""
     name, fn, opts = solver
     W = m.weight.detach().float().cpu().clone()
     pools = SolvedPools(_save(W, scratch / f"W-{m.block}-{m.name}-{_digest(W)}.pt"))
     for k in ks:
         spec = to_spec(m, Choice(k, rank), "slr", None, base)
-        path = cache / f"{_digest(W, H, name, sorted(opts.items()), spec)}.pt"
+        path = cache / f"{_digest(W, H, name, sorted(opts.items()), spec, 'parts')}.pt"
         if not path.exists():
-            W_hat = known[k] if known and k in known else fn(W, H.clone(), spec, **opts).dense()
-            _save(W_hat.to(dtype), path)
+            res = known[k] if known and k in known else fn(W, H.clone(), spec, **opts)
+            _save({p: (t if p == "mask" else t.to(dtype)).contiguous() for p in PARTS
+                   if (t := getattr(res, p)) is not None}, path)
         pools.weights[k] = path
     return pools
 
@@ -133,7 +147,21 @@ class SolvedSpace:
     mode: str = "slr"
     loaded: dict = field(default_factory=dict, repr=False)  # matrix index -> the level its weights hold now
     scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # W and uncached levels live here
+    reusable: bool = False  # the levels are the pipeline's own solves (level_solve="pipeline"): a plan may reuse them
     candidate = "solved levels"  # what a plan's matrices are rebuilt from (not a field: no annotation)
+
+    def attach(self, plan: Plan, base: LayerSpec) -> int:
+        """With ``reusable`` levels of a float S + L run, put each planned matrix's solved level into
+        ``plan.solved`` (the pipeline then takes it instead of solving; the loaders keep this space's files alive).
+        Returns how many matrices got one."""
+        if not self.reusable or base.bits is not None or base.factor_bits != 16:
+            return 0
+        for m, p, ch in zip(self.mats, self.pools, self.start):
+            spec = plan.get(m.block, m.name)
+            k = spec.kept(m.d_out, m.d_in) // m.d_out
+            if k in p.weights and to_spec(m, Choice(k, ch.rank), "slr", None, base) == spec:  # what was solved
+                plan.solved[m.key] = (spec, lambda p=p, k=k, keep=self: p.result(k))
+        return len(plan.solved)
 
     @property
     def variables(self) -> int:
@@ -268,7 +296,7 @@ def pipeline_space(model, config, calib: torch.Tensor, device, mats: list[Matrix
                     continue
                 ch = start[j]
                 pools[j] = solve_levels(mats[j], H, [k for k in ladders[j] if k is not None], ch.rank, base, solver,
-                                        cache, Path(scratch.name), known={ch.k_row: results[n].dense()},
+                                        cache, Path(scratch.name), known={ch.k_row: results[n]},
                                         dtype=torch.float16)
                 bar.update()
 
@@ -281,4 +309,4 @@ def pipeline_space(model, config, calib: torch.Tensor, device, mats: list[Matrix
     if missing:
         raise SLRError(f"the pipeline did not solve {len(missing)} of the planned matrices (first: {missing[0]})",
                        "use level_solve=full")
-    return SolvedSpace(mats, pools, start, ladders, scratch=scratch)
+    return SolvedSpace(mats, pools, start, ladders, scratch=scratch, reusable=True)
