@@ -5,8 +5,9 @@ matrix solved on its own on the dense H, by a short schedule). Here the levels a
 is: the pipeline compresses the knapsack start plan block by block, and at each matrix also solves its other levels on
 the same H. The script runs that level pass and the search (``search.evolve``), then scores the start and the search
 plan two ways: the ppl of their levels models (64 wiki-sample windows, as the benchmarks) and, with ``--deploy``,
-the ppl of the search plan compressed again by the pipeline (its own H everywhere). Writes pipeline_search.json
-(after each phase) and pipeline_search.md.
+the ppl of the search plan compressed again by the pipeline (its own H everywhere; ``slr compress`` instead takes
+the solved levels as they are, ``Plan.solved``). Writes pipeline_search.json (after each phase) and
+pipeline_search.md.
 
     python benchmarks/pipeline_search.py --config g70 --levels 3 --generations 20 \
         --level-cache benchmarks/.cache/levels-pipeline [--deploy]
@@ -31,6 +32,7 @@ from slr.config import AllocConfig, CompressConfig
 from slr.data.corpora import load_text
 from slr.eval.ppl import perplexity
 from slr.pipeline import compress_
+from slr.plan import Plan
 
 HERE = Path(__file__).parent
 OUT = HERE / "pipeline_search.json"
@@ -88,6 +90,7 @@ def main() -> None:
     OUT.write_text(json.dumps(out, indent=1))
     if a.deploy and out["plans"]["search"]["moved_from_start"]:
         plan, _ = st.finish("search", x, time.perf_counter(), {}, config.layer_spec())
+        plan = Plan(plan.specs, plan.default)  # without the levels it carries: every matrix solved on its own H
         work = copy.deepcopy(model)
         t = time.perf_counter()
         compress_(work, config, calib, plan=plan, progress=False, materialize="dense")
