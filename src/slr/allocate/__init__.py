@@ -78,7 +78,8 @@ def make_plan(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
 
     ``options`` override ``config.alloc.options`` (checked the same way); ``norms`` hands precomputed input norms to
     the allocators that take them; ``compress`` (``pipeline.compress_``, passed by ``plan_for``) lets CAP and search
-    solve their levels in the pipeline (``level_solve="pipeline"``).
+    solve their levels in the pipeline (``level_solve="pipeline"``), and the plan then carries those solves
+    (``Plan.solved``) for the compression to take as they are.
     """
     a = allocator(config.alloc.method)
     opts = config.alloc.options
