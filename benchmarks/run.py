@@ -237,7 +237,7 @@ ALLOC_KEYS = ("allocator", "budget", "achieved_fraction", "normalize", "fisher_p
               "span", "metric", "pools", "loss", "windows", "tokens", "iterations", "steps", "samples", "lr", "sigma",
               "levels", "generations", "offspring", "survivors", "start_loss", "final_loss", "heldout_windows",
               "heldout_start_loss", "heldout_final_loss", "kept", "seconds",
-              "seconds_search")
+              "seconds_search", "seconds_start", "seconds_pools", "solved_levels", "reused_levels")
 
 
 def _alloc_summary(a: dict) -> dict:
