@@ -204,8 +204,8 @@ def test_a_plan_on_pipeline_levels_deploys_the_levels_without_solving_them(monke
     assert len(on_level) >= 3 and any(level[m.key] != sp.start[j].k_row for j, m in enumerate(mats)
                                       if m.key in level)  # off-centre levels among them
     assert info["reused_levels"] == len(plan.solved) and set(plan.solved) == on_level
-    down = next(j for j, m in enumerate(mats) if m.key in on_level)
-    off = mats[down]
+    j_off = next(j for j, m in enumerate(mats) if m.key in on_level)
+    off = mats[j_off]
     plan.set(off.block, off.name, replace(plan.get(off.block, off.name), rank=1))  # not a solved spec any more
     calls = []
     solve = pipeline.solve_group
@@ -216,7 +216,7 @@ def test_a_plan_on_pipeline_levels_deploys_the_levels_without_solving_them(monke
         m.name for m in mats if m.key not in on_level or m is off)
     for j, (m, dm) in enumerate(zip(mats, matrices(deployed))):
         rec = next(r for r in rep.records if (r.block, r.name) == (m.block, m.name))
-        if m.key not in on_level or j == down:
-            assert "reused" not in rec.info and (rec.rank == 1) == (j == down)
+        if m.key not in on_level or j == j_off:
+            assert "reused" not in rec.info and (rec.rank == 1) == (j == j_off)
             continue
         assert rec.info["reused"] and torch.equal(dm.weight.detach(), sp.pools[j].result(level[m.key]).dense())
