@@ -35,7 +35,8 @@ estimate of the gradient of the expected loss, advantages divided by the samples
 (2 ``sigma``^2)), with μ learned from the centre (the start plan) and σ fixed, so it never collapses onto a wrong level
 and stops exploring its neighbours (a free categorical did, within tens of steps). The final plan is the
 policy's mode, kept only if its loss beats the start plan's both on the fitness windows and on as many further
-calibration windows the search never saw (``levels.judge``; info "kept"); ``fit_budget`` then settles rounding.
+calibration windows the search never saw (``levels.judge``; info "kept"); ``fit_budget`` then settles rounding
+(not on solved levels, whose plans already sit under the budget: ``solvedlevels``).
 Start (``init``): "knapsack" (default; the knapsack allocator's plan with the same pricing, floor and span, whose
 whitened pass over the calibration data also builds the full-H pools), "uniform", or a ``start`` plan (Python only).
 ``normalize``/``fisher_*`` are the knapsack start's pricing.
@@ -68,6 +69,7 @@ from .base import (
     Matrix,
     alloc_mode,
     check_span,
+    choice_params,
     finish,
     fit_budget,
     matrices,
@@ -257,7 +259,10 @@ class Setup:
             extra = {**extra, **bits_info(self.mats, choices, self.mode, sp.nm, base, sp.budget_bits)}
             return finish(who, self.mats, choices, self.mode, sp.nm, None, t0, {**self.info, **extra}, base=base)
         target = int(self.budget * sum(m.numel for m in self.mats))
-        choices = fit_budget(self.mats, sp.choices(x), target, self.mode, None)
+        choices = sp.choices(x)
+        if not isinstance(sp, SolvedSpace) or sum(choice_params(m, c, self.mode, None)
+                                                  for m, c in zip(self.mats, choices)) > target:
+            choices = fit_budget(self.mats, choices, target, self.mode, None)  # solved levels keep their slack
         plan, info = finish(who, self.mats, choices, self.mode, None, self.budget, t0, {**self.info, **extra},
                             base=base)
         if isinstance(sp, SolvedSpace) and sp.attach(plan, base):
@@ -374,6 +379,8 @@ def _prepare_solved(model, config, calib, device, mats, mode, budget, data, leve
     else:
         space = solved_space(model, config, calib, device, mats, start_ch, span, levels, kw["max_samples"],
                              level_solve, level_cache)
+    # the budget's S entries at the start plan's ranks: the top of the window every plan stays in
+    space.ceiling = int(budget * sum(m.numel for m in mats)) - sum(ch.rank * m.lr_unit for m, ch in zip(mats, start_ch))
     info = {"pools": f"{config.method} solved per level ({level_solve})", "metric": "full H",
             "span": span, "init": "given" if given else init, "normalize": kw["normalize"], "levels": levels,
             "variables": space.variables, "solved_levels": sum(len(p.weights) for p in space.pools),

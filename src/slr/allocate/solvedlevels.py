@@ -7,11 +7,13 @@ matrix is the run's method itself, solved once per level on the matrix's dense H
 runs with ``level_cache``), so a search over thousands of plans re-solves nothing and scores what it will deploy.
 
 Levels: per matrix the start plan's rank is kept and S's row count k takes ``levels`` values k0 + (l - c) dk, c the
-centre, dk = round(span / c * d_in). A plan's size stays within one step of the widest matrix of the start plan's
-(0.14% of SmolLM2's budget at g70 with the defaults), and ``fit_budget`` settles the rest: the search's mutations
-move one matrix a level up and another down by the whole number of its steps nearest that size, kept only within the
-tolerance, and ``resolve`` repairs any other draw (CAP's) by stepping the furthest-out matrix back toward its start.
-A level past the dense matrix or below zero entries is never solved.
+centre, dk = round(span / c * d_in). A plan's S entries stay in a window one step of the widest matrix wide (0.14% of
+SmolLM2's budget at g70 with the defaults) whose top is the budget's (``ceiling``): the search's mutations move one
+matrix a level up and another down by the whole number of its steps nearest that size, kept only inside the window,
+and ``resolve`` repairs any other draw (CAP's) by stepping the furthest-out matrix back toward its start. So every
+matrix of the final plan sits on a solved level; the budget's slack below the ceiling is left unspent rather than
+spread as single rows, which would move matrices off their levels (each then solved afresh, and not the model that
+was scored). A level past the dense matrix or below zero entries is never solved.
 
 Nothing is held for the whole model: each level is written to disk as it is solved (under ``level_cache``, or a
 temporary directory that lives as long as the space) and read back when a plan puts it into the model, and so is
@@ -28,8 +30,8 @@ The start plan's levels are then exactly its deployed solves (stored in float16)
 from a fresh compression of that plan only in the H of the matrices after its first change. It costs one compression
 pass plus (levels - 1) solves per matrix. The levels are kept as their parts (S, mask, U, V), and the plan that the
 allocator returns carries them (``SolvedSpace.attach``, ``Plan.solved``): the pipeline puts each matrix's level in
-as it is instead of solving it again, so the deployed model is the levels model the fitness scored, and only a
-matrix that the budget fit moved off its levels is solved.
+as it is instead of solving it again, so the deployed model is the levels model the fitness scored, and nothing is
+solved again.
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ class SolvedSpace:
     loaded: dict = field(default_factory=dict, repr=False)  # matrix index -> the level its weights hold now
     scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # W and uncached levels live here
     reusable: bool = False  # the levels are the pipeline's own solves (level_solve="pipeline"): a plan may reuse them
+    ceiling: int | None = None  # the most S entries a plan may hold (the budget's); None: the start plan's
     candidate = "solved levels"  # what a plan's matrices are rebuilt from (not a field: no annotation)
 
     def attach(self, plan: Plan, base: LayerSpec) -> int:
@@ -181,13 +184,21 @@ class SolvedSpace:
 
     @property
     def tol(self) -> int:
-        """How far (entries) a plan may sit from the start plan's size: one step of the widest matrix."""
+        """One step (entries) of the widest matrix: the least width of the window a plan's size stays in."""
         return max(self.step(j) for j in range(len(self.mats)))
+
+    def window(self) -> tuple[int, int]:
+        """(lo, hi): the S entries a plan may hold. hi = ``ceiling`` (the start plan's size when it has none or
+        when the start is over it); lo = hi - ``tol``, or the start plan's size when that is lower, so the start
+        plan is always inside and one level step from outside always lands inside or nearer."""
+        c = self.entries(self.centre())
+        hi = c if self.ceiling is None else max(self.ceiling, c)
+        return min(c, hi - self.tol), hi
 
     def mutate(self, x: torch.Tensor, pairs: int, gen: torch.Generator) -> torch.Tensor:
         """``pairs`` times: matrix i one level up and matrix j down by the whole number of its steps nearest one of
-        i's (at least one), both to solved levels, the plan's size staying within ``tol`` of the start plan's."""
-        y, target, tol = x.clone(), self.entries(self.centre()), self.tol
+        i's (at least one), both to solved levels, the plan's size staying inside ``window``."""
+        y, (lo, hi) = x.clone(), self.window()
         for _ in range(pairs):
             for _try in range(20):
                 i, j = torch.randint(0, len(y), (2,), generator=gen).tolist()
@@ -197,21 +208,21 @@ class SolvedSpace:
                 z = y.clone()
                 z[i] += 1
                 z[j] -= down
-                if abs(self.entries(z) - target) <= tol:
+                if lo <= self.entries(z) <= hi:
                     y = z
                     break
         return y
 
     def balanced(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` with every level a solved one and the plan's size within ``tol`` of the start plan's: the matrix
-        furthest out on the excess side steps back toward its start until it is."""
+        """``x`` with every level a solved one and the plan's size inside ``window``: the matrix furthest out on
+        the excess side steps back toward its start until it is."""
         y, c = x.clone(), len(self.k_levels[0]) // 2
         for j in range(len(y)):  # a level that was not solved (past the dense matrix) steps back toward the start
             while not self.valid(j, int(y[j])):
                 y[j] += 1 if y[j] < c else -1
-        target, tol = self.entries(self.centre()), self.tol
-        while abs(excess := self.entries(y) - target) > tol:
-            sign = 1 if excess > 0 else -1
+        lo, hi = self.window()
+        while not lo <= (e := self.entries(y)) <= hi:
+            sign = 1 if e > hi else -1
             j = max(range(len(y)), key=lambda i: (sign * (int(y[i]) - c), -i))
             y[j] -= sign
         return y
