@@ -231,3 +231,26 @@ def test_a_plan_on_pipeline_levels_deploys_the_levels_without_solving_them(monke
             assert "reused" not in rec.info and (rec.rank == 1) == (j == j_off)
             continue
         assert rec.info["reused"] and torch.equal(dm.weight.detach(), sp.pools[j].result(level[m.key]).dense())
+
+
+def test_a_rerun_on_cached_pipeline_levels_solves_nothing(tmp_path, monkeypatch):
+    """With a level cache, a second level_solve=pipeline pass takes every start level from the cache; the start levels
+    are kept in float32, so the pass propagates the same weights as the first, every later block's H is the same and
+    every other level hits too: no solver call, no new file, the same levels."""
+    from slr import pipeline
+    from slr.allocate.cap import prepare
+    from slr.pipeline import compress_
+
+    model, calib = tiny_model("llama"), ids(8, 32)
+    kw = dict(pools="solved", levels=3, span=0.2, init="knapsack", start=None, mode=None, level_solve="pipeline",
+              level_cache=str(tmp_path), compress=compress_)
+    first = prepare(model, admm_cfg(), calib, "cpu", "search", **kw).space
+    files = {f: f.stat().st_mtime_ns for f in tmp_path.iterdir()}
+    assert len(files) == sum(len(p.weights) for p in first.pools) > len(first.pools)
+    calls = []
+    solve = pipeline.solve_group
+    monkeypatch.setattr(pipeline, "solve_group", lambda *a, **k: calls.append(a[1]) or solve(*a, **k))
+    again = prepare(model, admm_cfg(), calib, "cpu", "search", **kw).space
+    assert not calls
+    assert {f: f.stat().st_mtime_ns for f in tmp_path.iterdir()} == files
+    assert [p.weights for p in again.pools] == [p.weights for p in first.pools]

@@ -466,7 +466,7 @@ def _solve_block(i: int, linears, groups, Hs: dict, config: CompressConfig, plan
             continue
         g, Ws, H, specs = jobs[j]
         tg = time.perf_counter()
-        reused = plan.presolved(i, n, specs[n]) if n is not None else None  # the allocator solved it already
+        reused = plan.presolved(i, n, specs[n], Ws[n], H) if n is not None else None  # the allocator solved it
         out = {n: reused} if reused is not None else solve_group(config.method, Ws if n is None else {n: Ws[n]}, H,
                                                                  specs, config.solver)
         solved_tasks[k] = (out, time.perf_counter() - tg)

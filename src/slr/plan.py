@@ -18,8 +18,9 @@ def key(block: int, name: str) -> str:
 class Plan:
     specs: dict[str, LayerSpec] = field(default_factory=dict)
     default: LayerSpec | None = None
-    # key -> (spec, load() -> SolveResult): a solve an allocator already made for that matrix at that spec
-    # (level_solve=pipeline); the pipeline takes it instead of solving. Not part of to_dict: it lives in this process.
+    # key -> (spec, load(W, H) -> SolveResult | None): a solve an allocator already made for that matrix at that spec
+    # (level_solve=pipeline), given the weight and H the pipeline has there; the pipeline takes it instead of solving
+    # (None: solve as usual). Not part of to_dict: it lives in this process.
     solved: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -32,10 +33,11 @@ class Plan:
             raise KeyError(key(block, name))
         return spec
 
-    def presolved(self, block: int, name: str, spec: LayerSpec):
-        """The SolveResult in ``solved`` for this matrix when it was solved at exactly ``spec``, else None."""
+    def presolved(self, block: int, name: str, spec: LayerSpec, W, H):
+        """The SolveResult in ``solved`` for this matrix (weight W, H) when it was solved at exactly ``spec``, else
+        None."""
         got = self.solved.get(key(block, name))
-        return got[1]() if got is not None and got[0] == spec else None
+        return got[1](W, H) if got is not None and got[0] == spec else None
 
     def set(self, block: int, name: str, spec: LayerSpec) -> None:
         self.specs[key(block, name)] = spec

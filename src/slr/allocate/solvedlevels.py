@@ -26,12 +26,14 @@ methods solve with their own options either way. Both solve every matrix on its 
 ``level_solve="pipeline"`` solves the levels where the deployed model is solved: the compression pipeline runs the
 start plan on a copy of the model (block order, each block's H from the inputs that the compressed blocks before it
 produce, the run's own options), and as it reaches each matrix it solves that matrix's other levels on the same H.
-The start plan's levels are then exactly its deployed solves (stored in float16), and a plan's levels model differs
-from a fresh compression of that plan only in the H of the matrices after its first change. It costs one compression
-pass plus (levels - 1) solves per matrix. The levels are kept as their parts (S, mask, U, V), and the plan that the
-allocator returns carries them (``SolvedSpace.attach``, ``Plan.solved``): the pipeline puts each matrix's level in
-as it is instead of solving it again, so the deployed model is the levels model the fitness scored, and nothing is
-solved again.
+The start plan's levels are then exactly its deployed solves (kept in float32; the other levels in float16), and a
+plan's levels model differs from a fresh compression of that plan only in the H of the matrices after its first
+change. It costs one compression pass plus (levels - 1) solves per matrix; with ``level_cache``, a second pass takes
+each start level from the cache instead of solving it, so it propagates the same weights, meets the same H at every
+block, and solves nothing. The levels are kept as their parts (S, mask, U, V), and the plan that the allocator
+returns carries them (``SolvedSpace.attach``, ``Plan.solved``): the pipeline puts each matrix's level in as it is
+instead of solving it again, so the deployed model is the levels model the fitness scored, and nothing is solved
+again.
 """
 
 from __future__ import annotations
@@ -84,9 +86,7 @@ class SolvedPools:
 
     def result(self, k: int) -> SolveResult:
         """Level k as a float32 SolveResult (``info["reused"]``: the pipeline takes it instead of solving)."""
-        parts = torch.load(self.weights[k], weights_only=True)
-        return SolveResult(**{p: (t if p == "mask" else t.float()) if (t := parts.get(p)) is not None else None
-                              for p in PARTS}, info={"reused": True})
+        return load_level(self.weights[k])
 
     def rebuild(self, m: Matrix, rank: int, entries: int) -> torch.Tensor:
         return self.result(int(round(entries / m.d_out))).dense()
@@ -103,6 +103,19 @@ def _digest(*parts) -> str:
     for p in parts:
         h.update(p.detach().cpu().contiguous().numpy().tobytes() if isinstance(p, torch.Tensor) else repr(p).encode())
     return h.hexdigest()[:20]
+
+
+def load_level(path: Path) -> SolveResult:
+    """A level file's parts as a float32 SolveResult (``info["reused"]``)."""
+    parts = torch.load(path, weights_only=True)
+    return SolveResult(**{p: (t if p == "mask" else t.float()) if (t := parts.get(p)) is not None else None
+                          for p in PARTS}, info={"reused": True})
+
+
+def level_path(cache: Path, W: torch.Tensor, H: torch.Tensor, solver: tuple, spec: LayerSpec) -> Path:
+    """The cache file of the level that ``solver`` (name, fn, options) solves at ``spec`` for W on H."""
+    name, _, opts = solver
+    return cache / f"{_digest(W, H, name, sorted(opts.items()), spec, 'parts')}.pt"
 
 
 def _save(t: torch.Tensor | dict, path: Path) -> Path:
@@ -123,16 +136,18 @@ def solve_levels(m: Matrix, H: torch.Tensor, ks: list[int], rank: int, base: Lay
     """The run's method at (rank, k kept per row) for every k of ``ks`` on H [d_in, d_in], each level's parts read
     from or written to ``cache`` with S, U, V in ``dtype`` (one file per matrix and level, named by a digest of W, H,
     the spec and the solver's options); W itself goes to ``scratch``. ``known``: levels already solved (k -> their
-    SolveResult). Returns the files, not the tensors."""
-    name, fn, opts = solver
+    SolveResult), kept in float32 as they are. Returns the files, not the tensors."""
+    _, fn, opts = solver
     W = m.weight.detach().float().cpu().clone()
     pools = SolvedPools(_save(W, scratch / f"W-{m.block}-{m.name}-{_digest(W)}.pt"))
     for k in ks:
         spec = to_spec(m, Choice(k, rank), "slr", None, base)
-        path = cache / f"{_digest(W, H, name, sorted(opts.items()), spec, 'parts')}.pt"
+        path = level_path(cache, W, H, solver, spec)
         if not path.exists():
-            res = known[k] if known and k in known else fn(W, H.clone(), spec, **opts)
-            _save({p: (t if p == "mask" else t.to(dtype)).contiguous() for p in PARTS
+            given = known is not None and k in known
+            res = known[k] if given else fn(W, H.clone(), spec, **opts)
+            dt = torch.float32 if given else dtype
+            _save({p: (t if p == "mask" else t.to(dt)).contiguous() for p in PARTS
                    if (t := getattr(res, p)) is not None}, path)
         pools.weights[k] = path
     return pools
@@ -163,7 +178,7 @@ class SolvedSpace:
             spec = plan.get(m.block, m.name)
             k = spec.kept(m.d_out, m.d_in) // m.d_out
             if k in p.weights and to_spec(m, Choice(k, ch.rank), "slr", None, base) == spec:  # what was solved
-                plan.solved[m.key] = (spec, lambda p=p, k=k, keep=self: p.result(k))
+                plan.solved[m.key] = (spec, lambda W, H, p=p, k=k, keep=self: p.result(k))
         return len(plan.solved)
 
     @property
@@ -294,7 +309,11 @@ def pipeline_space(model, config, calib: torch.Tensor, device, mats: list[Matrix
     ladders = [k_ladder(m, ch, span, levels) for m, ch in zip(mats, start)]
     plan = Plan()
     for m, ch in zip(mats, start):
-        plan.specs[m.key] = to_spec(m, ch, "slr", None, base)
+        spec = plan.specs[m.key] = to_spec(m, ch, "slr", None, base)
+        # a start level already in the cache for this W and H is taken, not solved: the pass then propagates the
+        # same weights as the pass that wrote it (kept in float32), so every later block's H and levels hit too
+        plan.solved[m.key] = (spec, lambda W, H, spec=spec: load_level(path) if (path := level_path(
+            cache, W.cpu(), H.cpu(), solver, spec)).exists() else None)
     index = {(m.block, m.name): j for j, m in enumerate(mats)}
     pools: list = [None] * len(mats)
     bar = tqdm(total=len(mats), desc="solve levels (pipeline)", unit="matrix", disable=None)
