@@ -292,13 +292,13 @@ def test_policy_search_reaches_a_known_optimum():
     def fitness(x):
         return float((x - target).abs().sum())
 
-    x, trace = policy_search(fitness, 12, 5, steps=40, samples=16, lr=0.2, sigma=0.5,
-                             gen=torch.Generator().manual_seed(1))
-    assert torch.equal(x, target)
+    modes, trace = policy_search(fitness, 12, 5, steps=40, samples=16, lr=0.2, sigma=0.5,
+                                 gen=torch.Generator().manual_seed(1))
+    assert torch.equal(modes[-1], target) and torch.equal(modes[0], torch.full((12,), 2)) and len(modes) > 2
     assert trace[-1]["mean_loss"] < 0.5 * trace[0]["mean_loss"]
-    x0, _ = policy_search(fitness, 12, 5, steps=40, samples=16, lr=0.0, sigma=0.5,
-                          gen=torch.Generator().manual_seed(1))
-    assert torch.equal(x0, torch.full((12,), 2))
+    modes0, _ = policy_search(fitness, 12, 5, steps=40, samples=16, lr=0.0, sigma=0.5,
+                              gen=torch.Generator().manual_seed(1))
+    assert len(modes0) == 1 and torch.equal(modes0[0], torch.full((12,), 2))
 
 
 def _down_proj_problem():
@@ -388,6 +388,37 @@ def test_cap_keeps_its_start_when_held_out_windows_disagree(monkeypatch):
     for m in matrices(model):
         if "down_proj" in m.name:
             assert abs(1 - info["per_matrix"][m.key]["sparsity"] - 0.2) <= 2 / m.d_in, m.key
+
+
+def test_select_takes_the_path_plan_that_generalises_best():
+    """Validation early stopping: of the path's plans that fit no worse than the start, the one with the lowest
+    held-out loss, if it beats the start there; without held-out windows, the last such plan."""
+    from slr.allocate.levels import select
+
+    start, a, b, c, d = (torch.tensor([i]) for i in range(5))
+    fit = {0: 1.0, 1: 0.9, 2: 0.8, 3: 1.1, 4: 0.7}  # c fits worse than the start
+    held = {0: 1.0, 1: 0.95, 2: 0.85, 3: 0.1, 4: 0.9}  # b generalises best; d (the last) has overfitted
+
+    def f(x):
+        return fit[int(x)]
+
+    class Held:  # a held-out fitness on 4 windows
+        ids = torch.zeros(4, 8)
+
+        def __call__(self, x):
+            return held[int(x)]
+
+    hf = Held()
+    x, take, out = select(f, hf, start, [a, b, c, d])
+    assert take and int(x) == 2 and out["path_chosen"] == 1 and out["final_loss"] == 0.8
+    assert out["heldout_final_loss"] == 0.85 and out["heldout_start_loss"] == 1.0 and out["heldout_windows"] == 4
+    x, take, _ = select(f, None, start, [a, b, c, d])
+    assert take and int(x) == 4
+    held.update({1: 1.2, 2: 1.3, 4: 1.1})  # every candidate generalises worse than the start
+    x, take, out = select(f, hf, start, [a, b, c, d])
+    assert not take and int(x) == 0 and out["final_loss"] == 0.7 and out["path_chosen"] is None
+    x, take, _ = select(f, hf, start, [])
+    assert not take and int(x) == 0
 
 
 def test_level_allocator_option_errors():

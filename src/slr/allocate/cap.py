@@ -33,9 +33,10 @@ Each of ``steps`` steps draws ``samples`` plans; the logits move by Adam (``lr``
 estimate of the gradient of the expected loss, advantages divided by the samples' standard deviation
 (``policy_search``). Each variable's categorical is a discretised Gaussian over its ordered levels, exp(-(l - μ)^2 /
 (2 ``sigma``^2)), with μ learned from the centre (the start plan) and σ fixed, so it never collapses onto a wrong level
-and stops exploring its neighbours (a free categorical did, within tens of steps). The final plan is the
-policy's mode, kept only if its loss beats the start plan's both on the fitness windows and on as many further
-calibration windows the search never saw (``levels.judge``; info "kept"); ``fit_budget`` then settles rounding
+and stops exploring its neighbours (a free categorical did, within tens of steps). The final plan is one of
+the policy's modes along the way: of those that score no worse than the start plan on the fitness windows, the one
+with the lowest loss on as many further calibration windows that the search never saw, kept only if it beats the
+start there too (``levels.select``; info "kept"); ``fit_budget`` then settles rounding
 (not on solved levels, whose plans already sit under the budget: ``solvedlevels``).
 Start (``init``): "knapsack" (default; the knapsack allocator's plan with the same pricing, floor and span, whose
 whitened pass over the calibration data also builds the full-H pools), "uniform", or a ``start`` plan (Python only).
@@ -82,7 +83,7 @@ from .base import (
 from .bitlevels import BitSpace, bit_plan, make_bit_pools
 from .bits import info as bits_info
 from .bits import method_solver, solve_widths
-from .levels import Fitness, LevelSpace, fitness_info, heldout, judge, level_plan, rank_ladder
+from .levels import Fitness, LevelSpace, fitness_info, heldout, level_plan, rank_ladder, select
 from .solvedlevels import SolvedSpace, level_solver, pipeline_space, solved_space
 
 if TYPE_CHECKING:
@@ -192,18 +193,19 @@ def _white_pools(m: Matrix, W: torch.Tensor, mode: str, budget: float, residual_
 
 
 def policy_search(fitness, variables: int, levels: int, *, steps: int, samples: int, lr: float, sigma: float,
-                  gen: torch.Generator) -> tuple[torch.Tensor, list[dict]]:
+                  gen: torch.Generator) -> tuple[list[torch.Tensor], list[dict]]:
     """REINFORCE on ordered categoricals: variable v draws level l with probability ∝ exp(-(l - μ_v)^2 / (2 σ^2)),
     μ [variables] starting at the centre level (the start plan), σ fixed so that the policy keeps exploring the
     neighbouring levels (a free categorical collapses onto a wrong level within tens of steps). Each step draws
     ``samples`` plans, scores them with ``fitness`` and moves μ by Adam along the leave-one-out estimate of the
     gradient of E[loss]: mean_i A_i ∇ log p(x_i), A_i = (loss_i - mean_{k != i} loss_k) / std(loss). Returns the
-    levels nearest μ (the policy's mode) and the per-step trace."""
+    policy's modes (the levels nearest μ) after each step that changed it, the last one last (the start's when no
+    step did), and the per-step trace."""
     c = (levels - 1) / 2
     lv = torch.arange(levels, dtype=torch.float64)
     mu = torch.full((variables,), c, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([mu], lr=lr)
-    trace = []
+    trace, modes = [], [mu.detach().round().long()]
     bar = tqdm(range(steps), desc="cap", unit="step", disable=None)  # None: only on a terminal
     for step in bar:
         logp = torch.log_softmax(-(lv[None, :] - mu[:, None]) ** 2 / (2 * sigma ** 2), -1)  # [V, L]
@@ -216,10 +218,12 @@ def policy_search(fitness, variables: int, levels: int, *, steps: int, samples: 
         opt.step()
         with torch.no_grad():
             mu.clamp_(0, levels - 1)
+        if not torch.equal(mode := mu.detach().round().long(), modes[-1]):
+            modes.append(mode)
         trace.append({"step": step, "mean_loss": float(loss.mean()), "min_loss": float(loss.min()),
                       "mean_shift": float((mu.detach() - c).abs().mean())})
         bar.set_postfix(loss=f"{trace[-1]['mean_loss']:.4f}")
-    return mu.detach().round().long(), trace
+    return modes, trace
 
 
 @dataclass
@@ -455,10 +459,10 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     t1 = time.perf_counter()
     with st.swapping():
         fitness(centre)
-        x, trace = policy_search(fitness, st.space.variables, levels, steps=steps, samples=samples, lr=lr,
-                                 sigma=sigma, gen=gen)
-        take, losses = judge(fitness, held, centre, x)
+        modes, trace = policy_search(fitness, st.space.variables, levels, steps=steps, samples=samples, lr=lr,
+                                     sigma=sigma, gen=gen)
+        x, take, losses = select(fitness, held, centre, modes[1:])
     extra = {**fitness_info(calib, windows, tokens, st.space.candidate), "steps": steps, "samples": samples, "lr": lr,
              "sigma": sigma, **losses, "kept": "policy" if take else "start", "trace": trace,
              "loss_evals": fitness.evals, "seconds_search": time.perf_counter() - t1}
-    return st.finish("cap", x if take else centre, t0, extra, config.layer_spec())
+    return st.finish("cap", x, t0, extra, config.layer_spec())

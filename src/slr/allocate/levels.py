@@ -168,17 +168,28 @@ def heldout(fitness: Fitness, calib, windows: int) -> Fitness | None:
     return held if held.ids is not None else None
 
 
-def judge(fitness: Fitness, held: Fitness | None, start: torch.Tensor, final: torch.Tensor) -> tuple[bool, dict]:
-    """Whether the allocator's plan ``final`` replaces the ``start`` plan: it must score lower on the fitness windows
-    and, when the run has them (``held``), on further calibration windows that the search never saw (so a plan fitted
-    to the few fitness tokens is not taken). Returns (take it, the losses)."""
-    out = {"start_loss": fitness(start), "final_loss": fitness(final)}
-    take = out["final_loss"] <= out["start_loss"]
+def select(fitness: Fitness, held: Fitness | None, start: torch.Tensor, path: list[torch.Tensor]
+           ) -> tuple[torch.Tensor, bool, dict]:
+    """The plan that replaces ``start``, from ``path``: the allocator's successive plans (the search's parents, CAP's
+    policy modes), the last one last. Candidates are the plans that score no worse than the start on the fitness
+    windows. With further calibration windows that the allocator never saw (``held``), the candidate with the lowest
+    loss there is taken if it also beats the start there (validation early stopping: a plan fitted to the few fitness
+    tokens is not taken, and neither is a later plan over an earlier one that generalises better); without, the last
+    candidate. Returns (the plan, whether it replaces the start, the losses)."""
+    out = {"start_loss": fitness(start)}
+    cands = [i for i, x in enumerate(path) if fitness(x) <= out["start_loss"]]
     if held is not None:
-        out |= {"heldout_windows": int(held.ids.shape[0]), "heldout_start_loss": held(start),
-                "heldout_final_loss": held(final)}
-        take = take and out["heldout_final_loss"] <= out["heldout_start_loss"]
-    return take, out
+        out |= {"heldout_windows": int(held.ids.shape[0]), "heldout_start_loss": held(start)}
+        i = min(cands, key=lambda j: held(path[j]), default=None)  # the first of equal losses: the earliest plan
+        take = i is not None and held(path[i]) <= out["heldout_start_loss"]
+    else:
+        i = cands[-1] if cands else None
+        take = i is not None
+    best = path[i] if take else (path[-1] if path else start)
+    out |= {"final_loss": fitness(best), "path_plans": len(path), "path_chosen": i if take else None}
+    if held is not None:
+        out["heldout_final_loss"] = held(best)
+    return (best if take else start), take, out
 
 
 def fitness_info(calib, windows: int, tokens: int, candidate: str = "pool rebuild") -> dict:

@@ -10,9 +10,9 @@ common shift makes it exact), screens the offspring on ``screen_windows`` window
 never scored twice at the same fidelity. Under a budget in bits the levels are CAP's in bits (``bitlevels``): S's
 width and the rank per matrix. With ``pools="solved"`` under --budget (``solvedlevels``) every candidate matrix is the
 run's own method solved once per level, one variable per matrix (S's row count at the start plan's rank), and a
-mutation moves one matrix up a level and another down by about as many entries. The last parent replaces the start
-plan only if it also scores lower on as many further calibration windows (``levels.judge``). Seeded, so the same seed
-gives the same plan.
+mutation moves one matrix up a level and another down by about as many entries. Of the parents, the one that scores
+lowest on as many further calibration windows replaces the start plan if it beats it there too (``levels.select``:
+validation early stopping). Seeded, so the same seed gives the same plan.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..errors import SLRError
 from ..plan import Plan
 from .base import SPAN
 from .cap import prepare
-from .levels import Fitness, fitness_info, heldout, judge
+from .levels import Fitness, fitness_info, heldout, select
 from .solvedlevels import SolvedSpace
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def evolve(model: nn.Module, st, calib: torch.Tensor | None, device, seed: int, 
             return mutate(x, kinds, lambda _j, lv: 0 <= lv < levels, pairs, gen)
     gen = torch.Generator().manual_seed(seed)
     t1 = time.perf_counter()
-    trace = []
+    trace, path = [], []  # path: each new parent
     with st.swapping():
         start = parent = st.space.centre()
         best = full(parent)
@@ -106,12 +106,13 @@ def evolve(model: nn.Module, st, calib: torch.Tensor | None, device, seed: int, 
             loss, i = min(scored)
             if loss < best:
                 parent, best = kids[i], loss
+                path.append(parent)
             trace.append({"generation": g, "best_loss": best, "survivor_losses": [s for s, _ in scored]})
             bar.set_postfix(loss=f"{best:.4f}")
-        take, losses = judge(full, held, start, parent)
+        kept, take, losses = select(full, held, start, path)
     extra = {**fitness_info(calib, windows, tokens, st.space.candidate),
              "screen_windows": screen_windows if st.data else 0, "generations": generations, "offspring": offspring,
              "survivors": survivors, "mutations": mutations,
              **losses, "kept": "search" if take else "start", "trace": trace,
              "loss_evals": {"screen": screen.evals, "full": full.evals}, "seconds_search": time.perf_counter() - t1}
-    return parent if take else start, extra
+    return kept, extra
