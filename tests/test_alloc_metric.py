@@ -367,6 +367,27 @@ def test_search_moves_from_a_bad_start_and_is_deterministic():
         make_plan(model, cfg, ids(8, 32), survivors=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "phi3", "opt"])
+def test_a_forward_resumed_at_a_recorded_block_equals_the_full_forward(family):
+    """``prefix.logits_from``: run from any block on the inputs a full forward recorded, the logits and the block
+    inputs are the full forward's, bit for bit."""
+    from slr.allocate.prefix import logits_from
+    from slr.kl import next_logits
+
+    model = tiny_model(family).eval()
+    x = ids(3, 17)
+    blocks = get_adapter(model).blocks(model)
+    full, seen = logits_from(model, blocks, x, 0, None)
+    with torch.no_grad():
+        assert torch.equal(full, next_logits(model, x)) and len(seen) == len(blocks)
+    for start in range(1, len(blocks)):
+        out, again = logits_from(model, blocks, x, start, seen)
+        assert torch.equal(out, full) and all(torch.equal(a, b) for a, b in zip(again, seen))
+    seen[-1] = seen[-1] + 1  # the last block really runs on the recorded input
+    assert not torch.equal(logits_from(model, blocks, x, len(blocks) - 1, seen)[0], full)
+    assert all(type(b).forward is b.forward.__func__ for b in blocks)  # every block has its own forward back
+
+
 def test_cap_keeps_its_start_when_held_out_windows_disagree(monkeypatch):
     """A plan that wins on the fitness windows but loses on the held-out ones is not taken."""
     from slr.allocate import cap, levels

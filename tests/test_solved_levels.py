@@ -122,6 +122,11 @@ def test_search_on_solved_levels_improves_on_its_start_and_keeps_the_model():
     assert all(torch.equal(m.weight, b) for m, b in zip(mats, before))
     plan2, _ = search.allocate(model, admm_cfg(), ids(8, 32), **kw)
     assert plan2.specs == plan.specs
+    # a mutation moves two matrices a level, so an offspring runs from the first block it changes on the parent's
+    # recorded inputs: blocks skipped, and the same losses as a search that runs every block
+    assert info["prefix_blocks"]["skipped"] > 0
+    plan3, info3 = search.allocate(model, admm_cfg(), ids(8, 32), **{**kw, "prefix": False})
+    assert plan3.specs == plan.specs and info3["trace"] == info["trace"]
 
 
 def test_cap_on_solved_levels_and_the_errors():

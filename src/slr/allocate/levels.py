@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..kl import kl, next_logits
 from .base import Choice, Matrix
+from .prefix import Prefixes
 
 if TYPE_CHECKING:
     from .cap import Pools
@@ -124,15 +125,20 @@ class Fitness:
     rebuilt from its pools at the plan's (rank, entries); the weight-only proxy without data. Memoised per plan."""
 
     def __init__(self, model, space: LevelSpace, calib, device, windows: int, tokens: int, batch_size: int,
-                 offset: int = 0):
+                 offset: int = 0, prefix: int | None = None):
+        """``prefix``: keep the block inputs of the anchor and of that many recent plans, and run each new plan from
+        the first block it changes (``prefix.Prefixes``; for plans scored near each other, as the search's); None:
+        every forward runs every block."""
         self.model, self.space, self.device, self.batch_size = model, space, device, batch_size
         self.ids = None if calib is None or len(calib) <= offset else calib[offset:offset + windows, :tokens]
         self.evals, self.memo = 0, {}
-        self.dense = None
+        self.dense = self.prefixes = None
         if self.ids is not None:
             with torch.no_grad():  # [w, T-1, V] dense log-probabilities, computed once
                 self.dense = [F.log_softmax(next_logits(model, self.ids[s:s + batch_size].to(device)), -1)
                               for s in range(0, len(self.ids), batch_size)]
+            if prefix is not None:
+                self.prefixes = Prefixes(model, [m.block for m in space.mats], prefix)
 
     def __call__(self, x: torch.Tensor) -> float:
         k = tuple(x.tolist())
@@ -141,7 +147,14 @@ class Fitness:
             self.memo[k] = self._loss(self.space.resolve(x))
         return self.memo[k]
 
-    def _loss(self, plan: list[tuple]) -> float:
+    def anchor(self, x: torch.Tensor) -> None:
+        """Keep plan ``x``'s block inputs while it is the plan that the next ones are drawn near (the search's
+        parent); scores it if it has none."""
+        if self.prefixes is not None and not self.prefixes.pin(plan := self.space.resolve(x)):
+            self.evals += 1
+            self.memo[tuple(x.tolist())] = self._loss(plan, pin=True)
+
+    def _loss(self, plan: list[tuple], pin: bool = False) -> float:
         sp = self.space
         if self.ids is None:
             err = sum(m.numel * float(((m.weight.detach().float().cpu() - p.rebuild(m, *t)).double() ** 2).sum()
@@ -152,9 +165,12 @@ class Fitness:
             if sp.loaded.get(j) != t:  # only the matrices whose level changed since the last plan are rebuilt
                 m.weight.data.copy_(p.rebuild(m, *t).to(m.weight.device, m.weight.dtype))
                 sp.loaded[j] = t
+        batches = [self.ids[s:s + self.batch_size].to(self.device) for s in range(0, len(self.ids), self.batch_size)]
         with torch.no_grad():
-            kls = [float(kl(next_logits(self.model, self.ids[s:s + self.batch_size].to(self.device)), t))
-                   for s, t in zip(range(0, len(self.ids), self.batch_size), self.dense)]
+            if self.prefixes is not None:
+                kls = self.prefixes.forward(plan, batches, lambda b, q: float(kl(q, self.dense[b])), pin)
+            else:
+                kls = [float(kl(next_logits(self.model, ids), t)) for ids, t in zip(batches, self.dense)]
         return sum(kls) / len(kls)
 
 
@@ -164,7 +180,7 @@ def heldout(fitness: Fitness, calib, windows: int) -> Fitness | None:
     if fitness.ids is None:
         return None
     held = Fitness(fitness.model, fitness.space, calib, fitness.device, windows, int(fitness.ids.shape[1]),
-                   fitness.batch_size, offset=windows)
+                   fitness.batch_size, offset=windows, prefix=None if fitness.prefixes is None else 1)
     return held if held.ids is not None else None
 
 

@@ -10,7 +10,8 @@ common shift makes it exact), screens the offspring on ``screen_windows`` window
 never scored twice at the same fidelity. Under a budget in bits the levels are CAP's in bits (``bitlevels``): S's
 width and the rank per matrix. With ``pools="solved"`` under --budget (``solvedlevels``) every candidate matrix is the
 run's own method solved once per level, one variable per matrix (S's row count at the start plan's rank), and a
-mutation moves one matrix up a level and another down by about as many entries. Of the parents, the one that scores
+mutation moves one matrix up a level and another down by about as many entries, so an offspring is run from the
+first block it changes, on the parent's recorded inputs to it (``prefix.Prefixes``). Of the parents, the one that scores
 lowest on as many further calibration windows replaces the start plan if it beats it there too (``levels.select``:
 validation early stopping). Seeded, so the same seed gives the same plan.
 """
@@ -56,12 +57,13 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              fisher_samples: int | None = 4, fisher_power: float = 0.25, rank_floor: int | None = None,
              span: float = SPAN, init: str = "knapsack", start: Plan | None = None,
              mode: str | None = None, pools: str = "whitened", level_solve: str = "fast",
-             level_cache: str = "", compress=None) -> tuple[Plan, dict]:
+             level_cache: str = "", prefix: bool = True, compress=None) -> tuple[Plan, dict]:
     """Search plan (see the module docstring); ``start`` (Python only) = a plan to start from; ``pools`` = "solved"
     rebuilds S from the run's method solved at every width under --budget-bits (``bitlevels``), and scores S+LR levels
     solved by the run's method under --budget (``solvedlevels``; ``level_solve`` = "fast", "full" or "pipeline",
     ``level_cache`` = a directory that keeps the solves; ``compress``, Python only: ``pipeline.compress_``, which
-    level_solve="pipeline" runs)."""
+    level_solve="pipeline" runs); ``prefix`` = on solved levels, score each offspring from the first block it changes
+    (the same losses, less time; ``prefix.Prefixes``)."""
     t0 = time.perf_counter()
     if not (0 < survivors <= offspring) or screen_windows < 1 or windows < screen_windows:
         raise SLRError(f"search needs 0 < survivors <= offspring and 1 <= screen_windows <= windows (got "
@@ -73,17 +75,20 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
                  level_solve=level_solve, level_cache=level_cache, compress=compress)
     x, extra = evolve(model, st, calib, device, config.seed, generations=generations, offspring=offspring,
                       survivors=survivors, mutations=mutations, levels=levels, screen_windows=screen_windows,
-                      windows=windows, tokens=tokens, batch_size=batch_size)
+                      windows=windows, tokens=tokens, batch_size=batch_size, prefix=prefix)
     return st.finish("search", x, t0, extra, config.layer_spec())
 
 
 def evolve(model: nn.Module, st, calib: torch.Tensor | None, device, seed: int, *, generations: int, offspring: int,
            survivors: int, mutations: int, levels: int, screen_windows: int, windows: int, tokens: int,
-           batch_size: int) -> tuple[torch.Tensor, dict]:
+           batch_size: int, prefix: bool = True) -> tuple[torch.Tensor, dict]:
     """The search on a prepared ``cap.Setup``: (the kept plan's levels [variables], its info)."""
     data = calib if st.data else None
-    screen = Fitness(model, st.space, data, device, screen_windows, tokens, batch_size)
-    full = Fitness(model, st.space, data, device, windows, tokens, batch_size)
+    # only on solved levels does a mutation change a few matrices (the other spaces shift every matrix to the budget);
+    # the parent's block inputs are kept (anchor), and the full scores' last ``survivors``: a new parent is one of them
+    prefix = prefix and isinstance(st.space, SolvedSpace)
+    screen = Fitness(model, st.space, data, device, screen_windows, tokens, batch_size, prefix=0 if prefix else None)
+    full = Fitness(model, st.space, data, device, windows, tokens, batch_size, prefix=survivors if prefix else None)
     held = heldout(full, data, windows)
     n = len(st.mats)
     kinds = torch.arange(st.space.variables) // n  # S+LR: ranks then densities; otherwise one kind
@@ -98,6 +103,8 @@ def evolve(model: nn.Module, st, calib: torch.Tensor | None, device, seed: int, 
     with st.swapping():
         start = parent = st.space.centre()
         best = full(parent)
+        for f in (full, screen):
+            f.anchor(parent)
         bar = tqdm(range(generations), desc="search", unit="gen", disable=None)  # None: only on a terminal
         for g in bar:
             kids = [step(parent, mutations, gen) for _ in range(offspring)]
@@ -107,6 +114,8 @@ def evolve(model: nn.Module, st, calib: torch.Tensor | None, device, seed: int, 
             if loss < best:
                 parent, best = kids[i], loss
                 path.append(parent)
+                for f in (full, screen):
+                    f.anchor(parent)
             trace.append({"generation": g, "best_loss": best, "survivor_losses": [s for s, _ in scored]})
             bar.set_postfix(loss=f"{best:.4f}")
         kept, take, losses = select(full, held, start, path)
@@ -115,4 +124,7 @@ def evolve(model: nn.Module, st, calib: torch.Tensor | None, device, seed: int, 
              "survivors": survivors, "mutations": mutations,
              **losses, "kept": "search" if take else "start", "trace": trace,
              "loss_evals": {"screen": screen.evals, "full": full.evals}, "seconds_search": time.perf_counter() - t1}
+    if prefix and full.prefixes is not None:  # blocks run / skipped by the prefix reuse, over every forward
+        fs = [f.prefixes for f in (screen, full, held) if f is not None]
+        extra["prefix_blocks"] = {"run": sum(p.run for p in fs), "skipped": sum(p.skipped for p in fs)}
     return kept, extra
