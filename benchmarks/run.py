@@ -463,8 +463,8 @@ def write_report() -> None:
                  "inference_ffd802d.md", "inference_1thread.md", "inference_5rounds.md", "inference_q8.md",
                  "q8_quality.md", "prefill_rule.md", "decode_profile.md", "decode_profile_q8.md", "onload.md",
                  "memory.md", "torchrun.md", "quant_layers.md", "lane_kernels.md", "layers.md", "level_fidelity.md",
-                 "fast_levels.md", "level_transfer.md", "pipeline_search.md", "tm_sweep.md", "tm_sweep_windows.md",
-                 "tuning.md"):
+                 "fast_levels.md", "level_transfer.md", "pipeline_search.md", "prefix.md", "tm_sweep.md",
+                 "tm_sweep_windows.md", "tuning.md"):
         if (HERE / part).exists():
             lines += [(HERE / part).read_text()]
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")

@@ -433,6 +433,7 @@ def test_select_takes_the_path_plan_that_generalises_best():
     x, take, out = select(f, hf, start, [a, b, c, d])
     assert take and int(x) == 2 and out["path_chosen"] == 1 and out["final_loss"] == 0.8
     assert out["heldout_final_loss"] == 0.85 and out["heldout_start_loss"] == 1.0 and out["heldout_windows"] == 4
+    assert out["path_losses"] == [0.9, 0.8, 1.1, 0.7] and out["path_heldout"] == [0.95, 0.85, None, 0.9]
     x, take, _ = select(f, None, start, [a, b, c, d])
     assert take and int(x) == 4
     held.update({1: 1.2, 2: 1.3, 4: 1.1})  # every candidate generalises worse than the start

@@ -202,9 +202,11 @@ def select(fitness: Fitness, held: Fitness | None, start: torch.Tensor, path: li
         i = cands[-1] if cands else None
         take = i is not None
     best = path[i] if take else (path[-1] if path else start)
-    out |= {"final_loss": fitness(best), "path_plans": len(path), "path_chosen": i if take else None}
+    out |= {"final_loss": fitness(best), "path_plans": len(path), "path_chosen": i if take else None,
+            "path_losses": [fitness(x) for x in path]}
     if held is not None:
         out["heldout_final_loss"] = held(best)
+        out["path_heldout"] = [held(x) if j in cands else None for j, x in enumerate(path)]  # None: not a candidate
     return (best if take else start), take, out
 
 
