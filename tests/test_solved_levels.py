@@ -95,6 +95,27 @@ def test_every_draw_resolves_to_solved_levels_under_the_budgets_ceiling(slack):
     assert torch.equal(sp.balanced(x), x)  # a mutated plan needs no repair
 
 
+def test_the_budget_repair_steps_back_matrices_regardless_of_their_order():
+    """CAP's draws over budget are repaired by stepping matrices back toward the start; which of the equally far ones
+    is a function of the draw, not of the matrix order (stepping the first matrices back first made CAP's plans move
+    only late blocks up): over many draws the first and the second half of the matrices are stepped back about
+    equally often, and the same draw always resolves the same way."""
+    mats = [Matrix(i, "m", torch.zeros(8, 20)) for i in range(40)]
+    start = [Choice(10, 1)] * 40  # levels of 4, 10 and 16 rows
+    sp = SolvedSpace(mats, [SolvedPools(Path()) for _ in mats], start, [k_ladder(m, ch, 0.3, 3) for m, ch in
+                                                                         zip(mats, start)])
+    g, first, total = torch.Generator().manual_seed(0), 0, 0
+    for _ in range(60):
+        u = torch.rand(40, generator=g)
+        x = 1 + (u < 0.4).long() - (u > 0.75).long()  # ~16 a level up, ~10 down: over the budget
+        y = sp.balanced(x)
+        assert torch.equal(y, sp.balanced(x.clone())) and sp.entries(y) <= sp.window()[1]
+        assert ((y == x) | (y == 1)).all()  # only moves taken back
+        back = (y != x).nonzero().flatten()
+        first, total = first + int((back < 20).sum()), total + len(back)
+    assert total > 200 and 0.35 < first / total < 0.65
+
+
 def test_search_on_solved_levels_improves_on_its_start_and_keeps_the_model():
     """From a start that starves down_proj (the only matrices that are not already sparse), the search on solved
     levels cuts the KL of the deployed solves, lands on the budget, is deterministic, and leaves the weights as they
