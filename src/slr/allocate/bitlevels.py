@@ -5,7 +5,7 @@ The sparse support is the run's (its sparsity or N:M pattern), as for the knapsa
 on the start plan's, clipped at the ends) and, with a low-rank part, the rank over the same rank levels as in
 ``levels.level_plan``. A drawn plan spends at most the budget: the ranks scale by one common factor found by
 bisection (never below the floor), and when the drawn widths alone exceed the budget the widest matrices step down
-one width at a time (``BitSpace.resolve``).
+one width at a time (``BitSpace.resolve``; among equally wide and large ones in ``levels.draw_order``).
 
 A candidate is rebuilt as the deployed model's S and L would be (``BitPools.rebuild``): S = round-to-nearest of W on
 the support at the drawn width, L = the top ``rank`` directions of the whitened SVD of the rest, W - S, for that width
@@ -25,6 +25,7 @@ from ..solvers.masks import select
 from ..spec import LayerSpec
 from .base import Choice, Matrix
 from .bits import BIT_WIDTHS, Solved, _cost, _k_row, s_at
+from .levels import draw_order
 
 
 @dataclass
@@ -130,9 +131,10 @@ class BitSpace:
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if total(scaled(mid)) <= limit else (lo, mid)
         rs = scaled(lo)
+        turn = draw_order(x[-n:]) if total(rs) > limit else []
         while total(rs) > limit:  # the widths alone are over: the widest matrix steps down one width
             j = max((j for j in range(n) if widths[j] > BIT_WIDTHS[0]), default=None,
-                    key=lambda j: (widths[j], self.mats[j].numel, -j))
+                    key=lambda j: (widths[j], self.mats[j].numel, -turn[j]))
             if j is None:
                 break
             widths[j] = BIT_WIDTHS[BIT_WIDTHS.index(widths[j]) - 1]

@@ -4,6 +4,7 @@ compressed model's next-token distributions to the dense model's with every matr
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -92,6 +93,14 @@ class LevelSpace:
                 r, k_row = (1, k_row) if self.mode == "rank" else (0, 1)
             out.append(Choice(k_row, r))
         return out
+
+
+def draw_order(x: torch.Tensor) -> list[int]:
+    """Each matrix's turn [n_mats] in a permutation drawn from the plan ``x`` itself: the tie-break of a budget
+    repair, so that the same plan always resolves the same way and no block is stepped back first (the matrices'
+    own order would undo most of CAP's moves in the first blocks)."""
+    seed = zlib.crc32(x.to(torch.int64).contiguous().numpy().tobytes())
+    return torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).argsort().tolist()
 
 
 def rank_ladder(start: int, floor: int, top: int, levels: int) -> list[int]:

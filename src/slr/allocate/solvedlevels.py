@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import tempfile
-import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from ..plan import Plan
 from ..solvers.base import SolveResult, method
 from ..spec import LayerSpec
 from .base import Choice, Matrix, to_spec, whitened_metrics
+from .levels import draw_order
 
 FAST = {"admm": {"max_iters": 40, "min_iters": 10, "rho_grow": (1.3, 1.5, 1.5)}}
 
@@ -231,10 +231,8 @@ class SolvedSpace:
 
     def balanced(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with every level a solved one and the plan's size inside ``window``: a matrix furthest out on
-        the excess side steps back toward its start until it is. Among equally far ones, the order is a permutation
-        drawn from ``x`` itself (the same plan always resolves the same way), not the matrices' order: stepping back
-        the first blocks' matrices first would cancel most of CAP's draws there (a draw moves ~20% of the matrices,
-        and the repair undoes a few of them)."""
+        the excess side steps back toward its start until it is; among equally far ones, in ``levels.draw_order``
+        (a draw of CAP's moves ~20% of the matrices, and the repair undoes a few of them)."""
         y, c = x.clone(), len(self.k_levels[0]) // 2
         for j in range(len(y)):  # a level that was not solved (past the dense matrix) steps back toward the start
             while not self.valid(j, int(y[j])):
@@ -242,8 +240,7 @@ class SolvedSpace:
         lo, hi = self.window()
         if lo <= self.entries(y) <= hi:
             return y
-        seed = zlib.crc32(x.to(torch.int64).contiguous().numpy().tobytes())
-        turn = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).argsort().tolist()  # [n_mats]
+        turn = draw_order(x)
         while not lo <= (e := self.entries(y)) <= hi:
             sign = 1 if e > hi else -1
             j = max(range(len(y)), key=lambda i: (sign * (int(y[i]) - c), -turn[i]))
