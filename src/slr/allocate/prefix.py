@@ -1,10 +1,11 @@
 """A forward that resumes at the first decoder block a plan changes (the search's fitness; ``levels.Fitness``).
 
 A search offspring differs from its parent in a few matrices, so every block before the first of them sees the inputs
-it saw when the parent was scored. ``Prefixes`` keeps the block inputs of a few scored plans (the pinned anchor, the
-parent, and the most recent ones) and runs a new plan from the latest block where it still agrees with one of them:
-the blocks before it are passed through, and that block is fed the recorded input. The result equals a full forward
-bit for bit (the same kernels on the same inputs), and costs the blocks after the first change plus the head.
+it saw when the parent was scored. ``Prefixes`` keeps the block inputs of a few scored plans (the pinned anchor, which
+is the search's parent, and the most recent ones) and runs a new plan from the latest block where it still agrees with
+one of them: the blocks before it are passed through, and that block is fed the recorded input. The result equals a
+full forward bit for bit (the same kernels on the same inputs), and costs the blocks after the first change plus the
+head.
 """
 
 from __future__ import annotations
