@@ -91,3 +91,26 @@ def test_onload_and_evaluation_phases(model):
     assert "with onloading" in describe(on) and "streamed save" in describe(streamed)
     off = estimate_run(model, W, L, onload=True, offload_activations=True)
     assert off["phases"]["blocks"] < on["phases"]["blocks"]
+
+
+def test_the_search_on_solved_levels_counts_its_recorded_block_inputs(model):
+    from slr.allocate import allocator
+    from slr.allocate.search import recorded_tokens
+    from slr.options import make_options
+
+    opts = make_options(allocator("search").options, {"pools": "solved", "windows": 8, "tokens": 256,
+                                                      "screen_windows": 2, "survivors": 4}, flag="--alloc-opt",
+                        what="the search allocator")
+    # parent + 4 survivors on 8 windows, the parent on 2 screening windows, one plan on 8 held-out windows
+    assert recorded_tokens(opts, 128) == (5 * 8 + 2 + 8) * 256
+    assert recorded_tokens(opts, 12) == (5 * 8 + 2 + 4) * 256  # only 4 windows left for the held-out fitness
+    assert recorded_tokens(opts, 0) == 0  # data-free: no forward to record
+    for off in ({"prefix": False}, {"pools": "whitened"}):  # no prefix reuse
+        assert recorded_tokens(make_options(allocator("search").options, {"pools": "solved", **off},
+                                            flag="--alloc-opt", what="the search allocator"), 128) == 0
+    search = estimate_run(model, W, L, rebuild=False, allocate="search", solved=True)
+    rec = estimate_run(model, W, L, rebuild=False, allocate="search", solved=True, prefix_tokens=1000)
+    assert rec["allocate"] - search["allocate"] == rec["prefix records"] == 1000 * 64 * 2 * 4  # d_model 64, 2 blocks
+    assert "recorded block inputs" in describe(rec) and "recorded" not in describe(search)
+    assert estimate_run(model, W, L, rebuild=False, allocate="cap", solved=True,
+                        prefix_tokens=1000)["allocate"] == search["allocate"]  # CAP records nothing

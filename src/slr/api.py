@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, io
+from .allocate.search import recorded_tokens
 from .checkpoint import BlockCheckpoints, tensor_sha256
 from .config import CompressConfig, RunOptions
 from .data.calib import calibration_windows, tokenize_text
@@ -294,7 +295,9 @@ class _Run:
                            tm_samples=config.refine and config.refine.max_samples,
                            tm_dense_targets=bool(config.refine and config.refine.dense_targets > 0),
                            distill=config.distill is not None,
-                           solved=getattr(config.alloc.options, "pools", None) == "solved")
+                           solved=getattr(config.alloc.options, "pools", None) == "solved",
+                           prefix_tokens=recorded_tokens(config.alloc.options, config.calib_samples)
+                           if config.alloc.method == "search" else 0)
         check_fits(est)  # before printing it, so a refusal stays one line
         if self.progress:
             print(f"slr: {describe(est)}", file=sys.stderr)

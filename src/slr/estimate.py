@@ -25,7 +25,8 @@ MiB; 410-420 MiB measured after loading SmolLM2) + the weights resident then + t
   rank in its row, plus the directions; counted on SmolLM2 at budget 0.5: 6 bytes for pruning, 8 for S+LR) while its
   loss runs the model on 4 windows (eval-like head) next to the dense log-probabilities of those windows. S solved
   per bit width (knapsack proxy=solved, cap/search pools=solved) adds one uint8 code per weight and width
-  (``SOLVED_BYTES_PER_PARAM``).
+  (``SOLVED_BYTES_PER_PARAM``). The search on solved levels also keeps the block inputs of a few scored plans
+  (``allocate.prefix``): every block's input for each recorded token (``prefix_tokens``).
 * distill (``distill=True``, in memory): a frozen dense copy of the model (the teacher) next to the compressed one,
   six fp32 copies of the linears (Adam's two moments, the original and the best parameters, gradients, the dense
   weights SLRLinear builds for autograd), and a forward and backward of the whole model on one window
@@ -113,7 +114,7 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
                  offload_activations: bool = False, batch_size: int = 8, rebuild: bool = True,
                  max_shard_bytes: int = 4 << 30, allocate: str = "uniform", refine: str | None = None,
                  tm_samples: int | None = None, tm_dense_targets: bool = False, distill: bool = False,
-                 solved: bool = False) -> dict:
+                 solved: bool = False, prefix_tokens: int = 0) -> dict:
     """{"model", "block", "compressed", "runtime", "phases", "total", ...} in bytes for compressing ``model``.
 
     ``total`` is the largest of ``phases`` (capture, blocks, allocate, evaluate / final; see the module docstring).
@@ -127,6 +128,8 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
     for every window); ``tm_dense_targets``: TM's dense path, a second copy of every window's activations.
     ``distill``: slr.distill's phase (the teacher, optimizer state, one window's backward).
     ``solved``: the allocator keeps S solved at every bit width (allocator option proxy=solved or pools=solved).
+    ``prefix_tokens``: the search's recorded block inputs (``allocate.search.recorded_tokens``), every block's input
+    [d_model] fp32 for each of those tokens, held through the allocation.
     """
     ad = get_adapter(model)
     blocks = ad.blocks(model)
@@ -198,6 +201,9 @@ def estimate_run(model: nn.Module, windows: int, seqlen: int, *, onload: bool = 
         loss = head_bytes(min(ALLOC_BATCH, windows) * seqlen, vocab, 4) if data else 0
         out["pools"] = pools
         out["allocate"] = pools + max(fisher, loss)
+        if allocate == "search" and data and prefix_tokens:
+            out["prefix records"] = prefix_tokens * d_model * n_blocks * 4
+            out["allocate"] += out["prefix records"]
     if "allocate" in out:
         phases["allocate"] = model_b + runtime + out["allocate"]
     if distill and data and not onload:
@@ -248,8 +254,11 @@ def describe(est: dict) -> str:
                 f"{est['model'] / g:,.0f} + max(one block in flight {est['block'] / g:,.0f}, {final} "
                 f"{est['rebuilt'] / g:,.0f}) + runtime {est['runtime'] / g:,.0f}" + tail)
     if "pools" in est:
+        rec = est.get("prefix records", 0)
+        recs = f" + recorded block inputs {rec / g:,.0f}" if rec else ""
         return (f"estimated peak memory {est['total'] / g:,.0f} MiB (the larger of the CAP pools' phase, pools "
-                f"{est['pools'] / g:,.0f} + Fisher pass / loss {(est['allocate'] - est['pools']) / g:,.0f} + model "
+                f"{est['pools'] / g:,.0f} + Fisher pass / loss {(est['allocate'] - est['pools'] - rec) / g:,.0f}"
+                f"{recs} + model "
                 f"{est['model'] / g:,.0f}, and the block loop, one block in flight {est['block'] / g:,.0f} + "
                 f"compressed layers <= {est['compressed'] / g:,.0f}; runtime {est['runtime'] / g:,.0f}" + tail)
     return (f"estimated peak memory {est['total'] / g:,.0f} MiB (model {est['model'] / g:,.0f} + one block in flight "

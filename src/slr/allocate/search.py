@@ -50,6 +50,18 @@ def mutate(x: torch.Tensor, kinds: torch.Tensor, valid, pairs: int, gen: torch.G
     return y
 
 
+def recorded_tokens(options, calib_windows: int) -> int:
+    """Tokens whose block inputs the prefix reuse may hold at once (``slr.estimate``), 0 when it is off: the full
+    fitness keeps the parent and the last ``survivors`` plans, the screening the parent, the held-out fitness one plan
+    (records of skipped blocks share their tensors, so this is an upper bound)."""
+    o = options
+    if not (getattr(o, "prefix", False) and getattr(o, "pools", None) == "solved") or calib_windows <= 0:
+        return 0
+    full = min(o.windows, calib_windows)
+    held = min(o.windows, max(calib_windows - full, 0))
+    return ((o.survivors + 1) * full + min(o.screen_windows, full) + held) * o.tokens
+
+
 def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None, device="cpu", *,
              generations: int = 40, offspring: int = 16, survivors: int = 4, mutations: int = 2, levels: int = 5,
              screen_windows: int = 1, windows: int = 4, tokens: int = 128, batch_size: int = 4,
