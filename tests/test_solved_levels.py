@@ -280,3 +280,25 @@ def test_a_rerun_on_cached_pipeline_levels_solves_nothing(tmp_path, monkeypatch)
     assert not calls
     assert {f: f.stat().st_mtime_ns for f in tmp_path.iterdir()} == files
     assert [p.weights for p in again.pools] == [p.weights for p in first.pools]
+
+
+def test_levels_that_reach_further_keep_the_start_and_add_only_the_outer_solves(tmp_path):
+    """reach widens the solved levels without touching the knapsack start (its trust region stays ``span``): five
+    levels reaching 0.4 of d_in hold the three levels of span 0.2 as their middle and, on the same level cache, solve
+    only the two outer ones of each matrix. reach without solved levels is a one-line error."""
+    from slr.allocate.cap import prepare
+    from slr.pipeline import compress_
+
+    model, calib = tiny_model("llama"), ids(8, 32)
+    kw = dict(pools="solved", span=0.2, init="knapsack", start=None, mode=None, level_solve="pipeline",
+              level_cache=str(tmp_path), compress=compress_)
+    first = prepare(model, admm_cfg(), calib, "cpu", "search", levels=3, **kw)
+    files = set(tmp_path.iterdir())
+    wide = prepare(model, admm_cfg(), calib, "cpu", "search", levels=5, reach=0.4, **kw)
+    assert [kl[1:4] for kl in wide.space.k_levels] == first.space.k_levels
+    assert wide.info["reach"] == 0.4 and wide.info["span"] == 0.2
+    outer = sum(k is not None for kl in wide.space.k_levels for k in (kl[0], kl[4]))
+    assert outer > 0 and len(set(tmp_path.iterdir()) - files) == outer
+    with pytest.raises(SLRError) as e:
+        search.allocate(model, admm_cfg(), calib, generations=1, reach=0.3)  # whitened pools
+    assert "reach" in str(e.value) and "\n" not in str(e.value)

@@ -295,13 +295,19 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
             rpca_iters: int = 5, max_samples: int | None = 8, norms: dict | None = None,
             residual_rank: int | None = None, normalize: str | None = None, fisher_samples: int | None = 4,
             fisher_power: float = 0.25, rank_floor: int | None = None, level_solve: str = "fast",
-            level_cache: str = "", compress=None) -> Setup:
+            level_cache: str = "", compress=None, reach: float | None = None) -> Setup:
     """Checks, candidate pools (stage 1) and the level space around the start plan (``solvedlevels`` with
     pools="solved" under a retained-fraction budget; ``compress`` = ``pipeline.compress_`` for
-    level_solve="pipeline")."""
+    level_solve="pipeline"; ``reach``: how far the solved levels reach from the start, as a fraction of d_in (None:
+    ``span``; it does not change the knapsack start's trust region))."""
     t0 = time.perf_counter()
     given = start is not None
     check_span(span, who)
+    if reach is not None and (pools != "solved" or config.alloc.budget_bits is not None):
+        raise SLRError(f"{who} reach sets how far S+LR levels solved under --budget reach",
+                       "drop --alloc-opt reach, or use pools=solved with --budget")
+    if reach is not None and not 0.0 < reach <= 1.0:
+        raise SLRError(f"{who} reach={reach} is outside (0, 1]", "use e.g. --alloc-opt reach=0.2")
     if init not in ("knapsack", "uniform"):
         raise SLRError(f"unknown {who} init {init!r}", "use --alloc-opt init=knapsack or init=uniform")
     bits = config.alloc.budget_bits is not None
@@ -324,7 +330,7 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     budget = resolve_budget(config, mats, mode)
     if pools == "solved":
         return _prepare_solved(model, config, calib, device, mats, mode, budget, data, levels, span, init, start,
-                               norms, kw, t0, level_solve, level_cache, compress)
+                               norms, kw, t0, level_solve, level_cache, compress, span if reach is None else reach)
     full_h = pools == "whitened" and data and mode in ("slr", "rank") and norms is None
     if norms is None and not full_h:
         norms = input_sq_norms(model, calib, device, max_samples)
@@ -363,7 +369,7 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
 
 
 def _prepare_solved(model, config, calib, device, mats, mode, budget, data, levels, span, init, start, norms, kw,
-                    t0, level_solve: str, level_cache: str, compress) -> Setup:
+                    t0, level_solve: str, level_cache: str, compress, reach: float) -> Setup:
     """``prepare`` with every level solved by the run's method (``solvedlevels``): S's row count per matrix at the
     start plan's rank."""
     if mode != "slr" or not data or norms is not None:
@@ -379,15 +385,15 @@ def _prepare_solved(model, config, calib, device, mats, mode, budget, data, leve
     t_start = time.perf_counter() - t0
     start_ch = _start_choices(start, mats, mode)
     if level_solve == "pipeline":
-        space = pipeline_space(model, config, calib, device, mats, start_ch, span, levels, level_cache, compress)
+        space = pipeline_space(model, config, calib, device, mats, start_ch, reach, levels, level_cache, compress)
     else:
-        space = solved_space(model, config, calib, device, mats, start_ch, span, levels, kw["max_samples"],
+        space = solved_space(model, config, calib, device, mats, start_ch, reach, levels, kw["max_samples"],
                              level_solve, level_cache)
     # the budget's S entries at the start plan's ranks: the top of the window every plan stays in
     space.ceiling = int(budget * sum(m.numel for m in mats)) - sum(ch.rank * m.lr_unit for m, ch in zip(mats, start_ch))
     info = {"pools": f"{config.method} solved per level ({level_solve})", "metric": "full H",
-            "span": span, "init": "given" if given else init, "normalize": kw["normalize"], "levels": levels,
-            "variables": space.variables, "solved_levels": sum(len(p.weights) for p in space.pools),
+            "span": span, "reach": reach, "init": "given" if given else init, "normalize": kw["normalize"],
+            "levels": levels, "variables": space.variables, "solved_levels": sum(len(p.weights) for p in space.pools),
             "seconds_start": t_start, "seconds_pools": time.perf_counter() - t0 - t_start}
     return Setup(mats, mode, budget, space, data, info)
 
@@ -440,18 +446,19 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              residual_rank: int | None = None, normalize: str | None = None, fisher_samples: int | None = 4,
              fisher_power: float = 0.25, rank_floor: int | None = None, span: float = SPAN, init: str = "knapsack",
              start: Plan | None = None, mode: str | None = None, level_solve: str = "fast",
-             level_cache: str = "", compress=None) -> tuple[Plan, dict]:
+             level_cache: str = "", compress=None, reach: float | None = None) -> tuple[Plan, dict]:
     """CAP plan (see the module docstring). ``steps`` × ``samples`` plans are scored on ``windows`` calibration
     windows of ``tokens`` tokens; ``levels`` per variable (odd); ``span`` = the trust region (each matrix's retained
     fraction stays within budget ± span; 1 = off) and the reach of the density levels; ``init`` = "knapsack" (the
     knapsack's plan) or "uniform"; ``start`` (Python only) = a plan to start from instead; ``pools="solved"`` with
-    ``level_solve`` / ``level_cache``: S+LR levels solved by the run's method (``solvedlevels``)."""
+    ``level_solve`` / ``level_cache`` / ``reach``: S+LR levels solved by the run's method (``solvedlevels``), reaching
+    ``reach`` of d_in from the start (default ``span``)."""
     t0 = time.perf_counter()
     st = prepare(model, config, calib, device, "CAP", pools=pools, levels=levels, span=span, init=init, start=start,
                  mode=mode, rpca_iters=rpca_iters, max_samples=max_samples, norms=norms,
                  residual_rank=residual_rank, normalize=normalize, fisher_samples=fisher_samples,
                  fisher_power=fisher_power, rank_floor=rank_floor, level_solve=level_solve, level_cache=level_cache,
-                 compress=compress)
+                 compress=compress, reach=reach)
     fitness = Fitness(model, st.space, calib if st.data else None, device, windows, tokens, batch_size)
     held = heldout(fitness, calib, windows)
     gen = torch.Generator().manual_seed(config.seed)

@@ -69,12 +69,14 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
              fisher_samples: int | None = 4, fisher_power: float = 0.25, rank_floor: int | None = None,
              span: float = SPAN, init: str = "knapsack", start: Plan | None = None,
              mode: str | None = None, pools: str = "whitened", level_solve: str = "fast",
-             level_cache: str = "", prefix: bool = True, compress=None) -> tuple[Plan, dict]:
+             level_cache: str = "", prefix: bool = True, compress=None, reach: float | None = None
+             ) -> tuple[Plan, dict]:
     """Search plan (see the module docstring); ``start`` (Python only) = a plan to start from; ``pools`` = "solved"
     rebuilds S from the run's method solved at every width under --budget-bits (``bitlevels``), and scores S+LR levels
     solved by the run's method under --budget (``solvedlevels``; ``level_solve`` = "fast", "full" or "pipeline",
     ``level_cache`` = a directory that keeps the solves; ``compress``, Python only: ``pipeline.compress_``, which
-    level_solve="pipeline" runs); ``prefix`` = on solved levels, score each offspring from the first block it changes
+    level_solve="pipeline" runs; ``reach``: how far those levels reach from the start, a fraction of d_in, default
+    ``span``); ``prefix`` = on solved levels, score each offspring from the first block it changes
     (the same losses, less time; ``prefix.Prefixes``)."""
     t0 = time.perf_counter()
     if not (0 < survivors <= offspring) or screen_windows < 1 or windows < screen_windows:
@@ -84,7 +86,7 @@ def allocate(model: nn.Module, config: CompressConfig, calib: torch.Tensor | Non
     st = prepare(model, config, calib, device, "search", pools=pools, levels=levels, span=span, init=init,
                  start=start, mode=mode, max_samples=max_samples, norms=norms, normalize=normalize,
                  fisher_samples=fisher_samples, fisher_power=fisher_power, rank_floor=rank_floor,
-                 level_solve=level_solve, level_cache=level_cache, compress=compress)
+                 level_solve=level_solve, level_cache=level_cache, compress=compress, reach=reach)
     x, extra = evolve(model, st, calib, device, config.seed, generations=generations, offspring=offspring,
                       survivors=survivors, mutations=mutations, levels=levels, screen_windows=screen_windows,
                       windows=windows, tokens=tokens, batch_size=batch_size, prefix=prefix)
