@@ -297,7 +297,7 @@ class _Run:
                            distill=config.distill is not None,
                            solved=getattr(config.alloc.options, "pools", None) == "solved",
                            prefix_tokens=recorded_tokens(config.alloc.options, config.calib_samples)
-                           if config.alloc.method == "search" else 0)
+                           if config.alloc.method == "search" and config.alloc.budget_bits is None else 0)
         check_fits(est)  # before printing it, so a refusal stays one line
         if self.progress:
             print(f"slr: {describe(est)}", file=sys.stderr)

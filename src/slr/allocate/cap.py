@@ -299,7 +299,7 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     """Checks, candidate pools (stage 1) and the level space around the start plan (``solvedlevels`` with
     pools="solved" under a retained-fraction budget; ``compress`` = ``pipeline.compress_`` for
     level_solve="pipeline"; ``reach``: how far the solved levels reach from the start, as a fraction of d_in (None:
-    ``span``; it does not change the knapsack start's trust region))."""
+    ``span``; it does not change the knapsack start's trust region)."""
     t0 = time.perf_counter()
     given = start is not None
     check_span(span, who)

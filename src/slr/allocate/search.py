@@ -51,9 +51,10 @@ def mutate(x: torch.Tensor, kinds: torch.Tensor, valid, pairs: int, gen: torch.G
 
 
 def recorded_tokens(options, calib_windows: int) -> int:
-    """Tokens whose block inputs the prefix reuse may hold at once (``slr.estimate``), 0 when it is off: the full
-    fitness keeps the parent and the last ``survivors`` plans, the screening the parent, the held-out fitness one plan
-    (records of skipped blocks share their tensors, so this is an upper bound)."""
+    """Tokens whose block inputs the prefix reuse may hold at once under --budget (``slr.estimate``; the reuse is off
+    under --budget-bits), 0 when it is off: the full fitness keeps the parent and the last ``survivors`` plans, the
+    screening the parent, the held-out fitness one plan (records of skipped blocks share their tensors, so this is an
+    upper bound)."""
     o = options
     if not (getattr(o, "prefix", False) and getattr(o, "pools", None) == "solved") or calib_windows <= 0:
         return 0
