@@ -307,14 +307,15 @@ def scales(m: Matrix, norms: dict[str, torch.Tensor] | None) -> torch.Tensor | N
 SPAN = 0.1  # the default trust region of knapsack and CAP (see check_span)
 
 
-def check_span(span, who: str) -> None:
+def check_span(span, who: str, name: str = "span") -> None:
     """A trust region ``span``: every matrix keeps a retained fraction within budget ± span (span=1 turns it off).
 
     The per-matrix proxies (whitened tails, Fisher weights) order matrices near the uniform plan, not far from it;
     the g50 runs behind the default of 0.1 are in BENCHMARKS.md ("Global allocation").
     """
     if isinstance(span, bool) or not (isinstance(span, (int, float)) and 0 < span <= 1):
-        raise SLRError(f"{who} span {span!r} is not in (0, 1]", "use e.g. --alloc-opt span=0.1 (span=1 turns it off)")
+        raise SLRError(f"{who} {name} {span!r} is not in (0, 1]", f"use e.g. --alloc-opt {name}=0.1"
+                       + (" (span=1 turns it off)" if name == "span" else ""))
 
 
 def resolve_normalize(normalize: str | None, data: bool) -> str:

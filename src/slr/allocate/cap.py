@@ -306,8 +306,8 @@ def prepare(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None
     if reach is not None and (pools != "solved" or config.alloc.budget_bits is not None):
         raise SLRError(f"{who} reach sets how far S+LR levels solved under --budget reach",
                        "drop --alloc-opt reach, or use pools=solved with --budget")
-    if reach is not None and not 0.0 < reach <= 1.0:
-        raise SLRError(f"{who} reach={reach} is outside (0, 1]", "use e.g. --alloc-opt reach=0.2")
+    if reach is not None:
+        check_span(reach, who, "reach")  # the same bounds: a fraction of d_in either side of the start
     if init not in ("knapsack", "uniform"):
         raise SLRError(f"unknown {who} init {init!r}", "use --alloc-opt init=knapsack or init=uniform")
     bits = config.alloc.budget_bits is not None
